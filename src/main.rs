@@ -1,0 +1,40 @@
+use clap::{Parser, Subcommand};
+
+/// spillway: self-hosted GPU inference on Kubernetes, with burst to managed providers.
+#[derive(Parser, Debug)]
+#[command(name = "spillway", version, about)]
+struct Cli {
+    #[command(flatten)]
+    log: spillway::telemetry::LogArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the operator: watch InferenceServices and ScalingPolicies and reconcile them.
+    Controller(spillway::controller::ControllerArgs),
+    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
+    Crdgen,
+    /// Run a simulated inference engine (OpenAI-compatible API, vLLM-style metrics).
+    EngineSim(spillway::engine_sim::EngineSimArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crdgen => {
+            print!("{}", spillway::crdgen::render_all()?);
+            Ok(())
+        }
+        Command::Controller(args) => {
+            spillway::telemetry::init(&cli.log)?;
+            spillway::controller::run(args).await
+        }
+        Command::EngineSim(args) => {
+            spillway::telemetry::init(&cli.log)?;
+            spillway::engine_sim::run(args).await
+        }
+    }
+}
