@@ -25,7 +25,12 @@ pub struct DesiredCondition {
 }
 
 impl DesiredCondition {
-    pub fn new(type_: &'static str, status: bool, reason: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_,
             status,
@@ -74,7 +79,12 @@ mod tests {
 
     #[test]
     fn transition_time_kept_while_status_unchanged() {
-        let first = settle_condition(&[], &DesiredCondition::new(READY, true, "Serving", "1 ready"), &t(100), Some(1));
+        let first = settle_condition(
+            &[],
+            &DesiredCondition::new(READY, true, "Serving", "1 ready"),
+            &t(100),
+            Some(1),
+        );
         assert_eq!(first.last_transition_time, t(100));
         assert_eq!(first.status, "True");
         // Same status, new message and generation: the time stays.
@@ -100,8 +110,18 @@ mod tests {
 
     #[test]
     fn other_types_do_not_leak_transition_time() {
-        let degraded = settle_condition(&[], &DesiredCondition::new(DEGRADED, false, "AsExpected", ""), &t(5), None);
-        let ready = settle_condition(&[degraded], &DesiredCondition::new(READY, false, "Starting", ""), &t(9), None);
+        let degraded = settle_condition(
+            &[],
+            &DesiredCondition::new(DEGRADED, false, "AsExpected", ""),
+            &t(5),
+            None,
+        );
+        let ready = settle_condition(
+            &[degraded],
+            &DesiredCondition::new(READY, false, "Starting", ""),
+            &t(9),
+            None,
+        );
         assert_eq!(ready.last_transition_time, t(9));
     }
 }

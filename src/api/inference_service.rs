@@ -25,14 +25,39 @@ use super::{conditions_schema, preserve_unknown_object};
     shortname = "infsvc",
     category = "spillway",
     doc = "InferenceService runs a model on autoscaled GPU engine replicas behind one OpenAI-compatible endpoint, bursting overflow to external providers when GPU capacity runs out.",
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "Desired", type_ = "integer", json_path = ".status.desiredReplicas"),
-    printcolumn(name = "Queue", type_ = "integer", json_path = ".status.metrics.queueDepth"),
-    printcolumn(name = "GPU-Mem", type_ = "number", json_path = ".status.metrics.gpuMemoryUtilization"),
-    printcolumn(name = "Bursting", type_ = "boolean", json_path = ".status.burst.active"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.desiredReplicas"
+    ),
+    printcolumn(
+        name = "Queue",
+        type_ = "integer",
+        json_path = ".status.metrics.queueDepth"
+    ),
+    printcolumn(
+        name = "GPU-Mem",
+        type_ = "number",
+        json_path = ".status.metrics.gpuMemoryUtilization"
+    ),
+    printcolumn(
+        name = "Bursting",
+        type_ = "boolean",
+        json_path = ".status.burst.active"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
+#[kube(validation = Rule::new("size(self.metadata.name) <= 56").message("name must be at most 56 characters (owned objects append -engine and -router)"))]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.burst) || size(self.burst.providers) == 0 || self.router.enabled").message("burst providers need the router: set router.enabled to true"))]
 pub struct InferenceServiceSpec {
@@ -99,7 +124,12 @@ pub struct EngineSpec {
     pub gpus: i32,
     /// Extended resource name of the GPU (nvidia.com/gpu, amd.com/gpu, nvidia.com/mig-1g.10gb, ...).
     #[serde(default = "default_gpu_resource")]
-    #[schemars(length(min = 1, max = 253), regex(pattern = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(
+            pattern = "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+        )
+    )]
     pub gpu_resource: String,
     /// CPU and memory besides the GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,7 +304,10 @@ pub struct BurstSpec {
 #[x_kube(validation = Rule::new("self.url.startsWith('https://') || self.url.startsWith('http://')").message("provider url must start with http:// or https://"))]
 pub struct Provider {
     /// A short name for metrics and status (a DNS label).
-    #[schemars(length(min = 1, max = 63), regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Base URL of the OpenAI-compatible API, e.g. https://api.together.xyz/v1.
     #[schemars(length(min = 1, max = 2048))]
@@ -462,4 +495,70 @@ fn default_queue_timeout() -> i32 {
 }
 fn default_provider_timeout() -> i32 {
     120
+}
+
+/// Longest InferenceService name: `<name>-engine` must still be a valid Service name (63).
+pub const MAX_NAME_LEN: usize = 56;
+
+impl InferenceServiceSpec {
+    /// Checks what the CRD's schema and CEL rules guard (for objects that bypassed them) and
+    /// what they cannot express. Returns every problem found, joined.
+    pub fn validate(&self, name: &str) -> Result<(), String> {
+        let mut errs: Vec<String> = Vec::new();
+        let dns_label = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+        };
+        if name.len() > MAX_NAME_LEN || !dns_label(name) || !name.as_bytes()[0].is_ascii_lowercase()
+        {
+            errs.push(format!(
+                "metadata.name {name:?} must be a DNS label of at most {MAX_NAME_LEN} characters starting with a letter (owned Services are named after it)"
+            ));
+        }
+        if self.model.name.trim().is_empty() {
+            errs.push("model.name must not be empty".into());
+        }
+        let e = &self.engine;
+        if e.image.trim().is_empty() {
+            errs.push("engine.image must not be empty".into());
+        }
+        if !(1..=65535).contains(&e.port) {
+            errs.push(format!("engine.port {} must be in 1..65535", e.port));
+        }
+        if e.gpus < 0 {
+            errs.push(format!("engine.gpus {} must be >= 0", e.gpus));
+        }
+        if e.max_concurrency < 1 {
+            errs.push("engine.maxConcurrency must be >= 1".into());
+        }
+        if e.startup_timeout_seconds < 1 {
+            errs.push("engine.startupTimeoutSeconds must be >= 1".into());
+        }
+        if let Some(burst) = &self.burst {
+            if !burst.providers.is_empty() && !self.router.enabled {
+                errs.push("burst providers need the router: set router.enabled to true".into());
+            }
+            let mut seen = std::collections::BTreeSet::new();
+            for p in &burst.providers {
+                if !seen.insert(p.name.as_str()) {
+                    errs.push(format!("burst provider name {:?} is not unique", p.name));
+                }
+                if !(p.url.starts_with("https://") || p.url.starts_with("http://")) {
+                    errs.push(format!(
+                        "burst provider {:?}: url must start with http:// or https://",
+                        p.name
+                    ));
+                }
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
 }

@@ -16,9 +16,13 @@ pub const GROUP: &str = "spillway.dev";
 /// `conditions` as a list-map keyed by `type`, so the reconciler and the autoscaler can each
 /// own their own conditions under server-side apply without overwriting the other's.
 pub(crate) fn conditions_schema(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = generator.subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
+    let mut schema =
+        generator.subschema_for::<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>>();
     schema.insert("x-kubernetes-list-type".into(), "map".into());
-    schema.insert("x-kubernetes-list-map-keys".into(), serde_json::json!(["type"]));
+    schema.insert(
+        "x-kubernetes-list-map-keys".into(),
+        serde_json::json!(["type"]),
+    );
     schema.insert("maxItems".into(), 16.into());
     schema
 }

@@ -27,7 +27,11 @@ use super::conditions_schema;
     printcolumn(name = "Burst", type_ = "string", json_path = ".spec.burst.mode"),
     printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
     printcolumn(name = "Services", type_ = "integer", json_path = ".status.services"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.minReplicas >= 1").message("minReplicas must be at least 1: the warm replica is not optional"))]
@@ -149,27 +153,57 @@ macro_rules! scaling_rules {
 
 /// Per-field default functions for the macro above, one module per direction.
 mod up_defaults {
-    pub fn window() -> i32 { 0 }
-    pub fn pods() -> i32 { 4 }
-    pub fn percent() -> i32 { 100 }
-    pub fn period() -> i32 { 15 }
+    pub fn window() -> i32 {
+        0
+    }
+    pub fn pods() -> i32 {
+        4
+    }
+    pub fn percent() -> i32 {
+        100
+    }
+    pub fn period() -> i32 {
+        15
+    }
 }
 mod down_defaults {
-    pub fn window() -> i32 { 300 }
-    pub fn pods() -> i32 { 1 }
-    pub fn percent() -> i32 { 100 }
-    pub fn period() -> i32 { 60 }
+    pub fn window() -> i32 {
+        300
+    }
+    pub fn pods() -> i32 {
+        1
+    }
+    pub fn percent() -> i32 {
+        100
+    }
+    pub fn period() -> i32 {
+        60
+    }
 }
 
 mod scale_up {
-    use super::*;
     use super::up_defaults as defaults;
-    scaling_rules!(ScaleUpRules, "Stabilisation and rate limits for scaling up.", window = 0, pods = 4, percent = 100, period = 15);
+    use super::*;
+    scaling_rules!(
+        ScaleUpRules,
+        "Stabilisation and rate limits for scaling up.",
+        window = 0,
+        pods = 4,
+        percent = 100,
+        period = 15
+    );
 }
 mod scale_down {
-    use super::*;
     use super::down_defaults as defaults;
-    scaling_rules!(ScaleDownRules, "Stabilisation and rate limits for scaling down.", window = 300, pods = 1, percent = 100, period = 60);
+    use super::*;
+    scaling_rules!(
+        ScaleDownRules,
+        "Stabilisation and rate limits for scaling down.",
+        window = 300,
+        pods = 1,
+        percent = 100,
+        period = 60
+    );
 }
 pub use scale_down::ScaleDownRules;
 pub use scale_up::ScaleUpRules;

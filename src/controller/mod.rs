@@ -1,10 +1,252 @@
-//! The operator: reconciles InferenceServices into owned objects.
+//! The operator: reconciles InferenceServices into owned objects and keeps ScalingPolicy
+//! status current. Pure parts: [`render`], [`status`], [`leader::decide`]; the rest is I/O.
 
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod render;
+pub mod status;
+#[cfg(test)]
+pub(crate) mod testdata;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context as _;
 use clap::Args;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+
+use crate::api::{InferenceService, ScalingPolicy};
+use metrics::{Health, Metrics};
+use reconcile::{Context, Settings};
 
 #[derive(Args, Debug, Clone)]
-pub struct ControllerArgs {}
+pub struct ControllerArgs {
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "SPILLWAY_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Cluster DNS domain, for the service URL in status.
+    #[arg(long, default_value = "cluster.local", env = "SPILLWAY_CLUSTER_DOMAIN")]
+    pub cluster_domain: String,
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "SPILLWAY_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Elect a leader among controller replicas; only the leader writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "SPILLWAY_LEADER_ELECT")]
+    pub leader_elect: bool,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "spillway-controller")]
+    pub lease_name: String,
+    /// Namespace of the Lease (default: the pod's namespace, from POD_NAMESPACE or the client).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's identity in the Lease (default: the pod name, from POD_NAME or HOSTNAME).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
 
-pub async fn run(_args: ControllerArgs) -> anyhow::Result<()> {
-    anyhow::bail!("todo")
+/// Resolves when SIGTERM or Ctrl-C arrives.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    ctrl_c.await.ok();
+}
+
+pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster config or KUBECONFIG)")?;
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    health.alive.store(true, Ordering::Relaxed);
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown signal received");
+        shutdown_tx.send_replace(true);
+    });
+
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("binding the metrics address {}", args.metrics_addr))?;
+    let mut http_shutdown = shutdown_rx.clone();
+    let server = tokio::spawn(
+        axum::serve(listener, metrics::router(metrics.clone(), health.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .into_future(),
+    );
+
+    let (leader_tx, mut leader_rx) = watch::channel(!args.leader_elect);
+    let election = if args.leader_elect {
+        let ns = args
+            .lease_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string());
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| format!("spillway-{}", std::process::id()));
+        let cfg = leader::LeaseConfig::new(args.lease_name.clone(), ns.clone(), identity);
+        let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+        Some(tokio::spawn(leader::run(
+            leases,
+            cfg,
+            leader_tx,
+            shutdown_rx.clone(),
+        )))
+    } else {
+        None
+    };
+    health.ready.store(true, Ordering::Relaxed);
+
+    // Standby until elected (or shut down).
+    let mut stop = shutdown_rx.clone();
+    tokio::select! {
+        r = leader_rx.wait_for(|l| *l) => { r.context("leader election stopped")?; }
+        _ = stop.wait_for(|s| *s) => {}
+    }
+    let result = if *shutdown_rx.borrow() {
+        Ok(())
+    } else {
+        metrics.leader.set(1);
+        run_controllers(
+            &args,
+            client,
+            metrics.clone(),
+            leader_rx.clone(),
+            shutdown_rx.clone(),
+        )
+        .await
+    };
+    metrics.leader.set(0);
+    health.alive.store(false, Ordering::Relaxed);
+    if let Some(e) = election {
+        let _ = e.await;
+    }
+    let _ = server.await;
+    result
+}
+
+/// Runs both controllers until shutdown (Ok) or lost leadership (Err: the process restarts and
+/// stands for election again, as client-go controllers do).
+async fn run_controllers(
+    args: &ControllerArgs,
+    client: Client,
+    metrics: Arc<Metrics>,
+    leader: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (isvcs, policies, deployments, services, configmaps) = match &args.namespace {
+        Some(ns) => (
+            Api::<InferenceService>::namespaced(client.clone(), ns),
+            Api::<ScalingPolicy>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+            Api::<Service>::namespaced(client.clone(), ns),
+            Api::<ConfigMap>::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    // Owned objects only: a label selector keeps the caches to spillway's objects.
+    let owned = watcher::Config::default().labels(render::MANAGED_SELECTOR);
+
+    let isvc_controller = Controller::new(isvcs, watcher::Config::default());
+    let store = isvc_controller.store();
+    let reporter = Reporter {
+        controller: "spillway-controller".into(),
+        instance: args.identity.clone(),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        settings: Settings {
+            cluster_domain: args.cluster_domain.clone(),
+        },
+        leader: leader.clone(),
+        failures: Default::default(),
+        services: store.clone(),
+    });
+
+    let stop = |mut rx: watch::Receiver<bool>, mut leader: watch::Receiver<bool>| async move {
+        tokio::select! {
+            _ = rx.wait_for(|s| *s) => {}
+            _ = leader.wait_for(|l| !*l) => {}
+        }
+    };
+
+    let mapper_store = store.clone();
+    let isvc_run = isvc_controller
+        .owns(deployments, owned.clone())
+        .owns(services, owned.clone())
+        .owns(configmaps, owned)
+        .watches(
+            policies.clone(),
+            watcher::Config::default(),
+            move |policy: ScalingPolicy| {
+                let ns = policy.namespace();
+                let name = policy.name_any();
+                mapper_store
+                    .state()
+                    .into_iter()
+                    .filter(|s| s.namespace() == ns && reconcile::references(s, &name))
+                    .map(|s| ObjectRef::from_obj(s.as_ref()))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .graceful_shutdown_on(stop(shutdown.clone(), leader.clone()))
+        .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "inferenceservice controller event");
+            }
+        });
+
+    let policy_run = Controller::new(policies, watcher::Config::default())
+        .graceful_shutdown_on(stop(shutdown.clone(), leader.clone()))
+        .run(reconcile::reconcile_policy, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "scalingpolicy controller event");
+            }
+        });
+
+    tracing::info!("controllers started");
+    tokio::join!(isvc_run, policy_run);
+    if *shutdown.borrow() {
+        tracing::info!("controllers stopped");
+        Ok(())
+    } else {
+        anyhow::bail!("lost leadership; exiting so this replica can stand for election again")
+    }
 }

@@ -1,0 +1,438 @@
+//! Reconcile: the I/O around rendering. Reads the policy and owned objects, applies what is
+//! ours, leaves what is not, and writes the status fields it owns only when they change.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+use super::render::{
+    self, FIELD_MANAGER, REPLICAS_FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url,
+};
+use super::status::{
+    EngineReplicas, Problem, current_policy_status, current_reconcile_status, new_problems,
+    policy_status, reconcile_status,
+};
+use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
+
+/// How often a healthy object is looked at again even without a change (drift repair).
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("rendering: {0}")]
+    Render(#[from] render::RenderError),
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        kind: &'static str,
+        name: String,
+        source: kube::Error,
+    },
+}
+
+impl Error {
+    /// A fixed label value for the error counter.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::Kube(kube::Error::Api(_)) => "api",
+            Error::Kube(_) => "client",
+            Error::Render(_) => "render",
+            Error::Apply { .. } => "apply",
+        }
+    }
+}
+
+/// Settings from flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub cluster_domain: String,
+}
+
+/// Everything reconcile needs; shared by all reconciliations.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Only the leader writes; reconcile re-checks before every pass.
+    pub leader: watch::Receiver<bool>,
+    /// Consecutive failures per object, for exponential backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+    /// The InferenceService cache, for counting a policy's users.
+    pub services: Store<InferenceService>,
+}
+
+/// Requeue delay after `failures` consecutive errors: 1 s doubling to a 5-minute cap.
+pub fn error_backoff(failures: u32) -> Duration {
+    let secs = 1u64
+        .checked_shl(failures.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_secs(secs.min(300))
+}
+
+fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.meta().namespace.as_deref().unwrap_or_default(),
+        obj.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+impl Context {
+    fn record_success<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.failures
+            .lock()
+            .expect("not poisoned")
+            .remove(&key(obj));
+    }
+
+    fn record_failure<K: Resource<DynamicType = ()>>(&self, obj: &K) -> u32 {
+        let mut f = self.failures.lock().expect("not poisoned");
+        let n = f.entry(key(obj)).or_default();
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn is_leader(&self) -> bool {
+        *self.leader.borrow()
+    }
+
+    async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // Events are best effort: failing to record one must not fail the reconcile.
+        if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing an event failed");
+        }
+    }
+}
+
+/// Error policy for both controllers: exponential per-object backoff, counted by reason.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let n = ctx.record_failure(obj.as_ref());
+    let controller = if K::kind(&()) == "ScalingPolicy" {
+        "scalingpolicy"
+    } else {
+        "inferenceservice"
+    };
+    ctx.metrics
+        .reconcile_failed(controller, err.metric_reason());
+    let delay = error_backoff(n);
+    tracing::warn!(object = %key(obj.as_ref()), error = %err, failures = n, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The one server-side apply helper: every owned object is written through it.
+pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+}
+
+/// Reconciles one InferenceService.
+pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("inferenceservice");
+    if !ctx.is_leader() {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    // Being deleted: ownerReferences let the garbage collector remove everything we own.
+    if isvc.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let ns = isvc.namespace().ok_or(render::RenderError::NoNamespace)?;
+    let name = isvc.name_any();
+    let mut problems = Vec::new();
+
+    if let Err(msg) = isvc.spec.validate(&name) {
+        problems.push(Problem::InvalidSpec(msg));
+    }
+    let policy = resolve_policy(&ctx.client, &ns, &isvc, &mut problems).await?;
+
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let engine = if problems
+        .iter()
+        .any(|p| matches!(p, Problem::InvalidSpec(_)))
+    {
+        // Leave objects as they are; just report what exists.
+        deployments
+            .get_opt(&render::engine_name(&name))
+            .await?
+            .filter(|d| is_owned_by(&d.metadata, &isvc))
+            .map(|d| engine_replicas(&d))
+    } else {
+        let rendered = render::render(&RenderInput {
+            isvc: &isvc,
+            cluster_domain: &ctx.settings.cluster_domain,
+        })?;
+        match ensure_objects(&ctx, &isvc, &rendered, &policy, &mut problems).await {
+            Ok(engine) => engine,
+            Err(e) => {
+                problems.push(Problem::ApplyFailed(e.to_string()));
+                ctx.event(&isvc, EventType::Warning, "ApplyFailed", e.to_string())
+                    .await;
+                write_status(&ctx, &isvc, &ns, None, &problems).await?;
+                return Err(e);
+            }
+        }
+    };
+
+    write_status(&ctx, &isvc, &ns, engine, &problems).await?;
+    ctx.record_success(isvc.as_ref());
+    if problems
+        .iter()
+        .any(|p| matches!(p, Problem::InvalidSpec(_)))
+    {
+        // A spec change triggers the next pass; retrying an invalid spec would change nothing.
+        return Ok(Action::await_change());
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+/// The referenced policy, or the built-in defaults with a problem noted.
+async fn resolve_policy(
+    client: &Client,
+    ns: &str,
+    isvc: &InferenceService,
+    problems: &mut Vec<Problem>,
+) -> Result<ScalingPolicySpec, Error> {
+    let Some(r) = &isvc.spec.scaling_policy_ref else {
+        return Ok(ScalingPolicySpec::default());
+    };
+    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
+    match api.get_opt(&r.name).await? {
+        None => {
+            problems.push(Problem::PolicyNotFound(r.name.clone()));
+            Ok(ScalingPolicySpec::default())
+        }
+        Some(p) => match p.spec.validate() {
+            Ok(()) => Ok(p.spec),
+            Err(m) => {
+                problems.push(Problem::InvalidPolicy(r.name.clone(), m));
+                Ok(ScalingPolicySpec::default())
+            }
+        },
+    }
+}
+
+fn engine_replicas(d: &Deployment) -> EngineReplicas {
+    let s = d.status.clone().unwrap_or_default();
+    EngineReplicas {
+        replicas: s.replicas.unwrap_or(0),
+        ready: s.ready_replicas.unwrap_or(0),
+    }
+}
+
+/// Creates or applies every owned object that is ours; an object of the same name owned by
+/// anyone else is left alone and reported.
+async fn ensure_objects(
+    ctx: &Context,
+    isvc: &InferenceService,
+    rendered: &Rendered,
+    policy: &ScalingPolicySpec,
+    problems: &mut Vec<Problem>,
+) -> Result<Option<EngineReplicas>, Error> {
+    let ns = isvc.namespace().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+
+    let engine_name = rendered
+        .engine_deployment
+        .metadata
+        .name
+        .clone()
+        .unwrap_or_default();
+    let engine = match deployments.get_opt(&engine_name).await? {
+        None => {
+            // replicas is set once, at creation, under the autoscaler's field manager; reconcile's
+            // applies never mention it, so they can never reset it.
+            let mut d = rendered.engine_deployment.clone();
+            if let Some(spec) = d.spec.as_mut() {
+                spec.replicas = Some(policy.initial_replicas());
+            }
+            let pp = PostParams {
+                field_manager: Some(REPLICAS_FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            let created = deployments
+                .create(&pp, &d)
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Deployment",
+                    name: engine_name.clone(),
+                    source,
+                })?;
+            ctx.event(
+                isvc,
+                EventType::Normal,
+                "Created",
+                format!(
+                    "Created engine Deployment {engine_name} with {} replicas",
+                    policy.initial_replicas()
+                ),
+            )
+            .await;
+            Some(engine_replicas(&created))
+        }
+        Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
+            problems.push(Problem::ObjectConflict(format!(
+                "Deployment {ns}/{engine_name}"
+            )));
+            None
+        }
+        Some(_) => {
+            let applied = apply(&deployments, &rendered.engine_deployment)
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Deployment",
+                    name: engine_name.clone(),
+                    source,
+                })?;
+            Some(engine_replicas(&applied))
+        }
+    };
+
+    for svc in [&rendered.engine_service, &rendered.client_service] {
+        let svc_name = svc.metadata.name.clone().unwrap_or_default();
+        match services.get_opt(&svc_name).await? {
+            Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
+                problems.push(Problem::ObjectConflict(format!("Service {ns}/{svc_name}")));
+            }
+            _ => {
+                apply(&services, svc).await.map_err(|source| Error::Apply {
+                    kind: "Service",
+                    name: svc_name.clone(),
+                    source,
+                })?;
+            }
+        }
+    }
+    Ok(engine)
+}
+
+/// Writes reconcile's status fields (server-side apply on the status subresource) if they changed,
+/// and a Warning event for each newly degraded reason.
+async fn write_status(
+    ctx: &Context,
+    isvc: &InferenceService,
+    ns: &str,
+    engine: Option<EngineReplicas>,
+    problems: &[Problem],
+) -> Result<(), Error> {
+    let now = Time(jiff::Timestamp::now());
+    let url = service_url(&isvc.name_any(), ns, &ctx.settings.cluster_domain);
+    let desired = reconcile_status(isvc, engine, problems, url, &now);
+    for p in new_problems(isvc, problems) {
+        if !matches!(p, Problem::ApplyFailed(_)) {
+            ctx.event(isvc, EventType::Warning, p.reason(), p.message())
+                .await;
+        }
+    }
+    if current_reconcile_status(isvc).as_ref() == Some(&desired) {
+        return Ok(());
+    }
+    let api: Api<InferenceService> = Api::namespaced(ctx.client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "InferenceService",
+        "status": desired,
+    });
+    api.patch_status(
+        &isvc.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reconciles one ScalingPolicy: validity and how many services use it.
+pub async fn reconcile_policy(
+    policy: Arc<ScalingPolicy>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started("scalingpolicy");
+    if !ctx.is_leader() {
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
+    let ns = policy.namespace().unwrap_or_default();
+    let name = policy.name_any();
+    let users = count_users(&ctx.services, &ns, &name);
+    let desired = policy_status(&policy, users, &Time(jiff::Timestamp::now()));
+    if current_policy_status(&policy).as_ref() != Some(&desired) {
+        let api: Api<ScalingPolicy> = Api::namespaced(ctx.client.clone(), &ns);
+        let body = serde_json::json!({
+            "apiVersion": "spillway.dev/v1alpha1",
+            "kind": "ScalingPolicy",
+            "status": desired,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&body),
+        )
+        .await?;
+    }
+    ctx.record_success(policy.as_ref());
+    // Counts also change when a service stops referencing the policy, which no policy event shows.
+    Ok(Action::requeue(Duration::from_secs(60)))
+}
+
+/// Services in `ns` that reference policy `name`.
+pub fn count_users(services: &Store<InferenceService>, ns: &str, name: &str) -> i32 {
+    services
+        .state()
+        .iter()
+        .filter(|s| s.namespace().as_deref() == Some(ns) && references(s, name))
+        .count() as i32
+}
+
+/// Whether `isvc` references the policy `name`.
+pub fn references(isvc: &InferenceService, name: &str) -> bool {
+    isvc.spec
+        .scaling_policy_ref
+        .as_ref()
+        .is_some_and(|r| r.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_exponential_and_capped() {
+        let d: Vec<u64> = (1..=12).map(|n| error_backoff(n).as_secs()).collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(error_backoff(u32::MAX).as_secs(), 300);
+    }
+}

@@ -1,0 +1,523 @@
+//! Pure rendering: an InferenceService (and its policy) in, the objects it owns out.
+//! No client, no clock: every function here is a plain function over plain data.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
+};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{InferenceService, InferenceServiceSpec};
+
+/// Server-side apply field manager of everything reconcile writes.
+pub const FIELD_MANAGER: &str = "spillway";
+/// Field manager that owns the engine Deployment's `spec.replicas` (the autoscaler's).
+pub const REPLICAS_FIELD_MANAGER: &str = "spillway-autoscaler";
+
+pub const LABEL_NAME: &str = "app.kubernetes.io/name";
+pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
+pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
+pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY: &str = "spillway";
+/// Selects the owned objects of every service (the controller's watches filter on it).
+pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=spillway";
+
+/// Seconds between startup probes; the failure threshold is sized from `startupTimeoutSeconds`.
+const STARTUP_PERIOD_SECONDS: i32 = 10;
+/// The client Service's port.
+pub const CLIENT_PORT: i32 = 80;
+
+/// Names of the objects a service owns.
+pub fn engine_name(isvc_name: &str) -> String {
+    format!("{isvc_name}-engine")
+}
+
+/// What rendering needs besides the InferenceService itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenderInput<'a> {
+    pub isvc: &'a InferenceService,
+    /// Kubernetes cluster DNS domain, for the service URL.
+    pub cluster_domain: &'a str,
+}
+
+/// Every object a service owns, rendered.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rendered {
+    /// The engine Deployment, without `spec.replicas` (the autoscaler owns it).
+    pub engine_deployment: Deployment,
+    /// Headless Service over the engine pods (the router reads its EndpointSlices).
+    pub engine_service: Service,
+    /// The stable client Service `<name>`.
+    pub client_service: Service,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RenderError {
+    #[error("InferenceService has no namespace")]
+    NoNamespace,
+    #[error("InferenceService has no uid yet (not read from the API server)")]
+    NoUid,
+}
+
+/// Renders every owned object.
+pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
+    let isvc = input.isvc;
+    let owner = owner_reference(isvc)?;
+    let ns = isvc.namespace().ok_or(RenderError::NoNamespace)?;
+    let name = isvc.name_any();
+    let engine = engine_name(&name);
+    let engine_labels = labels(&name, "engine");
+
+    let meta = |obj_name: &str, component: &str| ObjectMeta {
+        name: Some(obj_name.to_string()),
+        namespace: Some(ns.clone()),
+        labels: Some(labels(&name, component)),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    };
+
+    let engine_deployment = Deployment {
+        metadata: meta(&engine, "engine"),
+        spec: Some(DeploymentSpec {
+            replicas: None,
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&name, "engine")),
+                ..LabelSelector::default()
+            },
+            // Surge, never go below the ready count: the warm replica must survive a rollout.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            // Model load is slow; don't call a rollout stuck before a replica could possibly start.
+            progress_deadline_seconds: Some(
+                isvc.spec.engine.startup_timeout_seconds.saturating_add(600),
+            ),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(engine_labels.clone()),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(engine_pod_spec(&isvc.spec)),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    };
+
+    let engine_service = Service {
+        metadata: meta(&engine, "engine"),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".into()),
+            selector: Some(selector_labels(&name, "engine")),
+            ports: Some(vec![http_port(isvc.spec.engine.port)]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+
+    // Until the router lands, clients reach the engines directly.
+    let client_service = Service {
+        metadata: meta(&name, "endpoint"),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&name, "engine")),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: CLIENT_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+
+    Ok(Rendered {
+        engine_deployment,
+        engine_service,
+        client_service,
+    })
+}
+
+/// The URL clients call.
+pub fn service_url(name: &str, namespace: &str, cluster_domain: &str) -> String {
+    format!("http://{name}.{namespace}.svc.{cluster_domain}")
+}
+
+fn http_port(port: i32) -> ServicePort {
+    ServicePort {
+        name: Some("http".into()),
+        port,
+        target_port: Some(IntOrString::String("http".into())),
+        protocol: Some("TCP".into()),
+        ..ServicePort::default()
+    }
+}
+
+/// Standard labels on every owned object.
+pub fn labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(isvc_name, component);
+    l.insert(LABEL_NAME.into(), "spillway".into());
+    l.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
+    l
+}
+
+/// The immutable subset used in selectors (a Deployment's selector can never change).
+fn selector_labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (LABEL_INSTANCE.to_string(), isvc_name.to_string()),
+        (LABEL_COMPONENT.to_string(), component.to_string()),
+    ])
+}
+
+/// A controller ownerReference, so deleting the service garbage-collects what it owns.
+pub fn owner_reference(isvc: &InferenceService) -> Result<OwnerReference, RenderError> {
+    isvc.controller_owner_ref(&()).ok_or(RenderError::NoUid)
+}
+
+/// Whether `meta` carries a controller ownerReference to `owner` (by uid).
+pub fn is_owned_by(meta: &ObjectMeta, owner: &InferenceService) -> bool {
+    let uid = owner.meta().uid.as_deref();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|r| r.controller == Some(true) && Some(r.uid.as_str()) == uid)
+}
+
+fn engine_pod_spec(spec: &InferenceServiceSpec) -> PodSpec {
+    let e = &spec.engine;
+    let probe = |period: i32, failures: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(e.health_path.clone()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    };
+    // The startup probe gives model loading the whole startupTimeoutSeconds before liveness starts.
+    let startup_failures =
+        (e.startup_timeout_seconds + STARTUP_PERIOD_SECONDS - 1) / STARTUP_PERIOD_SECONDS;
+
+    let mut env = vec![EnvVar {
+        name: "SPILLWAY_MODEL_NAME".into(),
+        value: Some(spec.model.name.clone()),
+        ..EnvVar::default()
+    }];
+    if let Some(uri) = &spec.model.uri {
+        env.push(EnvVar {
+            name: "SPILLWAY_MODEL_URI".into(),
+            value: Some(uri.clone()),
+            ..EnvVar::default()
+        });
+    }
+    // User env last: a user-set value of the same name wins.
+    env.retain(|v| !e.env.iter().any(|u| u.name == v.name));
+    env.extend(e.env.iter().cloned());
+
+    let mut limits = BTreeMap::new();
+    let mut requests = BTreeMap::new();
+    if e.gpus > 0 {
+        limits.insert(e.gpu_resource.clone(), Quantity(e.gpus.to_string()));
+    }
+    if let Some(r) = &e.resources {
+        if let Some(cpu) = &r.cpu {
+            requests.insert("cpu".to_string(), cpu.clone());
+        }
+        if let Some(mem) = &r.memory {
+            requests.insert("memory".to_string(), mem.clone());
+            limits.insert("memory".to_string(), mem.clone());
+        }
+    }
+
+    PodSpec {
+        containers: vec![Container {
+            name: "engine".into(),
+            image: Some(e.image.clone()),
+            args: (!e.args.is_empty()).then(|| e.args.clone()),
+            env: Some(env),
+            ports: Some(vec![ContainerPort {
+                name: Some("http".into()),
+                container_port: e.port,
+                protocol: Some("TCP".into()),
+                ..ContainerPort::default()
+            }]),
+            resources: Some(ResourceRequirements {
+                limits: (!limits.is_empty()).then_some(limits),
+                requests: (!requests.is_empty()).then_some(requests),
+                ..ResourceRequirements::default()
+            }),
+            startup_probe: Some(probe(STARTUP_PERIOD_SECONDS, startup_failures.max(1))),
+            readiness_probe: Some(probe(5, 3)),
+            liveness_probe: Some(probe(10, 6)),
+            volume_mounts: Some(vec![VolumeMount {
+                name: "dshm".into(),
+                mount_path: "/dev/shm".into(),
+                ..VolumeMount::default()
+            }]),
+            ..Container::default()
+        }],
+        // NCCL and PyTorch data loaders need a large shared-memory segment.
+        volumes: Some(vec![Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource {
+                medium: Some("Memory".into()),
+                ..EmptyDirVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        termination_grace_period_seconds: Some(e.termination_grace_period_seconds.into()),
+        node_selector: (!e.node_selector.is_empty()).then(|| e.node_selector.clone()),
+        tolerations: (!e.tolerations.is_empty()).then(|| e.tolerations.clone()),
+        affinity: e.affinity.clone(),
+        // Service env vars for every Service in the namespace are noise for an engine.
+        enable_service_links: Some(false),
+        ..PodSpec::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::testdata::isvc_from_yaml;
+
+    const ISVC: &str = r#"
+apiVersion: spillway.dev/v1alpha1
+kind: InferenceService
+metadata: {name: llama-8b, namespace: ml, uid: uid-1, generation: 1}
+spec:
+  model: {name: meta-llama/Llama-3.1-8B-Instruct, uri: "s3://models/llama@sha256:abc"}
+  engine:
+    image: registry.internal/engine:1.4.2
+    args: ["--max-num-seqs", "64"]
+    env: [{name: HF_HOME, value: /cache}, {name: SPILLWAY_MODEL_NAME, value: override}]
+    port: 8001
+    gpus: 2
+    gpuResource: amd.com/gpu
+    resources: {cpu: "8", memory: 64Gi}
+    nodeSelector: {pool: gpu}
+    tolerations: [{key: gpu, operator: Exists, effect: NoSchedule}]
+    affinity: {nodeAffinity: {requiredDuringSchedulingIgnoredDuringExecution: {nodeSelectorTerms: [{matchExpressions: [{key: zone, operator: In, values: [a]}]}]}}}
+    startupTimeoutSeconds: 1205
+"#;
+
+    fn rendered() -> Rendered {
+        let isvc = isvc_from_yaml(ISVC);
+        render(&RenderInput {
+            isvc: &isvc,
+            cluster_domain: "cluster.local",
+        })
+        .unwrap()
+    }
+
+    fn engine_container(r: &Rendered) -> Container {
+        r.engine_deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+            .containers[0]
+            .clone()
+    }
+
+    #[test]
+    fn engine_deployment_leaves_replicas_to_the_autoscaler() {
+        let r = rendered();
+        let spec = r.engine_deployment.spec.as_ref().unwrap();
+        assert_eq!(spec.replicas, None);
+        assert_eq!(
+            r.engine_deployment.metadata.name.as_deref(),
+            Some("llama-8b-engine")
+        );
+        assert_eq!(
+            r.engine_deployment.metadata.namespace.as_deref(),
+            Some("ml")
+        );
+        let ru = spec
+            .strategy
+            .as_ref()
+            .unwrap()
+            .rolling_update
+            .as_ref()
+            .unwrap();
+        assert_eq!(ru.max_unavailable, Some(IntOrString::Int(0)));
+    }
+
+    #[test]
+    fn gpu_limit_under_configured_resource_name_and_resources() {
+        let c = engine_container(&rendered());
+        let res = c.resources.unwrap();
+        let limits = res.limits.unwrap();
+        assert_eq!(limits.get("amd.com/gpu"), Some(&Quantity("2".into())));
+        assert!(!limits.contains_key("nvidia.com/gpu"));
+        assert_eq!(limits.get("memory"), Some(&Quantity("64Gi".into())));
+        assert!(
+            !limits.contains_key("cpu"),
+            "no CPU limit: engines must not be throttled"
+        );
+        let requests = res.requests.unwrap();
+        assert_eq!(requests.get("cpu"), Some(&Quantity("8".into())));
+    }
+
+    #[test]
+    fn zero_gpus_sets_no_gpu_limit() {
+        let mut isvc = isvc_from_yaml(ISVC);
+        isvc.spec.engine.gpus = 0;
+        isvc.spec.engine.resources = None;
+        let r = render(&RenderInput {
+            isvc: &isvc,
+            cluster_domain: "cluster.local",
+        })
+        .unwrap();
+        assert_eq!(engine_container(&r).resources.unwrap().limits, None);
+    }
+
+    #[test]
+    fn shm_probes_and_grace_period() {
+        let r = rendered();
+        let pod = r.engine_deployment.spec.unwrap().template.spec.unwrap();
+        let vol = &pod.volumes.as_ref().unwrap()[0];
+        assert_eq!(
+            vol.empty_dir.as_ref().unwrap().medium.as_deref(),
+            Some("Memory")
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.volume_mounts.as_ref().unwrap()[0].mount_path, "/dev/shm");
+        let startup = c.startup_probe.as_ref().unwrap();
+        // 1205 s at 10 s per probe: 121 failures, so the full timeout is covered.
+        assert_eq!(startup.failure_threshold, Some(121));
+        assert_eq!(startup.period_seconds, Some(10));
+        assert_eq!(
+            startup.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/health")
+        );
+        assert!(c.readiness_probe.is_some());
+        assert_eq!(pod.termination_grace_period_seconds, Some(120));
+    }
+
+    #[test]
+    fn image_args_env_port_and_placement_pass_through() {
+        let r = rendered();
+        let pod = r.engine_deployment.spec.unwrap().template.spec.unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry.internal/engine:1.4.2"));
+        assert_eq!(
+            c.args.as_ref().unwrap(),
+            &vec!["--max-num-seqs".to_string(), "64".into()]
+        );
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8001);
+        let env = c.env.as_ref().unwrap();
+        let get = |n: &str| {
+            env.iter()
+                .filter(|v| v.name == n)
+                .map(|v| v.value.clone().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            get("SPILLWAY_MODEL_NAME"),
+            vec!["override"],
+            "user env wins, no duplicates"
+        );
+        assert_eq!(
+            get("SPILLWAY_MODEL_URI"),
+            vec!["s3://models/llama@sha256:abc"]
+        );
+        assert_eq!(get("HF_HOME"), vec!["/cache"]);
+        assert_eq!(
+            pod.node_selector.unwrap().get("pool").map(String::as_str),
+            Some("gpu")
+        );
+        assert_eq!(pod.tolerations.unwrap()[0].key.as_deref(), Some("gpu"));
+        assert!(pod.affinity.unwrap().node_affinity.is_some());
+    }
+
+    #[test]
+    fn labels_and_controller_owner_reference_on_every_object() {
+        let r = rendered();
+        for meta in [
+            &r.engine_deployment.metadata,
+            &r.engine_service.metadata,
+            &r.client_service.metadata,
+        ] {
+            let l = meta.labels.as_ref().unwrap();
+            assert_eq!(l[LABEL_NAME], "spillway");
+            assert_eq!(l[LABEL_INSTANCE], "llama-8b");
+            assert_eq!(l[LABEL_MANAGED_BY], "spillway");
+            assert!(l.contains_key(LABEL_COMPONENT));
+            let owners = meta.owner_references.as_ref().unwrap();
+            assert_eq!(owners.len(), 1);
+            assert_eq!(owners[0].kind, "InferenceService");
+            assert_eq!(owners[0].api_version, "spillway.dev/v1alpha1");
+            assert_eq!(owners[0].uid, "uid-1");
+            assert_eq!(owners[0].controller, Some(true));
+        }
+    }
+
+    #[test]
+    fn services_headless_engine_and_client_endpoint() {
+        let r = rendered();
+        let es = r.engine_service.spec.unwrap();
+        assert_eq!(es.cluster_ip.as_deref(), Some("None"));
+        assert_eq!(es.ports.unwrap()[0].port, 8001);
+        let cs = r.client_service.spec.unwrap();
+        assert_eq!(r.client_service.metadata.name.as_deref(), Some("llama-8b"));
+        assert_eq!(cs.ports.as_ref().unwrap()[0].port, 80);
+        assert_eq!(cs.selector.unwrap()[LABEL_COMPONENT], "engine");
+        assert_eq!(
+            service_url("llama-8b", "ml", "cluster.local"),
+            "http://llama-8b.ml.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn selector_matches_pod_labels() {
+        let r = rendered();
+        let spec = r.engine_deployment.spec.unwrap();
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        for (k, v) in spec.selector.match_labels.unwrap() {
+            assert_eq!(pod_labels.get(&k), Some(&v));
+        }
+    }
+
+    #[test]
+    fn ownership_is_by_uid() {
+        let isvc = isvc_from_yaml(ISVC);
+        let r = rendered();
+        assert!(is_owned_by(&r.engine_deployment.metadata, &isvc));
+        let mut other = isvc.clone();
+        other.metadata.uid = Some("uid-2".into());
+        assert!(!is_owned_by(&r.engine_deployment.metadata, &other));
+        assert!(!is_owned_by(&ObjectMeta::default(), &isvc));
+    }
+
+    #[test]
+    fn no_uid_is_an_error_not_a_panic() {
+        let mut isvc = isvc_from_yaml(ISVC);
+        isvc.metadata.uid = None;
+        let err = render(&RenderInput {
+            isvc: &isvc,
+            cluster_domain: "cluster.local",
+        })
+        .unwrap_err();
+        assert_eq!(err, RenderError::NoUid);
+    }
+}
