@@ -31,3 +31,173 @@ pub fn render_all() -> anyhow::Result<String> {
     }
     Ok(out)
 }
+
+/// Writes each CRD to `<dir>/<plural>.yaml`.
+pub fn write_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for crd in crds() {
+        let path = dir.join(file_name(&crd));
+        std::fs::write(&path, render(&crd)?)?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    const REGENERATE: &str = "run `cargo run --locked -- crdgen --out-dir crds` and commit the result";
+
+    #[test]
+    fn crds_dir_is_current() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+        for crd in crds() {
+            let path = dir.join(file_name(&crd));
+            let on_disk = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("{} unreadable ({e}); {REGENERATE}", path.display()));
+            assert!(on_disk == render(&crd).unwrap(), "{} is stale; {REGENERATE}", path.display());
+        }
+    }
+
+    #[test]
+    fn crds_fit_client_side_apply() {
+        // kubectl's last-applied annotation is capped at 262144 bytes; stay far below.
+        for crd in crds() {
+            let size = serde_json::to_vec(&crd).unwrap().len();
+            assert!(size < 64 * 1024, "{} is {size} bytes", crd.spec.names.plural);
+        }
+    }
+
+    #[test]
+    fn names_columns_and_subresources() {
+        let [isvc, policy] = <[_; 2]>::try_from(crds()).unwrap();
+        assert_eq!(isvc.spec.names.short_names, Some(vec!["infsvc".to_string()]));
+        assert!(!isvc.spec.names.short_names.iter().flatten().any(|s| s == "isvc"), "isvc is KServe's");
+        assert_eq!(policy.spec.names.short_names, Some(vec!["spol".to_string()]));
+        let v = &isvc.spec.versions[0];
+        assert!(v.subresources.as_ref().unwrap().status.is_some());
+        let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.to_uppercase()).collect();
+        assert_eq!(cols, ["READY", "REPLICAS", "DESIRED", "QUEUE", "GPU-MEM", "BURSTING", "AGE"]);
+        assert!(policy.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
+    }
+
+    fn schema(kind: &str) -> Value {
+        let crd = crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
+        serde_json::to_value(&crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema).unwrap()
+    }
+
+    /// Every field under `spec` carries a description (what `kubectl explain` shows).
+    fn undocumented(v: &Value, path: &str, out: &mut Vec<String>) {
+        if let Some(props) = v.get("properties").and_then(Value::as_object) {
+            for (k, p) in props {
+                let here = format!("{path}.{k}");
+                if p.get("description").is_none() {
+                    out.push(here.clone());
+                }
+                undocumented(p, &here, out);
+            }
+        }
+        if let Some(items) = v.get("items") {
+            undocumented(items, &format!("{path}[]"), out);
+        }
+    }
+
+    #[test]
+    fn every_spec_field_is_described() {
+        for kind in ["InferenceService", "ScalingPolicy"] {
+            let mut missing = Vec::new();
+            undocumented(&schema(kind)["properties"]["spec"], "spec", &mut missing);
+            // Fields of embedded Kubernetes types (EnvVar, Toleration) are documented upstream.
+            missing.retain(|p| !p.starts_with("spec.engine.env[]") && !p.starts_with("spec.engine.tolerations[]"));
+            assert!(missing.is_empty(), "{kind}: undocumented fields {missing:?}");
+        }
+    }
+
+    #[test]
+    fn defaults_live_in_the_schema() {
+        let s = schema("ScalingPolicy");
+        let spec = &s["properties"]["spec"]["properties"];
+        assert_eq!(spec["minReplicas"]["default"], json!(1));
+        assert_eq!(spec["intervalSeconds"]["default"], json!(2));
+        assert_eq!(spec["scaleDown"]["properties"]["stabilizationWindowSeconds"]["default"], json!(300));
+        assert_eq!(spec["scaleUp"]["properties"]["stabilizationWindowSeconds"]["default"], json!(0));
+        assert_eq!(spec["metricsUnavailable"]["default"], json!("Hold"));
+        let s = schema("InferenceService");
+        let engine = &s["properties"]["spec"]["properties"]["engine"]["properties"];
+        assert_eq!(engine["port"]["default"], json!(8000));
+        assert_eq!(engine["gpuResource"]["default"], json!("nvidia.com/gpu"));
+        assert_eq!(engine["gpus"]["minimum"], json!(0.0));
+        assert_eq!(engine["port"]["maximum"], json!(65535.0));
+        assert_eq!(engine["maxConcurrency"]["minimum"], json!(1.0));
+    }
+
+    fn isvc(spec: Value) -> Value {
+        json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+               "metadata": {"name": "llama", "namespace": "ml"}, "spec": spec})
+    }
+
+    fn policy(spec: Value) -> Value {
+        json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "ScalingPolicy",
+               "metadata": {"name": "p", "namespace": "ml"}, "spec": spec})
+    }
+
+    fn provider(name: &str, url: &str) -> Value {
+        json!({"name": name, "url": url, "model": "m", "apiKeySecretRef": {"name": "s", "key": "k"}})
+    }
+
+    /// Runs the CRD's own CEL rules (as the API server would, defaults applied first) on each
+    /// case: `None` must pass, `Some(text)` must fail with a message containing `text`.
+    #[test]
+    fn cel_rules_reject_bad_specs() {
+        let engine = json!({"image": "e:1"});
+        let cases: Vec<(&str, &str, Value, Option<&str>)> = vec![
+            ("valid service", "InferenceService", isvc(json!({"model": {"name": "m"}, "engine": engine})), None),
+            ("gpus 0 is allowed", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": 0}})), None),
+            ("negative gpus", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": -1}})), Some("engine.gpus must be >= 0")),
+            ("provider url scheme", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": engine, "burst": {"providers": [provider("a", "ftp://x")]}})),
+             Some("must start with http:// or https://")),
+            ("provider names unique", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": engine,
+                          "burst": {"providers": [provider("a", "https://x"), provider("a", "https://y")]}})),
+             Some("provider names must be unique")),
+            ("distinct providers ok", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": engine,
+                          "burst": {"providers": [provider("a", "https://x"), provider("b", "http://y")]}})), None),
+            ("burst needs the router", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": engine, "router": {"enabled": false},
+                          "burst": {"providers": [provider("a", "https://x")]}})), Some("burst providers need the router")),
+            ("gpu memory fraction xor pair", "InferenceService",
+             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "metrics": {"gpuMemory": {"used": {"name": "u"}}}}})),
+             Some("gpuMemory")),
+            ("name too long", "InferenceService",
+             json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+                    "metadata": {"name": "x".repeat(57), "namespace": "ml"},
+                    "spec": {"model": {"name": "m"}, "engine": engine}}), Some("at most 56 characters")),
+            ("defaults are a valid policy", "ScalingPolicy", policy(json!({})), None),
+            ("minReplicas 0", "ScalingPolicy", policy(json!({"minReplicas": 0})), Some("minReplicas must be at least 1")),
+            ("max below min", "ScalingPolicy", policy(json!({"minReplicas": 3, "maxReplicas": 2})), Some("maxReplicas must be >= minReplicas")),
+            ("gpu memory target 0", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 0.0}})), Some("gpuMemoryUtilization must be in (0, 1]")),
+            ("gpu memory target above 1", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 1.5}})), Some("gpuMemoryUtilization must be in (0, 1]")),
+            ("gpu memory target 1 ok", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 1.0}})), None),
+            ("queue target 0", "ScalingPolicy", policy(json!({"targets": {"queueDepthPerReplica": 0.0}})), Some("queueDepthPerReplica must be > 0")),
+            ("launch above max", "ScalingPolicy", policy(json!({"maxReplicas": 2, "launch": {"replicas": 3}})), Some("launch.replicas must be <= maxReplicas")),
+        ];
+        for (what, kind, obj, want) in cases {
+            let result = kube_cel::validate(&schema(kind), &obj, None);
+            match (want, result) {
+                (None, Ok(())) => {}
+                (None, Err(e)) => panic!("{what}: expected valid, got {e:?}"),
+                (Some(text), Ok(())) => panic!("{what}: expected an error containing {text:?}, got none"),
+                (Some(text), Err(e)) => {
+                    let msg = format!("{e:?}");
+                    assert!(msg.contains(text), "{what}: error {msg} lacks {text:?}");
+                }
+            }
+        }
+    }
+}

@@ -14,8 +14,12 @@ struct Cli {
 enum Command {
     /// Run the operator: watch InferenceServices and ScalingPolicies and reconcile them.
     Controller(spillway::controller::ControllerArgs),
-    /// Print the CustomResourceDefinitions as YAML (what `crds/` holds).
-    Crdgen,
+    /// Print the CustomResourceDefinitions as YAML, or write one file each (what `crds/` holds).
+    Crdgen {
+        /// Write `<plural>.yaml` files into this directory instead of printing.
+        #[arg(long)]
+        out_dir: Option<std::path::PathBuf>,
+    },
     /// Run a simulated inference engine (OpenAI-compatible API, vLLM-style metrics).
     EngineSim(spillway::engine_sim::EngineSimArgs),
 }
@@ -24,10 +28,11 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Crdgen => {
+        Command::Crdgen { out_dir: None } => {
             print!("{}", spillway::crdgen::render_all()?);
             Ok(())
         }
+        Command::Crdgen { out_dir: Some(dir) } => spillway::crdgen::write_dir(&dir),
         Command::Controller(args) => {
             spillway::telemetry::init(&cli.log)?;
             spillway::controller::run(args).await
