@@ -48,7 +48,8 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
-    const REGENERATE: &str = "run `cargo run --locked -- crdgen --out-dir crds` and commit the result";
+    const REGENERATE: &str =
+        "run `cargo run --locked -- crdgen --out-dir crds` and commit the result";
 
     #[test]
     fn crds_dir_is_current() {
@@ -57,7 +58,11 @@ mod tests {
             let path = dir.join(file_name(&crd));
             let on_disk = std::fs::read_to_string(&path)
                 .unwrap_or_else(|e| panic!("{} unreadable ({e}); {REGENERATE}", path.display()));
-            assert!(on_disk == render(&crd).unwrap(), "{} is stale; {REGENERATE}", path.display());
+            assert!(
+                on_disk == render(&crd).unwrap(),
+                "{} is stale; {REGENERATE}",
+                path.display()
+            );
         }
     }
 
@@ -66,26 +71,72 @@ mod tests {
         // kubectl's last-applied annotation is capped at 262144 bytes; stay far below.
         for crd in crds() {
             let size = serde_json::to_vec(&crd).unwrap().len();
-            assert!(size < 64 * 1024, "{} is {size} bytes", crd.spec.names.plural);
+            assert!(
+                size < 64 * 1024,
+                "{} is {size} bytes",
+                crd.spec.names.plural
+            );
         }
     }
 
     #[test]
     fn names_columns_and_subresources() {
         let [isvc, policy] = <[_; 2]>::try_from(crds()).unwrap();
-        assert_eq!(isvc.spec.names.short_names, Some(vec!["infsvc".to_string()]));
-        assert!(!isvc.spec.names.short_names.iter().flatten().any(|s| s == "isvc"), "isvc is KServe's");
-        assert_eq!(policy.spec.names.short_names, Some(vec!["spol".to_string()]));
+        assert_eq!(
+            isvc.spec.names.short_names,
+            Some(vec!["infsvc".to_string()])
+        );
+        assert!(
+            !isvc
+                .spec
+                .names
+                .short_names
+                .iter()
+                .flatten()
+                .any(|s| s == "isvc"),
+            "isvc is KServe's"
+        );
+        assert_eq!(
+            policy.spec.names.short_names,
+            Some(vec!["spol".to_string()])
+        );
         let v = &isvc.spec.versions[0];
         assert!(v.subresources.as_ref().unwrap().status.is_some());
-        let cols: Vec<_> = v.additional_printer_columns.iter().flatten().map(|c| c.name.to_uppercase()).collect();
-        assert_eq!(cols, ["READY", "REPLICAS", "DESIRED", "QUEUE", "GPU-MEM", "BURSTING", "AGE"]);
-        assert!(policy.spec.versions[0].subresources.as_ref().unwrap().status.is_some());
+        let cols: Vec<_> = v
+            .additional_printer_columns
+            .iter()
+            .flatten()
+            .map(|c| c.name.to_uppercase())
+            .collect();
+        assert_eq!(
+            cols,
+            [
+                "READY", "REPLICAS", "DESIRED", "QUEUE", "GPU-MEM", "BURSTING", "AGE"
+            ]
+        );
+        assert!(
+            policy.spec.versions[0]
+                .subresources
+                .as_ref()
+                .unwrap()
+                .status
+                .is_some()
+        );
     }
 
     fn schema(kind: &str) -> Value {
-        let crd = crds().into_iter().find(|c| c.spec.names.kind == kind).unwrap();
-        serde_json::to_value(&crd.spec.versions[0].schema.as_ref().unwrap().open_api_v3_schema).unwrap()
+        let crd = crds()
+            .into_iter()
+            .find(|c| c.spec.names.kind == kind)
+            .unwrap();
+        serde_json::to_value(
+            &crd.spec.versions[0]
+                .schema
+                .as_ref()
+                .unwrap()
+                .open_api_v3_schema,
+        )
+        .unwrap()
     }
 
     /// Every field under `spec` carries a description (what `kubectl explain` shows).
@@ -110,8 +161,13 @@ mod tests {
             let mut missing = Vec::new();
             undocumented(&schema(kind)["properties"]["spec"], "spec", &mut missing);
             // Fields of embedded Kubernetes types (EnvVar, Toleration) are documented upstream.
-            missing.retain(|p| !p.starts_with("spec.engine.env[]") && !p.starts_with("spec.engine.tolerations[]"));
-            assert!(missing.is_empty(), "{kind}: undocumented fields {missing:?}");
+            missing.retain(|p| {
+                !p.starts_with("spec.engine.env[]") && !p.starts_with("spec.engine.tolerations[]")
+            });
+            assert!(
+                missing.is_empty(),
+                "{kind}: undocumented fields {missing:?}"
+            );
         }
     }
 
@@ -121,8 +177,14 @@ mod tests {
         let spec = &s["properties"]["spec"]["properties"];
         assert_eq!(spec["minReplicas"]["default"], json!(1));
         assert_eq!(spec["intervalSeconds"]["default"], json!(2));
-        assert_eq!(spec["scaleDown"]["properties"]["stabilizationWindowSeconds"]["default"], json!(300));
-        assert_eq!(spec["scaleUp"]["properties"]["stabilizationWindowSeconds"]["default"], json!(0));
+        assert_eq!(
+            spec["scaleDown"]["properties"]["stabilizationWindowSeconds"]["default"],
+            json!(300)
+        );
+        assert_eq!(
+            spec["scaleUp"]["properties"]["stabilizationWindowSeconds"]["default"],
+            json!(0)
+        );
         assert_eq!(spec["metricsUnavailable"]["default"], json!("Hold"));
         let s = schema("InferenceService");
         let engine = &s["properties"]["spec"]["properties"]["engine"]["properties"];
@@ -153,46 +215,128 @@ mod tests {
     fn cel_rules_reject_bad_specs() {
         let engine = json!({"image": "e:1"});
         let cases: Vec<(&str, &str, Value, Option<&str>)> = vec![
-            ("valid service", "InferenceService", isvc(json!({"model": {"name": "m"}, "engine": engine})), None),
-            ("gpus 0 is allowed", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": 0}})), None),
-            ("negative gpus", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": -1}})), Some("engine.gpus must be >= 0")),
-            ("provider url scheme", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": engine, "burst": {"providers": [provider("a", "ftp://x")]}})),
-             Some("must start with http:// or https://")),
-            ("provider names unique", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": engine,
+            (
+                "valid service",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine})),
+                None,
+            ),
+            (
+                "gpus 0 is allowed",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": 0}})),
+                None,
+            ),
+            (
+                "negative gpus",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "gpus": -1}})),
+                Some("engine.gpus must be >= 0"),
+            ),
+            (
+                "provider url scheme",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": engine, "burst": {"providers": [provider("a", "ftp://x")]}}),
+                ),
+                Some("must start with http:// or https://"),
+            ),
+            (
+                "provider names unique",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
                           "burst": {"providers": [provider("a", "https://x"), provider("a", "https://y")]}})),
-             Some("provider names must be unique")),
-            ("distinct providers ok", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": engine,
-                          "burst": {"providers": [provider("a", "https://x"), provider("b", "http://y")]}})), None),
-            ("burst needs the router", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": engine, "router": {"enabled": false},
-                          "burst": {"providers": [provider("a", "https://x")]}})), Some("burst providers need the router")),
-            ("gpu memory fraction xor pair", "InferenceService",
-             isvc(json!({"model": {"name": "m"}, "engine": {"image": "e", "metrics": {"gpuMemory": {"used": {"name": "u"}}}}})),
-             Some("gpuMemory")),
-            ("name too long", "InferenceService",
-             json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+                Some("provider names must be unique"),
+            ),
+            (
+                "distinct providers ok",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
+                          "burst": {"providers": [provider("a", "https://x"), provider("b", "http://y")]}})),
+                None,
+            ),
+            (
+                "burst needs the router",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": engine, "router": {"enabled": false},
+                          "burst": {"providers": [provider("a", "https://x")]}}),
+                ),
+                Some("burst providers need the router"),
+            ),
+            (
+                "gpu memory fraction xor pair",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": {"image": "e", "metrics": {"gpuMemory": {"used": {"name": "u"}}}}}),
+                ),
+                Some("gpuMemory"),
+            ),
+            (
+                "name too long",
+                "InferenceService",
+                json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
                     "metadata": {"name": "x".repeat(57), "namespace": "ml"},
-                    "spec": {"model": {"name": "m"}, "engine": engine}}), Some("at most 56 characters")),
-            ("defaults are a valid policy", "ScalingPolicy", policy(json!({})), None),
-            ("minReplicas 0", "ScalingPolicy", policy(json!({"minReplicas": 0})), Some("minReplicas must be at least 1")),
-            ("max below min", "ScalingPolicy", policy(json!({"minReplicas": 3, "maxReplicas": 2})), Some("maxReplicas must be >= minReplicas")),
-            ("gpu memory target 0", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 0.0}})), Some("gpuMemoryUtilization must be in (0, 1]")),
-            ("gpu memory target above 1", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 1.5}})), Some("gpuMemoryUtilization must be in (0, 1]")),
-            ("gpu memory target 1 ok", "ScalingPolicy", policy(json!({"targets": {"gpuMemoryUtilization": 1.0}})), None),
-            ("queue target 0", "ScalingPolicy", policy(json!({"targets": {"queueDepthPerReplica": 0.0}})), Some("queueDepthPerReplica must be > 0")),
-            ("launch above max", "ScalingPolicy", policy(json!({"maxReplicas": 2, "launch": {"replicas": 3}})), Some("launch.replicas must be <= maxReplicas")),
+                    "spec": {"model": {"name": "m"}, "engine": engine}}),
+                Some("at most 56 characters"),
+            ),
+            (
+                "defaults are a valid policy",
+                "ScalingPolicy",
+                policy(json!({})),
+                None,
+            ),
+            (
+                "minReplicas 0",
+                "ScalingPolicy",
+                policy(json!({"minReplicas": 0})),
+                Some("minReplicas must be at least 1"),
+            ),
+            (
+                "max below min",
+                "ScalingPolicy",
+                policy(json!({"minReplicas": 3, "maxReplicas": 2})),
+                Some("maxReplicas must be >= minReplicas"),
+            ),
+            (
+                "gpu memory target 0",
+                "ScalingPolicy",
+                policy(json!({"targets": {"gpuMemoryUtilization": 0.0}})),
+                Some("gpuMemoryUtilization must be in (0, 1]"),
+            ),
+            (
+                "gpu memory target above 1",
+                "ScalingPolicy",
+                policy(json!({"targets": {"gpuMemoryUtilization": 1.5}})),
+                Some("gpuMemoryUtilization must be in (0, 1]"),
+            ),
+            (
+                "gpu memory target 1 ok",
+                "ScalingPolicy",
+                policy(json!({"targets": {"gpuMemoryUtilization": 1.0}})),
+                None,
+            ),
+            (
+                "queue target 0",
+                "ScalingPolicy",
+                policy(json!({"targets": {"queueDepthPerReplica": 0.0}})),
+                Some("queueDepthPerReplica must be > 0"),
+            ),
+            (
+                "launch above max",
+                "ScalingPolicy",
+                policy(json!({"maxReplicas": 2, "launch": {"replicas": 3}})),
+                Some("launch.replicas must be <= maxReplicas"),
+            ),
         ];
         for (what, kind, obj, want) in cases {
             let result = kube_cel::validate(&schema(kind), &obj, None);
             match (want, result) {
                 (None, Ok(())) => {}
                 (None, Err(e)) => panic!("{what}: expected valid, got {e:?}"),
-                (Some(text), Ok(())) => panic!("{what}: expected an error containing {text:?}, got none"),
+                (Some(text), Ok(())) => {
+                    panic!("{what}: expected an error containing {text:?}, got none")
+                }
                 (Some(text), Err(e)) => {
                     let msg = format!("{e:?}");
                     assert!(msg.contains(text), "{what}: error {msg} lacks {text:?}");

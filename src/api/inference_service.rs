@@ -1,5 +1,7 @@
 //! `InferenceService`: one model served by autoscaled GPU engine replicas, with burst.
 
+// kube-derive takes one printcolumn(...) per column; clippy reads the repeated keys as duplicates.
+#![allow(clippy::duplicated_attributes)]
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{Affinity, EnvVar, Toleration};

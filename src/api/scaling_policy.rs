@@ -1,5 +1,7 @@
 //! `ScalingPolicy`: a reusable, named autoscaling policy (like a StorageClass).
 
+// kube-derive takes one printcolumn(...) per column; clippy reads the repeated keys as duplicates.
+#![allow(clippy::duplicated_attributes)]
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;

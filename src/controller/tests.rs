@@ -1,1 +1,680 @@
-//! Reconcile against a mocked API server.
+//! Reconcile against a mocked API server (tower-test): each test scripts the API server's
+//! replies and asserts the exact requests and bodies the controller sends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector;
+use kube::runtime::watcher;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+
+use super::metrics::Metrics;
+use super::reconcile::{Context, Settings, reconcile, reconcile_policy};
+use super::testdata::{isvc_from_yaml, minimal_isvc_yaml};
+use crate::api::{InferenceService, InferenceServiceStatus, ScalingPolicy};
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One request as the controller sent it.
+#[derive(Debug)]
+struct Seen {
+    method: Method,
+    path: String,
+    query: String,
+    content_type: String,
+    body: Value,
+}
+
+/// Plays the API server: answers event writes itself (collecting them), hands every other
+/// request to the test in order.
+struct ApiServer {
+    handle: Handle,
+    events: Vec<Value>,
+}
+
+impl ApiServer {
+    /// The next non-event request and a responder for it; panics if none comes within 5 s.
+    async fn next(&mut self) -> (Seen, tower_test::mock::SendResponse<Response<Body>>) {
+        loop {
+            let (req, send) =
+                tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
+                    .await
+                    .expect("the controller made no further request")
+                    .expect("the client was dropped");
+            let seen = to_seen(req).await;
+            if seen.path.contains("/apis/events.k8s.io/") {
+                self.events.push(seen.body.clone());
+                send.send_response(json_response(StatusCode::CREATED, seen.body));
+                continue;
+            }
+            return (seen, send);
+        }
+    }
+
+    /// Asserts the next request's method and path, answers it, and returns what was sent.
+    /// A `Value::Null` reply echoes the request body back, as the API server does for a patch.
+    async fn expect(
+        &mut self,
+        method: Method,
+        path: &str,
+        status: StatusCode,
+        reply: Value,
+    ) -> Seen {
+        let (seen, send) = self.next().await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&method, path),
+            "unexpected request {seen:#?}"
+        );
+        let reply = if reply.is_null() { echo(&seen) } else { reply };
+        send.send_response(json_response(status, reply));
+        seen
+    }
+
+    /// Expects a server-side apply of `obj`'s status and answers with `obj` carrying it.
+    async fn expect_status<T: serde::Serialize>(&mut self, path: &str, obj: &T) -> Seen {
+        let (seen, send) = self.next().await;
+        assert_eq!(
+            (&seen.method, seen.path.as_str()),
+            (&Method::PATCH, path),
+            "unexpected request {seen:#?}"
+        );
+        let mut reply = serde_json::to_value(obj).unwrap();
+        reply["status"] = seen.body["status"].clone();
+        send.send_response(json_response(StatusCode::OK, reply));
+        seen
+    }
+
+    async fn not_found(&mut self, path: &str) {
+        self.expect(Method::GET, path, StatusCode::NOT_FOUND, not_found_body())
+            .await;
+    }
+
+    /// After the reconcile has finished: no request is left unanswered.
+    async fn done(mut self) -> Vec<Value> {
+        // Events still in flight are collected; anything else is a failure.
+        while let Ok(Some((req, send))) =
+            tokio::time::timeout(Duration::from_millis(50), self.handle.next_request()).await
+        {
+            let seen = to_seen(req).await;
+            assert!(
+                seen.path.contains("/events"),
+                "unexpected extra request {seen:#?}"
+            );
+            self.events.push(seen.body.clone());
+            send.send_response(json_response(StatusCode::CREATED, seen.body));
+        }
+        self.events
+    }
+}
+
+/// The written object as the API server would return it (with metadata if the patch had none).
+fn echo(seen: &Seen) -> Value {
+    let mut obj = seen.body.clone();
+    if obj.get("metadata").is_none() {
+        let mut segments: Vec<&str> = seen.path.split('/').collect();
+        if segments.last() == Some(&"status") {
+            segments.pop();
+        }
+        obj["metadata"] = json!({"name": segments.last().unwrap(), "namespace": "ml"});
+    }
+    obj
+}
+
+async fn to_seen(req: Request<Body>) -> Seen {
+    let (parts, body) = req.into_parts();
+    let bytes = http_body_util::BodyExt::collect(body)
+        .await
+        .unwrap()
+        .to_bytes();
+    Seen {
+        method: parts.method,
+        path: parts.uri.path().to_string(),
+        query: parts.uri.query().unwrap_or_default().to_string(),
+        content_type: parts
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default(),
+        body: if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        },
+    }
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn not_found_body() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+}
+
+struct Harness {
+    ctx: Arc<Context>,
+    api: ApiServer,
+    _leader: watch::Sender<bool>,
+    services: reflector::store::Writer<InferenceService>,
+}
+
+fn harness(leader: bool) -> Harness {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (leader_tx, leader_rx) = watch::channel(leader);
+    let writer = reflector::store::Writer::<InferenceService>::default();
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "spillway-controller".into(),
+                instance: Some("test".into()),
+            },
+        ),
+        metrics: Arc::new(Metrics::default()),
+        settings: Settings {
+            cluster_domain: "cluster.local".into(),
+        },
+        leader: leader_rx,
+        failures: Default::default(),
+        services: writer.as_reader(),
+    });
+    Harness {
+        ctx,
+        api: ApiServer {
+            handle,
+            events: Vec::new(),
+        },
+        _leader: leader_tx,
+        services: writer,
+    }
+}
+
+const NS: &str = "/apis/apps/v1/namespaces/ml";
+const CORE: &str = "/api/v1/namespaces/ml";
+const SPILLWAY: &str = "/apis/spillway.dev/v1alpha1/namespaces/ml";
+
+fn with_policy_ref(name: &str, policy: &str) -> InferenceService {
+    let mut isvc = isvc_from_yaml(&minimal_isvc_yaml(name));
+    isvc.spec.scaling_policy_ref = Some(crate::api::PolicyRef {
+        name: policy.into(),
+    });
+    isvc
+}
+
+fn policy_json(name: &str, spec: Value) -> Value {
+    json!({"apiVersion": "spillway.dev/v1alpha1", "kind": "ScalingPolicy",
+           "metadata": {"name": name, "namespace": "ml", "generation": 1}, "spec": spec})
+}
+
+/// A Deployment as the API server would return it: owned by `isvc`, with the given replicas.
+fn deployment_json(isvc: &InferenceService, replicas: i32, ready: i32) -> Value {
+    let mut d = serde_json::to_value(
+        super::render::render(&super::render::RenderInput {
+            isvc,
+            cluster_domain: "cluster.local",
+        })
+        .unwrap()
+        .engine_deployment,
+    )
+    .unwrap();
+    d["spec"]["replicas"] = json!(replicas);
+    d["status"] = json!({"replicas": replicas, "readyReplicas": ready});
+    d
+}
+
+fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:#}"))
+}
+
+/// Expects the two Services to be absent and applied, in order.
+async fn expect_services_applied(api: &mut ApiServer, name: &str) -> (Seen, Seen) {
+    api.not_found(&format!("{CORE}/services/{name}-engine"))
+        .await;
+    let engine = api
+        .expect(
+            Method::PATCH,
+            &format!("{CORE}/services/{name}-engine"),
+            StatusCode::OK,
+            Value::Null,
+        )
+        .await;
+    api.not_found(&format!("{CORE}/services/{name}")).await;
+    let client = api
+        .expect(
+            Method::PATCH,
+            &format!("{CORE}/services/{name}"),
+            StatusCode::OK,
+            Value::Null,
+        )
+        .await;
+    (engine, client)
+}
+
+fn assert_server_side_apply(seen: &Seen) {
+    assert_eq!(seen.content_type, "application/apply-patch+yaml");
+    assert!(
+        seen.query.contains("fieldManager=spillway") && seen.query.contains("force=true"),
+        "{}",
+        seen.query
+    );
+}
+
+#[tokio::test]
+async fn new_service_creates_engine_services_and_status() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = with_policy_ref("llama", "fast");
+    let reconciler = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+
+    api.expect(
+        Method::GET,
+        &format!("{SPILLWAY}/scalingpolicies/fast"),
+        StatusCode::OK,
+        policy_json(
+            "fast",
+            json!({"minReplicas": 1, "maxReplicas": 8, "launch": {"replicas": 3}}),
+        ),
+    )
+    .await;
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
+    let created = api
+        .expect(
+            Method::POST,
+            &format!("{NS}/deployments"),
+            StatusCode::CREATED,
+            deployment_json(&isvc, 3, 0),
+        )
+        .await;
+    // Created once, with the launch replicas, under the autoscaler's field manager.
+    assert!(
+        created.query.contains("fieldManager=spillway-autoscaler"),
+        "{}",
+        created.query
+    );
+    assert_eq!(created.body["spec"]["replicas"], 3);
+    assert_eq!(
+        created.body["metadata"]["ownerReferences"][0]["uid"],
+        "uid-llama"
+    );
+    assert_eq!(
+        created.body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"],
+        "1"
+    );
+
+    let (engine_svc, client_svc) = expect_services_applied(&mut api, "llama").await;
+    for s in [&engine_svc, &client_svc] {
+        assert_server_side_apply(s);
+        assert_eq!(
+            s.body["metadata"]["ownerReferences"][0]["kind"],
+            "InferenceService"
+        );
+    }
+    assert_eq!(engine_svc.body["spec"]["clusterIP"], "None");
+    assert_eq!(client_svc.body["spec"]["ports"][0]["port"], 80);
+
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    assert_server_side_apply(&status);
+    let s = &status.body["status"];
+    assert_eq!(s["observedGeneration"], 1);
+    assert_eq!(s["url"], "http://llama.ml.svc.cluster.local");
+    assert_eq!(s["replicas"], 3);
+    assert_eq!(s["readyReplicas"], 0);
+    assert_eq!(condition(s, "Ready")["status"], "False");
+    assert_eq!(condition(s, "Ready")["reason"], "Starting");
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+
+    let action = reconciler.await.unwrap().unwrap();
+    assert_eq!(action, Action::requeue(super::reconcile::RESYNC));
+    let events = api.done().await;
+    assert_eq!(events.len(), 1, "{events:#?}");
+    assert_eq!(events[0]["reason"], "Created");
+}
+
+#[tokio::test]
+async fn missing_policy_degrades_then_recovers_when_it_appears() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let mut isvc = with_policy_ref("llama", "fast");
+
+    // Pass 1: no policy. The service still gets its engine, on defaults (1 replica).
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx.clone()));
+    api.not_found(&format!("{SPILLWAY}/scalingpolicies/fast"))
+        .await;
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
+    let created = api
+        .expect(
+            Method::POST,
+            &format!("{NS}/deployments"),
+            StatusCode::CREATED,
+            deployment_json(&isvc, 1, 0),
+        )
+        .await;
+    assert_eq!(created.body["spec"]["replicas"], 1);
+    expect_services_applied(&mut api, "llama").await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    let d = condition(&status.body["status"], "Degraded");
+    assert_eq!(
+        (d["status"].as_str(), d["reason"].as_str()),
+        (Some("True"), Some("PolicyNotFound"))
+    );
+    assert!(d["message"].as_str().unwrap().contains("\"fast\""));
+    r.await.unwrap().unwrap();
+    assert!(
+        api.events
+            .iter()
+            .any(|e| e["reason"] == "PolicyNotFound" && e["type"] == "Warning")
+    );
+
+    // The API server stored that status.
+    isvc.status = Some(
+        serde_json::from_value::<InferenceServiceStatus>(status.body["status"].clone()).unwrap(),
+    );
+
+    // Pass 2: the policy exists now (the ScalingPolicy watch triggers this pass).
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx.clone()));
+    api.expect(
+        Method::GET,
+        &format!("{SPILLWAY}/scalingpolicies/fast"),
+        StatusCode::OK,
+        policy_json("fast", json!({"minReplicas": 2, "maxReplicas": 8})),
+    )
+    .await;
+    api.expect(
+        Method::GET,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
+    let applied = api
+        .expect(
+            Method::PATCH,
+            &format!("{NS}/deployments/llama-engine"),
+            StatusCode::OK,
+            deployment_json(&isvc, 1, 1),
+        )
+        .await;
+    assert_server_side_apply(&applied);
+    assert!(
+        applied.body["spec"].get("replicas").is_none(),
+        "reconcile must never write replicas"
+    );
+    expect_services_applied(&mut api, "llama").await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    let s = &status.body["status"];
+    assert_eq!(condition(s, "Degraded")["status"], "False");
+    assert_eq!(condition(s, "Degraded")["reason"], "AsExpected");
+    assert_eq!(condition(s, "Ready")["status"], "True");
+    r.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn invalid_spec_changes_nothing_and_says_why() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    // As if the CRD's validation had been bypassed (an old CRD, or a client that skipped it).
+    let mut isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    isvc.spec.engine.gpus = -1;
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    let s = &status.body["status"];
+    assert_eq!(condition(s, "Degraded")["reason"], "InvalidSpec");
+    assert!(
+        condition(s, "Degraded")["message"]
+            .as_str()
+            .unwrap()
+            .contains("engine.gpus -1 must be >= 0")
+    );
+    assert_eq!(condition(s, "Ready")["reason"], "InvalidSpec");
+    // No retry loop: the next pass comes with the next spec change.
+    assert_eq!(r.await.unwrap().unwrap(), Action::await_change());
+    let events = api.done().await;
+    assert!(
+        events.iter().any(|e| e["reason"] == "InvalidSpec"),
+        "{events:#?}"
+    );
+}
+
+#[tokio::test]
+async fn replicas_changed_by_someone_else_are_left_alone() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+
+    api.expect(
+        Method::GET,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 7, 5),
+    )
+    .await;
+    let applied = api
+        .expect(
+            Method::PATCH,
+            &format!("{NS}/deployments/llama-engine"),
+            StatusCode::OK,
+            deployment_json(&isvc, 7, 5),
+        )
+        .await;
+    assert_server_side_apply(&applied);
+    assert!(
+        applied.body["spec"].get("replicas").is_none(),
+        "apply must not mention replicas: {:#}",
+        applied.body
+    );
+    expect_services_applied(&mut api, "llama").await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    assert_eq!(status.body["status"]["replicas"], 7);
+    assert_eq!(status.body["status"]["readyReplicas"], 5);
+    r.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn an_object_owned_by_someone_else_is_not_overwritten() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+
+    api.expect(
+        Method::GET,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
+    api.expect(
+        Method::PATCH,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
+    api.not_found(&format!("{CORE}/services/llama-engine"))
+        .await;
+    api.expect(
+        Method::PATCH,
+        &format!("{CORE}/services/llama-engine"),
+        StatusCode::OK,
+        Value::Null,
+    )
+    .await;
+    // A user's own Service named like our client Service: read, never patched.
+    api.expect(
+        Method::GET,
+        &format!("{CORE}/services/llama"),
+        StatusCode::OK,
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "llama", "namespace": "ml"}}),
+    )
+    .await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    let d = condition(&status.body["status"], "Degraded");
+    assert_eq!(d["reason"], "ObjectConflict");
+    assert!(d["message"].as_str().unwrap().contains("Service ml/llama"));
+    r.await.unwrap().unwrap();
+    api.done().await;
+}
+
+#[tokio::test]
+async fn unchanged_status_is_not_rewritten() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let mut isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::now());
+    let desired = super::status::reconcile_status(
+        &isvc,
+        Some(super::status::EngineReplicas {
+            replicas: 1,
+            ready: 1,
+        }),
+        &[],
+        "http://llama.ml.svc.cluster.local".into(),
+        &now,
+    );
+    isvc.status = Some(InferenceServiceStatus {
+        observed_generation: desired.observed_generation,
+        conditions: desired.conditions,
+        replicas: desired.replicas,
+        ready_replicas: desired.ready_replicas,
+        url: Some(desired.url),
+        ..Default::default()
+    });
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+    api.expect(
+        Method::GET,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
+    api.expect(
+        Method::PATCH,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
+    expect_services_applied(&mut api, "llama").await;
+    r.await.unwrap().unwrap();
+    // done() fails on any further request, so a status write here would fail the test.
+    let events = api.done().await;
+    assert!(events.is_empty());
+}
+
+#[tokio::test]
+async fn apply_failure_is_reported_and_backs_off() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx.clone()));
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
+    api.expect(
+        Method::POST,
+        &format!("{NS}/deployments"),
+        StatusCode::FORBIDDEN,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "quota exceeded"}),
+    )
+    .await;
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+        .await;
+    assert_eq!(
+        condition(&status.body["status"], "Degraded")["reason"],
+        "ApplyFailed"
+    );
+    let err = r.await.unwrap().unwrap_err();
+    assert_eq!(err.metric_reason(), "apply");
+    // The error policy doubles the delay per consecutive failure.
+    let obj = Arc::new(isvc);
+    let first = super::reconcile::error_policy(obj.clone(), &err, ctx.clone());
+    let second = super::reconcile::error_policy(obj, &err, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(2)));
+    assert!(ctx.metrics.encode().contains("reason=\"apply\"} 2"));
+    let events = api.done().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "ApplyFailed" && e["type"] == "Warning")
+    );
+}
+
+#[tokio::test]
+async fn deletion_needs_no_requests() {
+    let Harness { ctx, api, .. } = harness(true);
+    let mut isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    isvc.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        jiff::Timestamp::now(),
+    ));
+    // ownerReferences let the garbage collector remove everything; reconcile has nothing to do.
+    assert_eq!(
+        reconcile(Arc::new(isvc), ctx).await.unwrap(),
+        Action::await_change()
+    );
+    assert!(api.done().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_standby_replica_never_writes() {
+    let Harness { ctx, api, .. } = harness(false);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let action = reconcile(Arc::new(isvc), ctx).await.unwrap();
+    assert_eq!(action, Action::requeue(Duration::from_secs(5)));
+    assert!(api.done().await.is_empty());
+}
+
+#[tokio::test]
+async fn policy_status_counts_its_services() {
+    let Harness {
+        ctx,
+        mut api,
+        mut services,
+        ..
+    } = harness(true);
+    for (name, policy) in [("a", "fast"), ("b", "fast"), ("c", "batch")] {
+        services.apply_watcher_event(&watcher::Event::Apply(with_policy_ref(name, policy)));
+    }
+    let policy: ScalingPolicy = serde_json::from_value(policy_json("fast", json!({}))).unwrap();
+    let r = tokio::spawn(reconcile_policy(Arc::new(policy.clone()), ctx));
+    let status = api
+        .expect_status(&format!("{SPILLWAY}/scalingpolicies/fast/status"), &policy)
+        .await;
+    assert_server_side_apply(&status);
+    assert_eq!(status.body["status"]["services"], 2);
+    assert_eq!(status.body["status"]["conditions"][0]["type"], "Valid");
+    assert_eq!(status.body["status"]["conditions"][0]["status"], "True");
+    r.await.unwrap().unwrap();
+    api.done().await;
+}
