@@ -92,6 +92,10 @@ impl Outcome {
     }
 }
 
+fn outcome_labels(outcome: Outcome) -> Labels {
+    vec![("outcome".to_owned(), outcome.as_str().to_owned())]
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Signal {
     Waiting,
@@ -217,6 +221,8 @@ impl Metrics {
             "Inference requests handled by engine-sim, by outcome",
             m.requests.clone(),
         );
+        // Export the success series from the start so rates work before the first request.
+        let _ = m.requests.get_or_create(&outcome_labels(Outcome::Success));
         // Preset-independent token counters, so tests and dashboards need not know the preset.
         m.token_counters(
             "engine_sim_prompt_tokens",
@@ -241,9 +247,7 @@ impl Metrics {
     }
 
     pub fn record(&self, outcome: Outcome) {
-        self.requests
-            .get_or_create(&vec![("outcome".to_owned(), outcome.as_str().to_owned())])
-            .inc();
+        self.requests.get_or_create(&outcome_labels(outcome)).inc();
     }
 
     pub fn add_tokens(&self, prompt: u64, generated: u64) {

@@ -210,7 +210,7 @@ async fn queueing_is_visible_in_metrics_while_requests_wait() {
         })
         .await;
         // Two running sequences of 2 prompt tokens each, plus whatever they generated.
-        assert!(sample(&t, "vllm:gpu_cache_usage_perc{") >= 0.004, "{t}");
+        assert!(sample(&t, "vllm:gpu_cache_usage_perc{") >= 0.0039, "{t}");
         for r in reqs {
             assert_eq!(r.await.unwrap().status, StatusCode::OK);
         }
@@ -232,11 +232,11 @@ async fn queueing_is_visible_in_metrics_while_requests_wait() {
 async fn concurrency_limit_is_exact() {
     bounded(async {
         const LIMIT: usize = 3;
-        // A 50 ms prefill separates one sequence's last token from the next one's first chunk,
+        // A 100 ms prefill separates one sequence's last token from the next one's first chunk,
         // so client-side jitter cannot fake an overlap.
         let cfg = EngineSimConfig {
             max_concurrency: LIMIT,
-            prefill: Duration::from_millis(50),
+            prefill: Duration::from_millis(100),
             tokens_per_second: 40.0,
             ..fast()
         };
