@@ -6,6 +6,7 @@
 //! - [`engine_sim`]: a simulated inference engine for tests, benchmarks and GPU-less demos.
 
 pub mod api;
+pub mod autoscale;
 pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;

@@ -1,0 +1,538 @@
+//! `decide()`: the scaling decision, a pure function of the policy, what was observed, the
+//! recent history and the clock (DESIGN.md §5). The controller and the simulator both call it.
+
+use std::collections::VecDeque;
+use std::fmt;
+
+use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules};
+
+/// Milliseconds on the caller's clock (wall clock in the controller, virtual in the simulator).
+pub type Millis = i64;
+
+/// One ready engine pod's latest numbers; `None` = no fresh value (scrape failed or metric absent).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PodSample {
+    pub queue_depth: Option<f64>,
+    pub in_flight: Option<f64>,
+    pub gpu_memory: Option<f64>,
+}
+
+/// Which signals the engine's metrics configuration provides at all ("not configured" is
+/// different from "missing": TGI has no GPU memory gauge, and that is not an outage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignalsConfigured {
+    pub queue_depth: bool,
+    pub gpu_memory: bool,
+}
+
+impl Default for SignalsConfigured {
+    fn default() -> Self {
+        Self {
+            queue_depth: true,
+            gpu_memory: true,
+        }
+    }
+}
+
+/// What the autoscaler saw this tick.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Observed {
+    /// The engine Deployment's `spec.replicas`.
+    pub current_replicas: i32,
+    /// One entry per ready engine pod.
+    pub ready: Vec<PodSample>,
+    /// Pods scheduled but not yet ready (loading the model): not capacity, not stale.
+    pub starting: i32,
+    /// Pods the scheduler cannot place (`PodScheduled=False`, reason `Unschedulable`).
+    pub unschedulable: i32,
+    /// Requests waiting in the routers, summed; `None` when no router reported.
+    pub router_queue: Option<f64>,
+    /// When the service was created, for launch over-provisioning.
+    pub created_at: Millis,
+}
+
+/// Recent recommendations and scale events (the state `decide()` needs between ticks).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    recommendations: VecDeque<(Millis, i32)>,
+    scale_events: VecDeque<(Millis, i32)>,
+}
+
+impl History {
+    /// Records that replicas were changed from `from` to `to` at `now` (after a successful patch).
+    pub fn record_scale(&mut self, now: Millis, from: i32, to: i32) {
+        if from != to {
+            self.scale_events.push_back((now, to - from));
+        }
+    }
+
+    fn prune(&mut self, now: Millis, keep_recs_ms: Millis, keep_events_ms: Millis) {
+        while self
+            .recommendations
+            .front()
+            .is_some_and(|(t, _)| *t < now - keep_recs_ms)
+        {
+            self.recommendations.pop_front();
+        }
+        while self
+            .scale_events
+            .front()
+            .is_some_and(|(t, _)| *t < now - keep_events_ms)
+        {
+            self.scale_events.pop_front();
+        }
+    }
+
+    /// Net replicas added (positive) or removed (negative) within `[now - period, now]`.
+    fn changed_since(&self, since: Millis, sign: i32) -> i32 {
+        self.scale_events
+            .iter()
+            .filter(|(t, d)| *t > since && d.signum() == sign)
+            .map(|(_, d)| d.abs())
+            .sum()
+    }
+}
+
+/// The signal that drove a decision; a small fixed set (it labels metrics and events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Driver {
+    QueueDepth,
+    GpuMemory,
+    /// Within tolerance, or both signals agree with the current count.
+    Steady,
+    MetricsUnavailable,
+    MinReplicas,
+    MaxReplicas,
+    Launch,
+    /// Held by the scale-down or scale-up stabilisation window.
+    Stabilized,
+    /// Held by `maxPods`/`maxPercent`.
+    RateLimited,
+    /// Nothing is ready yet and nothing asks for more.
+    ColdStart,
+}
+
+impl Driver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::QueueDepth => "QueueDepth",
+            Driver::GpuMemory => "GpuMemory",
+            Driver::Steady => "Steady",
+            Driver::MetricsUnavailable => "MetricsUnavailable",
+            Driver::MinReplicas => "MinReplicas",
+            Driver::MaxReplicas => "MaxReplicas",
+            Driver::Launch => "Launch",
+            Driver::Stabilized => "Stabilized",
+            Driver::RateLimited => "RateLimited",
+            Driver::ColdStart => "ColdStart",
+        }
+    }
+}
+
+/// How much of the metrics the decision could see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsState {
+    /// Every ready pod answered for every configured signal.
+    Complete,
+    /// Some ready pods (or signals) had no fresh data; decided from the rest, no scale-down.
+    Partial { responding: usize, ready: usize },
+    /// No data at all from ready pods: `metricsUnavailable` applied.
+    Unavailable,
+    /// No pod is ready yet: nothing to measure (not an outage).
+    NoReadyPods,
+}
+
+/// Why in-cluster capacity is exhausted (the router may burst while it is).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExhaustedReason {
+    /// The load wants more than `maxReplicas`.
+    MaxReplicas,
+    /// A pod cannot be scheduled (e.g. no free GPU).
+    Unschedulable,
+    /// Replicas are still loading while the ready ones are saturated (or none is ready).
+    ColdStart,
+}
+
+impl ExhaustedReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExhaustedReason::MaxReplicas => "MaxReplicas",
+            ExhaustedReason::Unschedulable => "Unschedulable",
+            ExhaustedReason::ColdStart => "ColdStart",
+        }
+    }
+}
+
+/// The outcome of one tick.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision {
+    /// Replicas to run.
+    pub desired: i32,
+    /// What the signals alone asked for, before stabilisation, rate limits and bounds.
+    pub unclamped: i32,
+    pub driver: Driver,
+    /// For people: "queue depth 37/4 per replica".
+    pub reason: String,
+    pub metrics: MetricsState,
+    pub exhausted: Option<ExhaustedReason>,
+    /// Aggregates for status.
+    pub queue_depth: Option<f64>,
+    pub in_flight: Option<f64>,
+    pub gpu_memory: Option<f64>,
+    /// The history to keep for the next tick (this tick's recommendation added).
+    pub history: History,
+}
+
+/// Per-signal reading over the ready pods that reported.
+struct SignalReading {
+    /// Average per ready replica (the router queue is spread over them).
+    per_replica: f64,
+    target: f64,
+    /// `ceil(ready × per_replica / target)`, or the current count inside the tolerance.
+    desired: i32,
+    within_tolerance: bool,
+}
+
+fn read_signal(
+    values: &[f64],
+    extra_total: f64,
+    ready: usize,
+    target: f64,
+    tolerance: f64,
+    current: i32,
+) -> Option<SignalReading> {
+    if values.is_empty() || ready == 0 {
+        return None;
+    }
+    let avg = values.iter().sum::<f64>() / values.len() as f64;
+    let per_replica = avg + extra_total / ready as f64;
+    let ratio = per_replica / target;
+    let within = (ratio - 1.0).abs() <= tolerance;
+    let desired = if within {
+        current
+    } else {
+        // Guard the float: a huge signal must not wrap the count.
+        (ready as f64 * ratio)
+            .ceil()
+            .clamp(0.0, i32::MAX as f64 / 2.0) as i32
+    };
+    Some(SignalReading {
+        per_replica,
+        target,
+        desired,
+        within_tolerance: within,
+    })
+}
+
+fn fmt_num(x: f64) -> String {
+    if (x - x.round()).abs() < 1e-9 {
+        format!("{}", x.round() as i64)
+    } else {
+        format!("{x:.2}")
+    }
+}
+
+/// `ceil(base × percent / 100)`, at least 1: the most one period may change.
+fn allowed_change(base: i32, rules: &ScalingRules) -> i32 {
+    let by_percent = ((base.max(1) as i64 * rules.max_percent as i64 + 99) / 100).max(1) as i32;
+    by_percent.min(rules.max_pods).max(1)
+}
+
+/// Decides the replica count for one service. Pure: the same inputs give the same decision.
+pub fn decide(
+    policy: &ScalingPolicySpec,
+    configured: SignalsConfigured,
+    observed: &Observed,
+    history: &History,
+    now: Millis,
+) -> Decision {
+    let min = policy.min_replicas.max(1);
+    let max = policy.max_replicas.max(min);
+    let current = observed.current_replicas.max(0);
+    let ready = observed.ready.len();
+    let router_queue = observed.router_queue.unwrap_or(0.0).max(0.0);
+
+    let queues: Vec<f64> = observed
+        .ready
+        .iter()
+        .filter_map(|p| p.queue_depth)
+        .collect();
+    let gpus: Vec<f64> = observed.ready.iter().filter_map(|p| p.gpu_memory).collect();
+    let in_flight: Vec<f64> = observed.ready.iter().filter_map(|p| p.in_flight).collect();
+
+    let queue = configured
+        .queue_depth
+        .then(|| {
+            read_signal(
+                &queues,
+                router_queue,
+                ready,
+                policy.targets.queue_depth_per_replica,
+                policy.tolerance,
+                current,
+            )
+        })
+        .flatten();
+    let gpu = configured
+        .gpu_memory
+        .then(|| {
+            read_signal(
+                &gpus,
+                0.0,
+                ready,
+                policy.targets.gpu_memory_utilization,
+                policy.tolerance,
+                current,
+            )
+        })
+        .flatten();
+
+    // Which data is missing: a configured signal without any value, or a ready pod without one.
+    let pod_complete = |p: &PodSample| {
+        (!configured.queue_depth || p.queue_depth.is_some())
+            && (!configured.gpu_memory || p.gpu_memory.is_some())
+    };
+    let responding = observed.ready.iter().filter(|p| pod_complete(p)).count();
+    let any_signal = configured.queue_depth || configured.gpu_memory;
+    let metrics = if ready == 0 {
+        MetricsState::NoReadyPods
+    } else if queue.is_none() && gpu.is_none() {
+        MetricsState::Unavailable
+    } else if responding < ready
+        || (configured.queue_depth && queue.is_none())
+        || (configured.gpu_memory && gpu.is_none())
+    {
+        MetricsState::Partial { responding, ready }
+    } else {
+        MetricsState::Complete
+    };
+
+    // 1–2. Per-signal desire; the max over signals with data.
+    let mut raw = current;
+    let mut driver = Driver::Steady;
+    let mut reason = String::new();
+    let mut candidates: Vec<(i32, Driver, String)> = Vec::new();
+    if let Some(q) = &queue {
+        candidates.push((
+            q.desired,
+            if q.within_tolerance {
+                Driver::Steady
+            } else {
+                Driver::QueueDepth
+            },
+            format!(
+                "queue depth {}/{} per replica",
+                fmt_num(q.per_replica),
+                fmt_num(q.target)
+            ),
+        ));
+    }
+    if let Some(g) = &gpu {
+        candidates.push((
+            g.desired,
+            if g.within_tolerance {
+                Driver::Steady
+            } else {
+                Driver::GpuMemory
+            },
+            format!(
+                "GPU memory {:.0}%/{:.0}% per replica",
+                g.per_replica * 100.0,
+                g.target * 100.0
+            ),
+        ));
+    }
+    if let Some((d, drv, why)) = candidates.iter().max_by_key(|(d, _, _)| *d).cloned() {
+        raw = d;
+        driver = drv;
+        reason = candidates
+            .iter()
+            .map(|(_, _, w)| w.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        if drv == Driver::Steady {
+            reason = format!("steady: {reason}");
+        } else {
+            reason = format!("{why} ({reason})");
+            if let MetricsState::Partial { responding, ready } = metrics {
+                reason.push_str(&format!("; {responding} of {ready} ready pods reported"));
+            }
+        }
+    }
+
+    match metrics {
+        MetricsState::NoReadyPods => {
+            // Nothing to measure; only the routers' queue can ask for more. Never scale down.
+            let from_router = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
+            raw = current.max(from_router);
+            driver = if from_router > current {
+                Driver::QueueDepth
+            } else {
+                Driver::ColdStart
+            };
+            reason = if from_router > current {
+                format!(
+                    "no replica ready yet; {} requests queued in routers",
+                    fmt_num(router_queue)
+                )
+            } else {
+                "no replica ready yet".into()
+            };
+        }
+        MetricsState::Unavailable if any_signal => {
+            driver = Driver::MetricsUnavailable;
+            match policy.metrics_unavailable {
+                MetricsUnavailable::Hold => {
+                    raw = current;
+                    reason = format!(
+                        "metrics unavailable from all {ready} ready pods; holding {current}"
+                    );
+                }
+                MetricsUnavailable::ScaleUp => {
+                    raw = max;
+                    reason = format!(
+                        "metrics unavailable from all {ready} ready pods; scaling up to {max}"
+                    );
+                }
+            }
+        }
+        _ => {}
+    }
+    let unclamped = raw;
+
+    // Missing data is never a reason to scale down; starting pods are not thrown away mid-load.
+    let no_scale_down = !matches!(metrics, MetricsState::Complete) || observed.starting > 0;
+    if no_scale_down && raw < current {
+        raw = current;
+        if driver != Driver::MetricsUnavailable {
+            driver = Driver::Stabilized;
+            reason = format!(
+                "{reason}; no scale-down while metrics are incomplete or replicas are starting"
+            );
+        }
+    }
+
+    // 3. Stabilise (HPA's rule): up takes the lowest, down the highest recent recommendation.
+    let up = policy.scale_up.rules();
+    let down = policy.scale_down.rules();
+    let mut hist = history.clone();
+    let keep_recs = (up
+        .stabilization_window_seconds
+        .max(down.stabilization_window_seconds) as i64)
+        * 1000;
+    let keep_events = (up.period_seconds.max(down.period_seconds) as i64) * 1000;
+    hist.prune(now, keep_recs, keep_events);
+    let up_cutoff = now - up.stabilization_window_seconds as i64 * 1000;
+    let down_cutoff = now - down.stabilization_window_seconds as i64 * 1000;
+    let mut up_rec = raw;
+    let mut down_rec = raw;
+    for &(t, r) in &hist.recommendations {
+        if t >= up_cutoff {
+            up_rec = up_rec.min(r);
+        }
+        if t >= down_cutoff {
+            down_rec = down_rec.max(r);
+        }
+    }
+    hist.recommendations.push_back((now, raw));
+    let mut desired = current;
+    if desired < up_rec {
+        desired = up_rec;
+    }
+    if desired > down_rec {
+        desired = down_rec;
+    }
+    if desired != raw && driver != Driver::MetricsUnavailable {
+        driver = Driver::Stabilized;
+        reason = format!("{reason}; held at {desired} by the stabilisation window (wanted {raw})");
+    }
+
+    // 4. Rate limits per period, relative to the count at the period's start.
+    if desired > current {
+        let added = hist.changed_since(now - up.period_seconds as i64 * 1000, 1);
+        let base = (current - added).max(0);
+        let limit = (base + allowed_change(base, &up)).max(current);
+        if desired > limit {
+            reason = format!(
+                "{reason}; limited to +{} per {}s",
+                limit - current,
+                up.period_seconds
+            );
+            desired = limit;
+            driver = Driver::RateLimited;
+        }
+    } else if desired < current {
+        let removed = hist.changed_since(now - down.period_seconds as i64 * 1000, -1);
+        let base = current + removed;
+        let limit = (base - allowed_change(base, &down)).min(current);
+        if desired < limit {
+            reason = format!(
+                "{reason}; limited to -{} per {}s",
+                current - limit,
+                down.period_seconds
+            );
+            desired = limit;
+            driver = Driver::RateLimited;
+        }
+    }
+
+    // Bounds, then launch over-provisioning.
+    if desired < min {
+        desired = min;
+        driver = Driver::MinReplicas;
+        reason = format!("{reason}; at minReplicas {min}");
+    }
+    if desired > max {
+        desired = max;
+        driver = Driver::MaxReplicas;
+        reason = format!("{reason}; capped at maxReplicas {max}");
+    }
+    if let Some(l) = &policy.launch
+        && now < observed.created_at + l.duration_seconds as i64 * 1000
+        && desired < l.replicas.min(max)
+    {
+        desired = l.replicas.min(max);
+        driver = Driver::Launch;
+        reason = format!("{reason}; launch window keeps {desired}");
+    }
+    let reason = reason.trim_start_matches("; ").to_string();
+
+    // 6. Capacity.
+    let saturated = queue
+        .as_ref()
+        .is_some_and(|q| q.per_replica > q.target * (1.0 + policy.tolerance))
+        || gpu
+            .as_ref()
+            .is_some_and(|g| g.per_replica > g.target * (1.0 + policy.tolerance));
+    let exhausted = if observed.unschedulable > 0 {
+        Some(ExhaustedReason::Unschedulable)
+    } else if unclamped > max {
+        Some(ExhaustedReason::MaxReplicas)
+    } else if observed.starting > 0 && (saturated || ready == 0) {
+        Some(ExhaustedReason::ColdStart)
+    } else {
+        None
+    };
+
+    let sum = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>());
+    Decision {
+        desired,
+        unclamped,
+        driver,
+        reason,
+        metrics,
+        exhausted,
+        queue_depth: sum(&queues)
+            .map(|q| q + router_queue)
+            .or(observed.router_queue),
+        in_flight: sum(&in_flight),
+        gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
+        history: hist,
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.desired, self.reason)
+    }
+}

@@ -1,0 +1,446 @@
+//! One table of cases per rule of `decide()`, and property tests for its invariants.
+
+use proptest::prelude::*;
+
+use super::decide::*;
+use crate::api::{Launch, MetricsUnavailable, ScalingPolicySpec};
+
+const S: Millis = 1000;
+
+fn policy() -> ScalingPolicySpec {
+    let mut p = ScalingPolicySpec {
+        min_replicas: 1,
+        max_replicas: 16,
+        ..ScalingPolicySpec::default()
+    };
+    // Most cases look at one rule; make the others permissive unless a case says otherwise.
+    p.scale_up.max_pods = 100;
+    p.scale_up.max_percent = 1000;
+    p.scale_down.stabilization_window_seconds = 0;
+    p.scale_down.max_pods = 100;
+    p.scale_down.max_percent = 100;
+    p
+}
+
+fn pods(queues: &[f64], gpus: &[f64]) -> Vec<PodSample> {
+    queues
+        .iter()
+        .zip(gpus)
+        .map(|(&q, &g)| PodSample {
+            queue_depth: Some(q),
+            in_flight: Some(1.0),
+            gpu_memory: Some(g),
+        })
+        .collect()
+}
+
+fn observed(current: i32, ready: Vec<PodSample>) -> Observed {
+    Observed {
+        current_replicas: current,
+        ready,
+        created_at: -1_000_000 * S,
+        ..Observed::default()
+    }
+}
+
+fn once(p: &ScalingPolicySpec, o: &Observed) -> Decision {
+    decide(p, SignalsConfigured::default(), o, &History::default(), 0)
+}
+
+#[test]
+fn hpa_formula_per_signal_over_ready_replicas() {
+    // (queues, gpus, current, expected desired, driver)
+    let cases: &[(&[f64], &[f64], i32, i32, Driver)] = &[
+        // 2 ready × (10/4) → 5
+        (&[10.0, 10.0], &[0.5, 0.5], 2, 5, Driver::QueueDepth),
+        // GPU memory keeps busy replicas counted when the queue reads 0: 2 × 0.96/0.8 → 3
+        (&[0.0, 0.0], &[0.96, 0.96], 2, 3, Driver::GpuMemory),
+        // The larger of the two signals wins: queue within tolerance (4), GPU 4 × 1.0/0.8 → 5
+        (
+            &[4.2, 4.2, 4.2, 4.2],
+            &[1.0, 1.0, 1.0, 1.0],
+            4,
+            5,
+            Driver::GpuMemory,
+        ),
+        // ... and the other way round: queue 4 × 6/4 → 6, GPU → 5
+        (
+            &[6.0, 6.0, 6.0, 6.0],
+            &[1.0, 1.0, 1.0, 1.0],
+            4,
+            6,
+            Driver::QueueDepth,
+        ),
+        // Within tolerance (4.2/4 and 0.84/0.8): keep the current count.
+        (&[4.2, 4.2], &[0.84, 0.84], 2, 2, Driver::Steady),
+        // Idle: scale down to ceil(2 × 0/4) = 0 → clamped to minReplicas 1.
+        (&[0.0, 0.0], &[0.0, 0.0], 2, 1, Driver::MinReplicas),
+    ];
+    for (i, (q, g, current, want, driver)) in cases.iter().enumerate() {
+        let d = once(&policy(), &observed(*current, pods(q, g)));
+        assert_eq!(
+            (d.desired, d.driver),
+            (*want, *driver),
+            "case {i}: {}",
+            d.reason
+        );
+        assert_eq!(d.metrics, MetricsState::Complete);
+    }
+}
+
+#[test]
+fn the_routers_queue_counts_into_queue_depth() {
+    let mut o = observed(2, pods(&[0.0, 0.0], &[0.1, 0.1]));
+    o.router_queue = Some(16.0);
+    let d = once(&policy(), &o);
+    // (0 + 16/2) per replica / 4 → 2 × 2 = 4
+    assert_eq!(d.desired, 4, "{}", d.reason);
+    assert_eq!(d.queue_depth, Some(16.0));
+    assert!(
+        d.reason.contains("queue depth 8/4 per replica"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn never_below_one_replica() {
+    let mut p = policy();
+    p.min_replicas = 0; // as if the CRD's CEL rule had been bypassed
+    let d = once(&p, &observed(3, pods(&[0.0; 3], &[0.0; 3])));
+    assert_eq!(d.desired, 1);
+}
+
+#[test]
+fn missing_metrics_never_scale_down_and_are_never_zero() {
+    let silent = vec![PodSample::default(); 3];
+    let p = policy();
+    let d = once(&p, &observed(3, silent.clone()));
+    assert_eq!(
+        (d.desired, d.driver, d.metrics),
+        (3, Driver::MetricsUnavailable, MetricsState::Unavailable)
+    );
+    assert_eq!(
+        d.queue_depth, None,
+        "a missing metric must not be reported as 0"
+    );
+
+    let mut up = policy();
+    up.metrics_unavailable = MetricsUnavailable::ScaleUp;
+    let d = once(&up, &observed(3, silent));
+    assert_eq!(d.desired, 16, "{}", d.reason);
+}
+
+#[test]
+fn partial_data_decides_from_responders_and_never_scales_down() {
+    let mut ready = pods(&[0.0, 0.0], &[0.1, 0.1]);
+    ready.push(PodSample::default());
+    // Idle responders would say 1, but one pod is silent: hold.
+    let d = once(&policy(), &observed(3, ready.clone()));
+    assert_eq!(d.desired, 3, "{}", d.reason);
+    assert_eq!(
+        d.metrics,
+        MetricsState::Partial {
+            responding: 2,
+            ready: 3
+        }
+    );
+    // Busy responders: scale up from their average over all 3 ready replicas (3 × 12/4 = 9).
+    let mut busy = pods(&[12.0, 12.0], &[0.5, 0.5]);
+    busy.push(PodSample::default());
+    let d = once(&policy(), &observed(3, busy));
+    assert_eq!(d.desired, 9, "{}", d.reason);
+    assert!(
+        d.reason.contains("2 of 3 ready pods reported"),
+        "{}",
+        d.reason
+    );
+}
+
+#[test]
+fn a_configured_signal_missing_everywhere_blocks_scale_down() {
+    let ready: Vec<PodSample> = (0..3)
+        .map(|_| PodSample {
+            queue_depth: Some(0.0),
+            in_flight: Some(0.0),
+            gpu_memory: None,
+        })
+        .collect();
+    let d = once(&policy(), &observed(3, ready.clone()));
+    assert_eq!(d.desired, 3, "{}", d.reason);
+    // An engine without a GPU memory gauge (TGI) is not missing anything: scale down.
+    let tgi = SignalsConfigured {
+        queue_depth: true,
+        gpu_memory: false,
+    };
+    let d = decide(&policy(), tgi, &observed(3, ready), &History::default(), 0);
+    assert_eq!((d.desired, d.metrics), (1, MetricsState::Complete));
+}
+
+#[test]
+fn starting_pods_are_neither_capacity_nor_stale() {
+    let mut o = observed(3, pods(&[2.0], &[0.3]));
+    o.starting = 2;
+    let d = once(&policy(), &o);
+    assert_eq!(
+        d.metrics,
+        MetricsState::Complete,
+        "starting pods' missing metrics are not stale"
+    );
+    // Low load on the one ready pod would say 1, but pods mid-load are not thrown away.
+    assert_eq!(d.desired, 3, "{}", d.reason);
+    assert_eq!(d.exhausted, None);
+    // Nothing ready at all, but the routers hold 20 requests: ask for 20/4 = 5.
+    let mut cold = observed(2, vec![]);
+    cold.starting = 2;
+    cold.router_queue = Some(20.0);
+    let d = once(&policy(), &cold);
+    assert_eq!(
+        (d.desired, d.metrics),
+        (5, MetricsState::NoReadyPods),
+        "{}",
+        d.reason
+    );
+    assert_eq!(d.exhausted, Some(ExhaustedReason::ColdStart));
+}
+
+#[test]
+fn scale_down_stabilisation_takes_the_highest_recent_recommendation() {
+    let mut p = policy();
+    p.scale_down.stabilization_window_seconds = 300;
+    let busy = observed(6, pods(&[12.0, 12.0], &[0.5, 0.5]));
+    let first = decide(
+        &p,
+        SignalsConfigured::default(),
+        &busy,
+        &History::default(),
+        0,
+    );
+    assert_eq!(first.desired, 6);
+    let idle = observed(6, pods(&[0.0; 6], &[0.0; 6]));
+    // 100 s later the load is gone, but the 300 s window remembers 6.
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &idle,
+        &first.history,
+        100 * S,
+    );
+    assert_eq!(
+        (d.desired, d.driver),
+        (6, Driver::Stabilized),
+        "{}",
+        d.reason
+    );
+    // After the window, it may go down.
+    let d = decide(&p, SignalsConfigured::default(), &idle, &d.history, 401 * S);
+    assert_eq!(d.desired, 1, "{}", d.reason);
+}
+
+#[test]
+fn scale_up_stabilisation_takes_the_lowest_recent_recommendation() {
+    let mut p = policy();
+    p.scale_up.stabilization_window_seconds = 60;
+    let calm = observed(2, pods(&[4.0, 4.0], &[0.5, 0.5]));
+    let first = decide(
+        &p,
+        SignalsConfigured::default(),
+        &calm,
+        &History::default(),
+        0,
+    );
+    let spike = observed(2, pods(&[40.0, 40.0], &[0.5, 0.5]));
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &spike,
+        &first.history,
+        10 * S,
+    );
+    assert_eq!((d.desired, d.driver), (2, Driver::Stabilized));
+}
+
+#[test]
+fn rate_limits_per_period() {
+    let mut p = policy();
+    p.scale_up.max_pods = 4;
+    p.scale_up.max_percent = 100;
+    p.scale_up.period_seconds = 15;
+    // 2 replicas, the load wants 20: at most +min(4, 100% of 2) = +2.
+    let o = observed(2, pods(&[40.0, 40.0], &[0.5, 0.5]));
+    let d = decide(&p, SignalsConfigured::default(), &o, &History::default(), 0);
+    assert_eq!(
+        (d.desired, d.driver),
+        (4, Driver::RateLimited),
+        "{}",
+        d.reason
+    );
+    assert_eq!(d.unclamped, 20);
+    // Applied; 5 s later (same period) nothing more may be added beyond the period's budget.
+    let mut h = d.history.clone();
+    h.record_scale(0, 2, 4);
+    let o = observed(4, pods(&[40.0, 40.0], &[0.5, 0.5]));
+    let d = decide(&p, SignalsConfigured::default(), &o, &h, 5 * S);
+    assert_eq!(d.desired, 4, "{}", d.reason);
+    // Next period: +min(4, 100% of 4) = +4.
+    let d = decide(&p, SignalsConfigured::default(), &o, &h, 16 * S);
+    assert_eq!(d.desired, 8, "{}", d.reason);
+
+    // Down: the default removes one pod per minute.
+    let mut p = policy();
+    p.scale_down = crate::api::ScaleDownRules::default();
+    p.scale_down.stabilization_window_seconds = 0;
+    let idle = observed(6, pods(&[0.0; 6], &[0.0; 6]));
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &idle,
+        &History::default(),
+        0,
+    );
+    assert_eq!(d.desired, 5, "{}", d.reason);
+}
+
+#[test]
+fn bounds_and_launch_over_provisioning() {
+    let mut p = policy();
+    p.max_replicas = 4;
+    let d = once(&p, &observed(2, pods(&[40.0, 40.0], &[0.5, 0.5])));
+    assert_eq!((d.desired, d.driver), (4, Driver::MaxReplicas));
+    assert_eq!(d.exhausted, Some(ExhaustedReason::MaxReplicas));
+
+    p.launch = Some(Launch {
+        replicas: 3,
+        duration_seconds: 600,
+    });
+    let mut idle = observed(3, pods(&[0.0; 3], &[0.0; 3]));
+    idle.created_at = 0;
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &idle,
+        &History::default(),
+        599 * S,
+    );
+    assert_eq!((d.desired, d.driver), (3, Driver::Launch));
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &idle,
+        &History::default(),
+        601 * S,
+    );
+    assert_eq!(d.desired, 1);
+}
+
+#[test]
+fn capacity_exhausted_states() {
+    let p = policy();
+    let mut o = observed(3, pods(&[1.0, 1.0], &[0.2, 0.2]));
+    o.unschedulable = 1;
+    assert_eq!(once(&p, &o).exhausted, Some(ExhaustedReason::Unschedulable));
+    // Cold-starting while the ready replicas are saturated.
+    let mut o = observed(4, pods(&[9.0, 9.0], &[0.5, 0.5]));
+    o.starting = 2;
+    assert_eq!(once(&p, &o).exhausted, Some(ExhaustedReason::ColdStart));
+    // Cold-starting with room on the ready ones is not exhausted.
+    let mut o = observed(4, pods(&[1.0, 1.0], &[0.5, 0.5]));
+    o.starting = 2;
+    assert_eq!(once(&p, &o).exhausted, None);
+}
+
+#[test]
+fn stabilisation_prevents_flapping_on_an_oscillating_signal() {
+    let p = ScalingPolicySpec::default(); // 300 s down window, 1 pod per 60 s down
+    let mut history = History::default();
+    let mut current = 2;
+    let mut changes = 0;
+    // Alternate busy/idle every 10 s for 30 minutes, ticking every 2 s.
+    for tick in 0..900 {
+        let now = tick * 2 * S;
+        let busy = (now / (10 * S)) % 2 == 0;
+        let q = if busy { 8.0 } else { 0.0 };
+        let o = observed(
+            current,
+            pods(&vec![q; current as usize], &vec![0.5; current as usize]),
+        );
+        let d = decide(&p, SignalsConfigured::default(), &o, &history, now);
+        history = d.history.clone();
+        if d.desired != current {
+            history.record_scale(now, current, d.desired);
+            current = d.desired;
+            changes += 1;
+        }
+    }
+    // Up once to cover the peaks, then held: the down window always sees a busy recommendation.
+    assert!(
+        changes <= 2,
+        "{changes} scale events on an oscillating signal"
+    );
+}
+
+prop_compose! {
+    fn arb_policy()(min in 1..4i32, extra in 0..12i32, tol in 0.0..0.3f64, down_win in 0..400i32,
+                    up_pods in 1..8i32, down_pods in 1..4i32, pct in 10..300i32,
+                    unavailable in prop::bool::ANY, launch in prop::option::of(1..6i32)) -> ScalingPolicySpec {
+        let mut p = ScalingPolicySpec { min_replicas: min, max_replicas: min + extra, tolerance: tol, ..Default::default() };
+        p.scale_down.stabilization_window_seconds = down_win;
+        p.scale_up.max_pods = up_pods;
+        p.scale_up.max_percent = pct;
+        p.scale_down.max_pods = down_pods;
+        if unavailable { p.metrics_unavailable = MetricsUnavailable::ScaleUp; }
+        p.launch = launch.map(|r| Launch { replicas: r.min(min + extra), duration_seconds: 60 });
+        p
+    }
+}
+
+fn arb_pod() -> impl Strategy<Value = PodSample> {
+    (
+        prop::option::of(0.0..200.0f64),
+        prop::option::of(0.0..100.0f64),
+        prop::option::of(0.0..1.0f64),
+    )
+        .prop_map(|(q, f, g)| PodSample {
+            queue_depth: q,
+            in_flight: f,
+            gpu_memory: g,
+        })
+}
+
+prop_compose! {
+    fn arb_observed()(current in 0..25i32, ready in prop::collection::vec(arb_pod(), 0..12),
+                      starting in 0..4i32, unschedulable in 0..3i32,
+                      router in prop::option::of(0.0..500.0f64)) -> Observed {
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, created_at: 0 }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// min ≤ desired ≤ max, never below 1, and no scale-down while any data is missing,
+    /// over sequences of ticks that carry history forward.
+    #[test]
+    fn invariants_hold_over_tick_sequences(p in arb_policy(), obs in prop::collection::vec(arb_observed(), 1..20)) {
+        let mut history = History::default();
+        for (i, o) in obs.iter().enumerate() {
+            let now = i as Millis * 2 * S;
+            let d = decide(&p, SignalsConfigured::default(), o, &history, now);
+            prop_assert!(d.desired >= 1);
+            prop_assert!(d.desired >= p.min_replicas && d.desired <= p.max_replicas, "{} not in [{}, {}]", d.desired, p.min_replicas, p.max_replicas);
+            if !matches!(d.metrics, MetricsState::Complete) && o.current_replicas <= p.max_replicas {
+                prop_assert!(d.desired >= o.current_replicas, "scaled down {} → {} with {:?}", o.current_replicas, d.desired, d.metrics);
+            }
+            history = d.history.clone();
+            history.record_scale(now, o.current_replicas, d.desired);
+        }
+    }
+
+    /// Same inputs, same decision.
+    #[test]
+    fn decide_is_deterministic(p in arb_policy(), o in arb_observed()) {
+        let a = decide(&p, SignalsConfigured::default(), &o, &History::default(), 7);
+        let b = decide(&p, SignalsConfigured::default(), &o, &History::default(), 7);
+        prop_assert_eq!(a, b);
+    }
+}
