@@ -50,7 +50,8 @@ fn once(p: &ScalingPolicySpec, o: &Observed) -> Decision {
 #[test]
 fn hpa_formula_per_signal_over_ready_replicas() {
     // (queues, gpus, current, expected desired, driver)
-    let cases: &[(&[f64], &[f64], i32, i32, Driver)] = &[
+    type Case<'a> = (&'a [f64], &'a [f64], i32, i32, Driver);
+    let cases: &[Case] = &[
         // 2 ready × (10/4) → 5
         (&[10.0, 10.0], &[0.5, 0.5], 2, 5, Driver::QueueDepth),
         // GPU memory keeps busy replicas counted when the queue reads 0: 2 × 0.96/0.8 → 3
