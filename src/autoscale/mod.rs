@@ -1,0 +1,3 @@
+//! The autoscaler: engine metrics pages in, per-pod scaling signals out.
+
+pub mod promtext;
