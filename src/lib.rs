@@ -2,6 +2,7 @@
 //!
 //! Parts of the system, one folder each:
 //! - [`api`]: the `InferenceService` and `ScalingPolicy` custom resources.
+//! - [`autoscale`]: reads engine metrics pages and turns them into scaling signals.
 //! - [`controller`]: reconciles services into owned objects (pure rendering, I/O at the edge).
 //! - [`engine_sim`]: a simulated inference engine for tests, benchmarks and GPU-less demos.
 

@@ -1,9 +1,8 @@
-//! The autoscaler: scrape engine metrics, `decide()` (pure), act on the decision.
+//! The autoscaler: scrape engine metrics, parse them, `decide()` (pure), act on the decision.
 
 pub mod decide;
-pub mod observe;
-pub mod scrape;
-pub mod status;
+pub mod promtext;
+pub mod signals;
 
 #[cfg(test)]
 mod decide_tests;

@@ -1,0 +1,360 @@
+use super::*;
+use crate::autoscale::promtext::ParseErrorKind;
+use std::collections::BTreeMap;
+
+const VLLM_PAGE: &str = include_str!("../testdata/vllm.prom");
+
+fn metrics(preset: MetricsPreset) -> EngineMetrics {
+    EngineMetrics {
+        preset,
+        ..EngineMetrics::default()
+    }
+}
+
+fn sel(name: &str, labels: &[(&str, &str)]) -> MetricSelector {
+    MetricSelector {
+        name: name.to_string(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+fn read(page: &str, m: &EngineMetrics) -> PodSignals {
+    extract(page, &selectors(m)).expect("page parses")
+}
+
+#[test]
+fn vllm_preset_on_a_real_page() {
+    assert_eq!(
+        read(VLLM_PAGE, &metrics(MetricsPreset::Vllm)),
+        PodSignals {
+            queue_depth: Some(3.0),
+            in_flight: Some(12.0),
+            gpu_memory: Some(0.4471830985915493),
+        }
+    );
+}
+
+#[test]
+fn vllm_falls_back_to_gpu_cache_usage_perc() {
+    let page = "\
+vllm:num_requests_waiting{model_name=\"m\"} 1.0
+vllm:num_requests_running{model_name=\"m\"} 2.0
+vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25
+";
+    assert_eq!(
+        read(page, &metrics(MetricsPreset::Vllm)).gpu_memory,
+        Some(0.25)
+    );
+}
+
+#[test]
+fn vllm_prefers_kv_cache_usage_perc_when_both_are_present() {
+    let page = "\
+vllm:gpu_cache_usage_perc{model_name=\"m\"} 0.25
+vllm:kv_cache_usage_perc{model_name=\"m\"} 0.75
+";
+    assert_eq!(
+        read(page, &metrics(MetricsPreset::Vllm)).gpu_memory,
+        Some(0.75)
+    );
+}
+
+#[test]
+fn sglang_preset() {
+    let page = "\
+sglang:num_running_reqs{model_name=\"m\"} 162.0
+sglang:token_usage{model_name=\"m\"} 0.28
+sglang:num_queue_reqs{model_name=\"m\"} 2826.0
+sglang:num_used_tokens{model_name=\"m\"} 123859.0
+";
+    assert_eq!(
+        read(page, &metrics(MetricsPreset::Sglang)),
+        PodSignals {
+            queue_depth: Some(2826.0),
+            in_flight: Some(162.0),
+            gpu_memory: Some(0.28),
+        }
+    );
+}
+
+#[test]
+fn tgi_preset_has_no_gpu_memory() {
+    let s = selectors(&metrics(MetricsPreset::Tgi));
+    assert!(s.has_queue_depth() && s.has_in_flight());
+    assert!(!s.has_gpu_memory());
+    let page = "tgi_queue_size 7\ntgi_batch_current_size 32\n";
+    assert_eq!(
+        extract(page, &s).unwrap(),
+        PodSignals {
+            queue_depth: Some(7.0),
+            in_flight: Some(32.0),
+            gpu_memory: None,
+        }
+    );
+}
+
+#[test]
+fn triton_preset_sums_models_and_gpus() {
+    let s = selectors(&metrics(MetricsPreset::Triton));
+    assert!(!s.has_in_flight());
+    assert!(s.has_queue_depth() && s.has_gpu_memory());
+    let page = "\
+nv_inference_pending_request_count{model=\"resnet50\",version=\"1\"} 4
+nv_inference_pending_request_count{model=\"bert\",version=\"2\"} 3
+nv_gpu_memory_used_bytes{gpu_uuid=\"GPU-a\"} 60
+nv_gpu_memory_total_bytes{gpu_uuid=\"GPU-a\"} 80
+nv_gpu_memory_used_bytes{gpu_uuid=\"GPU-b\"} 20
+nv_gpu_memory_total_bytes{gpu_uuid=\"GPU-b\"} 80
+";
+    assert_eq!(
+        extract(page, &s).unwrap(),
+        PodSignals {
+            queue_depth: Some(7.0),
+            in_flight: None,
+            gpu_memory: Some(0.5),
+        }
+    );
+}
+
+#[test]
+fn absent_metrics_are_none_not_zero() {
+    for preset in [
+        MetricsPreset::Vllm,
+        MetricsPreset::Sglang,
+        MetricsPreset::Tgi,
+        MetricsPreset::Triton,
+    ] {
+        let s = read("# nothing here\nunrelated_metric 5\n", &metrics(preset));
+        assert_eq!(s, PodSignals::default(), "{preset:?}");
+    }
+    // A histogram's series do not count as the gauge itself.
+    let page = "vllm:num_requests_waiting_bucket{le=\"+Inf\"} 9\n";
+    assert_eq!(read(page, &metrics(MetricsPreset::Vllm)).queue_depth, None);
+}
+
+#[test]
+fn zero_is_kept_as_zero() {
+    let page = "tgi_queue_size 0\ntgi_batch_current_size 0.0\n";
+    let s = read(page, &metrics(MetricsPreset::Tgi));
+    assert_eq!((s.queue_depth, s.in_flight), (Some(0.0), Some(0.0)));
+}
+
+#[test]
+fn series_of_several_models_are_summed() {
+    let page = "\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"a\"} 2
+vllm:num_requests_waiting{engine=\"1\",model_name=\"a\"} 3
+vllm:num_requests_waiting{engine=\"0\",model_name=\"b\"} 5
+";
+    assert_eq!(
+        read(page, &metrics(MetricsPreset::Vllm)).queue_depth,
+        Some(10.0)
+    );
+}
+
+#[test]
+fn explicit_overrides_take_precedence() {
+    let m = EngineMetrics {
+        preset: MetricsPreset::Vllm,
+        queue_depth: Some(sel("my_queue", &[])),
+        in_flight: Some(sel("my_running", &[])),
+        gpu_memory: Some(GpuMemoryMetric {
+            fraction: Some(sel("my_mem", &[])),
+            used: None,
+            total: None,
+        }),
+        ..EngineMetrics::default()
+    };
+    let page = "\
+vllm:num_requests_waiting 100
+vllm:num_requests_running 100
+vllm:kv_cache_usage_perc 0.99
+my_queue 1
+my_running 2
+my_mem 0.5
+";
+    assert_eq!(
+        read(page, &m),
+        PodSignals {
+            queue_depth: Some(1.0),
+            in_flight: Some(2.0),
+            gpu_memory: Some(0.5),
+        }
+    );
+}
+
+#[test]
+fn an_override_adds_a_signal_the_preset_lacks() {
+    let m = EngineMetrics {
+        preset: MetricsPreset::Triton,
+        in_flight: Some(sel("nv_inference_exec_active", &[])),
+        ..EngineMetrics::default()
+    };
+    let s = selectors(&m);
+    assert!(s.has_in_flight());
+    assert_eq!(
+        extract("nv_inference_exec_active 4\n", &s)
+            .unwrap()
+            .in_flight,
+        Some(4.0)
+    );
+}
+
+#[test]
+fn used_total_override() {
+    let m = EngineMetrics {
+        preset: MetricsPreset::Tgi,
+        gpu_memory: Some(GpuMemoryMetric {
+            fraction: None,
+            used: Some(sel("mem_used", &[("kind", "hbm")])),
+            total: Some(sel("mem_total", &[("kind", "hbm")])),
+        }),
+        ..EngineMetrics::default()
+    };
+    let page = "\
+mem_used{kind=\"hbm\",gpu=\"0\"} 30
+mem_total{kind=\"hbm\",gpu=\"0\"} 40
+mem_used{kind=\"hbm\",gpu=\"1\"} 10
+mem_total{kind=\"hbm\",gpu=\"1\"} 40
+mem_used{kind=\"host\"} 1000
+mem_total{kind=\"host\"} 1000
+";
+    assert!(selectors(&m).has_gpu_memory());
+    assert_eq!(read(page, &m).gpu_memory, Some(0.5));
+    // Half of the pair missing: no fraction.
+    assert_eq!(read("mem_used{kind=\"hbm\"} 30\n", &m).gpu_memory, None);
+    // A zero total cannot give a fraction.
+    let zero = "mem_used{kind=\"hbm\"} 0\nmem_total{kind=\"hbm\"} 0\n";
+    assert_eq!(read(zero, &m).gpu_memory, None);
+}
+
+#[test]
+fn incomplete_gpu_override_keeps_the_preset() {
+    let m = EngineMetrics {
+        preset: MetricsPreset::Sglang,
+        gpu_memory: Some(GpuMemoryMetric {
+            fraction: None,
+            used: Some(sel("mem_used", &[])),
+            total: None,
+        }),
+        ..EngineMetrics::default()
+    };
+    assert_eq!(
+        read("sglang:token_usage 0.3\nmem_used 5\n", &m).gpu_memory,
+        Some(0.3)
+    );
+}
+
+#[test]
+fn label_matcher_keeps_only_series_with_all_labels() {
+    let m = EngineMetrics {
+        preset: MetricsPreset::Vllm,
+        queue_depth: Some(sel(
+            "vllm:num_requests_waiting",
+            &[("model_name", "say \"hi\""), ("engine", "0")],
+        )),
+        ..EngineMetrics::default()
+    };
+    let page = "\
+vllm:num_requests_waiting{engine=\"0\",model_name=\"say \\\"hi\\\"\"} 2
+vllm:num_requests_waiting{engine=\"1\",model_name=\"say \\\"hi\\\"\"} 3
+vllm:num_requests_waiting{model_name=\"say \\\"hi\\\"\"} 5
+vllm:num_requests_waiting{engine=\"0\",model_name=\"other\"} 7
+";
+    assert_eq!(read(page, &m).queue_depth, Some(2.0));
+    // Matching labels but none matching the name: absent, not zero.
+    assert_eq!(
+        read("vllm:num_requests_waiting{engine=\"9\"} 1\n", &m).queue_depth,
+        None
+    );
+}
+
+#[test]
+fn nan_and_negative_values_make_the_signal_missing() {
+    let vllm = metrics(MetricsPreset::Vllm);
+    let page = "\
+vllm:num_requests_waiting{model_name=\"a\"} NaN
+vllm:num_requests_running{model_name=\"a\"} -1
+vllm:kv_cache_usage_perc{model_name=\"a\"} +Inf
+";
+    assert_eq!(read(page, &vllm), PodSignals::default());
+    // One bad series among good ones spoils the sum rather than shrinking it.
+    let mixed = "\
+vllm:num_requests_waiting{model_name=\"a\"} 4
+vllm:num_requests_waiting{model_name=\"b\"} NaN
+";
+    assert_eq!(read(mixed, &vllm).queue_depth, None);
+}
+
+#[test]
+fn gpu_fraction_is_clamped() {
+    let vllm = metrics(MetricsPreset::Vllm);
+    assert_eq!(
+        read("vllm:kv_cache_usage_perc 1.3\n", &vllm).gpu_memory,
+        Some(1.0)
+    );
+    let triton = metrics(MetricsPreset::Triton);
+    let page = "nv_gpu_memory_used_bytes 90\nnv_gpu_memory_total_bytes 80\n";
+    assert_eq!(read(page, &triton).gpu_memory, Some(1.0));
+}
+
+#[test]
+fn dcgm_used_free_pair() {
+    let s = SignalSelectors::preset(MetricsPreset::Tgi).with_gpu_memory(GpuMemorySource::dcgm(&[
+        ("namespace", "ml"),
+        ("pod", "chat-engine-0"),
+    ]));
+    assert!(s.has_gpu_memory());
+    let page = "\
+DCGM_FI_DEV_FB_FREE{gpu=\"0\", UUID=\"GPU-1\", namespace=\"ml\", pod=\"chat-engine-0\"} 20480
+DCGM_FI_DEV_FB_USED{gpu=\"0\", UUID=\"GPU-1\", namespace=\"ml\", pod=\"chat-engine-0\"} 61440
+DCGM_FI_DEV_FB_FREE{gpu=\"1\", UUID=\"GPU-2\", namespace=\"ml\", pod=\"chat-engine-0\"} 61440
+DCGM_FI_DEV_FB_USED{gpu=\"1\", UUID=\"GPU-2\", namespace=\"ml\", pod=\"chat-engine-0\"} 20480
+DCGM_FI_DEV_FB_FREE{gpu=\"2\", UUID=\"GPU-3\", namespace=\"ml\", pod=\"other-0\"} 0
+DCGM_FI_DEV_FB_USED{gpu=\"2\", UUID=\"GPU-3\", namespace=\"ml\", pod=\"other-0\"} 81920
+";
+    assert_eq!(extract(page, &s).unwrap().gpu_memory, Some(0.5));
+    let only_used = "DCGM_FI_DEV_FB_USED{namespace=\"ml\",pod=\"chat-engine-0\"} 1\n";
+    assert_eq!(extract(only_used, &s).unwrap().gpu_memory, None);
+    let idle = "DCGM_FI_DEV_FB_USED{namespace=\"ml\",pod=\"chat-engine-0\"} 0\n\
+                DCGM_FI_DEV_FB_FREE{namespace=\"ml\",pod=\"chat-engine-0\"} 0\n";
+    assert_eq!(extract(idle, &s).unwrap().gpu_memory, None);
+}
+
+#[test]
+fn parse_errors_are_returned() {
+    let e = extract(
+        "vllm:num_requests_waiting 1\nbroken{\n",
+        &selectors(&metrics(MetricsPreset::Vllm)),
+    )
+    .unwrap_err();
+    assert_eq!((e.line, e.kind), (2, ParseErrorKind::UnterminatedLabels));
+}
+
+#[test]
+fn router_queue_reads_the_router_gauge() {
+    let page = "\
+# HELP spillway_router_queue_length Requests waiting in the router.
+# TYPE spillway_router_queue_length gauge
+spillway_router_queue_length 6
+";
+    assert_eq!(router_queue(page).unwrap(), Some(6.0));
+    assert_eq!(router_queue("other 1\n").unwrap(), None);
+    assert_eq!(
+        router_queue("spillway_router_queue_length 0\n").unwrap(),
+        Some(0.0)
+    );
+    assert_eq!(
+        router_queue("spillway_router_queue_length NaN\n").unwrap(),
+        None
+    );
+    assert_eq!(
+        router_queue("spillway_router_queue_length x\n")
+            .unwrap_err()
+            .line,
+        1
+    );
+}
