@@ -59,7 +59,7 @@ impl Scraper {
         connector.set_connect_timeout(Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(2)
+            .pool_max_idle_per_host(4)
             .build(connector);
         Self {
             client,

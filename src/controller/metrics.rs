@@ -28,6 +28,17 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub namespace: String,
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 /// Metric handles; cheap to share.
 pub struct Metrics {
     pub registry: Registry,
@@ -35,6 +46,11 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     duration: Family<ControllerLabel, Histogram>,
     pub leader: Gauge,
+    replicas: Family<ServiceLabels, Gauge>,
+    desired: Family<ServiceLabels, Gauge>,
+    scrape_duration: Histogram,
+    scrape_errors: Family<ReasonLabel, Counter>,
+    decisions: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -63,12 +79,49 @@ impl Default for Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        let replicas = Family::<ServiceLabels, Gauge>::default();
+        let desired = Family::<ServiceLabels, Gauge>::default();
+        let scrape_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        let scrape_errors = Family::<ReasonLabel, Counter>::default();
+        let decisions = Family::<ReasonLabel, Counter>::default();
+        let auto = registry.sub_registry_with_prefix("autoscaler");
+        auto.register(
+            "replicas",
+            "Engine replicas (Deployment spec.replicas) per service",
+            replicas.clone(),
+        );
+        auto.register(
+            "desired_replicas",
+            "Replicas the last decision asked for, per service",
+            desired.clone(),
+        );
+        auto.register_with_unit(
+            "scrape_duration",
+            "Time one engine metrics scrape took",
+            prometheus_client::registry::Unit::Seconds,
+            scrape_duration.clone(),
+        );
+        auto.register(
+            "scrape_errors",
+            "Failed engine metrics scrapes, by reason",
+            scrape_errors.clone(),
+        );
+        auto.register(
+            "decisions",
+            "Scaling decisions, by the signal or rule that drove them",
+            decisions.clone(),
+        );
         Self {
             registry,
             reconciles,
             errors,
             duration,
             leader,
+            replicas,
+            desired,
+            scrape_duration,
+            scrape_errors,
+            decisions,
         }
     }
 }
@@ -108,6 +161,49 @@ impl Metrics {
         self.errors
             .get_or_create(&ErrorLabels { controller, reason })
             .inc();
+    }
+
+    /// One scrape: its duration, and its error reason if it failed (a fixed set of values).
+    pub fn scrape_observed(&self, seconds: f64, error: Option<&'static str>) {
+        if seconds > 0.0 {
+            self.scrape_duration.observe(seconds);
+        }
+        if let Some(reason) = error {
+            self.scrape_errors
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
+    }
+
+    /// One decision for a service.
+    pub fn decision_observed(
+        &self,
+        namespace: &str,
+        service: &str,
+        current: i32,
+        d: &crate::autoscale::decide::Decision,
+    ) {
+        let l = ServiceLabels {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+        };
+        self.replicas.get_or_create(&l).set(current.into());
+        self.desired.get_or_create(&l).set(d.desired.into());
+        self.decisions
+            .get_or_create(&ReasonLabel {
+                reason: d.driver.as_str(),
+            })
+            .inc();
+    }
+
+    /// Drops a deleted service's series so the label set stays bounded by live services.
+    pub fn forget_service(&self, namespace: &str, service: &str) {
+        let l = ServiceLabels {
+            namespace: namespace.to_string(),
+            service: service.to_string(),
+        };
+        self.replicas.remove(&l);
+        self.desired.remove(&l);
     }
 
     pub fn encode(&self) -> String {

@@ -20,11 +20,11 @@ use clap::Args;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
@@ -55,6 +55,12 @@ pub struct ControllerArgs {
     /// This replica's identity in the Lease (default: the pod name, from POD_NAME or HOSTNAME).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Most engine metrics scrapes in flight at once, across all services.
+    #[arg(long, default_value_t = 256)]
+    pub max_concurrent_scrapes: usize,
+    /// Timeout of one metrics scrape, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub scrape_timeout_ms: u64,
 }
 
 /// Resolves when SIGTERM or Ctrl-C arrives.
@@ -152,6 +158,36 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     result
 }
 
+/// A reflector-backed cache, kept current by a background task for the life of the process.
+fn spawn_reflector<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    trim: impl FnMut(&mut K) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(
+        writer,
+        watcher::watcher(api, cfg).default_backoff().modify(trim),
+    )
+    .touched_objects()
+    .for_each(|res| async move {
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "watch error (retrying with backoff)");
+        }
+    });
+    tokio::spawn(stream);
+    reader
+}
+
 /// Runs both controllers until shutdown (Ok) or lost leadership (Err: the process restarts and
 /// stands for election again, as client-go controllers do).
 async fn run_controllers(
@@ -179,6 +215,18 @@ async fn run_controllers(
     };
     // Owned objects only: a label selector keeps the caches to spillway's objects.
     let owned = watcher::Config::default().labels(render::MANAGED_SELECTOR);
+    let engine_only = watcher::Config::default().labels(&format!(
+        "{},{}=engine",
+        render::MANAGED_SELECTOR,
+        render::LABEL_COMPONENT
+    ));
+    let (pods, engine_deployments) = match &args.namespace {
+        Some(ns) => (
+            Api::<Pod>::namespaced(client.clone(), ns),
+            Api::<Deployment>::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
 
     let isvc_controller = Controller::new(isvcs, watcher::Config::default());
     let store = isvc_controller.store();
@@ -232,7 +280,41 @@ async fn run_controllers(
             }
         });
 
-    let policy_run = Controller::new(policies, watcher::Config::default())
+    let policy_controller = Controller::new(policies, watcher::Config::default());
+    let policy_store = policy_controller.store();
+    let autoscaler = Arc::new(crate::autoscale::driver::Autoscaler {
+        client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "spillway-autoscaler".into(),
+                instance: args.identity.clone(),
+            },
+        ),
+        scraper: crate::autoscale::scrape::Scraper::new(
+            args.max_concurrent_scrapes,
+            std::time::Duration::from_millis(args.scrape_timeout_ms),
+        ),
+        metrics: ctx.metrics.clone(),
+        services: store.clone(),
+        policies: policy_store,
+        pods: spawn_reflector(pods, engine_only.clone(), |p: &mut Pod| {
+            // Only metadata and status are read; dropping the rest keeps the cache small.
+            p.managed_fields_mut().clear();
+            p.spec = None;
+        }),
+        deployments: spawn_reflector(engine_deployments, engine_only, |d: &mut Deployment| {
+            d.managed_fields_mut().clear();
+            if let Some(spec) = d.spec.as_mut() {
+                spec.template = Default::default();
+            }
+        }),
+        leader: leader.clone(),
+    });
+    let (autoscaler_stop_tx, autoscaler_stop) = watch::channel(false);
+    let autoscaler_run = tokio::spawn(autoscaler.run(autoscaler_stop));
+
+    let policy_run = policy_controller
         .graceful_shutdown_on(stop(shutdown.clone(), leader.clone()))
         .run(reconcile::reconcile_policy, reconcile::error_policy, ctx)
         .for_each(|res| async move {
@@ -243,6 +325,8 @@ async fn run_controllers(
 
     tracing::info!("controllers started");
     tokio::join!(isvc_run, policy_run);
+    autoscaler_stop_tx.send_replace(true);
+    let _ = autoscaler_run.await;
     if *shutdown.borrow() {
         tracing::info!("controllers stopped");
         Ok(())

@@ -1,0 +1,432 @@
+//! The autoscaler's I/O: one loop per service on its own timer (a slow service never delays
+//! another), scraping the ready engine pods, calling `decide()`, patching replicas under the
+//! autoscaler's field manager, and writing its status fields and Events.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource, ResourceExt};
+use tokio::sync::watch;
+
+use super::decide::{Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide};
+use super::observe::{ColdStart, EnginePod, PodState, classify};
+use super::scrape::{Scraper, metrics_url};
+use super::signals::{self, SignalSelectors};
+use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
+use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
+use crate::controller::metrics::Metrics;
+use crate::controller::render::{
+    LABEL_COMPONENT, LABEL_INSTANCE, REPLICAS_FIELD_MANAGER, engine_name,
+};
+
+/// What a service's loop remembers between ticks.
+#[derive(Default)]
+pub struct ServiceState {
+    pub history: History,
+    pub cold_start: ColdStart,
+    last_written: Option<(AutoscalerStatus, Millis)>,
+}
+
+/// One service as a tick sees it.
+#[derive(Clone, Copy)]
+pub struct TickInput<'a> {
+    pub isvc: &'a InferenceService,
+    pub policy: &'a ScalingPolicySpec,
+    pub pods: &'a [EnginePod],
+    /// The engine Deployment's `spec.replicas`.
+    pub current_replicas: i32,
+    /// The routers' `/metrics` URLs (their queue counts into queue depth).
+    pub router_metrics_urls: &'a [String],
+    pub now: Millis,
+}
+
+/// Scrapes one service's ready pods (concurrently) and decides. No API writes: the controller,
+/// the benchmark and tests share it.
+pub async fn observe_and_decide(
+    scraper: &Scraper,
+    input: &TickInput<'_>,
+    state: &mut ServiceState,
+    metrics: Option<&Metrics>,
+) -> Decision {
+    let TickInput {
+        isvc,
+        policy,
+        pods,
+        current_replicas,
+        router_metrics_urls,
+        now,
+    } = *input;
+    let engine = &isvc.spec.engine;
+    let selectors: SignalSelectors = signals::selectors(&engine.metrics);
+    let ready: Vec<&EnginePod> = pods.iter().filter(|p| p.state == PodState::Ready).collect();
+    let scrapes = ready.iter().map(|p| {
+        let selectors = &selectors;
+        async move {
+            // A ready pod without an IP has nothing to scrape: missing, never zero.
+            let Some(ip) = &p.ip else {
+                return PodSample::default();
+            };
+            let url = metrics_url(ip, engine.port, &engine.metrics.path);
+            let started = std::time::Instant::now();
+            let page = scraper.fetch(&url).await;
+            if let Some(m) = metrics {
+                m.scrape_observed(
+                    started.elapsed().as_secs_f64(),
+                    page.as_ref().err().map(|e| e.metric_reason()),
+                );
+            }
+            match page.map(|text| signals::extract(&text, selectors)) {
+                Ok(Ok(s)) => PodSample {
+                    queue_depth: s.queue_depth,
+                    in_flight: s.in_flight,
+                    gpu_memory: s.gpu_memory,
+                },
+                Ok(Err(e)) => {
+                    if let Some(m) = metrics {
+                        m.scrape_observed(0.0, Some("parse"));
+                    }
+                    tracing::debug!(pod = %p.name, error = %e, "unparseable metrics page");
+                    PodSample::default()
+                }
+                Err(e) => {
+                    tracing::debug!(pod = %p.name, error = %e, "scrape failed");
+                    PodSample::default()
+                }
+            }
+        }
+    });
+    let router_scrapes = router_metrics_urls.iter().map(|url| async move {
+        let text = scraper.fetch(url).await.ok()?;
+        signals::router_queue(&text).ok().flatten()
+    });
+    let (samples, router) = futures::join!(join_all(scrapes), join_all(router_scrapes));
+    let router_values: Vec<f64> = router.into_iter().flatten().collect();
+    state.cold_start.observe(pods);
+    let observed = Observed {
+        current_replicas,
+        ready: samples,
+        starting: pods
+            .iter()
+            .filter(|p| p.state == PodState::Starting)
+            .count() as i32,
+        unschedulable: pods
+            .iter()
+            .filter(|p| p.state == PodState::Unschedulable)
+            .count() as i32,
+        router_queue: (!router_values.is_empty()).then(|| router_values.iter().sum()),
+        created_at: isvc
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.as_millisecond())
+            .unwrap_or(0),
+    };
+    let configured = SignalsConfigured {
+        queue_depth: selectors.has_queue_depth(),
+        gpu_memory: selectors.has_gpu_memory(),
+    };
+    let d = decide(policy, configured, &observed, &state.history, now);
+    state.history = d.history.clone();
+    d
+}
+
+/// Everything the loops share.
+pub struct Autoscaler {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub scraper: Scraper,
+    pub metrics: Arc<Metrics>,
+    pub services: Store<InferenceService>,
+    pub policies: Store<ScalingPolicy>,
+    pub pods: Store<Pod>,
+    pub deployments: Store<Deployment>,
+    pub leader: watch::Receiver<bool>,
+}
+
+/// The policy a service scales with: its referenced, valid policy, else the defaults
+/// (reconcile reports PolicyNotFound/InvalidPolicy; scaling carries on).
+pub fn effective_policy(
+    isvc: &InferenceService,
+    policies: &Store<ScalingPolicy>,
+) -> ScalingPolicySpec {
+    let Some(r) = &isvc.spec.scaling_policy_ref else {
+        return ScalingPolicySpec::default();
+    };
+    let ns = isvc.namespace().unwrap_or_default();
+    policies
+        .get(&ObjectRef::new(&r.name).within(&ns))
+        .map(|p| p.spec.clone())
+        .filter(|s| s.validate().is_ok())
+        .unwrap_or_default()
+}
+
+fn now_ms() -> Millis {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+impl Autoscaler {
+    fn engine_pods(&self, isvc: &InferenceService) -> Vec<EnginePod> {
+        let ns = isvc.namespace();
+        let name = isvc.name_any();
+        let pods: Vec<Pod> = self
+            .pods
+            .state()
+            .iter()
+            .filter(|p| {
+                p.namespace() == ns
+                    && p.labels().get(LABEL_INSTANCE) == Some(&name)
+                    && p.labels().get(LABEL_COMPONENT).map(String::as_str) == Some("engine")
+            })
+            .map(|p| p.as_ref().clone())
+            .collect();
+        classify(&pods)
+    }
+
+    /// One tick for one service: observe, decide, act. Returns the policy interval to wait.
+    pub async fn tick(&self, isvc: &InferenceService, state: &mut ServiceState) -> Duration {
+        let policy = effective_policy(isvc, &self.policies);
+        let interval = Duration::from_secs(policy.interval_seconds.max(1) as u64);
+        let ns = isvc.namespace().unwrap_or_default();
+        let name = isvc.name_any();
+        let Some(deployment) = self
+            .deployments
+            .get(&ObjectRef::new(&engine_name(&name)).within(&ns))
+        else {
+            return interval; // not created yet: reconcile's job
+        };
+        let current = deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        let pods = self.engine_pods(isvc);
+        let now = now_ms();
+        let input = TickInput {
+            isvc,
+            policy: &policy,
+            pods: &pods,
+            current_replicas: current,
+            router_metrics_urls: &[],
+            now,
+        };
+        let d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;
+        self.metrics.decision_observed(&ns, &name, current, &d);
+
+        let mut scaled = false;
+        if policy.mode == PolicyMode::Active && d.desired != current && *self.leader.borrow() {
+            match patch_replicas(&self.client, &ns, &engine_name(&name), d.desired).await {
+                Ok(()) => {
+                    state.history.record_scale(now, current, d.desired);
+                    scaled = true;
+                    tracing::info!(service = %name, namespace = %ns, from = current, to = d.desired, reason = %d.reason, "scaled");
+                    self.event(
+                        isvc,
+                        EventType::Normal,
+                        "Scaled",
+                        format!("from {current} to {}: {}", d.desired, d.reason),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "patching replicas failed");
+                    self.event(
+                        isvc,
+                        EventType::Warning,
+                        "ScaleFailed",
+                        format!("from {current} to {}: {e}", d.desired),
+                    )
+                    .await;
+                }
+            }
+        } else if policy.mode == PolicyMode::Advisory
+            && d.desired != current
+            && isvc.status.as_ref().and_then(|s| s.desired_replicas) != Some(d.desired)
+        {
+            self.event(
+                isvc,
+                EventType::Normal,
+                "Recommendation",
+                format!(
+                    "Advisory: would scale from {current} to {}: {}",
+                    d.desired, d.reason
+                ),
+            )
+            .await;
+        }
+
+        let view = with_last_written(isvc, state.last_written.as_ref().map(|(s, _)| s));
+        let facts = TickFacts {
+            decision: &d,
+            current,
+            unschedulable: pods
+                .iter()
+                .filter(|p| p.state == PodState::Unschedulable)
+                .count() as i32,
+            mode: policy.mode,
+            scaled,
+            cold_start_seconds: state.cold_start.seconds(),
+            now: Time(
+                jiff::Timestamp::from_millisecond(now).unwrap_or_else(|_| jiff::Timestamp::now()),
+            ),
+        };
+        let status = autoscaler_status(&view, &facts);
+        let since = state
+            .last_written
+            .as_ref()
+            .map_or(i64::MAX, |(_, t)| now - t);
+        if needs_write(state.last_written.as_ref().map(|(s, _)| s), &status, since)
+            && *self.leader.borrow()
+        {
+            match write_status(&self.client, &ns, &name, &status).await {
+                Ok(()) => state.last_written = Some((status, now)),
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "writing autoscaler status failed")
+                }
+            }
+        }
+        interval
+    }
+
+    async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Scale".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
+            tracing::warn!(error = %e, "publishing an event failed");
+        }
+    }
+
+    /// Runs one loop per service until `shutdown`; loops start and stop as services come and go.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut loops: HashMap<
+            ObjectRef<InferenceService>,
+            (watch::Sender<bool>, tokio::task::JoinHandle<()>),
+        > = HashMap::new();
+        loop {
+            let live: Vec<ObjectRef<InferenceService>> = self
+                .services
+                .state()
+                .iter()
+                .filter(|s| s.metadata.deletion_timestamp.is_none())
+                .map(|s| ObjectRef::from_obj(s.as_ref()))
+                .collect();
+            for key in &live {
+                if !loops.contains_key(key) {
+                    let (tx, rx) = watch::channel(false);
+                    let handle = tokio::spawn(service_loop(self.clone(), key.clone(), rx));
+                    loops.insert(key.clone(), (tx, handle));
+                }
+            }
+            loops.retain(|key, (tx, _)| {
+                let keep = live.contains(key);
+                if !keep {
+                    tx.send_replace(true);
+                    self.metrics
+                        .forget_service(key.namespace.as_deref().unwrap_or_default(), &key.name);
+                }
+                keep
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait_for(|s| *s) => break,
+            }
+        }
+        for (_, (tx, handle)) in loops {
+            tx.send_replace(true);
+            let _ = handle.await;
+        }
+    }
+}
+
+async fn service_loop(
+    a: Arc<Autoscaler>,
+    key: ObjectRef<InferenceService>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut state = ServiceState::default();
+    loop {
+        let Some(isvc) = a.services.get(&key) else {
+            return;
+        };
+        let interval = a.tick(&isvc, &mut state).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+/// The service as last seen, with what this loop last wrote laid over it (the cache may lag
+/// behind our own writes; decisions must not be lost to that).
+fn with_last_written(isvc: &InferenceService, last: Option<&AutoscalerStatus>) -> InferenceService {
+    let mut view = isvc.clone();
+    if let Some(w) = last {
+        let s = view.status.get_or_insert_with(Default::default);
+        s.desired_replicas = Some(w.desired_replicas);
+        s.decisions = w.decisions.clone();
+        s.last_scale_time = w.last_scale_time.clone().or(s.last_scale_time.clone());
+        for c in &w.conditions {
+            s.conditions.retain(|x| x.type_ != c.type_);
+            s.conditions.push(c.clone());
+        }
+    }
+    view
+}
+
+/// Sets the engine Deployment's replicas with server-side apply under the autoscaler's field
+/// manager (which alone owns `spec.replicas`).
+pub async fn patch_replicas(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<(), kube::Error> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"replicas": replicas},
+    });
+    api.patch(
+        name,
+        &PatchParams::apply(REPLICAS_FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+}
+
+/// Writes the autoscaler's status fields (server-side apply, its own field manager).
+pub async fn write_status(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    status: &AutoscalerStatus,
+) -> Result<(), kube::Error> {
+    let api: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    let body = serde_json::json!({
+        "apiVersion": "spillway.dev/v1alpha1",
+        "kind": "InferenceService",
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(REPLICAS_FIELD_MANAGER).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
+}
