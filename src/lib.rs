@@ -11,4 +11,5 @@ pub mod autoscale;
 pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;
+pub mod router;
 pub mod telemetry;

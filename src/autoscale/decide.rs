@@ -56,9 +56,20 @@ pub struct Observed {
 pub struct History {
     recommendations: VecDeque<(Millis, i32)>,
     scale_events: VecDeque<(Millis, i32)>,
+    /// The count a loop started with: a floor for scale-down for one window, nothing more.
+    started_with: Option<(Millis, i32)>,
 }
 
 impl History {
+    /// History for a loop that starts now with `current` replicas: the current count counts as
+    /// a recommendation, so a controller restart or failover never scales down at once.
+    pub fn starting_at(now: Millis, current: i32) -> Self {
+        Self {
+            started_with: Some((now, current)),
+            ..Self::default()
+        }
+    }
+
     /// Records that replicas were changed from `from` to `to` at `now` (after a successful patch).
     pub fn record_scale(&mut self, now: Millis, from: i32, to: i32) {
         if from != to {
@@ -433,6 +444,11 @@ pub fn decide(
         if t >= down_cutoff {
             down_rec = down_rec.max(r);
         }
+    }
+    if let Some((t, r)) = hist.started_with
+        && t >= down_cutoff
+    {
+        down_rec = down_rec.max(r);
     }
     hist.recommendations.push_back((now, raw));
     let mut desired = current;

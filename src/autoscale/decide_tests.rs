@@ -445,3 +445,27 @@ proptest! {
         prop_assert_eq!(a, b);
     }
 }
+
+#[test]
+fn a_restarted_loop_waits_a_full_window_before_scaling_down() {
+    let p = ScalingPolicySpec::default(); // 300 s scale-down window
+    let idle = observed(4, pods(&[0.0; 4], &[0.0; 4]));
+    let fresh = decide(
+        &p,
+        SignalsConfigured::default(),
+        &idle,
+        &History::default(),
+        0,
+    );
+    assert_eq!(fresh.desired, 3, "without history the window is empty");
+    let seeded = History::starting_at(0, 4);
+    let d = decide(&p, SignalsConfigured::default(), &idle, &seeded, 10 * S);
+    assert_eq!(
+        (d.desired, d.driver),
+        (4, Driver::Stabilized),
+        "{}",
+        d.reason
+    );
+    let d = decide(&p, SignalsConfigured::default(), &idle, &d.history, 301 * S);
+    assert_eq!(d.desired, 3, "{}", d.reason);
+}

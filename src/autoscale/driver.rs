@@ -33,6 +33,7 @@ pub struct ServiceState {
     pub history: History,
     pub cold_start: ColdStart,
     last_written: Option<(AutoscalerStatus, Millis)>,
+    started: bool,
 }
 
 /// One service as a tick sees it.
@@ -64,6 +65,10 @@ pub async fn observe_and_decide(
         router_metrics_urls,
         now,
     } = *input;
+    if !state.started {
+        state.history = History::starting_at(now, current_replicas);
+        state.started = true;
+    }
     let engine = &isvc.spec.engine;
     let selectors: SignalSelectors = signals::selectors(&engine.metrics);
     let ready: Vec<&EnginePod> = pods.iter().filter(|p| p.state == PodState::Ready).collect();
@@ -76,7 +81,9 @@ pub async fn observe_and_decide(
             };
             let url = metrics_url(ip, engine.port, &engine.metrics.path);
             let started = std::time::Instant::now();
-            let page = scraper.fetch(&url).await;
+            let page = scraper.fetch_bytes(&url).await.and_then(|b| {
+                String::from_utf8(b.into()).map_err(|_| super::scrape::ScrapeError::NotUtf8)
+            });
             if let Some(m) = metrics {
                 m.scrape_observed(
                     started.elapsed().as_secs_f64(),

@@ -71,6 +71,12 @@ impl Scraper {
     /// GETs `url` and returns the body as text. The timeout covers waiting for a permit too, so
     /// a backlog shows up as timeouts rather than as an ever-later tick.
     pub async fn fetch(&self, url: &str) -> Result<String, ScrapeError> {
+        let body = self.fetch_bytes(url).await?;
+        String::from_utf8(body.to_vec()).map_err(|_| ScrapeError::NotUtf8)
+    }
+
+    /// Like [`Scraper::fetch`], without copying the body (check UTF-8 where it is parsed).
+    pub async fn fetch_bytes(&self, url: &str) -> Result<Bytes, ScrapeError> {
         let uri: http::Uri = url.parse().map_err(|_| ScrapeError::Url(url.to_string()))?;
         let work = async {
             let _permit = self
@@ -95,7 +101,7 @@ impl Scraper {
                 .await
                 .map_err(|e| ScrapeError::Body(e.to_string()))?
                 .to_bytes();
-            String::from_utf8(body.to_vec()).map_err(|_| ScrapeError::NotUtf8)
+            Ok(body)
         };
         tokio::time::timeout(self.timeout, work)
             .await

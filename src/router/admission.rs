@@ -1,0 +1,256 @@
+//! Pure admission: where one request goes — a local engine, a burst provider, the queue, or a
+//! 503 — given the loads, the burst policy, the budget and the breakers. The router and the
+//! simulator both call [`admit`].
+
+use crate::api::BurstMode;
+
+/// One local engine's load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BackendLoad {
+    /// Requests this router has outstanding on it.
+    pub outstanding: u32,
+    /// `engine.maxConcurrency`: never exceeded.
+    pub limit: u32,
+}
+
+/// One provider's load and health.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProviderLoad {
+    pub in_flight: u32,
+    pub max_concurrency: u32,
+    /// The breaker lets a request through (closed, or a half-open probe).
+    pub breaker_allows: bool,
+}
+
+/// Everything admission looks at.
+#[derive(Clone, Copy, Debug)]
+pub struct AdmissionInput<'a> {
+    pub backends: &'a [BackendLoad],
+    /// In priority order.
+    pub providers: &'a [ProviderLoad],
+    pub mode: BurstMode,
+    /// The controller's published state (InferenceService status `CapacityExhausted`).
+    pub capacity_exhausted: bool,
+    /// Both budget caps (requests per minute, spend per hour) have room.
+    pub budget_allows: bool,
+    /// Requests already waiting in this router's queue (not counting this one).
+    pub queued: u32,
+    pub queue_limit: u32,
+    /// How long this request has waited so far.
+    pub waited_ms: u64,
+    /// `burst.maxQueueWaitMilliseconds`: wait this long for a local slot before spilling.
+    pub max_queue_wait_ms: u64,
+    /// `router.queueTimeoutSeconds` in milliseconds: after this, give up with a 503.
+    pub queue_timeout_ms: u64,
+    /// Whether this request is already in the queue (re-evaluated) or new.
+    pub in_queue: bool,
+}
+
+/// Where a request goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Forward to local backend `index`.
+    Local(usize),
+    /// Forward to provider `index`.
+    Provider(usize),
+    /// Wait (or keep waiting) in the FIFO for a local slot.
+    Queue,
+    /// Answer 503 with Retry-After.
+    Reject(RejectReason),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RejectReason {
+    QueueFull,
+    QueueTimeout,
+}
+
+impl RejectReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectReason::QueueFull => "queue_full",
+            RejectReason::QueueTimeout => "queue_timeout",
+        }
+    }
+}
+
+/// The local backend with the fewest outstanding requests that is below its limit (ties: the
+/// lowest index, so the choice is deterministic).
+pub fn pick_local(backends: &[BackendLoad]) -> Option<usize> {
+    backends
+        .iter()
+        .enumerate()
+        .filter(|(_, b)| b.outstanding < b.limit)
+        .min_by_key(|(i, b)| (b.outstanding, *i))
+        .map(|(i, _)| i)
+}
+
+/// The first provider, in priority order, with room and a breaker that lets it through.
+pub fn pick_provider(providers: &[ProviderLoad]) -> Option<usize> {
+    providers
+        .iter()
+        .position(|p| p.breaker_allows && p.in_flight < p.max_concurrency)
+}
+
+/// Whether the burst policy allows spilling at all right now.
+pub fn burst_allowed(mode: BurstMode, capacity_exhausted: bool) -> bool {
+    match mode {
+        BurstMode::Saturated => true,
+        BurstMode::CapacityExhausted => capacity_exhausted,
+        BurstMode::Never => false,
+    }
+}
+
+/// Decides for one request. A request only reaches a provider when every local engine is at
+/// its limit — spill-over on exhaustion, before anything fails.
+pub fn admit(input: &AdmissionInput<'_>) -> Admission {
+    // FIFO: a new request may not overtake requests already waiting for a local slot.
+    if (input.in_queue || input.queued == 0)
+        && let Some(i) = pick_local(input.backends)
+    {
+        return Admission::Local(i);
+    }
+    if input.waited_ms >= input.max_queue_wait_ms
+        && burst_allowed(input.mode, input.capacity_exhausted)
+        && input.budget_allows
+        && let Some(p) = pick_provider(input.providers)
+    {
+        return Admission::Provider(p);
+    }
+    if input.in_queue {
+        if input.waited_ms >= input.queue_timeout_ms {
+            return Admission::Reject(RejectReason::QueueTimeout);
+        }
+        return Admission::Queue;
+    }
+    if input.queued >= input.queue_limit {
+        return Admission::Reject(RejectReason::QueueFull);
+    }
+    Admission::Queue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(outstanding: u32, limit: u32) -> BackendLoad {
+        BackendLoad { outstanding, limit }
+    }
+    fn p(in_flight: u32, max: u32, ok: bool) -> ProviderLoad {
+        ProviderLoad {
+            in_flight,
+            max_concurrency: max,
+            breaker_allows: ok,
+        }
+    }
+
+    fn input<'a>(backends: &'a [BackendLoad], providers: &'a [ProviderLoad]) -> AdmissionInput<'a> {
+        AdmissionInput {
+            backends,
+            providers,
+            mode: BurstMode::Saturated,
+            capacity_exhausted: false,
+            budget_allows: true,
+            queued: 0,
+            queue_limit: 10,
+            waited_ms: 0,
+            max_queue_wait_ms: 0,
+            queue_timeout_ms: 30_000,
+            in_queue: false,
+        }
+    }
+
+    #[test]
+    fn least_outstanding_below_the_limit() {
+        assert_eq!(pick_local(&[b(3, 4), b(1, 4), b(1, 4)]), Some(1));
+        assert_eq!(pick_local(&[b(4, 4), b(2, 2)]), None);
+        assert_eq!(pick_local(&[b(4, 4), b(3, 8)]), Some(1));
+        assert_eq!(pick_local(&[]), None);
+    }
+
+    #[test]
+    fn local_first_then_spill_only_when_every_engine_is_full() {
+        let providers = [p(0, 2, true)];
+        assert_eq!(admit(&input(&[b(3, 4)], &providers)), Admission::Local(0));
+        assert_eq!(
+            admit(&input(&[b(4, 4)], &providers)),
+            Admission::Provider(0)
+        );
+        // No engine at all (cold start): spill.
+        assert_eq!(admit(&input(&[], &providers)), Admission::Provider(0));
+    }
+
+    #[test]
+    fn providers_in_priority_order_skipping_full_and_open_ones() {
+        let full = [b(1, 1)];
+        assert_eq!(
+            admit(&input(&full, &[p(2, 2, true), p(0, 2, true)])),
+            Admission::Provider(1)
+        );
+        assert_eq!(
+            admit(&input(&full, &[p(0, 2, false), p(0, 2, true)])),
+            Admission::Provider(1)
+        );
+        assert_eq!(
+            admit(&input(&full, &[p(0, 2, false), p(5, 5, true)])),
+            Admission::Queue
+        );
+    }
+
+    #[test]
+    fn burst_modes() {
+        let full = [b(1, 1)];
+        let prov = [p(0, 2, true)];
+        let mut i = input(&full, &prov);
+        i.mode = BurstMode::Never;
+        assert_eq!(admit(&i), Admission::Queue);
+        i.mode = BurstMode::CapacityExhausted;
+        assert_eq!(admit(&i), Admission::Queue);
+        i.capacity_exhausted = true;
+        assert_eq!(admit(&i), Admission::Provider(0));
+    }
+
+    #[test]
+    fn budget_exhausted_means_no_spill() {
+        let full = [b(1, 1)];
+        let prov = [p(0, 2, true)];
+        let mut i = input(&full, &prov);
+        i.budget_allows = false;
+        assert_eq!(admit(&i), Admission::Queue);
+    }
+
+    #[test]
+    fn queue_wait_before_spilling_and_timeouts() {
+        let full = [b(1, 1)];
+        let prov = [p(0, 2, true)];
+        let mut i = input(&full, &prov);
+        i.max_queue_wait_ms = 500;
+        assert_eq!(admit(&i), Admission::Queue);
+        i.in_queue = true;
+        i.queued = 1;
+        i.waited_ms = 499;
+        assert_eq!(admit(&i), Admission::Queue);
+        i.waited_ms = 500;
+        assert_eq!(admit(&i), Admission::Provider(0));
+        i.mode = BurstMode::Never;
+        i.waited_ms = 30_000;
+        assert_eq!(admit(&i), Admission::Reject(RejectReason::QueueTimeout));
+    }
+
+    #[test]
+    fn full_queue_rejects_new_requests_and_new_requests_do_not_overtake() {
+        let room = [b(0, 1)];
+        let mut i = input(&room, &[]);
+        i.queued = 3;
+        // A slot is free but 3 requests wait: the newcomer queues behind them.
+        assert_eq!(admit(&i), Admission::Queue);
+        i.queued = 10;
+        let full = [b(1, 1)];
+        i.backends = &full;
+        assert_eq!(admit(&i), Admission::Reject(RejectReason::QueueFull));
+        // The head of the queue takes a freed slot.
+        i.backends = &room;
+        i.in_queue = true;
+        assert_eq!(admit(&i), Admission::Local(0));
+    }
+}

@@ -1,0 +1,349 @@
+//! The router's settings: the file it reads standalone, and the ConfigMap `<name>-router`
+//! the controller renders (same shape; keys may grow). Never holds a secret: API keys are
+//! files (a mounted Secret), named by `apiKeyFile`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::{BurstMode, InferenceService, Pricing, ScalingPolicySpec};
+
+/// ConfigMap key holding the config.
+pub const CONFIG_KEY: &str = "router.yaml";
+/// Where provider API keys are mounted in router pods: one file per provider, named after it.
+pub const KEYS_DIR: &str = "/etc/spillway/keys";
+/// Port the router listens on in a cluster.
+pub const ROUTER_PORT: u16 = 8080;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterConfig {
+    /// Address to listen on.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// Static engine addresses (`host:port`); in a cluster they come from EndpointSlices.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<String>,
+    /// `engine.maxConcurrency`: requests one engine gets at once from one router.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency_per_backend: u32,
+    #[serde(default)]
+    pub queue: QueueConfig,
+    #[serde(default)]
+    pub burst: BurstConfig,
+    /// Where this router runs in a cluster (absent standalone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct QueueConfig {
+    #[serde(default = "default_queue_limit")]
+    pub limit: u32,
+    #[serde(default = "default_queue_timeout")]
+    pub timeout_seconds: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BurstConfig {
+    #[serde(default)]
+    pub mode: BurstMode,
+    #[serde(default)]
+    pub max_queue_wait_milliseconds: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub providers: Vec<ProviderConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<BudgetConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProviderConfig {
+    pub name: String,
+    /// Base URL of the OpenAI-compatible API (…/v1).
+    pub url: String,
+    /// The provider's model name; `model` in the request is rewritten to it.
+    pub model: String,
+    /// File holding the API key (re-read when it changes). The key itself is never in config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key_file: Option<String>,
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: u32,
+    #[serde(default = "default_provider_timeout")]
+    pub timeout_seconds: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pricing: Option<Pricing>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct BudgetConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_minute: Option<u32>,
+    /// Decimal string, e.g. "5.00".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spend_per_hour: Option<String>,
+}
+
+/// In a cluster: which InferenceService this router serves (its status carries the capacity
+/// state) and which headless Service's EndpointSlices list the engines.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterConfig {
+    pub namespace: String,
+    pub inference_service: String,
+    pub engine_service: String,
+    pub engine_port: u16,
+    /// The model name clients send (for `/v1/models`).
+    pub model: String,
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        Self {
+            limit: default_queue_limit(),
+            timeout_seconds: default_queue_timeout(),
+        }
+    }
+}
+
+impl Default for BurstConfig {
+    fn default() -> Self {
+        Self {
+            mode: BurstMode::Saturated,
+            max_queue_wait_milliseconds: 0,
+            providers: Vec::new(),
+            budget: None,
+        }
+    }
+}
+
+fn default_listen() -> String {
+    format!("127.0.0.1:{ROUTER_PORT}")
+}
+fn default_concurrency() -> u32 {
+    64
+}
+fn default_queue_limit() -> u32 {
+    1000
+}
+fn default_queue_timeout() -> u32 {
+    30
+}
+fn default_provider_timeout() -> u32 {
+    120
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing router config: {0}")]
+    Parse(String),
+    #[error("invalid router config: {0}")]
+    Invalid(String),
+}
+
+impl RouterConfig {
+    /// Parses and validates YAML (or JSON, a subset).
+    pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: RouterConfig =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_file(path: &str) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        if self.max_concurrency_per_backend == 0 {
+            errs.push("maxConcurrencyPerBackend must be >= 1".to_string());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for p in &self.burst.providers {
+            if !names.insert(p.name.as_str()) {
+                errs.push(format!("provider name {:?} is not unique", p.name));
+            }
+            if !(p.url.starts_with("http://") || p.url.starts_with("https://")) {
+                errs.push(format!(
+                    "provider {:?}: url {:?} must start with http:// or https://",
+                    p.name, p.url
+                ));
+            }
+            if p.max_concurrency == 0 {
+                errs.push(format!(
+                    "provider {:?}: maxConcurrency must be >= 1",
+                    p.name
+                ));
+            }
+        }
+        if let Some(s) = self
+            .burst
+            .budget
+            .as_ref()
+            .and_then(|b| b.max_spend_per_hour.as_deref())
+            && let Err(e) = super::budget::parse_spend(s)
+        {
+            errs.push(e);
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errs.join("; ")))
+        }
+    }
+}
+
+/// Renders the router config for a service and its effective policy (what the controller
+/// writes into ConfigMap `<name>-router`).
+pub fn render(
+    isvc: &InferenceService,
+    policy: &ScalingPolicySpec,
+    engine_service: &str,
+) -> RouterConfig {
+    let spec = &isvc.spec;
+    let burst = spec.burst.as_ref();
+    RouterConfig {
+        listen: format!("0.0.0.0:{ROUTER_PORT}"),
+        backends: Vec::new(),
+        max_concurrency_per_backend: spec.engine.max_concurrency.max(1) as u32,
+        queue: QueueConfig {
+            limit: spec.router.queue_limit.max(0) as u32,
+            timeout_seconds: spec.router.queue_timeout_seconds.max(1) as u32,
+        },
+        burst: BurstConfig {
+            mode: policy.burst.mode,
+            max_queue_wait_milliseconds: policy.burst.max_queue_wait_milliseconds.max(0) as u64,
+            providers: burst
+                .map(|b| {
+                    b.providers
+                        .iter()
+                        .map(|p| ProviderConfig {
+                            name: p.name.clone(),
+                            url: p.url.clone(),
+                            model: p.model.clone(),
+                            api_key_file: Some(format!("{KEYS_DIR}/{}", p.name)),
+                            max_concurrency: p.max_concurrency.max(1) as u32,
+                            timeout_seconds: p.timeout_seconds.max(1) as u32,
+                            pricing: p.pricing.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            budget: burst.and_then(|b| b.budget.as_ref()).map(|b| BudgetConfig {
+                max_requests_per_minute: b.max_requests_per_minute.map(|m| m.max(0) as u32),
+                max_spend_per_hour: b.max_spend_per_hour.clone(),
+            }),
+        },
+        cluster: Some(ClusterConfig {
+            namespace: isvc.metadata.namespace.clone().unwrap_or_default(),
+            inference_service: isvc.metadata.name.clone().unwrap_or_default(),
+            engine_service: engine_service.to_string(),
+            engine_port: spec.engine.port.clamp(1, 65535) as u16,
+            model: spec.model.name.clone(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::controller::testdata::isvc_from_yaml;
+
+    #[test]
+    fn the_design_example_parses_with_defaults() {
+        let cfg = RouterConfig::from_yaml(
+            r#"
+listen: 127.0.0.1:8080
+backends: ["127.0.0.1:9001", "127.0.0.1:9002"]
+maxConcurrencyPerBackend: 64
+queue: {limit: 1000, timeoutSeconds: 30}
+burst:
+  mode: Saturated
+  maxQueueWaitMilliseconds: 0
+  providers:
+  - {name: together, url: "https://api.together.xyz/v1", model: "meta-llama/x", apiKeyFile: /etc/spillway/keys/together, maxConcurrency: 64}
+  budget: {maxRequestsPerMinute: 600, maxSpendPerHour: "5.00"}
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.backends.len(), 2);
+        assert_eq!(cfg.burst.providers[0].timeout_seconds, 120);
+        assert_eq!(
+            cfg.burst.budget.as_ref().unwrap().max_requests_per_minute,
+            Some(600)
+        );
+        let minimal = RouterConfig::from_yaml("backends: [\"127.0.0.1:1\"]\n").unwrap();
+        assert_eq!(minimal.queue, QueueConfig::default());
+        assert_eq!(minimal.burst.mode, BurstMode::Saturated);
+    }
+
+    #[test]
+    fn bad_config_is_a_clear_error() {
+        let e = RouterConfig::from_yaml(
+            "burst:\n  providers:\n  - {name: a, url: ftp://x, model: m}\n  - {name: a, url: https://y, model: m}\n  budget: {maxSpendPerHour: lots}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("not unique") && e.contains("ftp://") && e.contains("lots"),
+            "{e}"
+        );
+        assert!(RouterConfig::from_yaml("queue: [").is_err());
+    }
+
+    #[test]
+    fn rendered_from_spec_and_policy_without_secrets() {
+        let isvc = isvc_from_yaml(
+            r#"
+apiVersion: spillway.dev/v1alpha1
+kind: InferenceService
+metadata: {name: llama, namespace: ml, uid: u}
+spec:
+  model: {name: meta-llama/Llama-3.1-8B-Instruct}
+  engine: {image: e, port: 8001, maxConcurrency: 8}
+  router: {queueLimit: 50, queueTimeoutSeconds: 10}
+  burst:
+    providers:
+    - {name: together, url: "https://api.together.xyz/v1", model: turbo, apiKeySecretRef: {name: together-key, key: api-key},
+       pricing: {inputPerMillionTokens: 0.18, outputPerMillionTokens: 0.18}}
+    budget: {maxRequestsPerMinute: 600, maxSpendPerHour: "5.00"}
+"#,
+        );
+        let mut policy = ScalingPolicySpec::default();
+        policy.burst.mode = BurstMode::CapacityExhausted;
+        policy.burst.max_queue_wait_milliseconds = 250;
+        let cfg = render(&isvc, &policy, "llama-engine");
+        assert_eq!(cfg.max_concurrency_per_backend, 8);
+        assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
+        assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
+        assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
+        let p = &cfg.burst.providers[0];
+        assert_eq!(
+            p.api_key_file.as_deref(),
+            Some("/etc/spillway/keys/together")
+        );
+        let c = cfg.cluster.as_ref().unwrap();
+        assert_eq!(
+            (c.engine_service.as_str(), c.engine_port),
+            ("llama-engine", 8001)
+        );
+        // What lands in the ConfigMap names the Secret's file, never a key.
+        let yaml = serde_saphyr::to_string(&cfg).unwrap();
+        assert!(
+            !yaml.contains("together-key") && !yaml.contains("api-key"),
+            "{yaml}"
+        );
+        assert_eq!(RouterConfig::from_yaml(&yaml).unwrap(), cfg);
+    }
+}
