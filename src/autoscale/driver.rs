@@ -278,6 +278,7 @@ impl Autoscaler {
                 .filter(|p| p.state == PodState::Unschedulable)
                 .count() as i32,
             mode: policy.mode,
+            burst_mode: policy.burst.mode,
             scaled,
             cold_start_seconds: state.cold_start.seconds(),
             now: Time(

@@ -6,8 +6,8 @@ use serde::Serialize;
 
 use super::decide::{Decision, MetricsState};
 use crate::api::{
-    CAPACITY_EXHAUSTED, DesiredCondition, InferenceService, MetricsSnapshot, PolicyMode,
-    SCALING_ACTIVE, ScaleDecisionRecord, settle_condition,
+    BURSTING, BurstMode, BurstStatus, CAPACITY_EXHAUSTED, DesiredCondition, InferenceService,
+    MetricsSnapshot, PolicyMode, SCALING_ACTIVE, ScaleDecisionRecord, settle_condition,
 };
 
 /// Decisions kept in status.
@@ -27,6 +27,7 @@ pub struct AutoscalerStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_start_seconds: Option<i64>,
     pub decisions: Vec<ScaleDecisionRecord>,
+    pub burst: BurstStatus,
     pub conditions: Vec<Condition>,
 }
 
@@ -36,6 +37,7 @@ pub struct TickFacts<'a> {
     pub current: i32,
     pub unschedulable: i32,
     pub mode: PolicyMode,
+    pub burst_mode: BurstMode,
     /// Whether the replicas were changed this tick (always false in Advisory mode).
     pub scaled: bool,
     pub cold_start_seconds: Option<i64>,
@@ -110,6 +112,44 @@ fn conditions(d: &Decision, mode: PolicyMode) -> [DesiredCondition; 2] {
     [active, exhausted]
 }
 
+/// Whether overflow may go to providers now, in the controller's view: providers exist, the
+/// router runs, and the burst mode allows it while capacity is exhausted. (Under `Saturated`
+/// the routers may also spill briefly whenever every engine is momentarily full.)
+fn bursting(isvc: &InferenceService, d: &Decision, mode: BurstMode) -> DesiredCondition {
+    let has_providers = isvc.spec.router.enabled
+        && isvc
+            .spec
+            .burst
+            .as_ref()
+            .is_some_and(|b| !b.providers.is_empty());
+    match d.exhausted {
+        _ if !has_providers => DesiredCondition::new(
+            BURSTING,
+            false,
+            "NoProviders",
+            "no burst providers configured",
+        ),
+        _ if mode == BurstMode::Never => DesiredCondition::new(
+            BURSTING,
+            false,
+            "BurstDisabled",
+            "the policy's burst mode is Never",
+        ),
+        Some(r) => DesiredCondition::new(
+            BURSTING,
+            true,
+            r.as_str(),
+            "in-cluster capacity is exhausted: overflow goes to the burst providers",
+        ),
+        None => DesiredCondition::new(
+            BURSTING,
+            false,
+            "CapacityAvailable",
+            "local engines have room",
+        ),
+    }
+}
+
 /// Builds the autoscaler's status for `isvc` after a tick.
 pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> AutoscalerStatus {
     let prev = isvc.status.clone().unwrap_or_default();
@@ -131,6 +171,21 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
     let overflow = decisions.len().saturating_sub(HISTORY_LEN);
     decisions.drain(..overflow);
     let generation = isvc.metadata.generation;
+    let mut conditions: Vec<Condition> = conditions(d, facts.mode)
+        .iter()
+        .chain(std::iter::once(&bursting(isvc, d, facts.burst_mode)))
+        .map(|c| settle_condition(&prev.conditions, c, &facts.now, generation))
+        .collect();
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    let burst_cond = conditions
+        .iter()
+        .find(|c| c.type_ == BURSTING)
+        .expect("just added");
+    let burst = BurstStatus {
+        active: burst_cond.status == "True",
+        reason: Some(burst_cond.reason.clone()),
+        since: Some(burst_cond.last_transition_time.clone()),
+    };
     AutoscalerStatus {
         desired_replicas: d.desired,
         unschedulable_replicas: facts.unschedulable,
@@ -149,10 +204,8 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
         },
         cold_start_seconds: facts.cold_start_seconds.or(prev.cold_start_seconds),
         decisions,
-        conditions: conditions(d, facts.mode)
-            .iter()
-            .map(|c| settle_condition(&prev.conditions, c, &facts.now, generation))
-            .collect(),
+        burst,
+        conditions,
     }
 }
 
@@ -217,6 +270,7 @@ mod tests {
             current,
             unschedulable: 0,
             mode: PolicyMode::Active,
+            burst_mode: BurstMode::Saturated,
             scaled,
             cold_start_seconds: Some(200),
             now: t(now),
@@ -299,6 +353,37 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(autoscaler_status(&isvc, &f).decisions.len(), 1);
+    }
+
+    #[test]
+    fn bursting_follows_exhaustion_mode_and_providers() {
+        let mut isvc = isvc_from_yaml(&minimal_isvc_yaml("a"));
+        let mut d = decision(&[Some(1.0)], 1);
+        d.exhausted = Some(ExhaustedReason::MaxReplicas);
+        let s = autoscaler_status(&isvc, &facts(&d, 1, false, 1));
+        assert!(!s.burst.active, "no providers, no burst");
+        assert_eq!(s.burst.reason.as_deref(), Some("NoProviders"));
+        isvc.spec.router.enabled = true;
+        isvc.spec.burst = Some(serde_json::from_value(serde_json::json!({"providers": [
+            {"name": "p", "url": "https://x/v1", "model": "m", "apiKeySecretRef": {"name": "s", "key": "k"}}]})).unwrap());
+        let s = autoscaler_status(&isvc, &facts(&d, 1, false, 5));
+        assert!(s.burst.active);
+        assert_eq!(s.burst.reason.as_deref(), Some("MaxReplicas"));
+        assert_eq!(s.burst.since, Some(t(5)));
+        let c = find_condition(&s.conditions, BURSTING).unwrap();
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "MaxReplicas")
+        );
+        let mut never = facts(&d, 1, false, 6);
+        never.burst_mode = BurstMode::Never;
+        assert!(!autoscaler_status(&isvc, &never).burst.active);
+        d.exhausted = None;
+        let s = autoscaler_status(&isvc, &facts(&d, 1, false, 7));
+        assert_eq!(
+            (s.burst.active, s.burst.reason.as_deref()),
+            (false, Some("CapacityAvailable"))
+        );
     }
 
     #[test]

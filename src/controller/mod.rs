@@ -5,6 +5,7 @@ pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod render;
+pub mod render_router;
 pub mod status;
 #[cfg(test)]
 pub(crate) mod testdata;
@@ -55,6 +56,9 @@ pub struct ControllerArgs {
     /// This replica's identity in the Lease (default: the pod name, from POD_NAME or HOSTNAME).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// Image of the per-service router Deployments (the spillway image).
+    #[arg(long, env = "SPILLWAY_ROUTER_IMAGE", default_value = concat!("ghcr.io/spillway-dev/spillway:", env!("CARGO_PKG_VERSION")))]
+    pub router_image: String,
     /// Most engine metrics scrapes in flight at once, across all services.
     #[arg(long, default_value_t = 256)]
     pub max_concurrent_scrapes: usize,
@@ -240,6 +244,7 @@ async fn run_controllers(
         metrics,
         settings: Settings {
             cluster_domain: args.cluster_domain.clone(),
+            router_image: args.router_image.clone(),
         },
         leader: leader.clone(),
         failures: Default::default(),

@@ -6,9 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
@@ -21,6 +23,7 @@ use super::metrics::Metrics;
 use super::render::{
     self, FIELD_MANAGER, REPLICAS_FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url,
 };
+use super::render_router::RouterObjects;
 use super::status::{
     EngineReplicas, Problem, current_policy_status, current_reconcile_status, new_problems,
     policy_status, reconcile_status,
@@ -60,6 +63,8 @@ impl Error {
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub cluster_domain: String,
+    /// Image of the per-service routers.
+    pub router_image: String,
 }
 
 /// Everything reconcile needs; shared by all reconciliations.
@@ -193,7 +198,8 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     } else {
         let rendered = render::render(&RenderInput {
             isvc: &isvc,
-            cluster_domain: &ctx.settings.cluster_domain,
+            policy: &policy,
+            router_image: &ctx.settings.router_image,
         })?;
         match ensure_objects(&ctx, &isvc, &rendered, &policy, &mut problems).await {
             Ok(engine) => engine,
@@ -253,6 +259,42 @@ fn engine_replicas(d: &Deployment) -> EngineReplicas {
     }
 }
 
+/// An owned object, type-erased so one loop creates-or-applies every kind.
+struct Owned {
+    kind: &'static str,
+    resource: ApiResource,
+    object: DynamicObject,
+}
+
+fn owned<K>(obj: &K) -> Result<Owned, Error>
+where
+    K: Resource<DynamicType = ()> + Serialize,
+{
+    let object = serde_json::to_value(obj)
+        .and_then(serde_json::from_value)
+        .map_err(|e| Error::Render(render::RenderError::Serialize(e.to_string())))?;
+    Ok(Owned {
+        kind: match K::kind(&()) {
+            std::borrow::Cow::Borrowed(k) => k,
+            std::borrow::Cow::Owned(_) => "object",
+        },
+        resource: ApiResource::erase::<K>(&()),
+        object,
+    })
+}
+
+/// The router's objects in apply order (config and RBAC before the pods that use them).
+fn router_objects(r: &RouterObjects) -> Result<Vec<Owned>, Error> {
+    Ok(vec![
+        owned(&r.config_map)?,
+        owned(&r.service_account)?,
+        owned(&r.role)?,
+        owned(&r.role_binding)?,
+        owned(&r.deployment)?,
+        owned(&r.pdb)?,
+    ])
+}
+
 /// Creates or applies every owned object that is ours; an object of the same name owned by
 /// anyone else is left alone and reported.
 async fn ensure_objects(
@@ -264,7 +306,6 @@ async fn ensure_objects(
 ) -> Result<Option<EngineReplicas>, Error> {
     let ns = isvc.namespace().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
 
     let engine_name = rendered
         .engine_deployment
@@ -322,22 +363,110 @@ async fn ensure_objects(
         }
     };
 
-    for svc in [&rendered.engine_service, &rendered.client_service] {
-        let svc_name = svc.metadata.name.clone().unwrap_or_default();
-        match services.get_opt(&svc_name).await? {
+    ensure_owned(ctx, isvc, vec![owned(&rendered.engine_service)?], problems).await?;
+    match &rendered.router {
+        Some(r) => {
+            check_provider_secrets(ctx, isvc, problems).await?;
+            ensure_owned(ctx, isvc, router_objects(r)?, problems).await?;
+        }
+        None => remove_router(ctx, isvc, &ns).await?,
+    }
+    // Last: clients move to the router only once it exists.
+    ensure_owned(ctx, isvc, vec![owned(&rendered.client_service)?], problems).await?;
+    Ok(engine)
+}
+
+/// Applies each object unless one of the same name belongs to someone else.
+async fn ensure_owned(
+    ctx: &Context,
+    isvc: &InferenceService,
+    objects: Vec<Owned>,
+    problems: &mut Vec<Problem>,
+) -> Result<(), Error> {
+    let ns = isvc.namespace().unwrap_or_default();
+    for o in objects {
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &o.resource);
+        let name = o.object.metadata.name.clone().unwrap_or_default();
+        match api.get_opt(&name).await? {
             Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
-                problems.push(Problem::ObjectConflict(format!("Service {ns}/{svc_name}")));
+                problems.push(Problem::ObjectConflict(format!("{} {ns}/{name}", o.kind)));
             }
             _ => {
-                apply(&services, svc).await.map_err(|source| Error::Apply {
-                    kind: "Service",
-                    name: svc_name.clone(),
-                    source,
-                })?;
+                apply(&api, &o.object)
+                    .await
+                    .map_err(|source| Error::Apply {
+                        kind: o.kind,
+                        name: name.clone(),
+                        source,
+                    })?;
             }
         }
     }
-    Ok(engine)
+    Ok(())
+}
+
+/// A provider whose key Secret is missing is reported (the router starts without that key and
+/// serves locally); the Secret's content is never read, only whether it exists.
+async fn check_provider_secrets(
+    ctx: &Context,
+    isvc: &InferenceService,
+    problems: &mut Vec<Problem>,
+) -> Result<(), Error> {
+    let Some(burst) = &isvc.spec.burst else {
+        return Ok(());
+    };
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &isvc.namespace().unwrap_or_default());
+    for p in &burst.providers {
+        if secrets
+            .get_metadata_opt(&p.api_key_secret_ref.name)
+            .await?
+            .is_none()
+        {
+            problems.push(Problem::SecretNotFound(
+                p.name.clone(),
+                p.api_key_secret_ref.name.clone(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `router.enabled: false`: removes a router this service owned before (Service `<name>` is
+/// pointed back at the engines by the same pass).
+async fn remove_router(ctx: &Context, isvc: &InferenceService, ns: &str) -> Result<(), Error> {
+    let name = super::render_router::router_name(&isvc.name_any());
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
+    let Some(existing) = deployments.get_opt(&name).await? else {
+        return Ok(());
+    };
+    if !is_owned_by(&existing.metadata, isvc) {
+        return Ok(());
+    }
+    let kinds = [
+        ApiResource::erase::<Deployment>(&()),
+        ApiResource::erase::<PodDisruptionBudget>(&()),
+        ApiResource::erase::<RoleBinding>(&()),
+        ApiResource::erase::<Role>(&()),
+        ApiResource::erase::<ServiceAccount>(&()),
+        ApiResource::erase::<ConfigMap>(&()),
+    ];
+    for ar in kinds {
+        let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);
+        match api.delete(&name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    ctx.event(
+        isvc,
+        EventType::Normal,
+        "RouterRemoved",
+        format!("router.enabled is false: removed {name}"),
+    )
+    .await;
+    Ok(())
 }
 
 /// Writes reconcile's status fields (server-side apply on the status subresource) if they changed,

@@ -16,7 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use crate::api::{InferenceService, InferenceServiceSpec};
+use super::render_router::{RouterObjects, render_router};
+use crate::api::{InferenceService, InferenceServiceSpec, ScalingPolicySpec};
 
 /// Server-side apply field manager of everything reconcile writes.
 pub const FIELD_MANAGER: &str = "spillway";
@@ -45,8 +46,10 @@ pub fn engine_name(isvc_name: &str) -> String {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RenderInput<'a> {
     pub isvc: &'a InferenceService,
-    /// Kubernetes cluster DNS domain, for the service URL.
-    pub cluster_domain: &'a str,
+    /// The effective scaling policy (its burst settings go into the router config).
+    pub policy: &'a ScalingPolicySpec,
+    /// Image of the per-service router.
+    pub router_image: &'a str,
 }
 
 /// Every object a service owns, rendered.
@@ -56,8 +59,10 @@ pub struct Rendered {
     pub engine_deployment: Deployment,
     /// Headless Service over the engine pods (the router reads its EndpointSlices).
     pub engine_service: Service,
-    /// The stable client Service `<name>`.
+    /// The stable client Service `<name>`: to the router, or to the engines without one.
     pub client_service: Service,
+    /// The router's objects, unless `router.enabled` is false.
+    pub router: Option<RouterObjects>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -66,6 +71,8 @@ pub enum RenderError {
     NoNamespace,
     #[error("InferenceService has no uid yet (not read from the API server)")]
     NoUid,
+    #[error("serialising an owned object: {0}")]
+    Serialize(String),
 }
 
 /// Renders every owned object.
@@ -128,12 +135,20 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         status: None,
     };
 
-    // Until the router lands, clients reach the engines directly.
+    let router = isvc
+        .spec
+        .router
+        .enabled
+        .then(|| render_router(isvc, input.policy, input.router_image, &ns, &owner));
+    // Both the router and engine containers name their port "http".
     let client_service = Service {
         metadata: meta(&name, "endpoint"),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            selector: Some(selector_labels(&name, "engine")),
+            selector: Some(selector_labels(
+                &name,
+                if router.is_some() { "router" } else { "engine" },
+            )),
             ports: Some(vec![ServicePort {
                 name: Some("http".into()),
                 port: CLIENT_PORT,
@@ -150,6 +165,7 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         engine_deployment,
         engine_service,
         client_service,
+        router,
     })
 }
 
@@ -177,7 +193,7 @@ pub fn labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
 }
 
 /// The immutable subset used in selectors (a Deployment's selector can never change).
-fn selector_labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
+pub(crate) fn selector_labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (LABEL_INSTANCE.to_string(), isvc_name.to_string()),
         (LABEL_COMPONENT.to_string(), component.to_string()),
@@ -321,7 +337,8 @@ spec:
         let isvc = isvc_from_yaml(ISVC);
         render(&RenderInput {
             isvc: &isvc,
-            cluster_domain: "cluster.local",
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
         })
         .unwrap()
     }
@@ -385,7 +402,8 @@ spec:
         isvc.spec.engine.resources = None;
         let r = render(&RenderInput {
             isvc: &isvc,
-            cluster_domain: "cluster.local",
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
         })
         .unwrap();
         assert_eq!(engine_container(&r).resources.unwrap().limits, None);
@@ -481,7 +499,22 @@ spec:
         let cs = r.client_service.spec.unwrap();
         assert_eq!(r.client_service.metadata.name.as_deref(), Some("llama-8b"));
         assert_eq!(cs.ports.as_ref().unwrap()[0].port, 80);
-        assert_eq!(cs.selector.unwrap()[LABEL_COMPONENT], "engine");
+        // With the router (the default), clients reach it; without, the engines.
+        assert_eq!(cs.selector.unwrap()[LABEL_COMPONENT], "router");
+        assert!(r.router.is_some());
+        let mut isvc = isvc_from_yaml(ISVC);
+        isvc.spec.router.enabled = false;
+        let direct = render(&RenderInput {
+            isvc: &isvc,
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
+        })
+        .unwrap();
+        assert!(direct.router.is_none());
+        assert_eq!(
+            direct.client_service.spec.unwrap().selector.unwrap()[LABEL_COMPONENT],
+            "engine"
+        );
         assert_eq!(
             service_url("llama-8b", "ml", "cluster.local"),
             "http://llama-8b.ml.svc.cluster.local"
@@ -515,7 +548,8 @@ spec:
         isvc.metadata.uid = None;
         let err = render(&RenderInput {
             isvc: &isvc,
-            cluster_domain: "cluster.local",
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
         })
         .unwrap_err();
         assert_eq!(err, RenderError::NoUid);

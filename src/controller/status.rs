@@ -18,6 +18,8 @@ pub enum Problem {
     ObjectConflict(String),
     /// Writing an owned object failed.
     ApplyFailed(String),
+    /// A burst provider's API key Secret does not exist (provider, Secret).
+    SecretNotFound(String, String),
 }
 
 impl Problem {
@@ -29,6 +31,7 @@ impl Problem {
             Problem::InvalidPolicy(..) => "InvalidPolicy",
             Problem::ObjectConflict(_) => "ObjectConflict",
             Problem::ApplyFailed(_) => "ApplyFailed",
+            Problem::SecretNotFound(..) => "SecretNotFound",
         }
     }
 
@@ -49,6 +52,9 @@ impl Problem {
                 format!("{m} exists and is not owned by this InferenceService; left alone")
             }
             Problem::ApplyFailed(m) => format!("applying owned objects failed: {m}"),
+            Problem::SecretNotFound(p, s) => format!(
+                "burst provider {p:?}: Secret {s:?} not found; the router serves locally and skips this provider until it exists"
+            ),
         }
     }
 }

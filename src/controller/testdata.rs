@@ -24,6 +24,7 @@ metadata: {{name: {name}, namespace: ml, uid: uid-{name}, generation: 1}}
 spec:
   model: {{name: m}}
   engine: {{image: "engine:1", gpus: 1}}
+  router: {{enabled: false}}
 "#
     )
 }

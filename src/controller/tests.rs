@@ -43,6 +43,7 @@ fn harness(leader: bool) -> Harness {
         metrics: Arc::new(Metrics::default()),
         settings: Settings {
             cluster_domain: "cluster.local".into(),
+            router_image: "spillway:test".into(),
         },
         leader: leader_rx,
         failures: Default::default(),
@@ -81,7 +82,8 @@ fn deployment_json(isvc: &InferenceService, replicas: i32, ready: i32) -> Value 
     let mut d = serde_json::to_value(
         super::render::render(&super::render::RenderInput {
             isvc,
-            cluster_domain: "cluster.local",
+            policy: &crate::api::ScalingPolicySpec::default(),
+            router_image: "spillway:test",
         })
         .unwrap()
         .engine_deployment,
@@ -112,6 +114,9 @@ async fn expect_services_applied(api: &mut ApiServer, name: &str) -> (Seen, Seen
             StatusCode::OK,
             Value::Null,
         )
+        .await;
+    // No router (the fixture disables it): one look for a router this service owned before.
+    api.not_found(&format!("{NS}/deployments/{name}-router"))
         .await;
     api.not_found(&format!("{CORE}/services/{name}")).await;
     let client = api
@@ -387,6 +392,8 @@ async fn an_object_owned_by_someone_else_is_not_overwritten() {
         Value::Null,
     )
     .await;
+    api.not_found(&format!("{NS}/deployments/llama-router"))
+        .await;
     // A user's own Service named like our client Service: read, never patched.
     api.expect(
         Method::GET,
@@ -647,5 +654,181 @@ mod leader_election {
         )
         .await;
         assert!(!round.await.unwrap().unwrap());
+    }
+}
+
+mod router_objects {
+    use super::*;
+
+    fn with_router_and_burst() -> InferenceService {
+        isvc_from_yaml(
+            r#"
+apiVersion: spillway.dev/v1alpha1
+kind: InferenceService
+metadata: {name: llama, namespace: ml, uid: uid-llama, generation: 1}
+spec:
+  model: {name: m}
+  engine: {image: "engine:1", maxConcurrency: 8}
+  burst:
+    providers:
+    - {name: together, url: "https://api.together.xyz/v1", model: turbo, apiKeySecretRef: {name: together-key, key: api-key}}
+"#,
+        )
+    }
+
+    /// Expects `GET` (absent) then a server-side apply of `path`; returns the applied body.
+    async fn absent_then_applied(api: &mut ApiServer, path: &str) -> Seen {
+        api.not_found(path).await;
+        let seen = api
+            .expect(Method::PATCH, path, StatusCode::OK, Value::Null)
+            .await;
+        assert_server_side_apply(&seen);
+        assert_eq!(
+            seen.body["metadata"]["ownerReferences"][0]["uid"],
+            "uid-llama"
+        );
+        seen
+    }
+
+    #[tokio::test]
+    async fn router_config_rbac_and_pdb_are_applied_and_a_missing_secret_degrades() {
+        let Harness { ctx, mut api, .. } = harness(true);
+        let isvc = with_router_and_burst();
+        let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+
+        api.not_found(&format!("{NS}/deployments/llama-engine"))
+            .await;
+        api.expect(
+            Method::POST,
+            &format!("{NS}/deployments"),
+            StatusCode::CREATED,
+            deployment_json(&isvc, 1, 0),
+        )
+        .await;
+        absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
+        // The provider's Secret is missing: looked up by name (metadata only), never listed.
+        api.not_found(&format!("{CORE}/secrets/together-key")).await;
+        let cm = absent_then_applied(&mut api, &format!("{CORE}/configmaps/llama-router")).await;
+        let config = cm.body["data"]["router.yaml"].as_str().unwrap();
+        let parsed = crate::router::config::RouterConfig::from_yaml(config).unwrap();
+        assert_eq!(parsed.max_concurrency_per_backend, 8);
+        assert_eq!(
+            parsed.burst.providers[0].api_key_file.as_deref(),
+            Some("/etc/spillway/keys/together")
+        );
+        assert!(
+            !config.contains("together-key"),
+            "no Secret name or value in the ConfigMap"
+        );
+        absent_then_applied(&mut api, &format!("{CORE}/serviceaccounts/llama-router")).await;
+        let role = absent_then_applied(
+            &mut api,
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/llama-router",
+        )
+        .await;
+        let rules = role.body["rules"].as_array().unwrap();
+        assert!(
+            rules
+                .iter()
+                .all(|r| r["verbs"] == json!(["get", "list", "watch"])),
+            "read-only"
+        );
+        assert!(
+            !rules.iter().any(|r| r["resources"][0] == "secrets"),
+            "the router never reads Secrets"
+        );
+        absent_then_applied(
+            &mut api,
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/llama-router",
+        )
+        .await;
+        let dep = absent_then_applied(&mut api, &format!("{NS}/deployments/llama-router")).await;
+        assert_eq!(dep.body["spec"]["replicas"], 2);
+        let pod = &dep.body["spec"]["template"]["spec"];
+        assert_eq!(pod["serviceAccountName"], "llama-router");
+        assert_eq!(pod["containers"][0]["image"], "spillway:test");
+        let keys = &pod["volumes"][0]["projected"]["sources"][0]["secret"];
+        assert_eq!(
+            (keys["name"].as_str(), keys["optional"].as_bool()),
+            (Some("together-key"), Some(true))
+        );
+        absent_then_applied(
+            &mut api,
+            "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router",
+        )
+        .await;
+        let svc = absent_then_applied(&mut api, &format!("{CORE}/services/llama")).await;
+        assert_eq!(
+            svc.body["spec"]["selector"]["app.kubernetes.io/component"],
+            "router"
+        );
+
+        let status = api
+            .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+            .await;
+        let d = condition(&status.body["status"], "Degraded");
+        assert_eq!(d["reason"], "SecretNotFound");
+        assert!(d["message"].as_str().unwrap().contains("together-key"));
+        r.await.unwrap().unwrap();
+        api.done().await;
+    }
+
+    #[tokio::test]
+    async fn disabling_the_router_removes_it_and_points_clients_at_the_engines() {
+        let Harness { ctx, mut api, .. } = harness(true);
+        let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama")); // router.enabled: false
+        let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+        api.expect(
+            Method::GET,
+            &format!("{NS}/deployments/llama-engine"),
+            StatusCode::OK,
+            deployment_json(&isvc, 1, 1),
+        )
+        .await;
+        api.expect(
+            Method::PATCH,
+            &format!("{NS}/deployments/llama-engine"),
+            StatusCode::OK,
+            deployment_json(&isvc, 1, 1),
+        )
+        .await;
+        absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
+        // A router this service owned exists from before: everything of it is deleted.
+        let mut router = deployment_json(&isvc, 2, 2);
+        router["metadata"]["name"] = json!("llama-router");
+        api.expect(
+            Method::GET,
+            &format!("{NS}/deployments/llama-router"),
+            StatusCode::OK,
+            router,
+        )
+        .await;
+        for path in [
+            format!("{NS}/deployments/llama-router"),
+            "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router".to_string(),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/llama-router"
+                .to_string(),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/llama-router".to_string(),
+            format!("{CORE}/serviceaccounts/llama-router"),
+            format!("{CORE}/configmaps/llama-router"),
+        ] {
+            api.expect(
+                Method::DELETE,
+                &path,
+                StatusCode::OK,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            )
+            .await;
+        }
+        let svc = absent_then_applied(&mut api, &format!("{CORE}/services/llama")).await;
+        assert_eq!(
+            svc.body["spec"]["selector"]["app.kubernetes.io/component"],
+            "engine"
+        );
+        api.expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+            .await;
+        r.await.unwrap().unwrap();
+        let events = api.done().await;
+        assert!(events.iter().any(|e| e["reason"] == "RouterRemoved"));
     }
 }
