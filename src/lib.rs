@@ -12,4 +12,5 @@ pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;
 pub mod router;
+pub mod sim;
 pub mod telemetry;

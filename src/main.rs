@@ -20,6 +20,8 @@ enum Command {
         #[arg(long)]
         out_dir: Option<std::path::PathBuf>,
     },
+    /// Replay a traffic trace against an InferenceService and ScalingPolicy (no cluster needed).
+    Simulate(spillway::sim::SimulateArgs),
     /// Run a simulated inference engine (OpenAI-compatible API, vLLM-style metrics).
     EngineSim(spillway::engine_sim::EngineSimArgs),
 }
@@ -48,6 +50,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spillway::telemetry::init(&cli.log)?;
             spillway::controller::run(args).await
         }
+        Command::Simulate(args) => spillway::sim::run(args),
         Command::EngineSim(args) => {
             spillway::telemetry::init(&cli.log)?;
             spillway::engine_sim::run(args).await

@@ -45,7 +45,9 @@ pub struct Observed {
     pub starting: i32,
     /// Pods the scheduler cannot place (`PodScheduled=False`, reason `Unschedulable`).
     pub unschedulable: i32,
-    /// Requests waiting in the routers, summed; `None` when no router reported.
+    /// The routers' overflow, summed: requests waiting in their queues plus requests they have
+    /// in flight at burst providers (demand the engines could not take); `None` when no router
+    /// reported.
     pub router_queue: Option<f64>,
     /// When the service was created, for launch over-provisioning.
     pub created_at: Millis,

@@ -25,6 +25,9 @@ use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 
 /// The gauge the router exposes for requests queued in it.
 pub const ROUTER_QUEUE_METRIC: &str = "spillway_router_queue_length";
+/// The gauge of requests a router has in flight at burst providers: demand the engines could
+/// not take, which counts into queue depth so the autoscaler sees what burst absorbed.
+pub const ROUTER_BURST_IN_FLIGHT_METRIC: &str = "spillway_router_burst_in_flight";
 
 /// The DCGM exporter's framebuffer gauges (MiB).
 pub const DCGM_FB_USED: &str = "DCGM_FI_DEV_FB_USED";
@@ -291,15 +294,20 @@ fn ratio(used: Option<f64>, total: Option<f64>) -> Option<f64> {
     }
 }
 
-/// The router's queue length: the sum of `spillway_router_queue_length` series, `None` if absent.
+/// The router's overflow: its queue length plus its requests in flight at burst providers
+/// (each summed over series). `None` if the queue gauge is absent (not a spillway router); an
+/// absent burst gauge (no providers) adds nothing.
 pub fn router_queue(text: &str) -> Result<Option<f64>, ParseError> {
-    let mut sum = Sum::default();
+    let mut queue = Sum::default();
+    let mut burst = Sum::default();
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
-            sum.add(s.value);
+            queue.add(s.value);
+        } else if s.name == ROUTER_BURST_IN_FLIGHT_METRIC {
+            burst.add(s.value);
         }
     })?;
-    Ok(sum.get())
+    Ok(queue.get().map(|q| q + burst.get().unwrap_or(0.0)))
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ pub struct BudgetTracker {
     pub max_spend_per_hour: Option<f64>,
     requests: VecDeque<Millis>,
     spend: VecDeque<(Millis, f64)>,
+    /// Sum of `spend`, kept up to date so a check is O(1) however busy the hour was.
+    spend_total: f64,
 }
 
 /// Cost of one response from its token usage.
@@ -49,8 +51,15 @@ impl BudgetTracker {
         while self.requests.front().is_some_and(|t| *t <= now - MINUTE) {
             self.requests.pop_front();
         }
-        while self.spend.front().is_some_and(|(t, _)| *t <= now - HOUR) {
+        while let Some(&(t, c)) = self.spend.front() {
+            if t > now - HOUR {
+                break;
+            }
             self.spend.pop_front();
+            self.spend_total -= c;
+        }
+        if self.spend.is_empty() {
+            self.spend_total = 0.0; // no float drift once the window empties
         }
     }
 
@@ -61,7 +70,7 @@ impl BudgetTracker {
 
     pub fn spend_last_hour(&mut self, now: Millis) -> f64 {
         self.prune(now);
-        self.spend.iter().map(|(_, c)| c).sum()
+        self.spend_total.max(0.0)
     }
 
     /// Whether one more request may go to a provider now.
@@ -70,9 +79,8 @@ impl BudgetTracker {
         let rpm_ok = self
             .max_requests_per_minute
             .is_none_or(|m| self.requests.len() < m as usize);
-        let spend_ok = self
-            .max_spend_per_hour
-            .is_none_or(|m| self.spend.iter().map(|(_, c)| c).sum::<f64>() < m);
+        let spend = self.spend_total;
+        let spend_ok = self.max_spend_per_hour.is_none_or(|m| spend < m);
         rpm_ok && spend_ok
     }
 
@@ -85,6 +93,7 @@ impl BudgetTracker {
     pub fn record_spend(&mut self, now: Millis, cost: f64) {
         if cost > 0.0 {
             self.spend.push_back((now, cost));
+            self.spend_total += cost;
         }
     }
 }

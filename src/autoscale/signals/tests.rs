@@ -358,3 +358,14 @@ spillway_router_queue_length 6
         1
     );
 }
+
+#[test]
+fn router_overflow_counts_burst_in_flight() {
+    let page = "spillway_router_queue_length 2\nspillway_router_burst_in_flight{provider=\"a\"} 5\nspillway_router_burst_in_flight{provider=\"b\"} 1\n";
+    assert_eq!(router_queue(page).unwrap(), Some(8.0));
+    // Without the queue gauge this is not a spillway router page.
+    assert_eq!(
+        router_queue("spillway_router_burst_in_flight 3\n").unwrap(),
+        None
+    );
+}

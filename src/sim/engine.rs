@@ -1,0 +1,766 @@
+//! The simulation: discrete events, deterministic per seed. Every scaling decision is the real
+//! `autoscale::decide::decide()`, every request goes through the real `router::admission::admit()`
+//! with the real budget; only the engines, the scheduler, cold starts and providers are modelled.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+
+use serde::Serialize;
+
+use super::trace::Trace;
+use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
+use crate::autoscale::decide::{
+    Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide,
+};
+use crate::engine_sim::faults::SplitMix64;
+use crate::router::admission::{Admission, AdmissionInput, BackendLoad, ProviderLoad, admit};
+use crate::router::budget::{BudgetTracker, cost, parse_spend};
+
+/// The parts of the world the simulator models, with defaults close to a real GPU service.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelParams {
+    /// Mean prompt tokens per request (cost only).
+    pub prompt_tokens: u32,
+    /// Mean output tokens per request (each request draws uniformly from 0.5× to 1.5×).
+    pub output_tokens: u32,
+    /// Output tokens per second per running sequence on a GPU replica.
+    pub tokens_per_second: f64,
+    /// Time to first token on a free slot, milliseconds.
+    pub prefill_ms: u64,
+    /// Cold start (pod scheduled → ready), drawn uniformly from this range, seconds.
+    pub cold_start_s: (f64, f64),
+    /// Engine replicas the cluster can schedule; more stay Unschedulable.
+    pub gpu_quota: Option<u32>,
+    /// Provider time to first token, milliseconds.
+    pub provider_ttft_ms: u64,
+    /// Provider output tokens per second per request.
+    pub provider_tokens_per_second: f64,
+    /// Price of one GPU for an hour.
+    pub gpu_hour_price: f64,
+    /// Time-to-first-token objective, milliseconds.
+    pub slo_ms: u64,
+    pub seed: u64,
+}
+
+impl Default for ModelParams {
+    fn default() -> Self {
+        Self {
+            prompt_tokens: 512,
+            output_tokens: 256,
+            tokens_per_second: 40.0,
+            prefill_ms: 150,
+            cold_start_s: (180.0, 300.0),
+            gpu_quota: None,
+            provider_ttft_ms: 400,
+            provider_tokens_per_second: 120.0,
+            gpu_hour_price: 2.5,
+            slo_ms: 2000,
+            seed: 1,
+        }
+    }
+}
+
+/// One row of the timeline, per autoscaler tick.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TimelinePoint {
+    pub t_s: f64,
+    pub desired: i32,
+    pub ready: u32,
+    pub starting: u32,
+    pub unschedulable: u32,
+    pub queue: u32,
+    pub local_in_flight: u32,
+    pub burst_rps: f64,
+    pub rejected: u64,
+    pub offered_rps: f64,
+}
+
+/// Requests by where they went.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Outcomes {
+    pub total: u64,
+    pub local: u64,
+    pub by_provider: Vec<(String, u64)>,
+    pub rejected: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SimResult {
+    pub outcomes: Outcomes,
+    /// Time to first token percentiles over served requests, milliseconds.
+    pub ttft_p50_ms: u64,
+    pub ttft_p95_ms: u64,
+    pub ttft_p99_ms: u64,
+    /// Share of all requests (rejected count as misses) served within the SLO.
+    pub slo_attainment: f64,
+    pub peak_replicas: i32,
+    pub mean_replicas: f64,
+    pub min_replicas_seen: i32,
+    pub scale_events: u32,
+    pub gpu_hours: f64,
+    pub gpu_cost: f64,
+    pub burst_spend: f64,
+    pub total_cost: f64,
+    /// Every request on the first provider, at its pricing (None without a priced provider).
+    pub all_managed_cost: Option<f64>,
+    /// `maxReplicas` GPUs for the whole run.
+    pub all_gpu_at_max_cost: f64,
+    /// Ticks during which the decision said capacity was exhausted.
+    pub exhausted_ticks: u32,
+    pub max_requests_per_minute_to_providers: usize,
+    pub max_spend_per_hour: f64,
+    #[serde(skip)]
+    pub timeline: Vec<TimelinePoint>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodState {
+    Starting { ready_at: Millis },
+    Unschedulable,
+    Ready,
+    Draining,
+    Gone,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pod {
+    state: PodState,
+    outstanding: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Ev {
+    LocalDone {
+        pod: u32,
+    },
+    /// `cost` in micro-units of currency (exact arithmetic in the heap key).
+    ProviderDone {
+        provider: u32,
+        cost_micros: u64,
+    },
+    PodReady {
+        pod: u32,
+    },
+    QueueCheck,
+    Tick,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Queued {
+    arrival: Millis,
+    prompt: u32,
+    output: u32,
+}
+
+struct Provider {
+    name: String,
+    in_flight: u32,
+    max: u32,
+    served: u64,
+    pricing: Option<crate::api::Pricing>,
+}
+
+/// Time-to-first-token histogram with 1 ms buckets up to ten minutes (exact percentiles,
+/// no per-request storage).
+struct Histogram {
+    buckets: Vec<u32>,
+    count: u64,
+}
+
+impl Histogram {
+    const MAX_MS: usize = 600_000;
+    fn new() -> Self {
+        Self {
+            buckets: vec![0; Self::MAX_MS + 1],
+            count: 0,
+        }
+    }
+    fn record(&mut self, ms: Millis) {
+        self.buckets[(ms.max(0) as usize).min(Self::MAX_MS)] += 1;
+        self.count += 1;
+    }
+    fn percentile(&self, q: f64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        let rank = ((self.count as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0u64;
+        for (ms, n) in self.buckets.iter().enumerate() {
+            seen += *n as u64;
+            if seen >= rank {
+                return ms as u64;
+            }
+        }
+        Self::MAX_MS as u64
+    }
+    fn at_most(&self, ms: u64) -> u64 {
+        self.buckets
+            .iter()
+            .take(ms as usize + 1)
+            .map(|n| *n as u64)
+            .sum()
+    }
+}
+
+struct Sim<'a> {
+    policy: &'a ScalingPolicySpec,
+    params: &'a ModelParams,
+    now: Millis,
+    seq: u64,
+    heap: BinaryHeap<Reverse<(Millis, u64, Ev)>>,
+    /// Arrivals and request sizes: one stream, so every policy sees the same requests.
+    rng: SplitMix64,
+    /// Cold starts: a separate stream, so scaling differently never shifts the arrivals.
+    cold_rng: SplitMix64,
+    pods: Vec<Pod>,
+    ready: Vec<u32>,
+    desired: i32,
+    queue: VecDeque<Queued>,
+    providers: Vec<Provider>,
+    budget: BudgetTracker,
+    history: History,
+    exhausted: bool,
+    limit: u32,
+    queue_limit: u32,
+    queue_timeout_ms: u64,
+    max_queue_wait_ms: u64,
+    ttft: Histogram,
+    outcomes: Outcomes,
+    burst_since_tick: u64,
+    rejected_total: u64,
+    backends_buf: Vec<BackendLoad>,
+    providers_buf: Vec<ProviderLoad>,
+    burst_spend: f64,
+    max_rpm_seen: usize,
+    max_spend_hour_seen: f64,
+}
+
+impl Sim<'_> {
+    fn push(&mut self, at: Millis, ev: Ev) {
+        self.seq += 1;
+        self.heap.push(Reverse((at, self.seq, ev)));
+    }
+
+    fn rebuild_ready(&mut self) {
+        self.ready = (0..self.pods.len() as u32)
+            .filter(|&i| self.pods[i as usize].state == PodState::Ready)
+            .collect();
+    }
+
+    fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.rng.next_f64()
+    }
+
+    fn draw_tokens(&mut self, mean: u32) -> u32 {
+        (self.uniform(0.5, 1.5) * mean as f64).round().max(1.0) as u32
+    }
+
+    fn admission(&mut self, in_queue: bool, queued: u32, waited_ms: u64) -> Admission {
+        self.backends_buf.clear();
+        for &i in &self.ready {
+            self.backends_buf.push(BackendLoad {
+                outstanding: self.pods[i as usize].outstanding,
+                limit: self.limit,
+            });
+        }
+        self.providers_buf.clear();
+        for p in &self.providers {
+            self.providers_buf.push(ProviderLoad {
+                in_flight: p.in_flight,
+                max_concurrency: p.max,
+                breaker_allows: true,
+            });
+        }
+        let budget_allows = self.budget.allows(self.now);
+        admit(&AdmissionInput {
+            backends: &self.backends_buf,
+            providers: &self.providers_buf,
+            mode: self.policy.burst.mode,
+            capacity_exhausted: self.exhausted,
+            budget_allows,
+            queued,
+            queue_limit: self.queue_limit,
+            waited_ms,
+            max_queue_wait_ms: self.max_queue_wait_ms,
+            queue_timeout_ms: self.queue_timeout_ms,
+            in_queue,
+        })
+    }
+
+    /// Starts a request where admission sent it; returns false if it must wait.
+    fn dispatch(&mut self, a: Admission, req: Queued) -> bool {
+        let waited = self.now - req.arrival;
+        match a {
+            Admission::Local(i) => {
+                let pod = self.ready[i];
+                self.pods[pod as usize].outstanding += 1;
+                let service = self.params.prefill_ms as f64
+                    + req.output as f64 * 1000.0 / self.params.tokens_per_second;
+                self.push(self.now + service.round() as Millis, Ev::LocalDone { pod });
+                self.ttft.record(waited + self.params.prefill_ms as Millis);
+                self.outcomes.local += 1;
+                true
+            }
+            Admission::Provider(i) => {
+                let p = &mut self.providers[i];
+                p.in_flight += 1;
+                p.served += 1;
+                let c = cost(p.pricing.as_ref(), req.prompt as u64, req.output as u64);
+                self.budget.record_request(self.now);
+                self.max_rpm_seen = self
+                    .max_rpm_seen
+                    .max(self.budget.requests_last_minute(self.now));
+                let service = self.params.provider_ttft_ms as f64
+                    + req.output as f64 * 1000.0 / self.params.provider_tokens_per_second;
+                self.push(
+                    self.now + service.round() as Millis,
+                    Ev::ProviderDone {
+                        provider: i as u32,
+                        cost_micros: (c * 1e6).round() as u64,
+                    },
+                );
+                self.ttft
+                    .record(waited + self.params.provider_ttft_ms as Millis);
+                self.burst_since_tick += 1;
+                true
+            }
+            Admission::Reject(_) => {
+                self.outcomes.rejected += 1;
+                self.rejected_total += 1;
+                true
+            }
+            Admission::Queue => false,
+        }
+    }
+
+    fn arrive(&mut self) {
+        let req = Queued {
+            arrival: self.now,
+            prompt: self.draw_tokens(self.params.prompt_tokens),
+            output: self.draw_tokens(self.params.output_tokens),
+        };
+        self.outcomes.total += 1;
+        let a = self.admission(false, self.queue.len() as u32, 0);
+        if !self.dispatch(a, req) {
+            self.queue.push_back(req);
+            if self.max_queue_wait_ms > 0 {
+                self.push(self.now + self.max_queue_wait_ms as Millis, Ev::QueueCheck);
+            }
+            self.push(self.now + self.queue_timeout_ms as Millis, Ev::QueueCheck);
+        }
+    }
+
+    /// FIFO: only the head is re-evaluated, until it has to keep waiting.
+    fn serve_queue(&mut self) {
+        while let Some(&head) = self.queue.front() {
+            let waited = (self.now - head.arrival).max(0) as u64;
+            let a = self.admission(true, self.queue.len() as u32 - 1, waited);
+            if !self.dispatch(a, head) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+    }
+
+    fn active_pods(&self) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.state,
+                    PodState::Ready | PodState::Starting { .. } | PodState::Unschedulable
+                )
+            })
+            .count()
+    }
+
+    fn scheduled_pods(&self) -> usize {
+        self.pods
+            .iter()
+            .filter(|p| {
+                matches!(
+                    p.state,
+                    PodState::Ready | PodState::Starting { .. } | PodState::Draining
+                )
+            })
+            .count()
+    }
+
+    fn schedule_or_park(&mut self, idx: usize) {
+        let fits = self
+            .params
+            .gpu_quota
+            .is_none_or(|q| self.scheduled_pods() < q as usize);
+        if fits {
+            let (lo, hi) = self.params.cold_start_s;
+            let draw = lo + (hi - lo) * self.cold_rng.next_f64();
+            let ready_at = self.now + (draw * 1000.0).round() as Millis;
+            self.pods[idx].state = PodState::Starting { ready_at };
+            self.push(ready_at, Ev::PodReady { pod: idx as u32 });
+        } else {
+            self.pods[idx].state = PodState::Unschedulable;
+        }
+    }
+
+    /// Moves the pod set towards `desired` like a Deployment would.
+    fn reconcile_pods(&mut self) {
+        let mut active = self.active_pods() as i32;
+        while active < self.desired {
+            self.pods.push(Pod {
+                state: PodState::Unschedulable,
+                outstanding: 0,
+            });
+            let idx = self.pods.len() - 1;
+            self.schedule_or_park(idx);
+            active += 1;
+        }
+        // Remove the least useful first: unschedulable, then starting, then the idlest ready.
+        while active > self.desired {
+            let pick = self
+                .pods
+                .iter()
+                .position(|p| p.state == PodState::Unschedulable)
+                .or_else(|| {
+                    self.pods
+                        .iter()
+                        .position(|p| matches!(p.state, PodState::Starting { .. }))
+                })
+                .or_else(|| {
+                    self.pods
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, p)| p.state == PodState::Ready)
+                        .min_by_key(|(_, p)| p.outstanding)
+                        .map(|(i, _)| i)
+                });
+            let Some(i) = pick else { break };
+            let p = &mut self.pods[i];
+            p.state = if p.state == PodState::Ready && p.outstanding > 0 {
+                PodState::Draining
+            } else {
+                PodState::Gone
+            };
+            active -= 1;
+        }
+        // Quota freed by scale-down lets parked pods schedule.
+        for i in 0..self.pods.len() {
+            if self.pods[i].state == PodState::Unschedulable
+                && self
+                    .params
+                    .gpu_quota
+                    .is_none_or(|q| self.scheduled_pods() < q as usize)
+            {
+                self.schedule_or_park(i);
+            }
+        }
+        self.rebuild_ready();
+    }
+
+    fn observe(&self) -> Observed {
+        let ready = self
+            .ready
+            .iter()
+            .map(|&i| {
+                let o = self.pods[i as usize].outstanding as f64;
+                PodSample {
+                    // The router never exceeds an engine's limit, so engines hold no queue of their own.
+                    queue_depth: Some(0.0),
+                    in_flight: Some(o),
+                    // KV use grows with running sequences; a full replica sits at 90 %.
+                    gpu_memory: Some((o / self.limit as f64 * 0.9).min(1.0)),
+                }
+            })
+            .collect();
+        let count =
+            |f: fn(&PodState) -> bool| self.pods.iter().filter(|p| f(&p.state)).count() as i32;
+        Observed {
+            current_replicas: self.desired,
+            ready,
+            starting: count(|s| matches!(s, PodState::Starting { .. })),
+            unschedulable: count(|s| *s == PodState::Unschedulable),
+            // The routers' overflow: queued, and spilled to providers (demand the GPUs missed).
+            router_queue: Some(
+                (self.queue.len() as u32 + self.providers.iter().map(|p| p.in_flight).sum::<u32>())
+                    as f64,
+            ),
+            created_at: Millis::MIN / 2,
+        }
+    }
+
+    fn tick(&mut self) -> Decision {
+        let observed = self.observe();
+        let d = decide(
+            self.policy,
+            SignalsConfigured::default(),
+            &observed,
+            &self.history,
+            self.now,
+        );
+        self.history = d.history.clone();
+        self.exhausted = d.exhausted.is_some();
+        if self.policy.mode == PolicyMode::Active && d.desired != self.desired {
+            self.history.record_scale(self.now, self.desired, d.desired);
+            self.desired = d.desired;
+            self.reconcile_pods();
+            // New capacity or a freed quota may let waiting requests in.
+            self.serve_queue();
+        }
+        d
+    }
+}
+
+/// Runs one simulation.
+pub fn simulate(
+    isvc: &InferenceService,
+    policy: &ScalingPolicySpec,
+    trace: &Trace,
+    params: &ModelParams,
+) -> SimResult {
+    let spec = &isvc.spec;
+    let burst = spec.burst.as_ref().filter(|_| spec.router.enabled);
+    let providers: Vec<Provider> = burst
+        .map(|b| {
+            b.providers
+                .iter()
+                .map(|p| Provider {
+                    name: p.name.clone(),
+                    in_flight: 0,
+                    max: p.max_concurrency.max(1) as u32,
+                    served: 0,
+                    pricing: p.pricing.clone(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let budget_cfg = burst.and_then(|b| b.budget.as_ref());
+    let max_spend = budget_cfg
+        .and_then(|b| b.max_spend_per_hour.as_deref())
+        .and_then(|s| parse_spend(s).ok());
+    let interval_ms = policy.interval_seconds.max(1) as Millis * 1000;
+    let start_replicas = policy.min_replicas.max(1);
+    let mut sim = Sim {
+        policy,
+        params,
+        now: 0,
+        seq: 0,
+        heap: BinaryHeap::new(),
+        rng: SplitMix64::new(params.seed),
+        cold_rng: SplitMix64::new(params.seed ^ 0x5eed_c01d_5747_7a27),
+        pods: Vec::new(),
+        ready: Vec::new(),
+        desired: start_replicas,
+        queue: VecDeque::new(),
+        providers,
+        budget: BudgetTracker::new(
+            budget_cfg
+                .and_then(|b| b.max_requests_per_minute)
+                .map(|m| m.max(0) as u32),
+            max_spend,
+        ),
+        history: History::default(),
+        exhausted: false,
+        limit: spec.engine.max_concurrency.max(1) as u32,
+        // One logical router standing for all router replicas.
+        queue_limit: (spec.router.queue_limit.max(0) as u32)
+            .saturating_mul(spec.router.replicas.max(1) as u32),
+        queue_timeout_ms: spec.router.queue_timeout_seconds.max(1) as u64 * 1000,
+        max_queue_wait_ms: policy.burst.max_queue_wait_milliseconds.max(0) as u64,
+        ttft: Histogram::new(),
+        outcomes: Outcomes::default(),
+        burst_since_tick: 0,
+        rejected_total: 0,
+        backends_buf: Vec::new(),
+        providers_buf: Vec::new(),
+        burst_spend: 0.0,
+        max_rpm_seen: 0,
+        max_spend_hour_seen: 0.0,
+    };
+    // An established service: its minimum is up and warm at the start.
+    for _ in 0..start_replicas {
+        sim.pods.push(Pod {
+            state: PodState::Ready,
+            outstanding: 0,
+        });
+    }
+    if let Some(q) = params.gpu_quota {
+        for p in sim.pods.iter_mut().skip(q as usize) {
+            p.state = PodState::Unschedulable;
+        }
+    }
+    sim.rebuild_ready();
+    sim.push(0, Ev::Tick);
+
+    let end_ms = trace.duration_s() as Millis * 1000;
+    let mut next_arrival = next_arrival_after(&mut sim.rng, trace, 0);
+    let mut timeline = Vec::with_capacity((end_ms / interval_ms + 1) as usize);
+    let (mut pod_ms, mut last_pod_sample) = (0f64, 0 as Millis);
+    let (mut replica_sum, mut ticks, mut peak, mut min_seen, mut scale_events, mut exhausted_ticks) =
+        (0f64, 0u32, start_replicas, start_replicas, 0u32, 0u32);
+
+    loop {
+        let heap_next = sim.heap.peek().map(|Reverse((t, _, _))| *t);
+        let take_arrival = match (next_arrival, heap_next) {
+            (Some(a), Some(h)) => a < h,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        if take_arrival {
+            sim.now = next_arrival.expect("checked above");
+            sim.arrive();
+            next_arrival = next_arrival_after(&mut sim.rng, trace, sim.now);
+            continue;
+        }
+        let Reverse((t, _, ev)) = sim.heap.pop().expect("peeked");
+        sim.now = t;
+        match ev {
+            Ev::LocalDone { pod } => {
+                let p = &mut sim.pods[pod as usize];
+                p.outstanding -= 1;
+                if p.state == PodState::Draining && p.outstanding == 0 {
+                    p.state = PodState::Gone;
+                }
+                sim.serve_queue();
+            }
+            Ev::ProviderDone {
+                provider,
+                cost_micros,
+            } => {
+                sim.providers[provider as usize].in_flight -= 1;
+                let c = cost_micros as f64 / 1e6;
+                sim.burst_spend += c;
+                sim.budget.record_spend(sim.now, c);
+                sim.max_spend_hour_seen = sim
+                    .max_spend_hour_seen
+                    .max(sim.budget.spend_last_hour(sim.now));
+                sim.serve_queue();
+            }
+            Ev::PodReady { pod } => {
+                if sim.pods[pod as usize].state == (PodState::Starting { ready_at: t }) {
+                    sim.pods[pod as usize].state = PodState::Ready;
+                    sim.rebuild_ready();
+                    sim.serve_queue();
+                }
+            }
+            Ev::QueueCheck => sim.serve_queue(),
+            Ev::Tick => {
+                if sim.now > end_ms {
+                    continue; // the trace is over: let in-flight work finish, decide no more
+                }
+                // GPU time: every scheduled pod (starting ones too) holds its GPUs.
+                pod_ms += sim.scheduled_pods() as f64 * (sim.now - last_pod_sample) as f64;
+                last_pod_sample = sim.now;
+                let before = sim.desired;
+                let d = sim.tick();
+                if sim.desired != before {
+                    scale_events += 1;
+                }
+                if d.exhausted.is_some() {
+                    exhausted_ticks += 1;
+                }
+                ticks += 1;
+                replica_sum += sim.desired as f64;
+                peak = peak.max(sim.desired);
+                min_seen = min_seen.min(sim.desired);
+                let count = |f: fn(&PodState) -> bool| {
+                    sim.pods.iter().filter(|p| f(&p.state)).count() as u32
+                };
+                timeline.push(TimelinePoint {
+                    t_s: sim.now as f64 / 1000.0,
+                    desired: sim.desired,
+                    ready: sim.ready.len() as u32,
+                    starting: count(|s| matches!(s, PodState::Starting { .. })),
+                    unschedulable: count(|s| *s == PodState::Unschedulable),
+                    queue: sim.queue.len() as u32,
+                    local_in_flight: sim.pods.iter().map(|p| p.outstanding).sum(),
+                    burst_rps: sim.burst_since_tick as f64 * 1000.0 / interval_ms as f64,
+                    rejected: sim.rejected_total,
+                    offered_rps: trace.rate_at((sim.now / 1000) as usize),
+                });
+                sim.burst_since_tick = 0;
+                sim.push(sim.now + interval_ms, Ev::Tick);
+            }
+        }
+    }
+
+    let served = sim.outcomes.total - sim.outcomes.rejected;
+    let gpus = spec.engine.gpus.max(0) as f64;
+    let gpu_hours = pod_ms / 3_600_000.0 * gpus;
+    let gpu_cost = gpu_hours * params.gpu_hour_price;
+    let first_priced = sim.providers.iter().find_map(|p| p.pricing.clone());
+    let all_managed_cost = first_priced.map(|pr| {
+        // Expected tokens per request × requests (draws are symmetric around the means).
+        cost(
+            Some(&pr),
+            params.prompt_tokens as u64 * sim.outcomes.total,
+            params.output_tokens as u64 * sim.outcomes.total,
+        )
+    });
+    let mut outcomes = sim.outcomes.clone();
+    outcomes.by_provider = sim
+        .providers
+        .iter()
+        .map(|p| (p.name.clone(), p.served))
+        .collect();
+    SimResult {
+        ttft_p50_ms: sim.ttft.percentile(0.50),
+        ttft_p95_ms: sim.ttft.percentile(0.95),
+        ttft_p99_ms: sim.ttft.percentile(0.99),
+        slo_attainment: if outcomes.total == 0 {
+            1.0
+        } else {
+            sim.ttft.at_most(params.slo_ms) as f64 / outcomes.total as f64
+        },
+        peak_replicas: peak,
+        mean_replicas: if ticks == 0 {
+            start_replicas as f64
+        } else {
+            replica_sum / ticks as f64
+        },
+        min_replicas_seen: min_seen,
+        scale_events,
+        gpu_hours,
+        gpu_cost,
+        burst_spend: sim.burst_spend,
+        total_cost: gpu_cost + sim.burst_spend,
+        all_managed_cost,
+        all_gpu_at_max_cost: policy.max_replicas as f64 * gpus * trace.duration_s() as f64 / 3600.0
+            * params.gpu_hour_price,
+        exhausted_ticks,
+        max_requests_per_minute_to_providers: sim.max_rpm_seen,
+        max_spend_per_hour: sim.max_spend_hour_seen,
+        timeline,
+        outcomes: Outcomes {
+            total: served + outcomes.rejected,
+            ..outcomes
+        },
+    }
+}
+
+/// The next Poisson arrival after `now` under the trace's piecewise-constant rate (memoryless:
+/// crossing into a new second simply redraws with that second's rate).
+fn next_arrival_after(rng: &mut SplitMix64, trace: &Trace, now: Millis) -> Option<Millis> {
+    let mut t = now as f64 / 1000.0;
+    loop {
+        let s = t.floor() as usize;
+        if s >= trace.duration_s() {
+            return None;
+        }
+        let rate = trace.rate_at(s);
+        let boundary = (s + 1) as f64;
+        if rate <= 0.0 {
+            t = boundary;
+            continue;
+        }
+        let u = rng.next_f64();
+        let gap = -(1.0 - u).ln() / rate;
+        if t + gap < boundary {
+            // Millisecond resolution; ties keep arrival order.
+            return Some(((t + gap) * 1000.0).ceil() as Millis);
+        }
+        t = boundary;
+    }
+}

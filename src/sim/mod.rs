@@ -1,0 +1,384 @@
+//! `spillway simulate`: replays a traffic trace against an InferenceService and its
+//! ScalingPolicy (the YAML you would apply), using the very `decide()` and `admit()` that run in
+//! the cluster, and reports latency, replicas, burst and cost.
+
+pub mod engine;
+pub mod report;
+pub mod trace;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, ValueEnum};
+
+use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
+use engine::{ModelParams, simulate};
+use report::Run;
+use trace::{Shape, ShapeParams, Trace};
+
+/// Annotations on the InferenceService that set a scenario's defaults (flags override them), so
+/// an example file carries its own trace. The controller ignores them.
+pub const ANNOTATION_PREFIX: &str = "sim.spillway.dev/";
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SimulateArgs {
+    /// YAML file(s) with one InferenceService and one or more ScalingPolicies (several policies
+    /// are simulated side by side).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Trace: step, spike, diurnal, ramp, or a CSV file of `time_seconds,requests_per_second`.
+    #[arg(long)]
+    pub trace: Option<String>,
+    /// Length of a built-in trace (e.g. 90m, 2h, 1d).
+    #[arg(long)]
+    pub duration: Option<String>,
+    /// Base requests per second of a built-in trace.
+    #[arg(long)]
+    pub rps: Option<f64>,
+    /// Peak of a built-in trace as a multiple of `--rps`.
+    #[arg(long)]
+    pub peak: Option<f64>,
+    /// Length of the spike of `--trace spike` (e.g. 10m).
+    #[arg(long)]
+    pub spike: Option<String>,
+    /// Random seed (arrivals, token counts, cold starts).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Engine replicas the cluster can schedule (GPU quota); more stay Unschedulable.
+    #[arg(long)]
+    pub gpu_quota: Option<u32>,
+    /// Cold start range in seconds, `MIN-MAX` or one value (default 180-300).
+    #[arg(long)]
+    pub cold_start: Option<String>,
+    /// Time-to-first-token objective in milliseconds.
+    #[arg(long)]
+    pub slo_ms: Option<u64>,
+    /// Price of one GPU-hour.
+    #[arg(long)]
+    pub gpu_hour_price: Option<f64>,
+    /// Mean output tokens per request.
+    #[arg(long)]
+    pub output_tokens: Option<u32>,
+    /// Output tokens per second per sequence on a replica.
+    #[arg(long)]
+    pub tokens_per_second: Option<f64>,
+    /// Provider time to first token, milliseconds.
+    #[arg(long)]
+    pub provider_ttft_ms: Option<u64>,
+    /// Summary format.
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    /// Write the timeline (per autoscaler tick) as CSV here (one file per policy: `NAME-POLICY.csv`).
+    #[arg(long)]
+    pub timeline: Option<PathBuf>,
+    /// Write the plot (SVG) here (one per policy: `NAME-POLICY.svg`); `-` to skip.
+    #[arg(long, default_value = "spillway-sim.svg")]
+    pub plot: String,
+}
+
+/// What the YAML held.
+#[derive(Debug)]
+pub struct Scenario {
+    pub service: InferenceService,
+    pub policies: Vec<(String, ScalingPolicySpec)>,
+}
+
+/// Reads InferenceService and ScalingPolicy documents; other kinds are an error (a typo in a
+/// kind would otherwise be silently ignored).
+pub fn parse_scenario(texts: &[(String, String)]) -> anyhow::Result<Scenario> {
+    let mut service = None;
+    let mut policies = Vec::new();
+    for (file, text) in texts {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text)
+            .map_err(|e| anyhow::anyhow!("{file}: not YAML: {e}"))?;
+        for doc in docs.into_iter().filter(|d| !d.is_null()) {
+            match doc.get("kind").and_then(|k| k.as_str()) {
+                Some("InferenceService") => {
+                    if service.is_some() {
+                        bail!(
+                            "{file}: more than one InferenceService; simulate one service at a time"
+                        );
+                    }
+                    let s: InferenceService = serde_json::from_value(doc)
+                        .with_context(|| format!("{file}: invalid InferenceService"))?;
+                    let name = s.metadata.name.clone().unwrap_or_default();
+                    s.spec
+                        .validate(&name)
+                        .map_err(|e| anyhow::anyhow!("{file}: InferenceService {name}: {e}"))?;
+                    service = Some(s);
+                }
+                Some("ScalingPolicy") => {
+                    let p: ScalingPolicy = serde_json::from_value(doc)
+                        .with_context(|| format!("{file}: invalid ScalingPolicy"))?;
+                    let name = p.metadata.name.clone().unwrap_or_else(|| "policy".into());
+                    p.spec
+                        .validate()
+                        .map_err(|e| anyhow::anyhow!("{file}: ScalingPolicy {name}: {e}"))?;
+                    policies.push((name, p.spec));
+                }
+                other => bail!(
+                    "{file}: unexpected document kind {other:?} (want InferenceService or ScalingPolicy)"
+                ),
+            }
+        }
+    }
+    let service = service.context("no InferenceService found in the given files")?;
+    if policies.is_empty() {
+        let name = service
+            .spec
+            .scaling_policy_ref
+            .as_ref()
+            .map_or("defaults".to_string(), |r| {
+                format!("{} (missing: defaults)", r.name)
+            });
+        policies.push((name, ScalingPolicySpec::default()));
+    } else if let Some(r) = &service.spec.scaling_policy_ref {
+        // The referenced policy first; the others are alternatives to compare.
+        policies.sort_by_key(|(n, _)| *n != r.name);
+    }
+    Ok(Scenario { service, policies })
+}
+
+fn cold_start(s: &str) -> anyhow::Result<(f64, f64)> {
+    let parse = |v: &str| {
+        v.trim()
+            .trim_end_matches('s')
+            .parse::<f64>()
+            .ok()
+            .filter(|x| *x >= 0.0)
+    };
+    let range = match s.split_once('-') {
+        Some((a, b)) => parse(a).zip(parse(b)),
+        None => parse(s).map(|v| (v, v)),
+    };
+    match range {
+        Some((a, b)) if a <= b => Ok((a, b)),
+        _ => bail!("invalid cold start {s:?} (seconds, e.g. 180-300 or 240)"),
+    }
+}
+
+/// Flag, else the service's `sim.spillway.dev/<key>` annotation, else `default`.
+fn setting(
+    flag: Option<String>,
+    ann: &BTreeMap<String, String>,
+    key: &str,
+    default: &str,
+) -> String {
+    flag.or_else(|| ann.get(&format!("{ANNOTATION_PREFIX}{key}")).cloned())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn number<T: std::str::FromStr>(what: &str, v: &str) -> anyhow::Result<T> {
+    v.trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid {what} {v:?}"))
+}
+
+/// Builds the trace and model parameters from flags and annotations.
+pub fn settings(
+    args: &SimulateArgs,
+    service: &InferenceService,
+) -> anyhow::Result<(Trace, ModelParams)> {
+    let ann = service.metadata.annotations.clone().unwrap_or_default();
+    let d = ModelParams::default();
+    let trace_spec = setting(args.trace.clone(), &ann, "trace", "spike");
+    let duration = trace::parse_duration(&setting(args.duration.clone(), &ann, "duration", "2h"))
+        .map_err(anyhow::Error::msg)?;
+    let rps: f64 = number(
+        "rps",
+        &setting(args.rps.map(|v| v.to_string()), &ann, "rps", "20"),
+    )?;
+    let peak: f64 = number(
+        "peak",
+        &setting(args.peak.map(|v| v.to_string()), &ann, "peak", "4"),
+    )?;
+    let spike = trace::parse_duration(&setting(args.spike.clone(), &ann, "spike", "20m"))
+        .map_err(anyhow::Error::msg)?;
+    if !(rps >= 0.0 && rps.is_finite() && peak > 0.0 && peak.is_finite()) {
+        bail!("--rps must be >= 0 and --peak > 0");
+    }
+    let trace = match trace_spec.parse::<Shape>() {
+        Ok(shape) => trace::built_in(
+            shape,
+            &ShapeParams {
+                duration_s: duration,
+                rps,
+                peak,
+                spike_s: spike,
+            },
+        ),
+        Err(_) if trace_spec.ends_with(".csv") => {
+            let text = std::fs::read_to_string(&trace_spec)
+                .with_context(|| format!("reading trace {trace_spec}"))?;
+            trace::from_csv(&trace_spec, &text).map_err(anyhow::Error::msg)?
+        }
+        Err(e) => bail!(e),
+    };
+    let params = ModelParams {
+        seed: number(
+            "seed",
+            &setting(args.seed.map(|v| v.to_string()), &ann, "seed", "1"),
+        )?,
+        gpu_quota: match setting(args.gpu_quota.map(|v| v.to_string()), &ann, "gpu-quota", "")
+            .as_str()
+        {
+            "" => None,
+            q => Some(number("gpu quota", q)?),
+        },
+        cold_start_s: cold_start(&setting(
+            args.cold_start.clone(),
+            &ann,
+            "cold-start",
+            "180-300",
+        ))?,
+        slo_ms: number(
+            "SLO",
+            &setting(
+                args.slo_ms.map(|v| v.to_string()),
+                &ann,
+                "slo-ms",
+                &d.slo_ms.to_string(),
+            ),
+        )?,
+        gpu_hour_price: number(
+            "GPU-hour price",
+            &setting(
+                args.gpu_hour_price.map(|v| v.to_string()),
+                &ann,
+                "gpu-hour-price",
+                &d.gpu_hour_price.to_string(),
+            ),
+        )?,
+        output_tokens: number(
+            "output tokens",
+            &setting(
+                args.output_tokens.map(|v| v.to_string()),
+                &ann,
+                "output-tokens",
+                &d.output_tokens.to_string(),
+            ),
+        )?,
+        tokens_per_second: number(
+            "tokens per second",
+            &setting(
+                args.tokens_per_second.map(|v| v.to_string()),
+                &ann,
+                "tokens-per-second",
+                &d.tokens_per_second.to_string(),
+            ),
+        )?,
+        provider_ttft_ms: number(
+            "provider TTFT",
+            &setting(
+                args.provider_ttft_ms.map(|v| v.to_string()),
+                &ann,
+                "provider-ttft-ms",
+                &d.provider_ttft_ms.to_string(),
+            ),
+        )?,
+        ..d
+    };
+    if params.tokens_per_second <= 0.0 || params.output_tokens == 0 {
+        bail!("tokens per second and output tokens must be positive");
+    }
+    Ok((trace, params))
+}
+
+/// `NAME.ext` for one policy, `NAME-POLICY.ext` when several are compared.
+fn per_policy(path: &str, policy: &str, several: bool) -> String {
+    if !several {
+        return path.to_string();
+    }
+    let p = std::path::Path::new(path);
+    let stem = p.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = p.extension().and_then(|s| s.to_str()).unwrap_or("");
+    let safe: String = policy
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    p.with_file_name(format!("{stem}-{safe}.{ext}"))
+        .display()
+        .to_string()
+}
+
+pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
+    let texts = args
+        .files
+        .iter()
+        .map(|f| {
+            std::fs::read_to_string(f)
+                .map(|t| (f.display().to_string(), t))
+                .with_context(|| format!("reading {}", f.display()))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let scenario = parse_scenario(&texts)?;
+    let (trace, params) = settings(&args, &scenario.service)?;
+    let name = scenario.service.metadata.name.clone().unwrap_or_default();
+    let several = scenario.policies.len() > 1;
+    let started = std::time::Instant::now();
+    let runs: Vec<Run> = scenario
+        .policies
+        .iter()
+        .map(|(policy_name, policy)| Run {
+            policy: policy_name.clone(),
+            result: simulate(&scenario.service, policy, &trace, &params),
+        })
+        .collect();
+    let elapsed = started.elapsed();
+
+    for r in &runs {
+        if let Some(path) = &args.timeline {
+            let path = per_policy(&path.display().to_string(), &r.policy, several);
+            std::fs::write(&path, report::timeline_csv(&r.result))
+                .with_context(|| format!("writing {path}"))?;
+            eprintln!("timeline: {path}");
+        }
+        if args.plot != "-" {
+            let path = per_policy(&args.plot, &r.policy, several);
+            let svg = report::plot_svg(&r.result, &format!("{name} / {}", r.policy))
+                .map_err(anyhow::Error::msg)?;
+            std::fs::write(&path, svg).with_context(|| format!("writing {path}"))?;
+            eprintln!("plot: {path}");
+        }
+    }
+    match args.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "service": name,
+                "trace": {"name": trace.name, "durationSeconds": trace.duration_s(), "meanRps": trace.mean_rps()},
+                "model": params,
+                "runs": report::json(&runs),
+            }))?
+        ),
+        Output::Table => {
+            println!(
+                "{name}: trace {} for {} s (mean {:.1} req/s), seed {}, cold start {:.0}-{:.0} s{}",
+                trace.name,
+                trace.duration_s(),
+                trace.mean_rps(),
+                params.seed,
+                params.cold_start_s.0,
+                params.cold_start_s.1,
+                params
+                    .gpu_quota
+                    .map_or(String::new(), |q| format!(", GPU quota {q} replicas")),
+            );
+            println!();
+            print!("{}", report::table(&runs, params.slo_ms));
+            println!();
+            println!("simulated in {:.2} s", elapsed.as_secs_f64());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
