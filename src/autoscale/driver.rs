@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
 use super::decide::{Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide};
@@ -23,6 +23,7 @@ use super::signals::{self, SignalSelectors};
 use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
 use crate::controller::metrics::Metrics;
+use crate::controller::reconcile::{apply_status, publish_event};
 use crate::controller::render::{
     LABEL_COMPONENT, LABEL_INSTANCE, REPLICAS_FIELD_MANAGER, engine_name,
 };
@@ -304,16 +305,7 @@ impl Autoscaler {
     }
 
     async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Scale".into(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
-            tracing::warn!(error = %e, "publishing an event failed");
-        }
+        publish_event(&self.recorder, isvc, type_, reason, note, "Scale").await;
     }
 
     /// Runs one loop per service until `shutdown`; loops start and stop as services come and go.
@@ -425,16 +417,5 @@ pub async fn write_status(
     status: &AutoscalerStatus,
 ) -> Result<(), kube::Error> {
     let api: Api<InferenceService> = Api::namespaced(client.clone(), ns);
-    let body = serde_json::json!({
-        "apiVersion": "spillway.dev/v1alpha1",
-        "kind": "InferenceService",
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(REPLICAS_FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map(|_| ())
+    apply_status(&api, name, REPLICAS_FIELD_MANAGER, status).await
 }

@@ -118,18 +118,53 @@ impl Context {
     }
 
     async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        // Events are best effort: failing to record one must not fail the reconcile.
-        if let Err(e) = self.recorder.publish(&ev, &isvc.object_ref(&())).await {
-            tracing::warn!(error = %e, "publishing an event failed");
-        }
+        publish_event(&self.recorder, isvc, type_, reason, note, "Reconcile").await;
     }
+}
+
+/// Records an Event on a service. Best effort: failing to record one must not fail the caller.
+pub async fn publish_event(
+    recorder: &Recorder,
+    isvc: &InferenceService,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let ev = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&ev, &isvc.object_ref(&())).await {
+        tracing::warn!(error = %e, "publishing an event failed");
+    }
+}
+
+/// Server-side applies `status` (only the fields it holds) under `manager`.
+pub async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    manager: &str,
+    status: &impl Serialize,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    let body = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(manager).force(),
+        &Patch::Apply(&body),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Error policy for both controllers: exponential per-object backoff, counted by reason.
@@ -491,17 +526,7 @@ async fn write_status(
         return Ok(());
     }
     let api: Api<InferenceService> = Api::namespaced(ctx.client.clone(), ns);
-    let body = serde_json::json!({
-        "apiVersion": "spillway.dev/v1alpha1",
-        "kind": "InferenceService",
-        "status": desired,
-    });
-    api.patch_status(
-        &isvc.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await?;
+    apply_status(&api, &isvc.name_any(), FIELD_MANAGER, &desired).await?;
     Ok(())
 }
 
@@ -520,17 +545,7 @@ pub async fn reconcile_policy(
     let desired = policy_status(&policy, users, &Time(jiff::Timestamp::now()));
     if current_policy_status(&policy).as_ref() != Some(&desired) {
         let api: Api<ScalingPolicy> = Api::namespaced(ctx.client.clone(), &ns);
-        let body = serde_json::json!({
-            "apiVersion": "spillway.dev/v1alpha1",
-            "kind": "ScalingPolicy",
-            "status": desired,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&body),
-        )
-        .await?;
+        apply_status(&api, &name, FIELD_MANAGER, &desired).await?;
     }
     ctx.record_success(policy.as_ref());
     // Counts also change when a service stops referencing the policy, which no policy event shows.

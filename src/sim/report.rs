@@ -148,7 +148,44 @@ pub fn timeline_csv(result: &SimResult) -> String {
     out
 }
 
-/// Replicas (desired, ready) on top; queue depth and burst rate below; one SVG.
+type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+
+/// One panel: named line series over minutes.
+fn panel(
+    area: &Area<'_>,
+    caption: &str,
+    t_max: f64,
+    y_max: f64,
+    series: Vec<(&str, RGBColor, Vec<(f64, f64)>)>,
+) -> Result<(), String> {
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(30)
+        .y_label_area_size(40)
+        .build_cartesian_2d(0f64..t_max, 0f64..y_max)
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc("minutes")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (name, color, points) in series {
+        chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(|e| e.to_string())
+}
+
+/// Replicas (desired, ready) on top; offered load, queue depth and burst rate below; one SVG.
 pub fn plot_svg(result: &SimResult, title: &str) -> Result<String, String> {
     let mut svg = String::new();
     {
@@ -157,6 +194,9 @@ pub fn plot_svg(result: &SimResult, title: &str) -> Result<String, String> {
         let (top, bottom) = root.split_vertically(320);
         let tl = &result.timeline;
         let t_max = tl.last().map_or(1.0, |p| p.t_s).max(1.0) / 60.0;
+        let series = |f: fn(&super::engine::TimelinePoint) -> f64| {
+            tl.iter().map(|p| (p.t_s / 60.0, f(p))).collect::<Vec<_>>()
+        };
         let r_max = tl
             .iter()
             .map(|p| p.desired.max(p.ready as i32))
@@ -164,98 +204,32 @@ pub fn plot_svg(result: &SimResult, title: &str) -> Result<String, String> {
             .unwrap_or(1)
             .max(1) as f64
             + 1.0;
-        let mut chart = ChartBuilder::on(&top)
-            .caption(format!("{title}: replicas"), ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(40)
-            .build_cartesian_2d(0f64..t_max, 0f64..r_max)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("minutes")
-            .draw()
-            .map_err(|e| e.to_string())?;
-        let series = [
-            (
-                "desired",
-                BLUE,
-                tl.iter()
-                    .map(|p| (p.t_s / 60.0, p.desired as f64))
-                    .collect::<Vec<_>>(),
-            ),
-            (
-                "ready",
-                GREEN,
-                tl.iter().map(|p| (p.t_s / 60.0, p.ready as f64)).collect(),
-            ),
-        ];
-        for (name, color, points) in series {
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(|e| e.to_string())?;
-
+        panel(
+            &top,
+            &format!("{title}: replicas"),
+            t_max,
+            r_max,
+            vec![
+                ("desired", BLUE, series(|p| p.desired as f64)),
+                ("ready", GREEN, series(|p| p.ready as f64)),
+            ],
+        )?;
         let y_max = tl
             .iter()
             .map(|p| (p.queue as f64).max(p.burst_rps).max(p.offered_rps))
             .fold(1.0, f64::max)
             * 1.1;
-        let mut chart = ChartBuilder::on(&bottom)
-            .caption(
-                "offered load, queue depth and burst rate",
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(30)
-            .y_label_area_size(40)
-            .build_cartesian_2d(0f64..t_max, 0f64..y_max)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("minutes")
-            .draw()
-            .map_err(|e| e.to_string())?;
-        let series = [
-            (
-                "offered req/s",
-                BLACK,
-                tl.iter()
-                    .map(|p| (p.t_s / 60.0, p.offered_rps))
-                    .collect::<Vec<_>>(),
-            ),
-            (
-                "queue",
-                RED,
-                tl.iter().map(|p| (p.t_s / 60.0, p.queue as f64)).collect(),
-            ),
-            (
-                "burst req/s",
-                MAGENTA,
-                tl.iter().map(|p| (p.t_s / 60.0, p.burst_rps)).collect(),
-            ),
-        ];
-        for (name, color, points) in series {
-            chart
-                .draw_series(LineSeries::new(points, color.stroke_width(2)))
-                .map_err(|e| e.to_string())?
-                .label(name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
-        }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(|e| e.to_string())?;
+        panel(
+            &bottom,
+            "offered load, queue depth and burst rate",
+            t_max,
+            y_max,
+            vec![
+                ("offered req/s", BLACK, series(|p| p.offered_rps)),
+                ("queue", RED, series(|p| p.queue as f64)),
+                ("burst req/s", MAGENTA, series(|p| p.burst_rps)),
+            ],
+        )?;
         root.present().map_err(|e| e.to_string())?;
     }
     Ok(svg)
