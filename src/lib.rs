@@ -13,3 +13,6 @@ pub mod crdgen;
 pub mod engine_sim;
 pub mod router;
 pub mod telemetry;
+
+#[cfg(test)]
+mod packaging_tests;
