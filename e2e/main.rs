@@ -243,7 +243,6 @@ fn helm_install_args(s: &Settings, verb: &str) -> Vec<String> {
         &repo_path("charts/spillway"),
         "--namespace",
         SYSTEM_NS,
-        "--create-namespace",
         "--set",
         &format!("image.repository={repo}"),
         "--set",
@@ -256,6 +255,7 @@ fn helm_install_args(s: &Settings, verb: &str) -> Vec<String> {
     ]
     .iter()
     .map(|a| a.to_string())
+    .chain((verb == "install").then(|| "--create-namespace".to_string()))
     .collect()
 }
 
