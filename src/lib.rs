@@ -14,3 +14,6 @@ pub mod engine_sim;
 pub mod router;
 pub mod sim;
 pub mod telemetry;
+
+#[cfg(test)]
+mod packaging_tests;

@@ -149,6 +149,8 @@ pub fn timeline_csv(result: &SimResult) -> String {
 }
 
 type Area<'a> = DrawingArea<SVGBackend<'a>, plotters::coord::Shift>;
+/// A named, coloured line: (label, colour, points).
+type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 /// One panel: named line series over minutes.
 fn panel(
@@ -156,7 +158,7 @@ fn panel(
     caption: &str,
     t_max: f64,
     y_max: f64,
-    series: Vec<(&str, RGBColor, Vec<(f64, f64)>)>,
+    series: Vec<Series<'_>>,
 ) -> Result<(), String> {
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 18))
