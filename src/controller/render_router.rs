@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretProjection, SecurityContext,
-    ServiceAccount, Volume, VolumeMount, VolumeProjection,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, ResourceRequirements, SeccompProfile, SecretProjection,
+    SecurityContext, ServiceAccount, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -30,6 +30,9 @@ pub struct RouterObjects {
     pub deployment: Deployment,
     pub pdb: PodDisruptionBudget,
 }
+
+/// Where the router's ConfigMap is mounted.
+const CONFIG_DIR: &str = "/etc/spillway/router";
 
 pub fn router_name(isvc_name: &str) -> String {
     format!("{isvc_name}-router")
@@ -167,12 +170,12 @@ pub fn render_router(
                     containers: vec![Container {
                         name: "router".into(),
                         image: Some(router_image.to_string()),
+                        // The mounted ConfigMap gives the first config; its `cluster` section then
+                        // makes the router watch the ConfigMap, EndpointSlices and status itself.
                         args: Some(vec![
                             "router".into(),
-                            "--config-map".into(),
-                            router.clone(),
-                            "--listen".into(),
-                            format!("0.0.0.0:{ROUTER_PORT}"),
+                            "--config".into(),
+                            format!("{CONFIG_DIR}/{CONFIG_KEY}"),
                         ]),
                         env: Some(vec![EnvVar {
                             name: "POD_NAMESPACE".into(),
@@ -214,17 +217,35 @@ pub fn render_router(
                             }),
                             ..SecurityContext::default()
                         }),
-                        volume_mounts: key_volume.as_ref().map(|v| {
-                            vec![VolumeMount {
+                        volume_mounts: Some(
+                            std::iter::once(VolumeMount {
+                                name: "config".into(),
+                                mount_path: CONFIG_DIR.into(),
+                                read_only: Some(true),
+                                ..VolumeMount::default()
+                            })
+                            .chain(key_volume.as_ref().map(|v| VolumeMount {
                                 name: v.name.clone(),
                                 mount_path: KEYS_DIR.into(),
                                 read_only: Some(true),
                                 ..VolumeMount::default()
-                            }]
-                        }),
+                            }))
+                            .collect(),
+                        ),
                         ..Container::default()
                     }],
-                    volumes: key_volume.map(|v| vec![v]),
+                    volumes: Some(
+                        std::iter::once(Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: router.clone(),
+                                ..ConfigMapVolumeSource::default()
+                            }),
+                            ..Volume::default()
+                        })
+                        .chain(key_volume)
+                        .collect(),
+                    ),
                     security_context: Some(PodSecurityContext {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),

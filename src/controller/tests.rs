@@ -747,7 +747,12 @@ spec:
         let pod = &dep.body["spec"]["template"]["spec"];
         assert_eq!(pod["serviceAccountName"], "llama-router");
         assert_eq!(pod["containers"][0]["image"], "spillway:test");
-        let keys = &pod["volumes"][0]["projected"]["sources"][0]["secret"];
+        assert_eq!(
+            pod["containers"][0]["args"],
+            json!(["router", "--config", "/etc/spillway/router/router.yaml"])
+        );
+        assert_eq!(pod["volumes"][0]["configMap"]["name"], "llama-router");
+        let keys = &pod["volumes"][1]["projected"]["sources"][0]["secret"];
         assert_eq!(
             (keys["name"].as_str(), keys["optional"].as_bool()),
             (Some("together-key"), Some(true))
