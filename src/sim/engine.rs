@@ -594,7 +594,8 @@ pub fn simulate(
     sim.push(0, Ev::Tick);
 
     let end_ms = trace.duration_s() as Millis * 1000;
-    let mut next_arrival = next_arrival_after(&mut sim.rng, trace, 0);
+    let mut arrival_clock = 0.0f64;
+    let mut next_arrival = next_arrival_after(&mut sim.rng, trace, &mut arrival_clock);
     let mut timeline = Vec::with_capacity((end_ms / interval_ms + 1) as usize);
     let (mut pod_ms, mut last_pod_sample) = (0f64, 0 as Millis);
     let (mut replica_sum, mut ticks, mut peak, mut min_seen, mut scale_events, mut exhausted_ticks) =
@@ -611,7 +612,7 @@ pub fn simulate(
         if take_arrival {
             sim.now = next_arrival.expect("checked above");
             sim.arrive();
-            next_arrival = next_arrival_after(&mut sim.rng, trace, sim.now);
+            next_arrival = next_arrival_after(&mut sim.rng, trace, &mut arrival_clock);
             continue;
         }
         let Reverse((t, _, ev)) = sim.heap.pop().expect("peeked");
@@ -740,10 +741,10 @@ pub fn simulate(
     }
 }
 
-/// The next Poisson arrival after `now` under the trace's piecewise-constant rate (memoryless:
-/// crossing into a new second simply redraws with that second's rate).
-fn next_arrival_after(rng: &mut SplitMix64, trace: &Trace, now: Millis) -> Option<Millis> {
-    let mut t = now as f64 / 1000.0;
+/// The next Poisson arrival after `*t` seconds under the trace's piecewise-constant rate
+/// (memoryless: crossing into a new second simply redraws with that second's rate). `*t`
+/// carries the exact time forward; only the returned event time is rounded to milliseconds.
+fn next_arrival_after(rng: &mut SplitMix64, trace: &Trace, t: &mut f64) -> Option<Millis> {
     loop {
         let s = t.floor() as usize;
         if s >= trace.duration_s() {
@@ -752,15 +753,16 @@ fn next_arrival_after(rng: &mut SplitMix64, trace: &Trace, now: Millis) -> Optio
         let rate = trace.rate_at(s);
         let boundary = (s + 1) as f64;
         if rate <= 0.0 {
-            t = boundary;
+            *t = boundary;
             continue;
         }
         let u = rng.next_f64();
         let gap = -(1.0 - u).ln() / rate;
-        if t + gap < boundary {
+        if *t + gap < boundary {
+            *t += gap;
             // Millisecond resolution; ties keep arrival order.
-            return Some(((t + gap) * 1000.0).ceil() as Millis);
+            return Some((*t * 1000.0).ceil() as Millis);
         }
-        t = boundary;
+        *t = boundary;
     }
 }

@@ -259,3 +259,19 @@ fn bad_scenarios_are_clear_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("no InferenceService"), "{err}");
 }
+
+#[test]
+fn arrivals_follow_the_trace_rate() {
+    let s = scenario("quickstart.yaml");
+    let trace = super::trace::Trace {
+        name: "flat".into(),
+        rps: vec![100.0; 600],
+    };
+    let r = simulate(&s.service, &s.policies[0].1, &trace, &params(180.0));
+    // 60,000 expected; a Poisson count's standard deviation is ~245.
+    let n = r.outcomes.total as f64;
+    assert!(
+        (n - 60_000.0).abs() < 1_500.0,
+        "{n} arrivals for 60,000 expected"
+    );
+}
