@@ -59,7 +59,10 @@ impl Scraper {
         connector.set_connect_timeout(Some(timeout));
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(4)
+            // Pages are read in small chunks; a pooled connection must not keep a large buffer
+            // (thousands of pods each hold one idle connection between scrapes).
+            .http1_max_buf_size(16 * 1024)
+            .pool_max_idle_per_host(2)
             .build(connector);
         Self {
             client,
