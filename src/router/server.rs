@@ -1,0 +1,757 @@
+//! The router's HTTP side, on hyper directly: per-connection tasks we track for a graceful drain,
+//! and a response body that relays upstream frames as they arrive (no buffering) while it holds
+//! the request's lease, times it, and reads provider usage on the way through.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+
+use super::admission::RejectReason;
+use super::config::RouterConfig;
+use super::metrics::{self, DestinationLabel};
+use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
+use super::usage::UsageScanner;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+type LocalClient = Client<HttpConnector, Full<Bytes>>;
+type TlsClient = Client<HttpsConnector, Full<Bytes>>;
+
+/// Slow clients may not hold a connection open without sending a request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per request when connections fail before any response byte.
+const MAX_ATTEMPTS: usize = 3;
+const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Headers that belong to one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Server settings besides the live config.
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    pub config: RouterConfig,
+    /// Backends given on the command line, added to the config's.
+    pub extra_backends: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Served model name for `/v1/models` when the config does not name one.
+    pub model: Option<String>,
+    pub breaker: BreakerSettings,
+    /// Longest a shutdown waits for in-flight requests (streams included).
+    pub drain_timeout: Duration,
+    pub capacity_exhausted: bool,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            config: RouterConfig::from_yaml("{}").unwrap_or_else(|_| unreachable!()),
+            extra_backends: Vec::new(),
+            max_body_bytes: 16 << 20,
+            model: None,
+            breaker: BreakerSettings::default(),
+            drain_timeout: Duration::from_secs(300),
+            capacity_exhausted: false,
+        }
+    }
+}
+
+/// The local backends of a standalone router: the config's plus the command line's.
+pub fn standalone_backends(config: &RouterConfig, extra: &[String]) -> Vec<String> {
+    let mut all = config.backends.clone();
+    all.extend(extra.iter().cloned());
+    all
+}
+
+struct App {
+    shared: Arc<Shared>,
+    local: LocalClient,
+    /// `None` when the system has no CA certificates: `https` providers then fail with 502.
+    tls: Option<TlsClient>,
+    max_body_bytes: usize,
+    model: Option<String>,
+    draining: AtomicBool,
+}
+
+fn http_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http
+}
+
+fn clients() -> (LocalClient, Option<TlsClient>) {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(IDLE_POOL_TIMEOUT);
+    let local = builder.build(http_connector());
+    let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
+        Ok(b) => Some(
+            builder.build(
+                b.https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http_connector()),
+            ),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "no CA certificates: https providers will fail");
+            None
+        }
+    };
+    (local, tls)
+}
+
+/// A running router. Dropping it stops the server.
+pub struct RouterServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RouterServer {
+    /// Serves on an already bound listener.
+    pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let backends = standalone_backends(&opts.config, &opts.extra_backends);
+        let shared = Shared::new(opts.config.clone(), backends, opts.breaker);
+        shared.set_capacity_exhausted(opts.capacity_exhausted);
+        let (local, tls) = clients();
+        let app = Arc::new(App {
+            shared: shared.clone(),
+            local,
+            tls,
+            max_body_bytes: opts.max_body_bytes,
+            model: opts.model.clone(),
+            draining: AtomicBool::new(false),
+        });
+        let (tx, rx) = oneshot::channel::<()>();
+        let drain = opts.drain_timeout;
+        let task = tokio::spawn(serve(app, listener, drain, async move {
+            let _ = rx.await;
+        }));
+        Ok(Self {
+            addr,
+            shared,
+            stop: Some(tx),
+            task,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The live state: config, backends and capacity setters for sources and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, lets in-flight requests (streams too) finish, then returns.
+    pub async fn stop(mut self) {
+        drop(self.stop.take());
+        if let Err(e) = (&mut self.task).await {
+            tracing::warn!(error = %e, "router server task failed");
+        }
+    }
+}
+
+impl Drop for RouterServer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+    }
+}
+
+async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut tasks = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tasks.spawn(connection(app.clone(), stream, stop_rx.clone()));
+    }
+    app.draining.store(true, Ordering::Relaxed);
+    drop(listener);
+    let _ = stop_tx.send(());
+    tracing::info!(connections = tasks.len(), "router draining");
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            "drain timeout: closing remaining connections"
+        );
+        tasks.shutdown().await;
+    }
+}
+
+async fn connection(app: Arc<App>, stream: TcpStream, mut stop: watch::Receiver<()>) {
+    let svc = hyper::service::service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(handle(&app, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.changed() => {}
+    }
+    // Finishes the response in progress (a stream runs to its end), then closes.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if app.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                text(StatusCode::OK, "text/plain", "ok\n")
+            }
+        }
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            app.shared.metrics.render(),
+        ),
+        (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(app)),
+        (&Method::POST, "/v1/chat/completions" | "/v1/completions") => proxy(app, req).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/models")
+        | (_, "/v1/chat/completions" | "/v1/completions") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "invalid_request_error",
+            "method_not_allowed",
+        ),
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {path}"),
+            "invalid_request_error",
+            "not_found",
+        ),
+    }
+}
+
+fn models(app: &App) -> Value {
+    let cfg = app.shared.config();
+    let model = cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.model.clone())
+        .or_else(|| app.model.clone());
+    let data: Vec<Value> = model
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "spillway"}))
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
+/// Why an upstream attempt produced no response.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("{0}")]
+    Connection(String),
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("request body is not a JSON object: {0}")]
+    BadBody(String),
+    #[error("https provider but no CA certificates on this system")]
+    NoTls,
+}
+
+/// The error chain as one line; upstream errors carry no headers, so no key.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
+    let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let m = &app.shared.metrics;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes as u64) {
+        return too_large(app);
+    }
+    let body = match Limited::new(body, app.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(app),
+        Err(e) => {
+            m.request(metrics::NONE, "bad_request");
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading request body: {e}"),
+                "invalid_request_error",
+                "bad_request",
+            );
+        }
+    };
+    let mut lease = match app.shared.acquire().await {
+        Ticket::Go(l) => l,
+        Ticket::Reject(r) => return reject(app, r),
+    };
+    let mut excluded = Excluded::default();
+    let mut attempt = 1;
+    loop {
+        let dest = lease.dest.clone();
+        match send(app, &lease, &parts, &body).await {
+            Ok(resp) => return relay(resp, lease, arrived),
+            Err(SendError::Connection(e)) => {
+                tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
+                if let Dest::Provider(p) = &dest {
+                    app.shared.provider_result(&p.name, false);
+                }
+                excluded.add(&dest);
+                drop(lease);
+                let next = if attempt < MAX_ATTEMPTS {
+                    app.shared.readmit(arrived, &excluded)
+                } else {
+                    None
+                };
+                match next {
+                    Some(l) => {
+                        lease = l;
+                        attempt += 1;
+                    }
+                    None => {
+                        m.request(dest.label(), "upstream_unavailable");
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream connection failed before a response",
+                            "server_error",
+                            "upstream_unavailable",
+                        );
+                    }
+                }
+            }
+            Err(SendError::Timeout(t)) => {
+                tracing::warn!(destination = dest.label(), timeout = ?t, "provider did not answer in time");
+                if let Dest::Provider(p) = &dest {
+                    app.shared.provider_result(&p.name, false);
+                }
+                m.request(dest.label(), "timeout");
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer in time",
+                    "server_error",
+                    "upstream_timeout",
+                );
+            }
+            Err(SendError::BadBody(e)) => {
+                m.request(dest.label(), "bad_request");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request body is not a JSON object: {e}"),
+                    "invalid_request_error",
+                    "bad_request",
+                );
+            }
+            Err(e @ SendError::NoTls) => {
+                tracing::error!(destination = dest.label(), error = %e, "cannot reach provider");
+                m.request(dest.label(), "upstream_unavailable");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    &e.to_string(),
+                    "server_error",
+                    "upstream_unavailable",
+                );
+            }
+        }
+    }
+}
+
+/// Copies end-to-end headers; `Host` and `Content-Length` come from the new request.
+fn forward_headers(from: &HeaderMap, to: &mut HeaderMap, provider: bool) {
+    for (k, v) in from {
+        if HOP_BY_HOP.contains(k) || k == header::HOST || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        // The client's credentials are for spillway, never for a provider.
+        if provider
+            && (k == header::AUTHORIZATION || k == header::COOKIE || k == header::ACCEPT_ENCODING)
+        {
+            continue;
+        }
+        to.append(k.clone(), v.clone());
+    }
+}
+
+/// The provider's model, and usage in streams (the budget needs it); the rest stays as sent.
+pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<Bytes, String> {
+    let mut v: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    v.insert("model".into(), Value::String(model.into()));
+    if v.get("stream").and_then(Value::as_bool) == Some(true) {
+        let opts = v
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+async fn send(
+    app: &App,
+    lease: &Lease,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Result<Response<Incoming>, SendError> {
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    match &lease.dest {
+        Dest::Local(addr) => {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = format!("http://{addr}{pq}")
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| SendError::Connection(e.to_string()))?;
+            forward_headers(&parts.headers, req.headers_mut(), false);
+            app.local
+                .request(req)
+                .await
+                .map_err(|e| SendError::Connection(chain(&e)))
+        }
+        Dest::Provider(p) => {
+            let rest = pq.strip_prefix("/v1").unwrap_or(pq);
+            let body = rewrite_for_provider(body, &p.model).map_err(SendError::BadBody)?;
+            let mut req = Request::new(Full::new(body));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = format!("{}{rest}", p.base)
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| SendError::Connection(e.to_string()))?;
+            let h = req.headers_mut();
+            forward_headers(&parts.headers, h, true);
+            // Usage has to be readable as it passes.
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            if let Some(b) = &lease.bearer {
+                h.insert(header::AUTHORIZATION, b.header().clone());
+            }
+            let fut = if req.uri().scheme_str() == Some("https") {
+                let Some(tls) = &app.tls else {
+                    return Err(SendError::NoTls);
+                };
+                tls.request(req)
+            } else {
+                match &app.tls {
+                    Some(c) => c.request(req),
+                    None => app.local.request(req),
+                }
+            };
+            match tokio::time::timeout(p.timeout, fut).await {
+                Err(_) => Err(SendError::Timeout(p.timeout)),
+                Ok(r) => r.map_err(|e| SendError::Connection(chain(&e))),
+            }
+        }
+    }
+}
+
+fn outcome_of(status: StatusCode) -> &'static str {
+    if status.is_success() {
+        "success"
+    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        "upstream_error"
+    } else {
+        "client_error"
+    }
+}
+
+fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
+    let status = resp.status();
+    let (mut parts, body) = resp.into_parts();
+    let mut tap = None;
+    if let Dest::Provider(p) = &lease.dest {
+        let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+        lease.shared().provider_result(&p.name, !failed);
+        if status.is_success() {
+            let sse = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            tap = Some(UsageScanner::new(sse));
+        }
+    }
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    let relay = Relay {
+        inner: body,
+        lease: Some(lease),
+        tap,
+        arrived,
+        first_byte: false,
+        outcome: outcome_of(status),
+    };
+    Response::from_parts(parts, RouterBody::Relay(Box::new(relay)))
+}
+
+/// A response body: either the router's own, or an upstream's relayed frame by frame.
+pub enum RouterBody {
+    Full(Option<Bytes>),
+    Relay(Box<Relay>),
+}
+
+pub struct Relay {
+    inner: Incoming,
+    /// Held until the body ends or the client goes away.
+    lease: Option<Lease>,
+    tap: Option<UsageScanner>,
+    arrived: Instant,
+    first_byte: bool,
+    outcome: &'static str,
+}
+
+impl Relay {
+    fn finish(&mut self, outcome: &'static str) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let shared = lease.shared().clone();
+        let m = &shared.metrics;
+        let label = lease.dest.label();
+        m.request(label, outcome);
+        m.duration
+            .get_or_create(&DestinationLabel {
+                destination: label.to_string(),
+            })
+            .observe(self.arrived.elapsed().as_secs_f64());
+        if let (Some(tap), Dest::Provider(p)) = (self.tap.take(), &lease.dest)
+            && let Some(u) = tap.finish()
+        {
+            shared.record_usage(p, u);
+        }
+        drop(lease);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // hyper may stop polling once a sized body is complete; otherwise the client left.
+        let outcome = if self.inner.is_end_stream() {
+            self.outcome
+        } else {
+            "cancelled"
+        };
+        self.finish(outcome);
+    }
+}
+
+impl Body for RouterBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RouterBody::Relay(r) => {
+                let res = ready!(Pin::new(&mut r.inner).poll_frame(cx));
+                match &res {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            if !r.first_byte {
+                                r.first_byte = true;
+                                if let Some(l) = &r.lease {
+                                    l.shared()
+                                        .metrics
+                                        .ttfb
+                                        .get_or_create(&DestinationLabel {
+                                            destination: l.dest.label().to_string(),
+                                        })
+                                        .observe(r.arrived.elapsed().as_secs_f64());
+                                }
+                            }
+                            if let Some(t) = &mut r.tap {
+                                t.feed(d);
+                            }
+                        }
+                    }
+                    Some(Err(_)) => r.finish("aborted"),
+                    None => {
+                        let o = r.outcome;
+                        r.finish(o);
+                    }
+                }
+                Poll::Ready(res)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RouterBody::Full(b) => b.is_none(),
+            RouterBody::Relay(r) => r.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RouterBody::Full(None) => SizeHint::with_exact(0),
+            RouterBody::Relay(r) => r.inner.size_hint(),
+        }
+    }
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<RouterBody> {
+    let mut resp = Response::new(RouterBody::Full(Some(body.into())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<RouterBody> {
+    text(status, "application/json", v.to_string())
+}
+
+/// An OpenAI-style error.
+fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<RouterBody> {
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    )
+}
+
+fn too_large(app: &App) -> Response<RouterBody> {
+    app.shared.metrics.request(metrics::NONE, "too_large");
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body exceeds {} bytes", app.max_body_bytes),
+        "invalid_request_error",
+        "request_too_large",
+    )
+}
+
+fn reject(app: &App, r: RejectReason) -> Response<RouterBody> {
+    app.shared.metrics.request(metrics::NONE, r.as_str());
+    let message = match r {
+        RejectReason::QueueFull => "all engines are busy and the router queue is full",
+        RejectReason::QueueTimeout => "all engines stayed busy for the router's queue timeout",
+    };
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        message,
+        "server_error",
+        r.as_str(),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn provider_body_gets_the_provider_model_and_stream_usage() {
+        let b = rewrite_for_provider(
+            br#"{"model":"mine","stream":true,"stream_options":{"x":1},"messages":[]}"#,
+            "theirs",
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["model"], "theirs");
+        assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
+        assert_eq!(v["messages"], json!([]));
+        let b = rewrite_for_provider(br#"{"prompt":"p"}"#, "theirs").unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v, json!({"prompt": "p", "model": "theirs"}));
+        assert!(rewrite_for_provider(b"[1]", "m").is_err());
+    }
+
+    #[test]
+    fn client_credentials_and_hop_headers_stay_behind() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
+        from.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        from.insert(header::HOST, HeaderValue::from_static("router"));
+        from.insert("x-request-id", HeaderValue::from_static("r1"));
+        let mut local = HeaderMap::new();
+        forward_headers(&from, &mut local, false);
+        assert_eq!(local.len(), 2, "{local:?}");
+        assert!(local.contains_key(header::AUTHORIZATION));
+        let mut prov = HeaderMap::new();
+        forward_headers(&from, &mut prov, true);
+        assert_eq!(prov.len(), 1, "{prov:?}");
+        assert!(prov.contains_key("x-request-id"));
+    }
+}
