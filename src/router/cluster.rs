@@ -87,13 +87,22 @@ pub fn configmap_name(inference_service: &str) -> String {
 
 /// Starts the three watches; they retry with backoff for the life of the process.
 pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
-    let ns = cluster.namespace.clone();
-    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    spawn_endpoints(client.clone(), &cluster, shared.clone());
+    spawn_config(client.clone(), &cluster, shared.clone());
+    spawn_capacity(client, &cluster, shared);
+}
+
+/// Backends from the engine Service's EndpointSlices.
+pub fn spawn_endpoints(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
     let cfg = watcher::Config::default()
         .labels(&format!("{SERVICE_NAME_LABEL}={}", cluster.engine_service));
     let (reader, writer) = reflector::store();
     let port = cluster.engine_port;
-    let s = shared.clone();
     tokio::spawn(
         reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
             move |ev| {
@@ -103,7 +112,7 @@ pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
                         let state = reader.state();
                         let b = backends_from_slices(state.iter().map(|a| a.as_ref()), port);
                         tracing::debug!(backends = b.len(), "engine endpoints changed");
-                        s.set_backends(b);
+                        shared.set_backends(b);
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "EndpointSlice watch error (retrying)"),
@@ -111,33 +120,46 @@ pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
                 futures::future::ready(())
             },
         ),
-    );
+    )
+}
 
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+/// The config from ConfigMap `<name>-router`.
+pub fn spawn_config(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let cms: Api<ConfigMap> = Api::namespaced(client, &cluster.namespace);
     let name = configmap_name(&cluster.inference_service);
     let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    let s = shared.clone();
     tokio::spawn(
         watcher::watcher(cms, cfg)
             .default_backoff()
             .applied_objects()
             .for_each(move |cm| {
-                match cm.map_err(|e| e.to_string()) {
+                match cm {
                     Ok(cm) => match config_from_configmap(&cm) {
                         Ok(c) => {
                             // Backends in a cluster come from EndpointSlices, not the file.
                             tracing::info!(configmap = %name, "router config applied");
-                            sources::apply(&s, c, None);
+                            sources::apply(&shared, c, None);
                         }
-                        Err(e) => sources::invalid(&s, &name, &e),
+                        Err(e) => sources::invalid(&shared, &name, &e),
                     },
                     Err(e) => tracing::warn!(error = %e, "ConfigMap watch error (retrying)"),
                 }
                 futures::future::ready(())
             }),
-    );
+    )
+}
 
-    let isvcs: Api<InferenceService> = Api::namespaced(client, &ns);
+/// The capacity state from the InferenceService's `CapacityExhausted` condition.
+pub fn spawn_capacity(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let isvcs: Api<InferenceService> = Api::namespaced(client, &cluster.namespace);
     let cfg =
         watcher::Config::default().fields(&format!("metadata.name={}", cluster.inference_service));
     tokio::spawn(
@@ -153,7 +175,7 @@ pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
                 }
                 futures::future::ready(())
             }),
-    );
+    )
 }
 
 #[cfg(test)]
@@ -253,5 +275,157 @@ mod tests {
             Err(ClusterError::Config(_))
         ));
         assert_eq!(configmap_name("llama"), "llama-router");
+    }
+
+    /// Plays the API server for one watch: answers the list, then the watch with `events`
+    /// (JSON lines), and returns the query strings it saw.
+    async fn serve_watch(
+        handle: &mut tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        path: &str,
+        list: serde_json::Value,
+        events: &[serde_json::Value],
+    ) -> Vec<String> {
+        let mut queries = Vec::new();
+        for reply in [
+            list.to_string(),
+            events.iter().map(|e| format!("{e}\n")).collect::<String>(),
+        ] {
+            let (req, send) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), handle.next_request())
+                    .await
+                    .expect("no request from the watcher")
+                    .expect("client dropped");
+            assert_eq!(req.uri().path(), path);
+            queries.push(req.uri().query().unwrap_or_default().to_string());
+            send.send_response(
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(reply.into_bytes()))
+                    .unwrap(),
+            );
+        }
+        queries
+    }
+
+    fn test_cluster() -> ClusterConfig {
+        ClusterConfig {
+            namespace: "ml".into(),
+            inference_service: "llama".into(),
+            engine_service: "llama-engine".into(),
+            engine_port: 8000,
+            model: "m".into(),
+        }
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_slices_watched_through_the_api_become_backends() {
+        let (svc, mut handle) = tower_test::mock::pair();
+        let client = Client::new(svc, "ml");
+        let shared = Shared::new(
+            RouterConfig::from_yaml("{}").unwrap(),
+            vec!["1.1.1.1:1".into()],
+            Default::default(),
+        );
+        let task = spawn_endpoints(client, &test_cluster(), shared.clone());
+        let slice = |ips: &[&str], rv: &str| {
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "llama-engine-abc", "namespace": "ml", "resourceVersion": rv},
+                "addressType": "IPv4",
+                "endpoints": ips.iter().map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+            })
+        };
+        let list = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+            "metadata": {"resourceVersion": "1"},
+            "items": [slice(&["10.0.0.1"], "1")],
+        });
+        let modified = serde_json::json!({"type": "MODIFIED", "object": slice(&["10.0.0.1", "10.0.0.2"], "2")});
+        let queries = serve_watch(
+            &mut handle,
+            "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices",
+            list,
+            &[modified],
+        )
+        .await;
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.contains("labelSelector=kubernetes.io%2Fservice-name%3Dllama-engine")),
+            "{queries:?}"
+        );
+        wait_until("both endpoints are backends", || {
+            shared.backends() == ["10.0.0.1:8000", "10.0.0.2:8000"]
+        })
+        .await;
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_capacity_state_is_watched_through_the_api() {
+        let (svc, mut handle) = tower_test::mock::pair();
+        let client = Client::new(svc, "ml");
+        let shared = Shared::new(
+            RouterConfig::from_yaml("{}").unwrap(),
+            vec![],
+            Default::default(),
+        );
+        let task = spawn_capacity(client, &test_cluster(), shared.clone());
+        let isvc = |exhausted: &str, rv: &str| {
+            serde_json::json!({
+                "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+                "metadata": {"name": "llama", "namespace": "ml", "resourceVersion": rv},
+                "spec": {"model": {"name": "m"}, "engine": {"image": "e"}},
+                "status": {"conditions": [{"type": "CapacityExhausted", "status": exhausted, "reason": "AtMaxReplicas",
+                           "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            })
+        };
+        let list = serde_json::json!({
+            "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceServiceList",
+            "metadata": {"resourceVersion": "1"}, "items": [isvc("True", "1")],
+        });
+        let modified = serde_json::json!({"type": "MODIFIED", "object": isvc("False", "2")});
+        let metric = |s: &Shared| {
+            s.metrics
+                .render()
+                .lines()
+                .any(|l| l == "spillway_router_capacity_exhausted 1")
+        };
+        let queries = serve_watch(
+            &mut handle,
+            "/apis/spillway.dev/v1alpha1/namespaces/ml/inferenceservices",
+            list,
+            &[],
+        )
+        .await;
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.contains("fieldSelector=metadata.name%3Dllama")),
+            "{queries:?}"
+        );
+        wait_until("exhausted from the list", || metric(&shared)).await;
+        // The re-watch after the empty watch response carries the change.
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(
+            http::Response::builder()
+                .body(kube::client::Body::from(
+                    format!("{modified}\n").into_bytes(),
+                ))
+                .unwrap(),
+        );
+        wait_until("no longer exhausted", || !metric(&shared)).await;
+        task.abort();
     }
 }
