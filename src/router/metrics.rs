@@ -13,6 +13,8 @@ use std::sync::atomic::AtomicU64;
 pub const LOCAL: &str = "local";
 /// The destination label of requests answered by the router itself (rejected, too large, ...).
 pub const NONE: &str = "none";
+/// The outcome of a 2xx answer.
+pub const SUCCESS: &str = "success";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -147,7 +149,35 @@ impl Default for RouterMetrics {
     }
 }
 
+/// One destination's metric handles, resolved once: the per-request path then does no label
+/// hashing or allocation.
+#[derive(Clone, Debug)]
+pub struct DestMetrics {
+    pub in_flight: Gauge,
+    pub duration: Histogram,
+    pub ttfb: Histogram,
+    pub success: Counter,
+}
+
 impl RouterMetrics {
+    pub fn for_destination(&self, destination: &str) -> DestMetrics {
+        let d = DestinationLabel {
+            destination: destination.to_string(),
+        };
+        DestMetrics {
+            in_flight: self.in_flight.get_or_create(&d).clone(),
+            duration: self.duration.get_or_create(&d).clone(),
+            ttfb: self.ttfb.get_or_create(&d).clone(),
+            success: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    destination: destination.to_string(),
+                    outcome: SUCCESS,
+                })
+                .clone(),
+        }
+    }
+
     pub fn request(&self, destination: &str, outcome: &'static str) {
         self.requests
             .get_or_create(&RequestLabels {

@@ -144,3 +144,35 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     tracing::info!("router stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RouterArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_repeated_backends() {
+        let a = Cli::try_parse_from([
+            "x",
+            "--backend",
+            "127.0.0.1:1",
+            "--backend",
+            "127.0.0.1:2",
+            "--capacity-exhausted",
+            "--max-body-bytes",
+            "10",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(a.backends, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert!(a.capacity_exhausted && !a.standalone);
+        assert_eq!((a.max_body_bytes, a.breaker_failures), (10, 5));
+        assert!(Cli::try_parse_from(["x", "--max-body-bytes", "lots"]).is_err());
+    }
+}

@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 
 use super::admission::RejectReason;
 use super::config::RouterConfig;
-use super::metrics::{self, DestinationLabel};
+use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
 use super::usage::UsageScanner;
 
@@ -465,12 +465,18 @@ async fn send(
 ) -> Result<Response<Incoming>, SendError> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match &lease.dest {
-        Dest::Local(addr) => {
+        Dest::Local(backend) => {
             let mut req = Request::new(Full::new(body.clone()));
             *req.method_mut() = parts.method.clone();
-            *req.uri_mut() = format!("http://{addr}{pq}")
-                .parse()
-                .map_err(|e: http::uri::InvalidUri| SendError::Connection(e.to_string()))?;
+            let authority = backend.authority.clone().ok_or_else(|| {
+                SendError::Connection(format!("{:?} is not host:port", backend.addr))
+            })?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = parts.uri.path_and_query().cloned();
+            *req.uri_mut() =
+                http::Uri::from_parts(uri).map_err(|e| SendError::Connection(e.to_string()))?;
             forward_headers(&parts.headers, req.headers_mut(), false);
             app.local
                 .request(req)
@@ -516,7 +522,7 @@ async fn send(
 
 fn outcome_of(status: StatusCode) -> &'static str {
     if status.is_success() {
-        "success"
+        metrics::SUCCESS
     } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
         "upstream_error"
     } else {
@@ -575,14 +581,13 @@ impl Relay {
             return;
         };
         let shared = lease.shared().clone();
-        let m = &shared.metrics;
-        let label = lease.dest.label();
-        m.request(label, outcome);
-        m.duration
-            .get_or_create(&DestinationLabel {
-                destination: label.to_string(),
-            })
-            .observe(self.arrived.elapsed().as_secs_f64());
+        let dm = lease.metrics();
+        if outcome == metrics::SUCCESS {
+            dm.success.inc();
+        } else {
+            shared.metrics.request(lease.dest.label(), outcome);
+        }
+        dm.duration.observe(self.arrived.elapsed().as_secs_f64());
         if let (Some(tap), Dest::Provider(p)) = (self.tap.take(), &lease.dest)
             && let Some(u) = tap.finish()
         {
@@ -622,13 +627,7 @@ impl Body for RouterBody {
                             if !r.first_byte {
                                 r.first_byte = true;
                                 if let Some(l) = &r.lease {
-                                    l.shared()
-                                        .metrics
-                                        .ttfb
-                                        .get_or_create(&DestinationLabel {
-                                            destination: l.dest.label().to_string(),
-                                        })
-                                        .observe(r.arrived.elapsed().as_secs_f64());
+                                    l.metrics().ttfb.observe(r.arrived.elapsed().as_secs_f64());
                                 }
                             }
                             if let Some(t) = &mut r.tap {

@@ -16,7 +16,7 @@ use super::breaker::{BreakerState, CircuitBreaker};
 use super::budget::{BudgetTracker, cost, parse_spend};
 use super::config::{ProviderConfig, RouterConfig};
 use super::keys::{Bearer, KeyState, read_key};
-use super::metrics::{self, DestinationLabel, ProviderLabel, RouterMetrics, TokenLabels};
+use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::queue::Fifo;
 use super::usage::Usage;
 use crate::api::Pricing;
@@ -37,11 +37,13 @@ pub struct Provider {
     pub max_concurrency: u32,
     pub timeout: Duration,
     pub pricing: Option<Pricing>,
+    pub metrics: DestMetrics,
 }
 
-impl From<&ProviderConfig> for Provider {
-    fn from(p: &ProviderConfig) -> Self {
+impl Provider {
+    fn new(p: &ProviderConfig, m: &RouterMetrics) -> Self {
         Self {
+            metrics: m.for_destination(&p.name),
             name: p.name.clone(),
             base: p.url.trim_end_matches('/').to_string(),
             model: p.model.clone(),
@@ -53,11 +55,19 @@ impl From<&ProviderConfig> for Provider {
     }
 }
 
+/// A local engine.
+#[derive(Debug)]
+pub struct Backend {
+    /// `host:port`.
+    pub addr: String,
+    /// Parsed once; `None` for an address that is no URI authority (fails like a dead engine).
+    pub authority: Option<http::uri::Authority>,
+}
+
 /// Where a leased request goes.
 #[derive(Clone, Debug)]
 pub enum Dest {
-    /// A local engine, `host:port`.
-    Local(Arc<str>),
+    Local(Arc<Backend>),
     Provider(Arc<Provider>),
 }
 
@@ -90,14 +100,14 @@ impl Default for BreakerSettings {
 /// Destinations a retried request must not go back to.
 #[derive(Debug, Default)]
 pub struct Excluded {
-    pub locals: Vec<Arc<str>>,
+    pub locals: Vec<String>,
     pub providers: Vec<String>,
 }
 
 impl Excluded {
     pub fn add(&mut self, dest: &Dest) {
         match dest {
-            Dest::Local(a) => self.locals.push(a.clone()),
+            Dest::Local(b) => self.locals.push(b.addr.clone()),
             Dest::Provider(p) => self.providers.push(p.name.clone()),
         }
     }
@@ -116,7 +126,7 @@ enum Decided {
 }
 
 struct BackendSlot {
-    addr: Arc<str>,
+    b: Arc<Backend>,
     outstanding: u32,
 }
 
@@ -157,7 +167,7 @@ impl Core {
         pl.clear();
         // An excluded destination looks full to admission, so the pure rules stay the only rules.
         bl.extend(self.backends.iter().map(|b| BackendLoad {
-            outstanding: if ex.is_some_and(|e| e.locals.contains(&b.addr)) {
+            outstanding: if ex.is_some_and(|e| e.locals.contains(&b.b.addr)) {
                 limit
             } else {
                 b.outstanding
@@ -196,7 +206,7 @@ impl Core {
             Admission::Local(i) => {
                 let b = &mut self.backends[i];
                 b.outstanding += 1;
-                Some(Decided::Go(Dest::Local(b.addr.clone()), None))
+                Some(Decided::Go(Dest::Local(b.b.clone()), None))
             }
             Admission::Provider(i) => {
                 let p = &mut self.providers[i];
@@ -216,10 +226,11 @@ impl Core {
 
     fn release(&mut self, dest: &Dest) {
         match dest {
-            Dest::Local(addr) => {
-                if let Some(b) = self.backends.iter_mut().find(|b| b.addr == *addr) {
+            Dest::Local(backend) => {
+                let addr = &backend.addr;
+                if let Some(b) = self.backends.iter_mut().find(|b| b.b.addr == *addr) {
                     b.outstanding = b.outstanding.saturating_sub(1);
-                } else if let Some(i) = self.draining.iter().position(|b| b.addr == *addr) {
+                } else if let Some(i) = self.draining.iter().position(|b| b.b.addr == *addr) {
                     let b = &mut self.draining[i];
                     b.outstanding = b.outstanding.saturating_sub(1);
                     if b.outstanding == 0 {
@@ -262,6 +273,7 @@ pub struct Shared {
     epoch: Instant,
     core: Mutex<Core>,
     pub metrics: RouterMetrics,
+    local_metrics: DestMetrics,
     breaker: BreakerSettings,
     next_id: AtomicU64,
 }
@@ -272,13 +284,17 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-fn provider_slots(cfg: &RouterConfig, breaker: BreakerSettings) -> Vec<ProviderSlot> {
+fn provider_slots(
+    cfg: &RouterConfig,
+    breaker: BreakerSettings,
+    m: &RouterMetrics,
+) -> Vec<ProviderSlot> {
     cfg.burst
         .providers
         .iter()
         .map(|p| ProviderSlot {
             key: read_key(p.api_key_file.as_deref()),
-            p: Arc::new(Provider::from(p)),
+            p: Arc::new(Provider::new(p, m)),
             in_flight: 0,
             breaker: CircuitBreaker::new(breaker.failures, breaker.open.as_millis() as Millis),
         })
@@ -297,7 +313,8 @@ fn budget_limits(cfg: &RouterConfig) -> (Option<u32>, Option<f64>) {
 impl Shared {
     pub fn new(config: RouterConfig, backends: Vec<String>, breaker: BreakerSettings) -> Arc<Self> {
         let (rpm, spend) = budget_limits(&config);
-        let providers = provider_slots(&config, breaker);
+        let metrics = RouterMetrics::default();
+        let providers = provider_slots(&config, breaker, &metrics);
         let shared = Arc::new(Self {
             epoch: Instant::now(),
             core: Mutex::new(Core {
@@ -311,7 +328,8 @@ impl Shared {
                 scratch_b: Vec::new(),
                 scratch_p: Vec::new(),
             }),
-            metrics: RouterMetrics::default(),
+            local_metrics: metrics.for_destination(metrics::LOCAL),
+            metrics,
             breaker,
             next_id: AtomicU64::new(0),
         });
@@ -336,7 +354,7 @@ impl Shared {
     /// keep their history; requests in flight are untouched.
     pub fn set_config(self: &Arc<Self>, config: RouterConfig) {
         let (rpm, spend) = budget_limits(&config);
-        let mut fresh = provider_slots(&config, self.breaker);
+        let mut fresh = provider_slots(&config, self.breaker, &self.metrics);
         {
             let mut core = self.lock();
             for slot in &mut fresh {
@@ -362,17 +380,20 @@ impl Shared {
             old.append(&mut core.draining);
             let mut next: Vec<BackendSlot> = Vec::with_capacity(addrs.len());
             for a in addrs {
-                if next.iter().any(|b| *b.addr == *a) {
+                if next.iter().any(|b| b.b.addr == a) {
                     continue;
                 }
-                let outstanding = old
-                    .iter()
-                    .position(|b| *b.addr == *a)
-                    .map_or(0, |i| old.swap_remove(i).outstanding);
-                next.push(BackendSlot {
-                    addr: Arc::from(a),
-                    outstanding,
-                });
+                let slot = match old.iter().position(|b| b.b.addr == a) {
+                    Some(i) => old.swap_remove(i),
+                    None => BackendSlot {
+                        b: Arc::new(Backend {
+                            authority: a.parse().ok(),
+                            addr: a,
+                        }),
+                        outstanding: 0,
+                    },
+                };
+                next.push(slot);
             }
             core.draining = old.into_iter().filter(|b| b.outstanding > 0).collect();
             self.metrics.backends.set(next.len() as i64);
@@ -385,7 +406,7 @@ impl Shared {
         self.lock()
             .backends
             .iter()
-            .map(|b| b.addr.to_string())
+            .map(|b| b.b.addr.clone())
             .collect()
     }
 
@@ -643,17 +664,20 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     fn new(shared: Arc<Shared>, dest: Dest, bearer: Option<Bearer>) -> Self {
-        shared
-            .metrics
-            .in_flight
-            .get_or_create(&DestinationLabel {
-                destination: dest.label().to_string(),
-            })
-            .inc();
-        Self {
+        let lease = Self {
             shared,
             dest,
             bearer,
+        };
+        lease.metrics().in_flight.inc();
+        lease
+    }
+
+    /// The destination's metric handles.
+    pub fn metrics(&self) -> &DestMetrics {
+        match &self.dest {
+            Dest::Local(_) => &self.shared.local_metrics,
+            Dest::Provider(p) => &p.metrics,
         }
     }
 
@@ -664,13 +688,7 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.shared
-            .metrics
-            .in_flight
-            .get_or_create(&DestinationLabel {
-                destination: self.dest.label().to_string(),
-            })
-            .dec();
+        self.metrics().in_flight.dec();
         self.shared.release(&self.dest);
     }
 }
