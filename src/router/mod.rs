@@ -66,6 +66,10 @@ pub struct RouterArgs {
     /// How long an open breaker stays open before one probe request, in seconds.
     #[arg(long, default_value_t = 30)]
     pub breaker_open_seconds: u64,
+    /// Serving threads, each with its own runtime and SO_REUSEPORT listener (default: one per
+    /// CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
     /// On SIGTERM, longest wait for in-flight requests and streams, in seconds.
     #[arg(long, default_value_t = 300)]
     pub drain_timeout_seconds: u64,
@@ -99,10 +103,11 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
         capacity_exhausted: args.capacity_exhausted,
     };
-    let listener = tokio::net::TcpListener::bind(&listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
-    let server = RouterServer::start_on(opts, listener)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let server = RouterServer::start_threads(opts, threads)
+        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let shared = server.shared().clone();
     if cluster.is_some() {
         // Backends come from the EndpointSlices: start from none rather than a stale list.
@@ -136,6 +141,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         providers = cfg.burst.providers.len(),
         mode = ?cfg.burst.mode,
         cluster = cluster.is_some(),
+        threads,
         "router listening"
     );
     crate::engine_sim::shutdown_signal().await;

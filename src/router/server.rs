@@ -19,8 +19,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use std::net::ToSocketAddrs;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::admission::RejectReason;
@@ -126,40 +127,129 @@ fn clients() -> (LocalClient, Option<TlsClient>) {
     (local, tls)
 }
 
-/// A running router. Dropping it stops the server.
-pub struct RouterServer {
-    addr: SocketAddr,
-    shared: Arc<Shared>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl RouterServer {
-    /// Serves on an already bound listener.
-    pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
-        let addr = listener.local_addr()?;
-        let backends = standalone_backends(&opts.config, &opts.extra_backends);
-        let shared = Shared::new(opts.config.clone(), backends, opts.breaker);
-        shared.set_capacity_exhausted(opts.capacity_exhausted);
+impl App {
+    fn new(shared: Arc<Shared>, opts: &RouterOptions) -> Arc<Self> {
         let (local, tls) = clients();
-        let app = Arc::new(App {
-            shared: shared.clone(),
+        Arc::new(App {
+            shared,
             local,
             tls,
             max_body_bytes: opts.max_body_bytes,
             model: opts.model.clone(),
             draining: AtomicBool::new(false),
-        });
-        let (tx, rx) = oneshot::channel::<()>();
-        let drain = opts.drain_timeout;
-        let task = tokio::spawn(serve(app, listener, drain, async move {
-            let _ = rx.await;
-        }));
+        })
+    }
+}
+
+fn shared_for(opts: &RouterOptions) -> Arc<Shared> {
+    let backends = standalone_backends(&opts.config, &opts.extra_backends);
+    let shared = Shared::new(opts.config.clone(), backends, opts.breaker);
+    shared.set_capacity_exhausted(opts.capacity_exhausted);
+    shared
+}
+
+enum Worker {
+    Task(tokio::task::JoinHandle<()>),
+    Thread(std::thread::JoinHandle<()>),
+}
+
+/// A running router. Dropping it stops the server.
+pub struct RouterServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    workers: Vec<Worker>,
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+impl RouterServer {
+    /// Serves on an already bound listener, in the current runtime.
+    pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let shared = shared_for(&opts);
+        let app = App::new(shared.clone(), &opts);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(app, listener, opts.drain_timeout, stopped(rx)));
         Ok(Self {
             addr,
             shared,
-            stop: Some(tx),
-            task,
+            stop,
+            workers: vec![Worker::Task(task)],
+        })
+    }
+
+    /// Serves `config.listen` on `threads` threads, each with its own single-threaded runtime,
+    /// its own `SO_REUSEPORT` listener and its own upstream pools: a request, its upstream
+    /// connection and its response stay on one thread, with no cross-thread wake-ups (the
+    /// shape of nginx's workers). Routing state is shared, so limits and the queue are global.
+    pub fn start_threads(opts: RouterOptions, threads: usize) -> std::io::Result<Self> {
+        let mut addr = opts
+            .config
+            .listen
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{:?} names no address", opts.config.listen))
+            })?;
+        let shared = shared_for(&opts);
+        let (stop, rx) = watch::channel(false);
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+            let (shared, opts, rx, bind) = (shared.clone(), opts.clone(), rx.clone(), addr);
+            let h = std::thread::Builder::new()
+                .name(format!("router-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let listener = match bind_reuseport(bind) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let _ = ready_tx.send(listener.local_addr());
+                        let app = App::new(shared, &opts);
+                        serve(app, listener, opts.drain_timeout, stopped(rx)).await;
+                    });
+                })?;
+            workers.push(Worker::Thread(h));
+            // Port 0 picks a port once; the other threads join it.
+            addr = ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("router thread failed to start"))??;
+        }
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            workers,
         })
     }
 
@@ -174,16 +264,25 @@ impl RouterServer {
 
     /// Stops accepting, lets in-flight requests (streams too) finish, then returns.
     pub async fn stop(mut self) {
-        drop(self.stop.take());
-        if let Err(e) = (&mut self.task).await {
-            tracing::warn!(error = %e, "router server task failed");
+        let _ = self.stop.send(true);
+        for w in std::mem::take(&mut self.workers) {
+            let r = match w {
+                Worker::Task(t) => t.await.map_err(|e| e.to_string()),
+                Worker::Thread(h) => tokio::task::spawn_blocking(move || h.join())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|_| "router thread panicked".to_string())),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "router worker failed");
+            }
         }
     }
 }
 
 impl Drop for RouterServer {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        let _ = self.stop.send(true);
     }
 }
 

@@ -859,3 +859,32 @@ async fn models_health_and_metrics_are_answered_locally() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn serving_threads_share_one_port_and_one_routing_state() {
+    bounded(async {
+        let local = engine(1, 50.0).await;
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nbackends: [\"{}\"]\nmaxConcurrencyPerBackend: 1\nqueue: {{limit: 0}}\nburst: {{mode: Never}}\n",
+            local.addr()
+        );
+        let opts = RouterOptions {
+            config: RouterConfig::from_yaml(&yaml).unwrap(),
+            ..Default::default()
+        };
+        let r = RouterServer::start_threads(opts, 2).unwrap();
+        let held = hold_stream(r.addr(), 25).await;
+        // Whichever thread takes them, the engine's one slot is taken: no queue, 503 at once.
+        for _ in 0..4 {
+            let reply = post(r.addr(), chat(1, false)).await;
+            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(reply.json()["error"]["code"], "queue_full");
+        }
+        let stopping = tokio::spawn(r.stop());
+        let text = read_all(held).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        stopping.await.unwrap();
+        local.stop().await.unwrap();
+    })
+    .await;
+}
