@@ -39,6 +39,8 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts per request when connections fail before any response byte.
 const MAX_ATTEMPTS: usize = 3;
 const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
+/// Non-streamed answers up to this size are read whole and sent in one write.
+const SMALL_BODY_BYTES: u64 = 64 << 10;
 
 /// Headers that belong to one hop, never forwarded (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
@@ -457,7 +459,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     loop {
         let dest = lease.dest.clone();
         match send(app, &lease, &parts, &body).await {
-            Ok(resp) => return relay(resp, lease, arrived),
+            Ok(resp) => return relay(resp, lease, arrived).await,
             Err(SendError::Connection(e)) => {
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
                 if let Dest::Provider(p) = &dest {
@@ -629,25 +631,30 @@ fn outcome_of(status: StatusCode) -> &'static str {
     }
 }
 
-fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
+async fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
     let status = resp.status();
     let (mut parts, body) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut tap = None;
     if let Dest::Provider(p) = &lease.dest {
         let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         lease.shared().provider_result(&p.name, !failed);
         if status.is_success() {
-            let sse = parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
             tap = Some(UsageScanner::new(sse));
         }
     }
     for h in &HOP_BY_HOP {
         parts.headers.remove(h);
     }
-    let relay = Relay {
+    let small = !sse
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= SMALL_BODY_BYTES);
+    let mut relay = Relay {
         inner: body,
         lease: Some(lease),
         tap,
@@ -655,6 +662,23 @@ fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<R
         first_byte: false,
         outcome: outcome_of(status),
     };
+    if small {
+        // A small sized answer (no stream) goes out with its head in one write, as nginx
+        // does; a client cannot use half a JSON document anyway.
+        return match relay.read_small().await {
+            Ok(b) => Response::from_parts(parts, RouterBody::Full(Some(b))),
+            Err(e) => {
+                tracing::warn!(destination = relay.label(), error = %e, "upstream response cut short");
+                relay.finish("aborted");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream response cut short",
+                    "server_error",
+                    "upstream_unavailable",
+                )
+            }
+        };
+    }
     Response::from_parts(parts, RouterBody::Relay(Box::new(relay)))
 }
 
@@ -675,6 +699,49 @@ pub struct Relay {
 }
 
 impl Relay {
+    fn label(&self) -> String {
+        self.lease
+            .as_ref()
+            .map_or_else(String::new, |l| l.dest.label().to_string())
+    }
+
+    /// Reads the whole (small, sized) body, then finishes: the slot frees as soon as the
+    /// upstream is done.
+    async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
+        let mut buf = bytes::BytesMut::new();
+        let mut single = None;
+        while let Some(f) = self.inner.frame().await {
+            if let Ok(d) = f?.into_data() {
+                self.observe_data(&d);
+                if single.is_none() && buf.is_empty() {
+                    single = Some(d);
+                } else {
+                    if let Some(first) = single.take() {
+                        buf.extend_from_slice(&first);
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
+        let o = self.outcome;
+        self.finish(o);
+        Ok(single.unwrap_or_else(|| buf.freeze()))
+    }
+
+    fn observe_data(&mut self, d: &Bytes) {
+        if !self.first_byte {
+            self.first_byte = true;
+            if let Some(l) = &self.lease {
+                l.metrics()
+                    .ttfb
+                    .observe(self.arrived.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(t) = &mut self.tap {
+            t.feed(d);
+        }
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         let Some(lease) = self.lease.take() else {
             return;
@@ -723,15 +790,7 @@ impl Body for RouterBody {
                 match &res {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
-                            if !r.first_byte {
-                                r.first_byte = true;
-                                if let Some(l) = &r.lease {
-                                    l.metrics().ttfb.observe(r.arrived.elapsed().as_secs_f64());
-                                }
-                            }
-                            if let Some(t) = &mut r.tap {
-                                t.feed(d);
-                            }
+                            r.observe_data(d);
                         }
                     }
                     Some(Err(_)) => r.finish("aborted"),
