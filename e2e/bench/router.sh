@@ -3,7 +3,7 @@
 # through nginx as a plain keep-alive reverse proxy to the same engine-sim, in one run.
 #
 #   e2e/bench/router.sh                      # builds the release binary if needed
-#   DURATION=20s LOADS="8 64" e2e/bench/router.sh
+#   DURATION=20s LOADS="8 64" ROUNDS=5 e2e/bench/router.sh
 #
 # Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Requests are small and not
 # streamed: POST /v1/completions with max_tokens 1, engine-sim with no artificial delay.
@@ -15,6 +15,7 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 LOADS=${LOADS:-"4 64"}          # concurrent connections: moderate, then high
 THREADS=${THREADS:-1}
+ROUNDS=${ROUNDS:-3}             # the median of these is reported
 ENGINE_PORT=${ENGINE_PORT:-18000}
 ROUTER_PORT=${ROUTER_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
@@ -111,19 +112,34 @@ measure() {
     | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
 }
 
+median() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+port_of() {
+  case $1 in
+    direct) echo "$ENGINE_PORT" ;;
+    router) echo "$ROUTER_PORT" ;;
+    nginx) echo "$NGINX_PORT" ;;
+  esac
+}
+
+echo "wrk: $THREADS thread(s), $DURATION per measurement after $WARMUP warm-up, median of $ROUNDS rounds (target order rotates)"
 printf '%-8s %-6s %12s %10s %10s %8s\n' target conns "req/s" "p50 ms" "p99 ms" errors
+TARGETS=(direct router nginx)
 for conns in $LOADS; do
+  declare -A R A B E
+  for round in $(seq "$ROUNDS"); do
+    for i in 0 1 2; do
+      t=${TARGETS[$(( (i + round) % 3 ))]}
+      read -r r a b errs _n < <(measure "$(port_of "$t")" "$conns")
+      R[$t]+="$r "; A[$t]+="$a "; B[$t]+="$b "; E[$t]=$(( ${E[$t]:-0} + errs ))
+    done
+  done
   declare -A rps p50 p99
-  for target in direct router nginx; do
-    case $target in
-      direct) port=$ENGINE_PORT ;;
-      router) port=$ROUTER_PORT ;;
-      nginx) port=$NGINX_PORT ;;
-    esac
-    read -r r a b errs _n < <(measure "$port" "$conns")
-    rps[$target]=$r; p50[$target]=$a; p99[$target]=$b
-    printf '%-8s %-6s %12.0f %10.3f %10.3f %8s\n' "$target" "$conns" "$r" \
-      "$(echo "$a / 1000" | bc -l)" "$(echo "$b / 1000" | bc -l)" "$errs"
+  for t in "${TARGETS[@]}"; do
+    rps[$t]=$(tr ' ' '\n' <<<"${R[$t]}" | grep . | median)
+    p50[$t]=$(tr ' ' '\n' <<<"${A[$t]}" | grep . | median)
+    p99[$t]=$(tr ' ' '\n' <<<"${B[$t]}" | grep . | median)
+    printf '%-8s %-6s %12.0f %10.3f %10.3f %8s\n' "$t" "$conns" "${rps[$t]}" \
+      "$(echo "${p50[$t]} / 1000" | bc -l)" "$(echo "${p99[$t]} / 1000" | bc -l)" "${E[$t]}"
   done
   for via in router nginx; do
     printf '  %-6s added latency at %s conns: p50 %+.3f ms, p99 %+.3f ms; throughput %.0f%% of direct\n' \
@@ -132,6 +148,6 @@ for conns in $LOADS; do
       "$(echo "(${p99[$via]} - ${p99[direct]}) / 1000" | bc -l)" \
       "$(echo "100 * ${rps[$via]} / ${rps[direct]}" | bc -l)"
   done
-  unset rps p50 p99
+  unset R A B E rps p50 p99
 done
 echo "router RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$ROUTER_PID/status), peak $(awk '/VmHWM/ {print $2, $3}' /proc/$ROUTER_PID/status)"
