@@ -710,7 +710,12 @@ impl Relay {
     async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
         let mut buf = bytes::BytesMut::new();
         let mut single = None;
-        while let Some(f) = self.inner.frame().await {
+        // Stops at the declared length: waiting for the end-of-body signal would cost a
+        // wake-up of the upstream connection's task.
+        while !self.inner.is_end_stream() {
+            let Some(f) = self.inner.frame().await else {
+                break;
+            };
             if let Ok(d) = f?.into_data() {
                 self.observe_data(&d);
                 if single.is_none() && buf.is_empty() {
