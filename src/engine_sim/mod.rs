@@ -320,7 +320,7 @@ pub async fn run(args: EngineSimArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) async fn shutdown_signal() {
+async fn shutdown_signal() {
     let ctrl_c = async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::warn!(error = %e, "cannot listen for ctrl-c");
