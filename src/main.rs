@@ -24,6 +24,8 @@ enum Command {
     Simulate(spillway::sim::SimulateArgs),
     /// Run a simulated inference engine (OpenAI-compatible API, vLLM-style metrics).
     EngineSim(spillway::engine_sim::EngineSimArgs),
+    /// Run the per-service router: OpenAI-compatible proxy with spill-over to burst providers.
+    Router(spillway::router::RouterArgs),
 }
 
 #[tokio::main]
@@ -54,6 +56,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::EngineSim(args) => {
             spillway::telemetry::init(&cli.log)?;
             spillway::engine_sim::run(args).await
+        }
+        Command::Router(args) => {
+            spillway::telemetry::init(&cli.log)?;
+            spillway::router::run(args).await
         }
     }
 }

@@ -1,7 +1,210 @@
 //! The per-service router: the data plane that spills over to external providers when GPU
-//! capacity is exhausted. Pure parts: [`admission`], [`breaker`], [`budget`].
+//! capacity is exhausted.
+//!
+//! - Pure: [`admission`] (every per-request decision), [`breaker`], [`budget`], [`usage`],
+//!   [`queue`], and the conversions in [`cluster`].
+//! - Live state: [`state`] (backends, providers, queue, leases) around `admit()`.
+//! - I/O: [`server`] (hyper proxy), [`sources`] (config and key files), [`cluster`] (watches).
 
 pub mod admission;
 pub mod breaker;
 pub mod budget;
+pub mod cluster;
 pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod queue;
+pub mod server;
+pub mod sources;
+pub mod state;
+pub mod usage;
+
+#[cfg(test)]
+mod tests;
+
+use std::time::Duration;
+
+use clap::Args;
+
+pub use server::{RouterOptions, RouterServer};
+pub use state::BreakerSettings;
+
+use config::RouterConfig;
+
+#[derive(Args, Debug, Clone)]
+pub struct RouterArgs {
+    /// Router config file (the ConfigMap's `router.yaml`); re-read when it changes. With a
+    /// `cluster` section (and without --standalone) backends, config and capacity state are
+    /// watched through the Kubernetes API instead.
+    #[arg(long, env = "SPILLWAY_ROUTER_CONFIG")]
+    pub config: Option<String>,
+    /// A local engine `host:port`, added to the config's `backends` (repeatable).
+    #[arg(long = "backend")]
+    pub backends: Vec<String>,
+    /// Address to listen on; overrides the config's `listen`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Model name `/v1/models` lists when the config has no `cluster.model`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Treat in-cluster capacity as exhausted (burst mode `CapacityExhausted`), for local use.
+    #[arg(long)]
+    pub capacity_exhausted: bool,
+    /// Ignore the config's `cluster` section: no Kubernetes API access.
+    #[arg(long)]
+    pub standalone: bool,
+    /// Largest request body accepted, in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// How often the config file and provider key files are checked for changes, in ms.
+    #[arg(long, default_value_t = 1000)]
+    pub reload_interval_ms: u64,
+    /// Consecutive failures (5xx, 429, timeouts, connection errors) that open a provider's
+    /// circuit breaker.
+    #[arg(long, default_value_t = 5)]
+    pub breaker_failures: u32,
+    /// How long an open breaker stays open before one probe request, in seconds.
+    #[arg(long, default_value_t = 30)]
+    pub breaker_open_seconds: u64,
+    /// Serving threads, each with its own runtime and SO_REUSEPORT listener (default: one per
+    /// CPU).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// On SIGTERM, longest wait for in-flight requests and streams, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub drain_timeout_seconds: u64,
+}
+
+/// Runs until SIGTERM or ctrl-c, then drains in-flight requests.
+pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => RouterConfig::from_file(path)?,
+        None => RouterConfig::from_yaml("{}")?,
+    };
+    if let Some(l) = &args.listen {
+        config.listen = l.clone();
+    }
+    let cluster = config.cluster.clone().filter(|_| !args.standalone);
+    let listen = config.listen.clone();
+    let opts = RouterOptions {
+        config,
+        // In a cluster the EndpointSlices are the backends; the static list is ignored.
+        extra_backends: if cluster.is_some() {
+            Vec::new()
+        } else {
+            args.backends.clone()
+        },
+        max_body_bytes: args.max_body_bytes,
+        model: args.model.clone(),
+        breaker: BreakerSettings {
+            failures: args.breaker_failures,
+            open: Duration::from_secs(args.breaker_open_seconds),
+        },
+        drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        capacity_exhausted: args.capacity_exhausted,
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let server = RouterServer::start_threads(opts, threads)
+        .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
+    let shared = server.shared().clone();
+    if cluster.is_some() {
+        // Backends come from the EndpointSlices: start from none rather than a stale list.
+        shared.set_backends(Vec::new());
+    }
+    let every = Duration::from_millis(args.reload_interval_ms.max(50));
+    sources::spawn_key_refresh(shared.clone(), every);
+    match &cluster {
+        Some(c) => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
+            cluster::spawn(client, c.clone(), shared.clone());
+        }
+        None => {
+            if let Some(path) = &args.config {
+                sources::spawn_config_watch(
+                    shared.clone(),
+                    path.clone(),
+                    args.backends.clone(),
+                    true,
+                    every,
+                );
+            }
+        }
+    }
+    let cfg = shared.config();
+    tracing::info!(
+        addr = %server.addr(),
+        backends = shared.backends().len(),
+        providers = cfg.burst.providers.len(),
+        mode = ?cfg.burst.mode,
+        cluster = cluster.is_some(),
+        threads,
+        "router listening"
+    );
+    shutdown_signal().await;
+    tracing::info!("shutdown requested: finishing in-flight requests");
+    server.stop().await;
+    tracing::info!("router stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod args_tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: RouterArgs,
+    }
+
+    #[test]
+    fn flags_parse_with_repeated_backends() {
+        let a = Cli::try_parse_from([
+            "x",
+            "--backend",
+            "127.0.0.1:1",
+            "--backend",
+            "127.0.0.1:2",
+            "--capacity-exhausted",
+            "--max-body-bytes",
+            "10",
+        ])
+        .unwrap()
+        .args;
+        assert_eq!(a.backends, ["127.0.0.1:1", "127.0.0.1:2"]);
+        assert!(a.capacity_exhausted && !a.standalone);
+        assert_eq!((a.max_body_bytes, a.breaker_failures), (10, 5));
+        assert!(Cli::try_parse_from(["x", "--max-body-bytes", "lots"]).is_err());
+    }
+}

@@ -1,0 +1,153 @@
+#!/usr/bin/env bash
+# Router overhead on 127.0.0.1: wrk against engine-sim directly, through `spillway router`, and
+# through nginx as a plain keep-alive reverse proxy to the same engine-sim, in one run.
+#
+#   e2e/bench/router.sh                      # builds the release binary if needed
+#   DURATION=20s LOADS="8 64" ROUNDS=5 e2e/bench/router.sh
+#
+# Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Requests are small and not
+# streamed: POST /v1/completions with max_tokens 1, engine-sim with no artificial delay.
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+BIN=${SPILLWAY_BIN:-target/release/spillway}
+DURATION=${DURATION:-10s}
+WARMUP=${WARMUP:-3s}
+LOADS=${LOADS:-"4 64"}          # concurrent connections: moderate, then high
+THREADS=${THREADS:-1}
+ROUNDS=${ROUNDS:-3}             # the median of these is reported
+ENGINE_PORT=${ENGINE_PORT:-18000}
+ROUTER_PORT=${ROUTER_PORT:-18080}
+NGINX_PORT=${NGINX_PORT:-18081}
+
+for tool in wrk nginx; do
+  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk nginx)" >&2; exit 1; }
+done
+[[ -x $BIN ]] || cargo build --release --locked
+
+WORK=$(mktemp -d)
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "nothing listens on $1" >&2; exit 1
+}
+
+"$BIN" --log-level warn engine-sim --port "$ENGINE_PORT" --model bench --prefill-ms 0 \
+  --tokens-per-second 1000000000 --max-concurrency 100000 --max-queue 100000 \
+  --max-connections 100000 &
+PIDS+=($!)
+
+cat >"$WORK/router.yaml" <<YAML
+listen: 127.0.0.1:$ROUTER_PORT
+backends: ["127.0.0.1:$ENGINE_PORT"]
+maxConcurrencyPerBackend: 100000
+queue: {limit: 100000, timeoutSeconds: 30}
+burst: {mode: Never}
+YAML
+"$BIN" --log-level warn router --config "$WORK/router.yaml" &
+ROUTER_PID=$!
+PIDS+=($ROUTER_PID)
+
+mkdir -p "$WORK/nginx"
+cat >"$WORK/nginx.conf" <<NGINX
+daemon off;
+worker_processes auto;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/body;
+  proxy_temp_path $WORK/nginx/proxy;
+  fastcgi_temp_path $WORK/nginx/fastcgi;
+  uwsgi_temp_path $WORK/nginx/uwsgi;
+  scgi_temp_path $WORK/nginx/scgi;
+  upstream engine {
+    server 127.0.0.1:$ENGINE_PORT;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://engine;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGINX
+nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" &
+PIDS+=($!)
+
+wait_port "$ENGINE_PORT"; wait_port "$ROUTER_PORT"; wait_port "$NGINX_PORT"
+
+cat >"$WORK/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.body = '{"model":"bench","prompt":"hi","max_tokens":1}'
+wrk.headers["Content-Type"] = "application/json"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %.1f %.1f %.1f %d %d\n",
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.timeout + e.status, summary.requests))
+end
+LUA
+
+# One measurement: prints "rps p50_us p99_us errors requests".
+measure() {
+  local port=$1 conns=$2
+  wrk -t"$THREADS" -c"$conns" -d"$WARMUP" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/completions" >/dev/null
+  wrk -t"$THREADS" -c"$conns" -d"$DURATION" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/completions" \
+    | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+}
+
+median() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+port_of() {
+  case $1 in
+    direct) echo "$ENGINE_PORT" ;;
+    router) echo "$ROUTER_PORT" ;;
+    nginx) echo "$NGINX_PORT" ;;
+  esac
+}
+
+echo "wrk: $THREADS thread(s), $DURATION per measurement after $WARMUP warm-up, median of $ROUNDS rounds (target order rotates)"
+printf '%-8s %-6s %12s %10s %10s %8s\n' target conns "req/s" "p50 ms" "p99 ms" errors
+TARGETS=(direct router nginx)
+for conns in $LOADS; do
+  declare -A R A B E
+  for round in $(seq "$ROUNDS"); do
+    for i in 0 1 2; do
+      t=${TARGETS[$(( (i + round) % 3 ))]}
+      read -r r a b errs _n < <(measure "$(port_of "$t")" "$conns")
+      R[$t]+="$r "; A[$t]+="$a "; B[$t]+="$b "; E[$t]=$(( ${E[$t]:-0} + errs ))
+    done
+  done
+  declare -A rps p50 p99
+  for t in "${TARGETS[@]}"; do
+    rps[$t]=$(tr ' ' '\n' <<<"${R[$t]}" | grep . | median)
+    p50[$t]=$(tr ' ' '\n' <<<"${A[$t]}" | grep . | median)
+    p99[$t]=$(tr ' ' '\n' <<<"${B[$t]}" | grep . | median)
+    printf '%-8s %-6s %12.0f %10.3f %10.3f %8s\n' "$t" "$conns" "${rps[$t]}" \
+      "$(echo "${p50[$t]} / 1000" | bc -l)" "$(echo "${p99[$t]} / 1000" | bc -l)" "${E[$t]}"
+  done
+  for via in router nginx; do
+    printf '  %-6s added latency at %s conns: p50 %+.3f ms, p99 %+.3f ms; throughput %.0f%% of direct\n' \
+      "$via" "$conns" \
+      "$(echo "(${p50[$via]} - ${p50[direct]}) / 1000" | bc -l)" \
+      "$(echo "(${p99[$via]} - ${p99[direct]}) / 1000" | bc -l)" \
+      "$(echo "100 * ${rps[$via]} / ${rps[direct]}" | bc -l)"
+  done
+  unset R A B E rps p50 p99
+done
+echo "router RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$ROUTER_PID/status), peak $(awk '/VmHWM/ {print $2, $3}' /proc/$ROUTER_PID/status)"

@@ -1,0 +1,431 @@
+//! Cluster sources: backends from the engine Service's EndpointSlices (a reflector), the config
+//! from ConfigMap `<name>-router`, and the capacity state from the InferenceService status, all
+//! watched through the API so changes apply within seconds. The conversions are pure.
+//!
+//! RBAC the router needs in its namespace: `get`, `list`, `watch` on
+//! `discovery.k8s.io/endpointslices`, `configmaps` and `spillway.dev/inferenceservices`.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::reflector;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client};
+
+use super::config::{CONFIG_KEY, ClusterConfig, ConfigError, RouterConfig};
+use super::sources;
+use super::state::Shared;
+use crate::api::{CAPACITY_EXHAUSTED, InferenceService};
+
+/// The label EndpointSlices carry naming their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("ConfigMap has no {CONFIG_KEY:?} key")]
+    MissingKey,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// `host:port` of every ready endpoint, sorted and without duplicates. An endpoint whose
+/// readiness is unknown counts as ready (the API's documented reading); FQDN slices are skipped.
+pub fn backends_from_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: u16,
+) -> Vec<String> {
+    let mut out: Vec<String> = slices
+        .into_iter()
+        .filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6")
+        .flat_map(|s| {
+            let v6 = s.address_type == "IPv6";
+            s.endpoints
+                .iter()
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .flat_map(move |e| {
+                    e.addresses.iter().map(move |a| {
+                        if v6 {
+                            format!("[{a}]:{port}")
+                        } else {
+                            format!("{a}:{port}")
+                        }
+                    })
+                })
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Whether the controller reports capacity exhausted (`CapacityExhausted=True`).
+pub fn capacity_exhausted(isvc: &InferenceService) -> bool {
+    isvc.status.as_ref().is_some_and(|s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == CAPACITY_EXHAUSTED && c.status == "True")
+    })
+}
+
+/// The router config the controller rendered into the ConfigMap.
+pub fn config_from_configmap(cm: &ConfigMap) -> Result<RouterConfig, ClusterError> {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get(CONFIG_KEY))
+        .ok_or(ClusterError::MissingKey)?;
+    Ok(RouterConfig::from_yaml(text)?)
+}
+
+/// The ConfigMap the controller renders for a service.
+pub fn configmap_name(inference_service: &str) -> String {
+    format!("{inference_service}-router")
+}
+
+/// Starts the three watches; they retry with backoff for the life of the process.
+pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
+    spawn_endpoints(client.clone(), &cluster, shared.clone());
+    spawn_config(client.clone(), &cluster, shared.clone());
+    spawn_capacity(client, &cluster, shared);
+}
+
+/// Backends from the engine Service's EndpointSlices.
+pub fn spawn_endpoints(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
+    let cfg = watcher::Config::default()
+        .labels(&format!("{SERVICE_NAME_LABEL}={}", cluster.engine_service));
+    let (reader, writer) = reflector::store();
+    let port = cluster.engine_port;
+    tokio::spawn(
+        reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
+            move |ev| {
+                match ev {
+                    // Recomputed from the whole store: deletions and relists included.
+                    Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
+                        let state = reader.state();
+                        let b = backends_from_slices(state.iter().map(|a| a.as_ref()), port);
+                        tracing::debug!(backends = b.len(), "engine endpoints changed");
+                        shared.set_backends(b);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "EndpointSlice watch error (retrying)"),
+                }
+                futures::future::ready(())
+            },
+        ),
+    )
+}
+
+/// The config from ConfigMap `<name>-router`.
+pub fn spawn_config(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let cms: Api<ConfigMap> = Api::namespaced(client, &cluster.namespace);
+    let name = configmap_name(&cluster.inference_service);
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    tokio::spawn(
+        watcher::watcher(cms, cfg)
+            .default_backoff()
+            .applied_objects()
+            .for_each(move |cm| {
+                match cm {
+                    Ok(cm) => match config_from_configmap(&cm) {
+                        Ok(c) => {
+                            // Backends in a cluster come from EndpointSlices, not the file.
+                            tracing::info!(configmap = %name, "router config applied");
+                            sources::apply(&shared, c, None);
+                        }
+                        Err(e) => sources::invalid(&shared, &name, &e),
+                    },
+                    Err(e) => tracing::warn!(error = %e, "ConfigMap watch error (retrying)"),
+                }
+                futures::future::ready(())
+            }),
+    )
+}
+
+/// The capacity state from the InferenceService's `CapacityExhausted` condition.
+pub fn spawn_capacity(
+    client: Client,
+    cluster: &ClusterConfig,
+    shared: Arc<Shared>,
+) -> tokio::task::JoinHandle<()> {
+    let isvcs: Api<InferenceService> = Api::namespaced(client, &cluster.namespace);
+    let cfg =
+        watcher::Config::default().fields(&format!("metadata.name={}", cluster.inference_service));
+    tokio::spawn(
+        watcher::watcher(isvcs, cfg)
+            .default_backoff()
+            .applied_objects()
+            .for_each(move |isvc| {
+                match isvc {
+                    Ok(i) => shared.set_capacity_exhausted(capacity_exhausted(&i)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "InferenceService watch error (retrying)")
+                    }
+                }
+                futures::future::ready(())
+            }),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+    fn endpoint(addr: &str, ready: Option<bool>) -> Endpoint {
+        Endpoint {
+            addresses: vec![addr.into()],
+            conditions: Some(EndpointConditions {
+                ready,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn slice(kind: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
+        EndpointSlice {
+            address_type: kind.into(),
+            endpoints,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ready_endpoints_of_every_slice_on_the_engine_port() {
+        let a = slice(
+            "IPv4",
+            vec![
+                endpoint("10.0.0.2", Some(true)),
+                endpoint("10.0.0.3", Some(false)),
+                endpoint("10.0.0.1", None),
+            ],
+        );
+        let b = slice(
+            "IPv6",
+            vec![endpoint("fd00::1", Some(true)), endpoint("fd00::1", None)],
+        );
+        let c = slice("FQDN", vec![endpoint("engine.example", Some(true))]);
+        let dup = slice("IPv4", vec![endpoint("10.0.0.2", Some(true))]);
+        assert_eq!(
+            backends_from_slices([&a, &b, &c, &dup], 8000),
+            vec!["10.0.0.1:8000", "10.0.0.2:8000", "[fd00::1]:8000"]
+        );
+        assert!(backends_from_slices([], 8000).is_empty());
+    }
+
+    #[test]
+    fn capacity_state_follows_the_condition() {
+        let mut isvc: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "x", "namespace": "ml"},
+            "spec": {"model": {"name": "m"}, "engine": {"image": "e"}}
+        }))
+        .unwrap();
+        assert!(!capacity_exhausted(&isvc));
+        let cond = |status: &str| Condition {
+            type_: CAPACITY_EXHAUSTED.into(),
+            status: status.into(),
+            reason: "AtMaxReplicas".into(),
+            message: String::new(),
+            observed_generation: None,
+            last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                Default::default(),
+            ),
+        };
+        isvc.status = Some(Default::default());
+        isvc.status.as_mut().unwrap().conditions = vec![cond("True")];
+        assert!(capacity_exhausted(&isvc));
+        isvc.status.as_mut().unwrap().conditions = vec![cond("False")];
+        assert!(!capacity_exhausted(&isvc));
+    }
+
+    #[test]
+    fn config_from_the_rendered_configmap() {
+        let mut cm = ConfigMap::default();
+        assert!(matches!(
+            config_from_configmap(&cm),
+            Err(ClusterError::MissingKey)
+        ));
+        cm.data = Some(
+            [(
+                CONFIG_KEY.to_string(),
+                "maxConcurrencyPerBackend: 8\nburst: {mode: Never}\n".to_string(),
+            )]
+            .into(),
+        );
+        let c = config_from_configmap(&cm).unwrap();
+        assert_eq!(c.max_concurrency_per_backend, 8);
+        assert_eq!(c.burst.mode, crate::api::BurstMode::Never);
+        cm.data = Some([(CONFIG_KEY.to_string(), "queue: [".to_string())].into());
+        assert!(matches!(
+            config_from_configmap(&cm),
+            Err(ClusterError::Config(_))
+        ));
+        assert_eq!(configmap_name("llama"), "llama-router");
+    }
+
+    /// Plays the API server for one watch: answers the list, then the watch with `events`
+    /// (JSON lines), and returns the query strings it saw.
+    async fn serve_watch(
+        handle: &mut tower_test::mock::Handle<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >,
+        path: &str,
+        list: serde_json::Value,
+        events: &[serde_json::Value],
+    ) -> Vec<String> {
+        let mut queries = Vec::new();
+        for reply in [
+            list.to_string(),
+            events.iter().map(|e| format!("{e}\n")).collect::<String>(),
+        ] {
+            let (req, send) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), handle.next_request())
+                    .await
+                    .expect("no request from the watcher")
+                    .expect("client dropped");
+            assert_eq!(req.uri().path(), path);
+            queries.push(req.uri().query().unwrap_or_default().to_string());
+            send.send_response(
+                http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(kube::client::Body::from(reply.into_bytes()))
+                    .unwrap(),
+            );
+        }
+        queries
+    }
+
+    fn test_cluster() -> ClusterConfig {
+        ClusterConfig {
+            namespace: "ml".into(),
+            inference_service: "llama".into(),
+            engine_service: "llama-engine".into(),
+            engine_port: 8000,
+            model: "m".into(),
+        }
+    }
+
+    async fn wait_until(what: &str, f: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_slices_watched_through_the_api_become_backends() {
+        let (svc, mut handle) = tower_test::mock::pair();
+        let client = Client::new(svc, "ml");
+        let shared = Shared::new(
+            RouterConfig::from_yaml("{}").unwrap(),
+            vec!["1.1.1.1:1".into()],
+            Default::default(),
+        );
+        let task = spawn_endpoints(client, &test_cluster(), shared.clone());
+        let slice = |ips: &[&str], rv: &str| {
+            serde_json::json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": "llama-engine-abc", "namespace": "ml", "resourceVersion": rv},
+                "addressType": "IPv4",
+                "endpoints": ips.iter().map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>(),
+            })
+        };
+        let list = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSliceList",
+            "metadata": {"resourceVersion": "1"},
+            "items": [slice(&["10.0.0.1"], "1")],
+        });
+        let modified = serde_json::json!({"type": "MODIFIED", "object": slice(&["10.0.0.1", "10.0.0.2"], "2")});
+        let queries = serve_watch(
+            &mut handle,
+            "/apis/discovery.k8s.io/v1/namespaces/ml/endpointslices",
+            list,
+            &[modified],
+        )
+        .await;
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.contains("labelSelector=kubernetes.io%2Fservice-name%3Dllama-engine")),
+            "{queries:?}"
+        );
+        wait_until("both endpoints are backends", || {
+            shared.backends() == ["10.0.0.1:8000", "10.0.0.2:8000"]
+        })
+        .await;
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn the_capacity_state_is_watched_through_the_api() {
+        let (svc, mut handle) = tower_test::mock::pair();
+        let client = Client::new(svc, "ml");
+        let shared = Shared::new(
+            RouterConfig::from_yaml("{}").unwrap(),
+            vec![],
+            Default::default(),
+        );
+        let task = spawn_capacity(client, &test_cluster(), shared.clone());
+        let isvc = |exhausted: &str, rv: &str| {
+            serde_json::json!({
+                "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+                "metadata": {"name": "llama", "namespace": "ml", "resourceVersion": rv},
+                "spec": {"model": {"name": "m"}, "engine": {"image": "e"}},
+                "status": {"conditions": [{"type": "CapacityExhausted", "status": exhausted, "reason": "AtMaxReplicas",
+                           "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]},
+            })
+        };
+        let list = serde_json::json!({
+            "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceServiceList",
+            "metadata": {"resourceVersion": "1"}, "items": [isvc("True", "1")],
+        });
+        let modified = serde_json::json!({"type": "MODIFIED", "object": isvc("False", "2")});
+        let metric = |s: &Shared| {
+            s.metrics
+                .render()
+                .lines()
+                .any(|l| l == "spillway_router_capacity_exhausted 1")
+        };
+        let queries = serve_watch(
+            &mut handle,
+            "/apis/spillway.dev/v1alpha1/namespaces/ml/inferenceservices",
+            list,
+            &[],
+        )
+        .await;
+        assert!(
+            queries
+                .iter()
+                .all(|q| q.contains("fieldSelector=metadata.name%3Dllama")),
+            "{queries:?}"
+        );
+        wait_until("exhausted from the list", || metric(&shared)).await;
+        // The re-watch after the empty watch response carries the change.
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(
+            http::Response::builder()
+                .body(kube::client::Body::from(
+                    format!("{modified}\n").into_bytes(),
+                ))
+                .unwrap(),
+        );
+        wait_until("no longer exhausted", || !metric(&shared)).await;
+        task.abort();
+    }
+}

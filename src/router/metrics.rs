@@ -1,0 +1,210 @@
+//! The router's Prometheus metrics. Labels are destinations (`local`, a provider's configured
+//! name) and fixed outcome words: never a key, a URL with credentials, or a message.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::AtomicU64;
+
+/// The destination label of requests served by a local engine.
+pub const LOCAL: &str = "local";
+/// The destination label of requests answered by the router itself (rejected, too large, ...).
+pub const NONE: &str = "none";
+/// The outcome of a 2xx answer.
+pub const SUCCESS: &str = "success";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub destination: String,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabel {
+    pub destination: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub provider: String,
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProviderLabel {
+    pub provider: String,
+}
+
+pub struct RouterMetrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub in_flight: Family<DestinationLabel, Gauge>,
+    /// Exported as `spillway_router_queue_length` (`autoscale::signals::ROUTER_QUEUE_METRIC`).
+    pub queue_length: Gauge,
+    pub duration: Family<DestinationLabel, Histogram>,
+    pub ttfb: Family<DestinationLabel, Histogram>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub spend: Family<ProviderLabel, Counter<f64, AtomicU64>>,
+    pub breaker_open: Family<ProviderLabel, Gauge>,
+    pub backends: Gauge,
+    pub capacity_exhausted: Gauge,
+    pub config_reloads: Family<OutcomeLabel, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+impl Default for RouterMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("spillway_router");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let in_flight = Family::<DestinationLabel, Gauge>::default();
+        let queue_length = Gauge::default();
+        // 0.1 ms .. ~55 min: proxy overhead at the bottom, long streams at the top.
+        let buckets = || Histogram::new(exponential_buckets(0.0001, 2.5, 18));
+        let duration = Family::<DestinationLabel, Histogram>::new_with_constructor(buckets);
+        let ttfb = Family::<DestinationLabel, Histogram>::new_with_constructor(buckets);
+        let tokens = Family::<TokenLabels, Counter>::default();
+        let spend = Family::<ProviderLabel, Counter<f64, AtomicU64>>::default();
+        let breaker_open = Family::<ProviderLabel, Gauge>::default();
+        let backends = Gauge::default();
+        let capacity_exhausted = Gauge::default();
+        let config_reloads = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by destination (local or provider name) and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "in_flight",
+            "Requests being served, by destination",
+            in_flight.clone(),
+        );
+        registry.register(
+            "queue_length",
+            "Requests waiting for a local engine slot",
+            queue_length.clone(),
+        );
+        registry.register_with_unit(
+            "request_duration",
+            "Time from request arrival to the end of the response",
+            Unit::Seconds,
+            duration.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_byte",
+            "Time from request arrival to the first response body byte",
+            Unit::Seconds,
+            ttfb.clone(),
+        );
+        registry.register(
+            "provider_tokens",
+            "Tokens reported by burst providers, by kind (prompt, completion)",
+            tokens.clone(),
+        );
+        registry.register(
+            "provider_spend",
+            "Burst spend from provider usage times configured pricing, in the pricing currency",
+            spend.clone(),
+        );
+        registry.register(
+            "provider_breaker_open",
+            "1 while a provider's circuit breaker is open",
+            breaker_open.clone(),
+        );
+        registry.register(
+            "backends",
+            "Ready local engines known to the router",
+            backends.clone(),
+        );
+        registry.register(
+            "capacity_exhausted",
+            "1 while the controller reports in-cluster capacity exhausted",
+            capacity_exhausted.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by outcome (applied, invalid)",
+            config_reloads.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            in_flight,
+            queue_length,
+            duration,
+            ttfb,
+            tokens,
+            spend,
+            breaker_open,
+            backends,
+            capacity_exhausted,
+            config_reloads,
+        }
+    }
+}
+
+/// One destination's metric handles, resolved once: the per-request path then does no label
+/// hashing or allocation.
+#[derive(Clone, Debug)]
+pub struct DestMetrics {
+    pub in_flight: Gauge,
+    pub duration: Histogram,
+    pub ttfb: Histogram,
+    pub success: Counter,
+}
+
+impl RouterMetrics {
+    pub fn for_destination(&self, destination: &str) -> DestMetrics {
+        let d = DestinationLabel {
+            destination: destination.to_string(),
+        };
+        DestMetrics {
+            in_flight: self.in_flight.get_or_create(&d).clone(),
+            duration: self.duration.get_or_create(&d).clone(),
+            ttfb: self.ttfb.get_or_create(&d).clone(),
+            success: self
+                .requests
+                .get_or_create(&RequestLabels {
+                    destination: destination.to_string(),
+                    outcome: SUCCESS,
+                })
+                .clone(),
+        }
+    }
+
+    pub fn request(&self, destination: &str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                destination: destination.to_string(),
+                outcome,
+            })
+            .inc();
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_gauge_has_the_name_the_autoscaler_reads() {
+        let m = RouterMetrics::default();
+        m.queue_length.set(3);
+        let text = m.render();
+        let want = format!("{} 3", crate::autoscale::signals::ROUTER_QUEUE_METRIC);
+        assert!(text.lines().any(|l| l == want), "{text}");
+    }
+}

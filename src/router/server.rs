@@ -1,0 +1,919 @@
+//! The router's HTTP side, on hyper directly: per-connection tasks we track for a graceful drain,
+//! and a response body that relays upstream frames as they arrive (no buffering) while it holds
+//! the request's lease, times it, and reads provider usage on the way through.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde_json::{Value, json};
+use std::net::ToSocketAddrs;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::admission::RejectReason;
+use super::config::RouterConfig;
+use super::metrics;
+use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
+use super::usage::UsageScanner;
+
+type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
+type LocalClient = Client<HttpConnector, Full<Bytes>>;
+type TlsClient = Client<HttpsConnector, Full<Bytes>>;
+
+/// Slow clients may not hold a connection open without sending a request.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per request when connections fail before any response byte.
+const MAX_ATTEMPTS: usize = 3;
+const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
+/// Non-streamed answers up to this size are read whole and sent in one write.
+const SMALL_BODY_BYTES: u64 = 64 << 10;
+
+/// Headers that belong to one hop, never forwarded (RFC 9110 §7.6.1).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Server settings besides the live config.
+#[derive(Clone, Debug)]
+pub struct RouterOptions {
+    pub config: RouterConfig,
+    /// Backends given on the command line, added to the config's.
+    pub extra_backends: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Served model name for `/v1/models` when the config does not name one.
+    pub model: Option<String>,
+    pub breaker: BreakerSettings,
+    /// Longest a shutdown waits for in-flight requests (streams included).
+    pub drain_timeout: Duration,
+    pub capacity_exhausted: bool,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        Self {
+            config: RouterConfig::from_yaml("{}").unwrap_or_else(|_| unreachable!()),
+            extra_backends: Vec::new(),
+            max_body_bytes: 16 << 20,
+            model: None,
+            breaker: BreakerSettings::default(),
+            drain_timeout: Duration::from_secs(300),
+            capacity_exhausted: false,
+        }
+    }
+}
+
+/// The local backends of a standalone router: the config's plus the command line's.
+pub fn standalone_backends(config: &RouterConfig, extra: &[String]) -> Vec<String> {
+    let mut all = config.backends.clone();
+    all.extend(extra.iter().cloned());
+    all
+}
+
+struct App {
+    shared: Arc<Shared>,
+    local: LocalClient,
+    /// `None` when the system has no CA certificates: `https` providers then fail with 502.
+    tls: Option<TlsClient>,
+    max_body_bytes: usize,
+    model: Option<String>,
+    draining: AtomicBool,
+}
+
+fn http_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.enforce_http(false);
+    http
+}
+
+fn clients() -> (LocalClient, Option<TlsClient>) {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(IDLE_POOL_TIMEOUT);
+    let local = builder.build(http_connector());
+    let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
+        Ok(b) => Some(
+            builder.build(
+                b.https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http_connector()),
+            ),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "no CA certificates: https providers will fail");
+            None
+        }
+    };
+    (local, tls)
+}
+
+impl App {
+    fn new(shared: Arc<Shared>, opts: &RouterOptions) -> Arc<Self> {
+        let (local, tls) = clients();
+        Arc::new(App {
+            shared,
+            local,
+            tls,
+            max_body_bytes: opts.max_body_bytes,
+            model: opts.model.clone(),
+            draining: AtomicBool::new(false),
+        })
+    }
+}
+
+fn shared_for(opts: &RouterOptions) -> Arc<Shared> {
+    let backends = standalone_backends(&opts.config, &opts.extra_backends);
+    let shared = Shared::new(opts.config.clone(), backends, opts.breaker);
+    shared.set_capacity_exhausted(opts.capacity_exhausted);
+    shared
+}
+
+enum Worker {
+    Task(tokio::task::JoinHandle<()>),
+    Thread(std::thread::JoinHandle<()>),
+}
+
+/// A running router. Dropping it stops the server.
+pub struct RouterServer {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    workers: Vec<Worker>,
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let s = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(addr)?;
+    s.listen(1024)
+}
+
+impl RouterServer {
+    /// Serves on an already bound listener, in the current runtime.
+    pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
+        let addr = listener.local_addr()?;
+        let shared = shared_for(&opts);
+        let app = App::new(shared.clone(), &opts);
+        let (stop, rx) = watch::channel(false);
+        let task = tokio::spawn(serve(app, listener, opts.drain_timeout, stopped(rx)));
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            workers: vec![Worker::Task(task)],
+        })
+    }
+
+    /// Serves `config.listen` on `threads` threads, each with its own single-threaded runtime,
+    /// its own `SO_REUSEPORT` listener and its own upstream pools: a request, its upstream
+    /// connection and its response stay on one thread, with no cross-thread wake-ups (the
+    /// shape of nginx's workers). Routing state is shared, so limits and the queue are global.
+    pub fn start_threads(opts: RouterOptions, threads: usize) -> std::io::Result<Self> {
+        let mut addr = opts
+            .config
+            .listen
+            .to_socket_addrs()?
+            .next()
+            .ok_or_else(|| {
+                std::io::Error::other(format!("{:?} names no address", opts.config.listen))
+            })?;
+        let shared = shared_for(&opts);
+        let (stop, rx) = watch::channel(false);
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
+            let (shared, opts, rx, bind) = (shared.clone(), opts.clone(), rx.clone(), addr);
+            let h = std::thread::Builder::new()
+                .name(format!("router-{i}"))
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
+                        let listener = match bind_reuseport(bind) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(e));
+                                return;
+                            }
+                        };
+                        let _ = ready_tx.send(listener.local_addr());
+                        let app = App::new(shared, &opts);
+                        serve(app, listener, opts.drain_timeout, stopped(rx)).await;
+                    });
+                })?;
+            workers.push(Worker::Thread(h));
+            // Port 0 picks a port once; the other threads join it.
+            addr = ready_rx
+                .recv()
+                .map_err(|_| std::io::Error::other("router thread failed to start"))??;
+        }
+        Ok(Self {
+            addr,
+            shared,
+            stop,
+            workers,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The live state: config, backends and capacity setters for sources and tests.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting, lets in-flight requests (streams too) finish, then returns.
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        for w in std::mem::take(&mut self.workers) {
+            let r = match w {
+                Worker::Task(t) => t.await.map_err(|e| e.to_string()),
+                Worker::Thread(h) => tokio::task::spawn_blocking(move || h.join())
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|_| "router thread panicked".to_string())),
+            };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "router worker failed");
+            }
+        }
+    }
+}
+
+impl Drop for RouterServer {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn serve(
+    app: Arc<App>,
+    listener: TcpListener,
+    drain_timeout: Duration,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(());
+    let mut tasks = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        while tasks.try_join_next().is_some() {}
+        let stream = tokio::select! {
+            _ = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // E.g. out of file descriptors: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        tasks.spawn(connection(app.clone(), stream, stop_rx.clone()));
+    }
+    app.draining.store(true, Ordering::Relaxed);
+    drop(listener);
+    let _ = stop_tx.send(());
+    tracing::info!(connections = tasks.len(), "router draining");
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+        tracing::warn!(
+            connections = tasks.len(),
+            "drain timeout: closing remaining connections"
+        );
+        tasks.shutdown().await;
+    }
+}
+
+async fn connection(app: Arc<App>, stream: TcpStream, mut stop: watch::Receiver<()>) {
+    let svc = hyper::service::service_fn(move |req| {
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(handle(&app, req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "client connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.changed() => {}
+    }
+    // Finishes the response in progress (a stream runs to its end), then closes.
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
+}
+
+async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if app.draining.load(Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else {
+                text(StatusCode::OK, "text/plain", "ok\n")
+            }
+        }
+        (&Method::GET, "/metrics") => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            app.shared.metrics.render(),
+        ),
+        (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(app)),
+        (&Method::POST, "/v1/chat/completions" | "/v1/completions") => proxy(app, req).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/models")
+        | (_, "/v1/chat/completions" | "/v1/completions") => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "invalid_request_error",
+            "method_not_allowed",
+        ),
+        (_, path) => error(
+            StatusCode::NOT_FOUND,
+            &format!("no route for {path}"),
+            "invalid_request_error",
+            "not_found",
+        ),
+    }
+}
+
+fn models(app: &App) -> Value {
+    let cfg = app.shared.config();
+    let model = cfg
+        .cluster
+        .as_ref()
+        .map(|c| c.model.clone())
+        .or_else(|| app.model.clone());
+    let data: Vec<Value> = model
+        .into_iter()
+        .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "spillway"}))
+        .collect();
+    json!({"object": "list", "data": data})
+}
+
+/// Why an upstream attempt produced no response.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    #[error("{0}")]
+    Connection(String),
+    #[error("no response headers within {0:?}")]
+    Timeout(Duration),
+    #[error("request body is not a JSON object: {0}")]
+    BadBody(String),
+    #[error("https provider but no CA certificates on this system")]
+    NoTls,
+}
+
+/// The error chain as one line; upstream errors carry no headers, so no key.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
+    let arrived = Instant::now();
+    let (parts, body) = req.into_parts();
+    let m = &app.shared.metrics;
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > app.max_body_bytes as u64) {
+        return too_large(app);
+    }
+    let body = match Limited::new(body, app.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(app),
+        Err(e) => {
+            m.request(metrics::NONE, "bad_request");
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading request body: {e}"),
+                "invalid_request_error",
+                "bad_request",
+            );
+        }
+    };
+    let mut lease = match app.shared.acquire().await {
+        Ticket::Go(l) => l,
+        Ticket::Reject(r) => return reject(app, r),
+    };
+    let mut excluded = Excluded::default();
+    let mut attempt = 1;
+    loop {
+        let dest = lease.dest.clone();
+        match send(app, &lease, &parts, &body).await {
+            Ok(resp) => return relay(resp, lease, arrived).await,
+            Err(SendError::Connection(e)) => {
+                tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
+                if let Dest::Provider(p) = &dest {
+                    app.shared.provider_result(&p.name, false);
+                }
+                excluded.add(&dest);
+                drop(lease);
+                let next = if attempt < MAX_ATTEMPTS {
+                    app.shared.readmit(arrived, &excluded)
+                } else {
+                    None
+                };
+                match next {
+                    Some(l) => {
+                        lease = l;
+                        attempt += 1;
+                    }
+                    None => {
+                        m.request(dest.label(), "upstream_unavailable");
+                        return error(
+                            StatusCode::BAD_GATEWAY,
+                            "upstream connection failed before a response",
+                            "server_error",
+                            "upstream_unavailable",
+                        );
+                    }
+                }
+            }
+            Err(SendError::Timeout(t)) => {
+                tracing::warn!(destination = dest.label(), timeout = ?t, "provider did not answer in time");
+                if let Dest::Provider(p) = &dest {
+                    app.shared.provider_result(&p.name, false);
+                }
+                m.request(dest.label(), "timeout");
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream did not answer in time",
+                    "server_error",
+                    "upstream_timeout",
+                );
+            }
+            Err(SendError::BadBody(e)) => {
+                m.request(dest.label(), "bad_request");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("request body is not a JSON object: {e}"),
+                    "invalid_request_error",
+                    "bad_request",
+                );
+            }
+            Err(e @ SendError::NoTls) => {
+                tracing::error!(destination = dest.label(), error = %e, "cannot reach provider");
+                m.request(dest.label(), "upstream_unavailable");
+                return error(
+                    StatusCode::BAD_GATEWAY,
+                    &e.to_string(),
+                    "server_error",
+                    "upstream_unavailable",
+                );
+            }
+        }
+    }
+}
+
+/// Copies end-to-end headers; `Host` and `Content-Length` come from the new request.
+fn forward_headers(from: &HeaderMap, to: &mut HeaderMap, provider: bool) {
+    for (k, v) in from {
+        if HOP_BY_HOP.contains(k) || k == header::HOST || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        // The client's credentials are for spillway, never for a provider.
+        if provider
+            && (k == header::AUTHORIZATION || k == header::COOKIE || k == header::ACCEPT_ENCODING)
+        {
+            continue;
+        }
+        to.append(k.clone(), v.clone());
+    }
+}
+
+/// The provider's model, and usage in streams (the budget needs it); the rest stays as sent.
+pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<Bytes, String> {
+    let mut v: serde_json::Map<String, Value> =
+        serde_json::from_slice(body).map_err(|e| e.to_string())?;
+    v.insert("model".into(), Value::String(model.into()));
+    if v.get("stream").and_then(Value::as_bool) == Some(true) {
+        let opts = v
+            .entry("stream_options")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if let Value::Object(o) = opts {
+            o.insert("include_usage".into(), Value::Bool(true));
+        }
+    }
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| e.to_string())
+}
+
+async fn send(
+    app: &App,
+    lease: &Lease,
+    parts: &http::request::Parts,
+    body: &Bytes,
+) -> Result<Response<Incoming>, SendError> {
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    match &lease.dest {
+        Dest::Local(backend) => {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            let authority = backend.authority.clone().ok_or_else(|| {
+                SendError::Connection(format!("{:?} is not host:port", backend.addr))
+            })?;
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(http::uri::Scheme::HTTP);
+            uri.authority = Some(authority);
+            uri.path_and_query = parts.uri.path_and_query().cloned();
+            *req.uri_mut() =
+                http::Uri::from_parts(uri).map_err(|e| SendError::Connection(e.to_string()))?;
+            forward_headers(&parts.headers, req.headers_mut(), false);
+            app.local
+                .request(req)
+                .await
+                .map_err(|e| SendError::Connection(chain(&e)))
+        }
+        Dest::Provider(p) => {
+            let rest = pq.strip_prefix("/v1").unwrap_or(pq);
+            let body = rewrite_for_provider(body, &p.model).map_err(SendError::BadBody)?;
+            let mut req = Request::new(Full::new(body));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = format!("{}{rest}", p.base)
+                .parse()
+                .map_err(|e: http::uri::InvalidUri| SendError::Connection(e.to_string()))?;
+            let h = req.headers_mut();
+            forward_headers(&parts.headers, h, true);
+            // Usage has to be readable as it passes.
+            h.insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static("identity"),
+            );
+            if let Some(b) = &lease.bearer {
+                h.insert(header::AUTHORIZATION, b.header().clone());
+            }
+            let fut = if req.uri().scheme_str() == Some("https") {
+                let Some(tls) = &app.tls else {
+                    return Err(SendError::NoTls);
+                };
+                tls.request(req)
+            } else {
+                match &app.tls {
+                    Some(c) => c.request(req),
+                    None => app.local.request(req),
+                }
+            };
+            match tokio::time::timeout(p.timeout, fut).await {
+                Err(_) => Err(SendError::Timeout(p.timeout)),
+                Ok(r) => r.map_err(|e| SendError::Connection(chain(&e))),
+            }
+        }
+    }
+}
+
+fn outcome_of(status: StatusCode) -> &'static str {
+    if status.is_success() {
+        metrics::SUCCESS
+    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+        "upstream_error"
+    } else {
+        "client_error"
+    }
+}
+
+async fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
+    let status = resp.status();
+    let (mut parts, body) = resp.into_parts();
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let mut tap = None;
+    if let Dest::Provider(p) = &lease.dest {
+        let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
+        lease.shared().provider_result(&p.name, !failed);
+        if status.is_success() {
+            tap = Some(UsageScanner::new(sse));
+        }
+    }
+    for h in &HOP_BY_HOP {
+        parts.headers.remove(h);
+    }
+    let small = !sse
+        && body
+            .size_hint()
+            .exact()
+            .is_some_and(|n| n <= SMALL_BODY_BYTES);
+    let mut relay = Relay {
+        inner: body,
+        lease: Some(lease),
+        tap,
+        arrived,
+        first_byte: false,
+        outcome: outcome_of(status),
+    };
+    if small {
+        // A small sized answer (no stream) goes out with its head in one write, as nginx
+        // does; a client cannot use half a JSON document anyway.
+        return match relay.read_small().await {
+            Ok(b) => Response::from_parts(parts, RouterBody::Full(Some(b))),
+            Err(e) => {
+                tracing::warn!(destination = relay.label(), error = %e, "upstream response cut short");
+                relay.finish("aborted");
+                error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream response cut short",
+                    "server_error",
+                    "upstream_unavailable",
+                )
+            }
+        };
+    }
+    Response::from_parts(parts, RouterBody::Relay(Box::new(relay)))
+}
+
+/// A response body: either the router's own, or an upstream's relayed frame by frame.
+pub enum RouterBody {
+    Full(Option<Bytes>),
+    Relay(Box<Relay>),
+}
+
+pub struct Relay {
+    inner: Incoming,
+    /// Held until the body ends or the client goes away.
+    lease: Option<Lease>,
+    tap: Option<UsageScanner>,
+    arrived: Instant,
+    first_byte: bool,
+    outcome: &'static str,
+}
+
+impl Relay {
+    fn label(&self) -> String {
+        self.lease
+            .as_ref()
+            .map_or_else(String::new, |l| l.dest.label().to_string())
+    }
+
+    /// Reads the whole (small, sized) body, then finishes: the slot frees as soon as the
+    /// upstream is done.
+    async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
+        let mut buf = bytes::BytesMut::new();
+        let mut single = None;
+        // Stops at the declared length: waiting for the end-of-body signal would cost a
+        // wake-up of the upstream connection's task.
+        while !self.inner.is_end_stream() {
+            let Some(f) = self.inner.frame().await else {
+                break;
+            };
+            if let Ok(d) = f?.into_data() {
+                self.observe_data(&d);
+                if single.is_none() && buf.is_empty() {
+                    single = Some(d);
+                } else {
+                    if let Some(first) = single.take() {
+                        buf.extend_from_slice(&first);
+                    }
+                    buf.extend_from_slice(&d);
+                }
+            }
+        }
+        let o = self.outcome;
+        self.finish(o);
+        Ok(single.unwrap_or_else(|| buf.freeze()))
+    }
+
+    fn observe_data(&mut self, d: &Bytes) {
+        if !self.first_byte {
+            self.first_byte = true;
+            if let Some(l) = &self.lease {
+                l.metrics()
+                    .ttfb
+                    .observe(self.arrived.elapsed().as_secs_f64());
+            }
+        }
+        if let Some(t) = &mut self.tap {
+            t.feed(d);
+        }
+    }
+
+    fn finish(&mut self, outcome: &'static str) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let shared = lease.shared().clone();
+        let dm = lease.metrics();
+        if outcome == metrics::SUCCESS {
+            dm.success.inc();
+        } else {
+            shared.metrics.request(lease.dest.label(), outcome);
+        }
+        dm.duration.observe(self.arrived.elapsed().as_secs_f64());
+        if let (Some(tap), Dest::Provider(p)) = (self.tap.take(), &lease.dest)
+            && let Some(u) = tap.finish()
+        {
+            shared.record_usage(p, u);
+        }
+        drop(lease);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // hyper may stop polling once a sized body is complete; otherwise the client left.
+        let outcome = if self.inner.is_end_stream() {
+            self.outcome
+        } else {
+            "cancelled"
+        };
+        self.finish(outcome);
+    }
+}
+
+impl Body for RouterBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RouterBody::Relay(r) => {
+                let res = ready!(Pin::new(&mut r.inner).poll_frame(cx));
+                match &res {
+                    Some(Ok(f)) => {
+                        if let Some(d) = f.data_ref() {
+                            r.observe_data(d);
+                        }
+                    }
+                    Some(Err(_)) => r.finish("aborted"),
+                    None => {
+                        let o = r.outcome;
+                        r.finish(o);
+                    }
+                }
+                Poll::Ready(res)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RouterBody::Full(b) => b.is_none(),
+            RouterBody::Relay(r) => r.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RouterBody::Full(None) => SizeHint::with_exact(0),
+            RouterBody::Relay(r) => r.inner.size_hint(),
+        }
+    }
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<RouterBody> {
+    let mut resp = Response::new(RouterBody::Full(Some(body.into())));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<RouterBody> {
+    text(status, "application/json", v.to_string())
+}
+
+/// An OpenAI-style error.
+fn error(status: StatusCode, message: &str, kind: &str, code: &str) -> Response<RouterBody> {
+    json_response(
+        status,
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": code}}),
+    )
+}
+
+fn too_large(app: &App) -> Response<RouterBody> {
+    app.shared.metrics.request(metrics::NONE, "too_large");
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &format!("request body exceeds {} bytes", app.max_body_bytes),
+        "invalid_request_error",
+        "request_too_large",
+    )
+}
+
+fn reject(app: &App, r: RejectReason) -> Response<RouterBody> {
+    app.shared.metrics.request(metrics::NONE, r.as_str());
+    let message = match r {
+        RejectReason::QueueFull => "all engines are busy and the router queue is full",
+        RejectReason::QueueTimeout => "all engines stayed busy for the router's queue timeout",
+    };
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        message,
+        "server_error",
+        r.as_str(),
+    );
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+#[cfg(test)]
+mod unit_tests {
+    use super::*;
+
+    #[test]
+    fn provider_body_gets_the_provider_model_and_stream_usage() {
+        let b = rewrite_for_provider(
+            br#"{"model":"mine","stream":true,"stream_options":{"x":1},"messages":[]}"#,
+            "theirs",
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["model"], "theirs");
+        assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
+        assert_eq!(v["messages"], json!([]));
+        let b = rewrite_for_provider(br#"{"prompt":"p"}"#, "theirs").unwrap();
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v, json!({"prompt": "p", "model": "theirs"}));
+        assert!(rewrite_for_provider(b"[1]", "m").is_err());
+    }
+
+    #[test]
+    fn client_credentials_and_hop_headers_stay_behind() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer client"),
+        );
+        from.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        from.insert(header::HOST, HeaderValue::from_static("router"));
+        from.insert("x-request-id", HeaderValue::from_static("r1"));
+        let mut local = HeaderMap::new();
+        forward_headers(&from, &mut local, false);
+        assert_eq!(local.len(), 2, "{local:?}");
+        assert!(local.contains_key(header::AUTHORIZATION));
+        let mut prov = HeaderMap::new();
+        forward_headers(&from, &mut prov, true);
+        assert_eq!(prov.len(), 1, "{prov:?}");
+        assert!(prov.contains_key("x-request-id"));
+    }
+}

@@ -1,0 +1,890 @@
+//! The router over real sockets on 127.0.0.1, with engine-sim as local engines and as burst
+//! providers. Every server binds port 0, every test is bounded in time, servers are stopped.
+//! Local engines run with `max_queue: 0`, so a request beyond an engine's concurrency limit
+//! would come back as a 503 instead of waiting: the limit is checked by the engines themselves.
+//! Timings are only asserted as orderings.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+
+use super::config::RouterConfig;
+use super::server::{RouterOptions, RouterServer};
+use super::state::BreakerSettings;
+use crate::engine_sim::{ApiKey, EngineSimConfig, EngineSimServer, FaultConfig};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn bounded<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(TEST_TIMEOUT, f)
+        .await
+        .expect("test exceeded its time bound")
+}
+
+/// A local engine serving model `local`: `limit` slots, no queue, `tokens_per_second`.
+async fn engine(limit: usize, tokens_per_second: f64) -> EngineSimServer {
+    EngineSimServer::start(EngineSimConfig {
+        model: "local".into(),
+        max_concurrency: limit,
+        max_queue: 0,
+        prefill: Duration::ZERO,
+        tokens_per_second,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A provider: checks the bearer key and serves model `name-model`.
+async fn provider(name: &str, key: &str, faults: FaultConfig) -> EngineSimServer {
+    EngineSimServer::start(EngineSimConfig {
+        model: format!("{name}-model"),
+        prefill: Duration::ZERO,
+        tokens_per_second: 1000.0,
+        api_key: Some(ApiKey::new(key)),
+        faults,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// A scratch directory for key and config files, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p =
+            std::env::temp_dir().join(format!("spillway-router-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).unwrap();
+        Self(p)
+    }
+    fn file(&self, name: &str, content: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_string_lossy().into_owned()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A provider entry for the config, with its key in a file.
+fn provider_yaml(name: &str, p: &EngineSimServer, key_file: &str, extra: &str) -> String {
+    format!(
+        "  - {{name: {name}, url: \"{}/v1\", model: {name}-model, apiKeyFile: \"{key_file}\", maxConcurrency: 8{extra}}}\n",
+        p.base_url()
+    )
+}
+
+async fn router_with(
+    yaml: &str,
+    backends: Vec<String>,
+    tweak: impl FnOnce(&mut RouterOptions),
+) -> RouterServer {
+    let mut opts = RouterOptions {
+        config: RouterConfig::from_yaml(yaml).unwrap(),
+        extra_backends: backends,
+        ..Default::default()
+    };
+    tweak(&mut opts);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    RouterServer::start_on(opts, listener).unwrap()
+}
+
+async fn router(yaml: &str, backends: Vec<String>) -> RouterServer {
+    router_with(yaml, backends, |_| {}).await
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+async fn open(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> hyper::Response<Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "127.0.0.1")
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    sender
+        .send_request(req.body(Full::new(body)).unwrap())
+        .await
+        .unwrap()
+}
+
+async fn call(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Bytes,
+) -> Reply {
+    let resp = open(addr, method, path, headers, body).await;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn post(addr: SocketAddr, body: Value) -> Reply {
+    call(
+        addr,
+        Method::POST,
+        "/v1/chat/completions",
+        &[],
+        body.to_string().into(),
+    )
+    .await
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Reply {
+    call(addr, Method::GET, path, &[], Bytes::new()).await
+}
+
+fn chat(max_tokens: u64, stream: bool) -> Value {
+    json!({"model": "local", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens, "stream": stream})
+}
+
+/// A stream held open through the router: dropping it is the client going away.
+async fn hold_stream(addr: SocketAddr, tokens: u64) -> hyper::Response<Incoming> {
+    let r = open(
+        addr,
+        Method::POST,
+        "/v1/chat/completions",
+        &[],
+        chat(tokens, true).to_string().into(),
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r
+}
+
+/// Reads a stream to its end.
+async fn read_all(resp: hyper::Response<Incoming>) -> String {
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&b).into_owned()
+}
+
+fn sample(metrics: &str, prefix: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn engine_running(e: &EngineSimServer) -> f64 {
+    let t = get(e.addr(), "/metrics").await.text();
+    sample(&t, "vllm:num_requests_running").unwrap_or(0.0)
+}
+
+/// Polls the router's /metrics until `pred` holds.
+async fn wait_metrics(r: &RouterServer, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = get(r.addr(), "/metrics").await.text();
+        if pred(&t) {
+            return t;
+        }
+        assert!(Instant::now() < deadline, "metrics never matched:\n{t}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn local_in_flight(t: &str) -> f64 {
+    sample(t, "spillway_router_in_flight{destination=\"local\"}").unwrap_or(0.0)
+}
+
+fn served_by(r: &Reply) -> String {
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    r.json()["model"].as_str().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn load_spreads_by_least_outstanding_requests() {
+    bounded(async {
+        let engines = [
+            engine(4, 20.0).await,
+            engine(4, 20.0).await,
+            engine(4, 20.0).await,
+        ];
+        let r = router(
+            "maxConcurrencyPerBackend: 4\nburst: {mode: Never}\n",
+            engines.iter().map(|e| e.addr().to_string()).collect(),
+        )
+        .await;
+        // Three long streams: one on each engine, not two on the first.
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(hold_stream(r.addr(), 200).await);
+        }
+        for e in &engines {
+            assert_eq!(engine_running(e).await, 1.0);
+        }
+        drop(held);
+        r.stop().await;
+        for e in engines {
+            e.stop().await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_replica_concurrency_limit_is_never_exceeded() {
+    bounded(async {
+        let engines = [engine(2, 200.0).await, engine(2, 200.0).await];
+        let r = router(
+            "maxConcurrencyPerBackend: 2\nqueue: {limit: 100, timeoutSeconds: 20}\nburst: {mode: Never}\n",
+            engines.iter().map(|e| e.addr().to_string()).collect(),
+        )
+        .await;
+        // Peak concurrency per engine, sampled from its own gauge while the load runs.
+        let peaks = Arc::new(Mutex::new([0.0f64; 2]));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let addrs: Vec<SocketAddr> = engines.iter().map(|e| e.addr()).collect();
+            let (peaks, stop) = (peaks.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for (i, a) in addrs.iter().enumerate() {
+                        let t = get(*a, "/metrics").await.text();
+                        let v = sample(&t, "vllm:num_requests_running").unwrap_or(0.0);
+                        let mut p = peaks.lock().unwrap();
+                        p[i] = p[i].max(v);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..24 {
+            let a = r.addr();
+            tasks.push(tokio::spawn(async move { post(a, chat(10, false)).await }));
+        }
+        for t in tasks {
+            // An engine over its limit (no queue) would have answered 503.
+            assert_eq!(served_by(&t.await.unwrap()), "local");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.await.unwrap();
+        let peaks = *peaks.lock().unwrap();
+        assert!(peaks.iter().all(|p| *p <= 2.0), "{peaks:?}");
+        assert!(peaks.contains(&2.0), "the load never reached the limit: {peaks:?}");
+        r.stop().await;
+        for e in engines {
+            e.stop().await.unwrap();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spill_starts_exactly_when_every_engine_is_full_and_stops_when_room_returns() {
+    bounded(async {
+        let dir = TempDir::new("spill");
+        let key = dir.file("p", "sk-p");
+        let local = engine(2, 20.0).await;
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let yaml = format!(
+            "maxConcurrencyPerBackend: 2\nburst:\n  mode: Saturated\n  providers:\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![local.addr().to_string()]).await;
+        let first = hold_stream(r.addr(), 400).await;
+        // One slot still free: local.
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "local");
+        let second = hold_stream(r.addr(), 400).await;
+        // Every engine full: the provider.
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        drop(first);
+        wait_metrics(&r, |t| local_in_flight(t) == 1.0).await;
+        // Room again: back to local.
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "local");
+        let t = get(r.addr(), "/metrics").await.text();
+        assert_eq!(
+            sample(
+                &t,
+                "spillway_router_requests_total{destination=\"p\",outcome=\"success\"}"
+            ),
+            Some(2.0),
+            "{t}"
+        );
+        drop(second);
+        r.stop().await;
+        local.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mode_never_never_spills_and_queue_timeout_is_a_503_json_with_retry_after() {
+    bounded(async {
+        let dir = TempDir::new("never");
+        let key = dir.file("p", "sk-p");
+        let local = engine(1, 20.0).await;
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let yaml = format!(
+            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  mode: Never\n  providers:\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![local.addr().to_string()]).await;
+        let held = hold_stream(r.addr(), 400).await;
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.headers["retry-after"], "1");
+        let e = reply.json();
+        assert_eq!(e["error"]["code"], "queue_timeout");
+        assert_eq!(e["error"]["type"], "server_error");
+        assert!(e["error"]["message"].as_str().is_some_and(|m| !m.is_empty()));
+        let pt = get(p.addr(), "/metrics").await.text();
+        assert_eq!(sample(&pt, "vllm:request_success_total"), None, "{pt}");
+        drop(held);
+        r.stop().await;
+        local.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_full_queue_rejects_at_once_and_queued_requests_get_freed_slots_in_order() {
+    bounded(async {
+        let local = engine(1, 50.0).await;
+        let r = router(
+            "maxConcurrencyPerBackend: 1\nqueue: {limit: 2, timeoutSeconds: 20}\nburst: {mode: Never}\n",
+            vec![local.addr().to_string()],
+        )
+        .await;
+        let held = hold_stream(r.addr(), 400).await;
+        let mut waiting = Vec::new();
+        for _ in 0..2 {
+            let a = r.addr();
+            waiting.push(tokio::spawn(async move { post(a, chat(2, false)).await }));
+        }
+        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length") == Some(2.0)).await;
+        let full = post(r.addr(), chat(1, false)).await;
+        assert_eq!(full.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(full.json()["error"]["code"], "queue_full");
+        assert!(full.headers.contains_key("retry-after"));
+        drop(held);
+        for w in waiting {
+            assert_eq!(served_by(&w.await.unwrap()), "local");
+        }
+        r.stop().await;
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn mode_capacity_exhausted_follows_the_published_state() {
+    bounded(async {
+        let dir = TempDir::new("capacity");
+        let key = dir.file("p", "sk-p");
+        let local = engine(1, 20.0).await;
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let yaml = format!(
+            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  mode: CapacityExhausted\n  providers:\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![local.addr().to_string()]).await;
+        let held = hold_stream(r.addr(), 400).await;
+        // Not reported exhausted: no spill, the request times out in the queue.
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        // A longer timeout; a queued request spills as soon as exhaustion is published.
+        let mut cfg = r.shared().config().as_ref().clone();
+        cfg.queue.timeout_seconds = 20;
+        r.shared().set_config(cfg);
+        let a = r.addr();
+        let queued = tokio::spawn(async move { post(a, chat(1, false)).await });
+        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length") == Some(1.0)).await;
+        r.shared().set_capacity_exhausted(true);
+        assert_eq!(served_by(&queued.await.unwrap()), "p-model");
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        // Withdrawn again: new requests wait for a local slot.
+        r.shared().set_capacity_exhausted(false);
+        let a = r.addr();
+        let queued = tokio::spawn(async move { post(a, chat(1, false)).await });
+        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length") == Some(1.0)).await;
+        drop(held);
+        assert_eq!(served_by(&queued.await.unwrap()), "local");
+        r.stop().await;
+        local.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn provider_500s_open_its_breaker_and_the_next_provider_takes_over() {
+    bounded(async {
+        let dir = TempDir::new("breaker");
+        let (ka, kb) = (dir.file("a", "sk-a"), dir.file("b", "sk-b"));
+        let a = provider(
+            "a",
+            "sk-a",
+            FaultConfig {
+                fail_rate: 1.0,
+                fail_status: 500,
+                ..Default::default()
+            },
+        )
+        .await;
+        let b = provider("b", "sk-b", FaultConfig::default()).await;
+        let yaml = format!(
+            "burst:\n  providers:\n{}{}",
+            provider_yaml("a", &a, &ka, ""),
+            provider_yaml("b", &b, &kb, "")
+        );
+        // No local engines: everything spills, to `a` first while its breaker allows.
+        let r = router_with(&yaml, vec![], |o| {
+            o.breaker = BreakerSettings {
+                failures: 3,
+                open: Duration::from_secs(60),
+            }
+        })
+        .await;
+        for _ in 0..3 {
+            assert_eq!(
+                post(r.addr(), chat(1, false)).await.status,
+                StatusCode::INTERNAL_SERVER_ERROR
+            );
+        }
+        for _ in 0..3 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "b-model");
+        }
+        let t = get(r.addr(), "/metrics").await.text();
+        assert_eq!(
+            sample(&t, "spillway_router_provider_breaker_open{provider=\"a\"}"),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "spillway_router_requests_total{destination=\"a\",outcome=\"upstream_error\"}"
+            ),
+            Some(3.0)
+        );
+        r.stop().await;
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
+    bounded(async {
+        // A port nobody listens on, first in line (ties go to the lowest index).
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let live = engine(4, 200.0).await;
+        let r = router(
+            "burst: {mode: Never}\n",
+            vec![dead.to_string(), live.addr().to_string()],
+        )
+        .await;
+        for _ in 0..3 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "local");
+        }
+        // Only a dead engine left: a 502 with a JSON error, never silence.
+        r.shared().set_backends(vec![dead.to_string()]);
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn requests_per_minute_budget_exhausted_means_no_more_spill() {
+    bounded(async {
+        let dir = TempDir::new("rpm");
+        let key = dir.file("p", "sk-p");
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let yaml = format!(
+            "queue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  providers:\n{}  budget: {{maxRequestsPerMinute: 2}}\n",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![]).await;
+        for _ in 0..2 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        }
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(reply.json()["error"]["code"], "queue_timeout");
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn spend_from_stream_usage_exhausts_the_budget() {
+    bounded(async {
+        let dir = TempDir::new("spend");
+        let key = dir.file("p", "sk-p");
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        // A dollar per token: one small request spends more than the hour's budget.
+        let yaml = format!(
+            "queue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  providers:\n{}  budget: {{maxSpendPerHour: \"1.00\"}}\n",
+            provider_yaml(
+                "p",
+                &p,
+                &key,
+                ", pricing: {inputPerMillionTokens: 1000000, outputPerMillionTokens: 1000000}"
+            )
+        );
+        let r = router(&yaml, vec![]).await;
+        let s = read_all(hold_stream(r.addr(), 3).await).await;
+        assert!(s.contains("[DONE]"), "{s}");
+        let t = wait_metrics(&r, |t| {
+            sample(t, "spillway_router_provider_spend_total{provider=\"p\"}").is_some_and(|v| v > 1.0)
+        })
+        .await;
+        assert_eq!(
+            sample(&t, "spillway_router_provider_tokens_total{provider=\"p\",kind=\"completion\"}"),
+            Some(3.0),
+            "{t}"
+        );
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_first_chunk_reaches_the_client_before_the_upstream_finishes() {
+    bounded(async {
+        let local = engine(1, 10.0).await;
+        let r = router("burst: {mode: Never}\n", vec![local.addr().to_string()]).await;
+        let resp = hold_stream(r.addr(), 50).await;
+        let mut body = resp.into_body();
+        let first = loop {
+            let f = body.frame().await.expect("stream ended").unwrap();
+            if let Ok(d) = f.into_data() {
+                break d;
+            }
+        };
+        assert!(first.starts_with(b"data: "), "{first:?}");
+        // The engine is still generating: nothing was held back until the end.
+        assert_eq!(engine_running(&local).await, 1.0);
+        drop(body);
+        r.stop().await;
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_config_reload_during_a_stream_does_not_cut_it() {
+    bounded(async {
+        let dir = TempDir::new("reload");
+        let local = engine(2, 50.0).await;
+        let backends = format!("backends: [\"{}\"]\n", local.addr());
+        let path = dir.file(
+            "router.yaml",
+            &format!("{backends}maxConcurrencyPerBackend: 2\n"),
+        );
+        let r = router(&std::fs::read_to_string(&path).unwrap(), vec![]).await;
+        let watch = super::sources::spawn_config_watch(
+            r.shared().clone(),
+            path.clone(),
+            vec![],
+            true,
+            Duration::from_millis(20),
+        );
+        let stream = hold_stream(r.addr(), 40).await;
+        // Written while the stream runs; a different size so the change shows at once.
+        std::fs::write(
+            &path,
+            format!(
+                "{backends}maxConcurrencyPerBackend: 1\nqueue: {{limit: 5, timeoutSeconds: 7}}\n"
+            ),
+        )
+        .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while r.shared().config().queue.timeout_seconds != 7 {
+            assert!(Instant::now() < deadline, "config never reloaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let text = read_all(stream).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        assert_eq!(text.matches("data: ").count(), 40 + 4, "{text}");
+        // An invalid file keeps the previous config.
+        std::fs::write(&path, "queue: [").unwrap();
+        wait_metrics(&r, |t| {
+            sample(
+                t,
+                "spillway_router_config_reloads_total{outcome=\"invalid\"}",
+            ) == Some(1.0)
+        })
+        .await;
+        assert_eq!(r.shared().config().max_concurrency_per_backend, 1);
+        watch.abort();
+        r.stop().await;
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Collects formatted tracing output of the current thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// One thread, so every task's logs reach the thread-local subscriber.
+#[tokio::test(flavor = "current_thread")]
+async fn the_provider_key_reaches_the_provider_and_never_the_logs_or_metrics() {
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let secret = "sk-live-VERY-SECRET-4242";
+    bounded(async {
+        let dir = TempDir::new("key");
+        let key = dir.file("p", &format!("{secret}\n"));
+        let dead_key = dir.file("down", secret);
+        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let p = provider("p", secret, FaultConfig::default()).await;
+        // A dead provider first, so failures get logged too.
+        let yaml = format!(
+            "burst:\n  providers:\n  - {{name: down, url: \"http://{dead}/v1\", model: x, apiKeyFile: \"{dead_key}\"}}\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![]).await;
+        // The client's own credentials must not reach the provider (it would answer 401).
+        let reply = call(
+            r.addr(),
+            Method::POST,
+            "/v1/chat/completions",
+            &[("authorization", "Bearer client-token")],
+            chat(2, false).to_string().into(),
+        )
+        .await;
+        assert_eq!(served_by(&reply), "p-model");
+        let s = read_all(hold_stream(r.addr(), 2).await).await;
+        assert!(s.contains("[DONE]"));
+        let metrics = get(r.addr(), "/metrics").await.text();
+        assert!(!metrics.contains(secret));
+        assert!(!format!("{:?}", r.shared().config()).contains(secret));
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("upstream connection failed"),
+        "nothing captured:\n{text}"
+    );
+    assert!(!text.contains(secret), "key in logs:\n{text}");
+    assert!(!text.contains("VERY-SECRET"), "key in logs:\n{text}");
+}
+
+#[tokio::test]
+async fn a_rotated_key_file_applies_without_a_restart() {
+    bounded(async {
+        let dir = TempDir::new("rotate");
+        let key = dir.file("p", "sk-old");
+        let p = provider("p", "sk-new", FaultConfig::default()).await;
+        let yaml = format!("burst:\n  providers:\n{}", provider_yaml("p", &p, &key, ""));
+        let r = router(&yaml, vec![]).await;
+        assert_eq!(
+            post(r.addr(), chat(1, false)).await.status,
+            StatusCode::UNAUTHORIZED
+        );
+        std::fs::write(&key, "sk-new\n").unwrap();
+        r.shared().refresh_keys();
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_body_is_413_whether_declared_or_streamed() {
+    bounded(async {
+        let local = engine(1, 200.0).await;
+        let r = router_with("{}", vec![local.addr().to_string()], |o| {
+            o.max_body_bytes = 1000
+        })
+        .await;
+        let big = json!({"model": "local", "prompt": "x".repeat(2000)});
+        let reply = call(
+            r.addr(),
+            Method::POST,
+            "/v1/completions",
+            &[],
+            big.to_string().into(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(reply.json()["error"]["code"], "request_too_large");
+        // Chunked, no Content-Length: caught while reading.
+        let stream = TcpStream::connect(r.addr()).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let chunks = futures::stream::iter((0..4).map(|_| {
+            Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![
+                b' ';
+                400
+            ])))
+        }));
+        let req = Request::post("/v1/completions")
+            .header("host", "x")
+            .body(http_body_util::StreamBody::new(chunks))
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        // Small enough passes.
+        let ok = call(
+            r.addr(),
+            Method::POST,
+            "/v1/completions",
+            &[],
+            json!({"model": "local", "prompt": "x", "max_tokens": 1})
+                .to_string()
+                .into(),
+        )
+        .await;
+        assert_eq!(served_by(&ok), "local");
+        r.stop().await;
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_finishes_in_flight_streams() {
+    bounded(async {
+        let local = engine(1, 50.0).await;
+        let r = router("{}", vec![local.addr().to_string()]).await;
+        let addr = r.addr();
+        let stream = hold_stream(addr, 25).await;
+        let stopping = tokio::spawn(r.stop());
+        let text = read_all(stream).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        stopping.await.unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn models_health_and_metrics_are_answered_locally() {
+    bounded(async {
+        let r = router_with("{}", vec![], |o| o.model = Some("llama".into())).await;
+        let m = get(r.addr(), "/v1/models").await.json();
+        assert_eq!(m["data"][0]["id"], "llama");
+        assert_eq!(get(r.addr(), "/healthz").await.status, StatusCode::OK);
+        assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
+        let t = get(r.addr(), "/metrics").await.text();
+        assert!(t.contains("spillway_router_queue_length 0"), "{t}");
+        let nf = get(r.addr(), "/v1/embeddings").await;
+        assert_eq!(nf.status, StatusCode::NOT_FOUND);
+        assert!(nf.json()["error"]["message"].is_string());
+        // No engine and no provider: the queue times out rather than dropping the request.
+        r.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn serving_threads_share_one_port_and_one_routing_state() {
+    bounded(async {
+        let local = engine(1, 50.0).await;
+        let yaml = format!(
+            "listen: 127.0.0.1:0\nbackends: [\"{}\"]\nmaxConcurrencyPerBackend: 1\nqueue: {{limit: 0}}\nburst: {{mode: Never}}\n",
+            local.addr()
+        );
+        let opts = RouterOptions {
+            config: RouterConfig::from_yaml(&yaml).unwrap(),
+            ..Default::default()
+        };
+        let r = RouterServer::start_threads(opts, 2).unwrap();
+        let held = hold_stream(r.addr(), 25).await;
+        // Whichever thread takes them, the engine's one slot is taken: no queue, 503 at once.
+        for _ in 0..4 {
+            let reply = post(r.addr(), chat(1, false)).await;
+            assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(reply.json()["error"]["code"], "queue_full");
+        }
+        let stopping = tokio::spawn(r.stop());
+        let text = read_all(held).await;
+        assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
+        stopping.await.unwrap();
+        local.stop().await.unwrap();
+    })
+    .await;
+}
