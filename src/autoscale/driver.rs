@@ -27,6 +27,7 @@ use crate::controller::reconcile::{apply_status, publish_event};
 use crate::controller::render::{
     LABEL_COMPONENT, LABEL_INSTANCE, REPLICAS_FIELD_MANAGER, engine_name,
 };
+use crate::router::config::ROUTER_PORT;
 
 /// What a service's loop remembers between ticks.
 #[derive(Default)]
@@ -181,7 +182,8 @@ fn now_ms() -> Millis {
 }
 
 impl Autoscaler {
-    fn engine_pods(&self, isvc: &InferenceService) -> Vec<EnginePod> {
+    /// The service's pods of one component (`engine` or `router`), classified.
+    fn pods_of(&self, isvc: &InferenceService, component: &str) -> Vec<EnginePod> {
         let ns = isvc.namespace();
         let name = isvc.name_any();
         let pods: Vec<Pod> = self
@@ -191,7 +193,7 @@ impl Autoscaler {
             .filter(|p| {
                 p.namespace() == ns
                     && p.labels().get(LABEL_INSTANCE) == Some(&name)
-                    && p.labels().get(LABEL_COMPONENT).map(String::as_str) == Some("engine")
+                    && p.labels().get(LABEL_COMPONENT).map(String::as_str) == Some(component)
             })
             .map(|p| p.as_ref().clone())
             .collect();
@@ -215,14 +217,24 @@ impl Autoscaler {
             .as_ref()
             .and_then(|s| s.replicas)
             .unwrap_or(1);
-        let pods = self.engine_pods(isvc);
+        let pods = self.pods_of(isvc, "engine");
+        // Ready routers' metrics: their queue and burst in flight count into queue depth.
+        let router_urls: Vec<String> = self
+            .pods_of(isvc, "router")
+            .iter()
+            .filter(|p| p.state == PodState::Ready)
+            .filter_map(|p| {
+                p.ip.as_deref()
+                    .map(|ip| metrics_url(ip, ROUTER_PORT.into(), "/metrics"))
+            })
+            .collect();
         let now = now_ms();
         let input = TickInput {
             isvc,
             policy: &policy,
             pods: &pods,
             current_replicas: current,
-            router_metrics_urls: &[],
+            router_metrics_urls: &router_urls,
             now,
         };
         let d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;

@@ -405,3 +405,34 @@ async fn unreachable_engines_hold_replicas_and_report_metrics_unavailable() {
     tick.await.unwrap();
     assert!(api.done().await.is_empty());
 }
+
+#[tokio::test]
+async fn the_routers_overflow_is_scraped_into_queue_depth() {
+    let (engine_port, engine) = page_server(vec![(200, vllm_page(0, 8, 0.5))], 2).await;
+    let router_page = "spillway_router_queue_length 4\nspillway_router_in_flight{destination=\"local\"} 16\nspillway_router_in_flight{destination=\"together\"} 12\n";
+    let (router_port, router) = page_server(vec![(200, router_page.to_string())], 1).await;
+    let isvc = service_on(engine_port);
+    let pods = vec![ready_pod("a"), ready_pod("b")];
+    let mut policy = ScalingPolicySpec {
+        max_replicas: 16,
+        ..ScalingPolicySpec::default()
+    };
+    policy.scale_up.max_pods = 100;
+    policy.scale_up.max_percent = 1000;
+    let urls = vec![format!("http://127.0.0.1:{router_port}/metrics")];
+    let input = TickInput {
+        isvc: &isvc,
+        policy: &policy,
+        pods: &pods,
+        current_replicas: 2,
+        router_metrics_urls: &urls,
+        now: 0,
+    };
+    let scraper = Scraper::new(8, Duration::from_secs(2));
+    let d = observe_and_decide(&scraper, &input, &mut ServiceState::default(), None).await;
+    // 4 queued + 12 burst in flight over 2 ready replicas: 8 per replica against 4 → 4 replicas.
+    assert_eq!(d.queue_depth, Some(16.0));
+    assert_eq!(d.desired, 4, "{}", d.reason);
+    engine.abort();
+    router.abort();
+}

@@ -25,9 +25,10 @@ use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 
 /// The gauge the router exposes for requests queued in it.
 pub const ROUTER_QUEUE_METRIC: &str = "spillway_router_queue_length";
-/// The gauge of requests a router has in flight at burst providers: demand the engines could
-/// not take, which counts into queue depth so the autoscaler sees what burst absorbed.
-pub const ROUTER_BURST_IN_FLIGHT_METRIC: &str = "spillway_router_burst_in_flight";
+/// The router's in-flight gauge, by `destination` (`local` or a provider name). What is in
+/// flight at providers is demand the engines could not take; it counts into queue depth so the
+/// autoscaler sees what burst absorbed.
+pub const ROUTER_IN_FLIGHT_METRIC: &str = "spillway_router_in_flight";
 
 /// The DCGM exporter's framebuffer gauges (MiB).
 pub const DCGM_FB_USED: &str = "DCGM_FI_DEV_FB_USED";
@@ -303,7 +304,9 @@ pub fn router_queue(text: &str) -> Result<Option<f64>, ParseError> {
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
-        } else if s.name == ROUTER_BURST_IN_FLIGHT_METRIC {
+        } else if s.name == ROUTER_IN_FLIGHT_METRIC
+            && s.label("destination").is_some_and(|d| !d.matches("local"))
+        {
             burst.add(s.value);
         }
     })?;

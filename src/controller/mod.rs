@@ -262,7 +262,7 @@ async fn run_controllers(
     let isvc_run = isvc_controller
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
-        .owns(configmaps, owned)
+        .owns(configmaps, owned.clone())
         .watches(
             policies.clone(),
             watcher::Config::default(),
@@ -303,7 +303,8 @@ async fn run_controllers(
         metrics: ctx.metrics.clone(),
         services: store.clone(),
         policies: policy_store,
-        pods: spawn_reflector(pods, engine_only.clone(), |p: &mut Pod| {
+        // Engine and router pods: readiness, IPs, scheduling.
+        pods: spawn_reflector(pods, owned.clone(), |p: &mut Pod| {
             // Only metadata and status are read; dropping the rest keeps the cache small.
             p.managed_fields_mut().clear();
             p.spec = None;

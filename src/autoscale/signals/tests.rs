@@ -361,11 +361,17 @@ spillway_router_queue_length 6
 
 #[test]
 fn router_overflow_counts_burst_in_flight() {
-    let page = "spillway_router_queue_length 2\nspillway_router_burst_in_flight{provider=\"a\"} 5\nspillway_router_burst_in_flight{provider=\"b\"} 1\n";
+    let page = concat!(
+        "spillway_router_queue_length 2\n",
+        "spillway_router_in_flight{destination=\"local\"} 40\n",
+        "spillway_router_in_flight{destination=\"together\"} 5\n",
+        "spillway_router_in_flight{destination=\"groq\"} 1\n",
+    );
+    // Local in-flight is served demand; queued and burst in-flight are not.
     assert_eq!(router_queue(page).unwrap(), Some(8.0));
     // Without the queue gauge this is not a spillway router page.
     assert_eq!(
-        router_queue("spillway_router_burst_in_flight 3\n").unwrap(),
+        router_queue("spillway_router_in_flight{destination=\"a\"} 3\n").unwrap(),
         None
     );
 }
