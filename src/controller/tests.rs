@@ -711,7 +711,10 @@ spec:
         let cm = absent_then_applied(&mut api, &format!("{CORE}/configmaps/llama-router")).await;
         let config = cm.body["data"]["router.yaml"].as_str().unwrap();
         let parsed = crate::router::config::RouterConfig::from_yaml(config).unwrap();
-        assert_eq!(parsed.max_concurrency_per_backend, 8);
+        assert_eq!(
+            parsed.max_concurrency_per_backend, 4,
+            "8 slots shared by 2 routers"
+        );
         assert_eq!(
             parsed.burst.providers[0].api_key_file.as_deref(),
             Some("/etc/spillway/keys/together")

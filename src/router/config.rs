@@ -216,7 +216,11 @@ pub fn render(
     RouterConfig {
         listen: format!("0.0.0.0:{ROUTER_PORT}"),
         backends: Vec::new(),
-        max_concurrency_per_backend: spec.engine.max_concurrency.max(1) as u32,
+        // Each router replica gets an equal share of an engine's slots, so together they can
+        // never exceed engine.maxConcurrency (at least one slot each).
+        max_concurrency_per_backend: (spec.engine.max_concurrency.max(1)
+            / spec.router.replicas.max(1))
+        .max(1) as u32,
         queue: QueueConfig {
             limit: spec.router.queue_limit.max(0) as u32,
             timeout_seconds: spec.router.queue_timeout_seconds.max(1) as u32,
@@ -324,7 +328,8 @@ spec:
         policy.burst.mode = BurstMode::CapacityExhausted;
         policy.burst.max_queue_wait_milliseconds = 250;
         let cfg = render(&isvc, &policy, "llama-engine");
-        assert_eq!(cfg.max_concurrency_per_backend, 8);
+        // maxConcurrency 8 shared by the default 2 router replicas.
+        assert_eq!(cfg.max_concurrency_per_backend, 4);
         assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
         assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
         assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
