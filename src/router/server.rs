@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -437,9 +437,10 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     if declared.is_some_and(|n| n > app.max_body_bytes as u64) {
         return too_large(app);
     }
-    let body = match Limited::new(body, app.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => return too_large(app),
+    let mut body = body;
+    let body = match read_to_end(&mut body, app.max_body_bytes, |_| {}).await {
+        Ok(Some(b)) => b,
+        Ok(None) => return too_large(app),
         Err(e) => {
             m.request(metrics::NONE, "bad_request");
             return error(
@@ -682,6 +683,61 @@ async fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Resp
     Response::from_parts(parts, RouterBody::Relay(Box::new(relay)))
 }
 
+/// Time to first byte once, and usage as the bytes pass.
+fn observe(
+    lease: Option<&Lease>,
+    tap: &mut Option<UsageScanner>,
+    arrived: Instant,
+    first_byte: &mut bool,
+    d: &Bytes,
+) {
+    if !*first_byte {
+        *first_byte = true;
+        if let Some(l) = lease {
+            l.metrics().ttfb.observe(arrived.elapsed().as_secs_f64());
+        }
+    }
+    if let Some(t) = tap {
+        t.feed(d);
+    }
+}
+
+/// Reads a body whole; `Ok(None)` when it exceeds `limit` bytes. Stops at the declared length:
+/// waiting for the end-of-body signal would cost another wake-up of the connection's task.
+async fn read_to_end(
+    body: &mut Incoming,
+    limit: usize,
+    mut on_data: impl FnMut(&Bytes),
+) -> Result<Option<Bytes>, hyper::Error> {
+    let mut single: Option<Bytes> = None;
+    let mut buf = bytes::BytesMut::new();
+    let mut total = 0usize;
+    while !body.is_end_stream() {
+        let Some(f) = body.frame().await else {
+            break;
+        };
+        let Ok(d) = f?.into_data() else {
+            continue;
+        };
+        total = total.saturating_add(d.len());
+        if total > limit {
+            return Ok(None);
+        }
+        on_data(&d);
+        // One chunk (the usual case) is passed on without a copy.
+        match single.take() {
+            None if buf.is_empty() => single = Some(d),
+            first => {
+                if let Some(f) = first {
+                    buf.extend_from_slice(&f);
+                }
+                buf.extend_from_slice(&d);
+            }
+        }
+    }
+    Ok(Some(single.unwrap_or_else(|| buf.freeze())))
+}
+
 /// A response body: either the router's own, or an upstream's relayed frame by frame.
 pub enum RouterBody {
     Full(Option<Bytes>),
@@ -708,43 +764,32 @@ impl Relay {
     /// Reads the whole (small, sized) body, then finishes: the slot frees as soon as the
     /// upstream is done.
     async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
-        let mut buf = bytes::BytesMut::new();
-        let mut single = None;
-        // Stops at the declared length: waiting for the end-of-body signal would cost a
-        // wake-up of the upstream connection's task.
-        while !self.inner.is_end_stream() {
-            let Some(f) = self.inner.frame().await else {
-                break;
-            };
-            if let Ok(d) = f?.into_data() {
-                self.observe_data(&d);
-                if single.is_none() && buf.is_empty() {
-                    single = Some(d);
-                } else {
-                    if let Some(first) = single.take() {
-                        buf.extend_from_slice(&first);
-                    }
-                    buf.extend_from_slice(&d);
-                }
-            }
-        }
+        let Relay {
+            inner,
+            lease,
+            tap,
+            arrived,
+            first_byte,
+            ..
+        } = self;
+        let r = read_to_end(inner, usize::MAX, |d| {
+            observe(lease.as_ref(), tap, *arrived, first_byte, d)
+        })
+        .await;
+        let b = r?.unwrap_or_default();
         let o = self.outcome;
         self.finish(o);
-        Ok(single.unwrap_or_else(|| buf.freeze()))
+        Ok(b)
     }
 
     fn observe_data(&mut self, d: &Bytes) {
-        if !self.first_byte {
-            self.first_byte = true;
-            if let Some(l) = &self.lease {
-                l.metrics()
-                    .ttfb
-                    .observe(self.arrived.elapsed().as_secs_f64());
-            }
-        }
-        if let Some(t) = &mut self.tap {
-            t.feed(d);
-        }
+        observe(
+            self.lease.as_ref(),
+            &mut self.tap,
+            self.arrived,
+            &mut self.first_byte,
+            d,
+        );
     }
 
     fn finish(&mut self, outcome: &'static str) {
