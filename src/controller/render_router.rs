@@ -255,10 +255,8 @@ pub fn render_router(
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    // Long enough to finish streams in flight when a router pod is replaced.
-                    termination_grace_period_seconds: Some(
-                        isvc.spec.router.queue_timeout_seconds.max(30).into(),
-                    ),
+                    // Above the router's 300 s drain, so streams in flight finish on a rollout.
+                    termination_grace_period_seconds: Some(330),
                     enable_service_links: Some(false),
                     ..PodSpec::default()
                 }),
