@@ -12,6 +12,7 @@ pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;
 pub mod router;
+pub mod runtime;
 pub mod sim;
 pub mod telemetry;
 

@@ -67,22 +67,6 @@ pub struct ControllerArgs {
     pub scrape_timeout_ms: u64,
 }
 
-/// Resolves when SIGTERM or Ctrl-C arrives.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    ctrl_c.await.ok();
-}
-
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
@@ -93,7 +77,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     tokio::spawn(async move {
-        shutdown_signal().await;
+        crate::runtime::shutdown_signal().await;
         tracing::info!("shutdown signal received");
         shutdown_tx.send_replace(true);
     });

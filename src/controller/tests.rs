@@ -103,6 +103,30 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {status:#}"))
 }
 
+/// Expects the engine Deployment to exist (owned) and be applied; returns the apply.
+async fn expect_engine_applied(
+    api: &mut ApiServer,
+    isvc: &InferenceService,
+    replicas: i32,
+    ready: i32,
+) -> Seen {
+    let path = format!("{NS}/deployments/llama-engine");
+    api.expect(
+        Method::GET,
+        &path,
+        StatusCode::OK,
+        deployment_json(isvc, replicas, ready),
+    )
+    .await;
+    api.expect(
+        Method::PATCH,
+        &path,
+        StatusCode::OK,
+        deployment_json(isvc, replicas, ready),
+    )
+    .await
+}
+
 /// Expects the two Services to be absent and applied, in order.
 async fn expect_services_applied(api: &mut ApiServer, name: &str) -> (Seen, Seen) {
     api.not_found(&format!("{CORE}/services/{name}-engine"))
@@ -263,21 +287,7 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
         policy_json("fast", json!({"minReplicas": 2, "maxReplicas": 8})),
     )
     .await;
-    api.expect(
-        Method::GET,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
-    let applied = api
-        .expect(
-            Method::PATCH,
-            &format!("{NS}/deployments/llama-engine"),
-            StatusCode::OK,
-            deployment_json(&isvc, 1, 1),
-        )
-        .await;
+    let applied = expect_engine_applied(&mut api, &isvc, 1, 1).await;
     assert_server_side_apply(&applied);
     assert!(
         applied.body["spec"].get("replicas").is_none(),
@@ -332,21 +342,7 @@ async fn replicas_changed_by_someone_else_are_left_alone() {
     let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
     let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
 
-    api.expect(
-        Method::GET,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 7, 5),
-    )
-    .await;
-    let applied = api
-        .expect(
-            Method::PATCH,
-            &format!("{NS}/deployments/llama-engine"),
-            StatusCode::OK,
-            deployment_json(&isvc, 7, 5),
-        )
-        .await;
+    let applied = expect_engine_applied(&mut api, &isvc, 7, 5).await;
     assert_server_side_apply(&applied);
     assert!(
         applied.body["spec"].get("replicas").is_none(),
@@ -369,20 +365,7 @@ async fn an_object_owned_by_someone_else_is_not_overwritten() {
     let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
     let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
 
-    api.expect(
-        Method::GET,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
-    api.expect(
-        Method::PATCH,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
+    expect_engine_applied(&mut api, &isvc, 1, 1).await;
     api.not_found(&format!("{CORE}/services/llama-engine"))
         .await;
     api.expect(
@@ -436,20 +419,7 @@ async fn unchanged_status_is_not_rewritten() {
         ..Default::default()
     });
     let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
-    api.expect(
-        Method::GET,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
-    api.expect(
-        Method::PATCH,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
+    expect_engine_applied(&mut api, &isvc, 1, 1).await;
     expect_services_applied(&mut api, "llama").await;
     r.await.unwrap().unwrap();
     // done() fails on any further request, so a status write here would fail the test.
@@ -786,20 +756,7 @@ spec:
         let Harness { ctx, mut api, .. } = harness(true);
         let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama")); // router.enabled: false
         let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
-        api.expect(
-            Method::GET,
-            &format!("{NS}/deployments/llama-engine"),
-            StatusCode::OK,
-            deployment_json(&isvc, 1, 1),
-        )
-        .await;
-        api.expect(
-            Method::PATCH,
-            &format!("{NS}/deployments/llama-engine"),
-            StatusCode::OK,
-            deployment_json(&isvc, 1, 1),
-        )
-        .await;
+        expect_engine_applied(&mut api, &isvc, 1, 1).await;
         absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
         // A router this service owned exists from before: everything of it is deleted.
         let mut router = deployment_json(&isvc, 2, 2);

@@ -182,17 +182,8 @@ pub async fn serve(
         };
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            s = crate::runtime::accept(&listener) => s,
         };
-        let _ = stream.set_nodelay(true);
         tasks.spawn(connection(shared.clone(), stream, stop_rx.clone(), permit));
     }
     drop(listener);

@@ -301,17 +301,8 @@ async fn serve(
         while tasks.try_join_next().is_some() {}
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            r = listener.accept() => match r {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    // E.g. out of file descriptors: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            s = crate::runtime::accept(&listener) => s,
         };
-        let _ = stream.set_nodelay(true);
         tasks.spawn(connection(app.clone(), stream, stop_rx.clone()));
     }
     app.draining.store(true, Ordering::Relaxed);
