@@ -678,7 +678,7 @@ fn chart_values_schema_and_dashboard_are_sound() {
         );
     }
 
-    // The dashboard plots only metrics the controller exports (or the router's queue gauge).
+    // The dashboard plots only metrics the controller or the router export.
     let dash: Value =
         serde_json::from_str(&read("charts/spillway/dashboards/spillway.json")).unwrap();
     // Families appear in the exposition once they have a series: record one of each.
@@ -697,7 +697,20 @@ fn chart_values_schema_and_dashboard_are_sound() {
         0,
     );
     metrics.decision_observed("ml", "llama", 1, &decision);
-    let exported = metrics.encode();
+    // And the router's families, each with a series.
+    let router = crate::router::metrics::RouterMetrics::default();
+    let dest = router.for_destination("together");
+    dest.in_flight.inc();
+    dest.ttfb.observe(0.1);
+    router.request("together", "success");
+    router
+        .spend
+        .get_or_create(&crate::router::metrics::ProviderLabel {
+            provider: "together".into(),
+        })
+        .inc_by(0.1);
+    router.queue_length.set(1);
+    let exported = metrics.encode() + &router.render();
     let re = regex::Regex::new(r"spillway_[a-z_]+").unwrap();
     let mut seen = BTreeSet::new();
     let mut stack = vec![&dash];
@@ -714,16 +727,13 @@ fn chart_values_schema_and_dashboard_are_sound() {
         }
     }
     for name in &seen {
-        if name == crate::autoscale::signals::ROUTER_QUEUE_METRIC {
-            continue;
-        }
         let family = ["_total", "_bucket", "_count", "_sum"]
             .iter()
             .find_map(|s| name.strip_suffix(s))
             .unwrap_or(name);
         assert!(
             exported.contains(&format!("# TYPE {family} ")),
-            "dashboard uses {name}, which the controller does not export; it exports:\n{}",
+            "dashboard uses {name}, which neither the controller nor the router exports; they export:\n{}",
             exported
                 .lines()
                 .filter(|l| l.starts_with("# TYPE"))
@@ -736,6 +746,9 @@ fn chart_values_schema_and_dashboard_are_sound() {
         "spillway_controller_leader",
         "spillway_controller_autoscaler_desired_replicas",
         "spillway_controller_autoscaler_scrape_errors",
+        "spillway_router_requests",
+        "spillway_router_time_to_first_byte_seconds",
+        "spillway_router_provider_spend",
     ] {
         assert!(
             seen.iter().any(|s| s.starts_with(family)),
