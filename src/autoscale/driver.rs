@@ -36,7 +36,12 @@ pub struct ServiceState {
     pub cold_start: ColdStart,
     last_written: Option<(AutoscalerStatus, Millis)>,
     started: bool,
+    /// The replicas last patched, and when.
+    last_patch: Option<(i32, Millis)>,
 }
+
+/// How long a patched replica count is trusted over a cache that does not show it yet.
+const PATCH_VISIBLE_MS: Millis = 30_000;
 
 /// One service as a tick sees it.
 #[derive(Clone, Copy)]
@@ -160,21 +165,21 @@ pub struct Autoscaler {
     pub leader: watch::Receiver<bool>,
 }
 
-/// The policy a service scales with: its referenced, valid policy, else the defaults
-/// (reconcile reports PolicyNotFound/InvalidPolicy; scaling carries on).
+/// The policy a service scales with: the defaults without a reference, its referenced valid
+/// policy, or `None` when the referenced one is missing or invalid — then the autoscaler holds
+/// the current replicas (never the defaults' bounds) and reconcile reports the problem.
 pub fn effective_policy(
     isvc: &InferenceService,
     policies: &Store<ScalingPolicy>,
-) -> ScalingPolicySpec {
+) -> Option<ScalingPolicySpec> {
     let Some(r) = &isvc.spec.scaling_policy_ref else {
-        return ScalingPolicySpec::default();
+        return Some(ScalingPolicySpec::default());
     };
     let ns = isvc.namespace().unwrap_or_default();
     policies
         .get(&ObjectRef::new(&r.name).within(&ns))
         .map(|p| p.spec.clone())
         .filter(|s| s.validate().is_ok())
-        .unwrap_or_default()
 }
 
 fn now_ms() -> Millis {
@@ -202,7 +207,9 @@ impl Autoscaler {
 
     /// One tick for one service: observe, decide, act. Returns the policy interval to wait.
     pub async fn tick(&self, isvc: &InferenceService, state: &mut ServiceState) -> Duration {
-        let policy = effective_policy(isvc, &self.policies);
+        let Some(policy) = effective_policy(isvc, &self.policies) else {
+            return Duration::from_secs(2);
+        };
         let interval = Duration::from_secs(policy.interval_seconds.max(1) as u64);
         let ns = isvc.namespace().unwrap_or_default();
         let name = isvc.name_any();
@@ -212,11 +219,17 @@ impl Autoscaler {
         else {
             return interval; // not created yet: reconcile's job
         };
-        let current = deployment
+        let cached = deployment
             .spec
             .as_ref()
             .and_then(|s| s.replicas)
             .unwrap_or(1);
+        // The cache may not show our last patch yet; trust the patch for a while so a scale is
+        // neither repeated nor counted twice by the rate limits.
+        let current = match state.last_patch {
+            Some((value, at)) if cached != value && now_ms() - at < PATCH_VISIBLE_MS => value,
+            _ => cached,
+        };
         let pods = self.pods_of(isvc, "engine");
         // Ready routers' metrics: their queue and burst in flight count into queue depth.
         let router_urls: Vec<String> = self
@@ -244,6 +257,7 @@ impl Autoscaler {
         if policy.mode == PolicyMode::Active && d.desired != current && *self.leader.borrow() {
             match patch_replicas(&self.client, &ns, &engine_name(&name), d.desired).await {
                 Ok(()) => {
+                    state.last_patch = Some((d.desired, now));
                     state.history.record_scale(now, current, d.desired);
                     scaled = true;
                     tracing::info!(service = %name, namespace = %ns, from = current, to = d.desired, reason = %d.reason, "scaled");
@@ -322,6 +336,17 @@ impl Autoscaler {
 
     /// Runs one loop per service until `shutdown`; loops start and stop as services come and go.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // Deciding before the caches are filled would read a missing policy or Deployment.
+        let ready = async {
+            let _ = self.services.wait_until_ready().await;
+            let _ = self.policies.wait_until_ready().await;
+            let _ = self.pods.wait_until_ready().await;
+            let _ = self.deployments.wait_until_ready().await;
+        };
+        tokio::select! {
+            _ = ready => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
         let mut loops: HashMap<
             ObjectRef<InferenceService>,
             (watch::Sender<bool>, tokio::task::JoinHandle<()>),

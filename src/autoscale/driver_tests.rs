@@ -436,3 +436,19 @@ async fn the_routers_overflow_is_scraped_into_queue_depth() {
     engine.abort();
     router.abort();
 }
+
+#[tokio::test]
+async fn a_missing_referenced_policy_holds_replicas_instead_of_applying_defaults() {
+    let (port, server) = page_server(vec![(200, vllm_page(0, 0, 0.0))], 2).await;
+    let mut isvc = service_on(port);
+    isvc.spec.scaling_policy_ref = Some(crate::api::PolicyRef {
+        name: "gone".into(),
+    });
+    // 12 replicas: the built-in defaults (max 4) would cut them to 4 at once.
+    let Fixture {
+        autoscaler, api, ..
+    } = fixture(&isvc, 12, None);
+    autoscaler.tick(&isvc, &mut ServiceState::default()).await;
+    assert!(api.done().await.is_empty(), "no patch, no status, no event");
+    server.abort();
+}

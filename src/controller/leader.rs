@@ -72,8 +72,10 @@ pub fn decide(
                 .unwrap_or(lease_duration);
             let expired = match &spec.renew_time {
                 Some(MicroTime(t)) => {
+                    // Skew either way within a lease duration is a live lease; a renewTime further
+                    // ahead than that is a broken clock, and must not hold the lease forever.
                     let age = now.duration_since(*t);
-                    age.is_negative() || age.unsigned_abs() > duration
+                    age.unsigned_abs() > duration
                 }
                 None => true,
             };
@@ -204,7 +206,16 @@ pub async fn run(
 ) {
     let mut last_renew: Option<tokio::time::Instant> = None;
     loop {
-        match try_acquire_or_renew(&api, &cfg).await {
+        // A hung call (a half-open connection) must not keep a stale leader acting: each round
+        // is bounded, and leadership lapses on our own clock after the renew deadline.
+        let round =
+            tokio::time::timeout(cfg.renew_deadline, try_acquire_or_renew(&api, &cfg)).await;
+        let round = round.unwrap_or_else(|_| {
+            Err(kube::Error::Service(
+                "leader election round timed out".into(),
+            ))
+        });
+        match round {
             Ok(true) => {
                 if !*tx.borrow() {
                     tracing::info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
@@ -221,14 +232,14 @@ pub async fn run(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "leader election round failed");
-                if last_renew.is_some_and(|t| t.elapsed() > cfg.renew_deadline) {
-                    tracing::warn!(
-                        "could not renew the leader lease within the renew deadline; stepping down"
-                    );
-                    last_renew = None;
-                    tx.send_replace(false);
-                }
             }
+        }
+        if last_renew.is_some_and(|t| t.elapsed() > cfg.renew_deadline) {
+            tracing::warn!(
+                "could not renew the leader lease within the renew deadline; stepping down"
+            );
+            last_renew = None;
+            tx.send_replace(false);
         }
         tokio::select! {
             _ = tokio::time::sleep(cfg.retry_period) => {}
@@ -286,7 +297,12 @@ mod tests {
             decide(Some(&released), "a", ts(100), D),
             LeaseAction::Acquire
         );
-        // A renewTime in the future (clock skew) is treated as expired rather than trusted forever.
+        // A renewTime slightly ahead of our clock (skew) is a live lease...
+        assert_eq!(
+            decide(Some(&held_by("b", 101)), "a", ts(100), D),
+            LeaseAction::Follow { holder: "b".into() }
+        );
+        // ...but one far in the future (a broken clock) does not hold the lease forever.
         assert_eq!(
             decide(Some(&held_by("b", 200)), "a", ts(100), D),
             LeaseAction::Acquire

@@ -95,6 +95,15 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     );
 
     let (leader_tx, mut leader_rx) = watch::channel(!args.leader_elect);
+    // The election stops on shutdown, and also when the controllers stop after lost leadership,
+    // so the process exits (and restarts as a candidate) instead of idling as a lease holder.
+    let (election_stop_tx, election_stop_rx) = watch::channel(false);
+    let mut stop_on_shutdown = shutdown_rx.clone();
+    let election_stopper = election_stop_tx.clone();
+    tokio::spawn(async move {
+        let _ = stop_on_shutdown.wait_for(|s| *s).await;
+        election_stopper.send_replace(true);
+    });
     let election = if args.leader_elect {
         let ns = args
             .lease_namespace
@@ -111,7 +120,7 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
             leases,
             cfg,
             leader_tx,
-            shutdown_rx.clone(),
+            election_stop_rx,
         )))
     } else {
         None
@@ -139,10 +148,16 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     };
     metrics.leader.set(0);
     health.alive.store(false, Ordering::Relaxed);
+    election_stop_tx.send_replace(true);
     if let Some(e) = election {
         let _ = e.await;
     }
-    let _ = server.await;
+    if result.is_err() {
+        // Lost leadership: exit now; the metrics server would otherwise wait for SIGTERM.
+        server.abort();
+    } else {
+        let _ = server.await;
+    }
     result
 }
 

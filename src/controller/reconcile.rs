@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::reflector::Store;
@@ -20,9 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
-use super::render::{
-    self, FIELD_MANAGER, REPLICAS_FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url,
-};
+use super::render::{self, FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url};
 use super::render_router::RouterObjects;
 use super::status::{
     EngineReplicas, Problem, current_policy_status, current_reconcile_status, new_problems,
@@ -242,7 +240,15 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
                 problems.push(Problem::ApplyFailed(e.to_string()));
                 ctx.event(&isvc, EventType::Warning, "ApplyFailed", e.to_string())
                     .await;
-                write_status(&ctx, &isvc, &ns, None, &problems).await?;
+                // Report what still serves: a failed PDB or Role must not read as an outage.
+                let engine = deployments
+                    .get_opt(&render::engine_name(&name))
+                    .await
+                    .ok()
+                    .flatten()
+                    .filter(|d| is_owned_by(&d.metadata, &isvc))
+                    .map(|d| engine_replicas(&d));
+                write_status(&ctx, &isvc, &ns, engine, &problems).await?;
                 return Err(e);
             }
         }
@@ -350,18 +356,18 @@ async fn ensure_objects(
         .unwrap_or_default();
     let engine = match deployments.get_opt(&engine_name).await? {
         None => {
-            // replicas is set once, at creation, under the autoscaler's field manager; reconcile's
-            // applies never mention it, so they can never reset it.
-            let mut d = rendered.engine_deployment.clone();
-            if let Some(spec) = d.spec.as_mut() {
-                spec.replicas = Some(policy.initial_replicas());
-            }
-            let pp = PostParams {
-                field_manager: Some(REPLICAS_FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
-            let created = deployments
-                .create(&pp, &d)
+            // Created by server-side apply like every other object (so fields later removed from
+            // the spec are removed from the Deployment too), then replicas set once under the
+            // autoscaler's field manager; reconcile's applies never mention replicas.
+            apply(&deployments, &rendered.engine_deployment)
+                .await
+                .map_err(|source| Error::Apply {
+                    kind: "Deployment",
+                    name: engine_name.clone(),
+                    source,
+                })?;
+            let initial = policy.initial_replicas();
+            crate::autoscale::driver::patch_replicas(&ctx.client, &ns, &engine_name, initial)
                 .await
                 .map_err(|source| Error::Apply {
                     kind: "Deployment",
@@ -372,13 +378,13 @@ async fn ensure_objects(
                 isvc,
                 EventType::Normal,
                 "Created",
-                format!(
-                    "Created engine Deployment {engine_name} with {} replicas",
-                    policy.initial_replicas()
-                ),
+                format!("Created engine Deployment {engine_name} with {initial} replicas"),
             )
             .await;
-            Some(engine_replicas(&created))
+            Some(EngineReplicas {
+                replicas: 0,
+                ready: 0,
+            })
         }
         Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
             problems.push(Problem::ObjectConflict(format!(

@@ -103,6 +103,45 @@ fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {type_} condition in {status:#}"))
 }
 
+/// Expects the engine Deployment to be created: server-side applied by `spillway` without
+/// replicas, then its replicas set once by `spillway-autoscaler`. Returns the first apply.
+async fn expect_engine_created(
+    api: &mut ApiServer,
+    isvc: &InferenceService,
+    replicas: i32,
+) -> Seen {
+    let path = format!("{NS}/deployments/llama-engine");
+    let applied = api
+        .expect(
+            Method::PATCH,
+            &path,
+            StatusCode::CREATED,
+            deployment_json(isvc, 0, 0),
+        )
+        .await;
+    assert_server_side_apply(&applied);
+    assert!(
+        applied.body["spec"].get("replicas").is_none(),
+        "spillway never owns replicas"
+    );
+    let scaled = api
+        .expect(
+            Method::PATCH,
+            &path,
+            StatusCode::OK,
+            deployment_json(isvc, replicas, 0),
+        )
+        .await;
+    assert!(
+        scaled.query.contains("fieldManager=spillway-autoscaler")
+            && scaled.query.contains("force=true"),
+        "{}",
+        scaled.query
+    );
+    assert_eq!(scaled.body["spec"], json!({"replicas": replicas}));
+    applied
+}
+
 /// Expects the engine Deployment to exist (owned) and be applied; returns the apply.
 async fn expect_engine_applied(
     api: &mut ApiServer,
@@ -181,21 +220,7 @@ async fn new_service_creates_engine_services_and_status() {
     .await;
     api.not_found(&format!("{NS}/deployments/llama-engine"))
         .await;
-    let created = api
-        .expect(
-            Method::POST,
-            &format!("{NS}/deployments"),
-            StatusCode::CREATED,
-            deployment_json(&isvc, 3, 0),
-        )
-        .await;
-    // Created once, with the launch replicas, under the autoscaler's field manager.
-    assert!(
-        created.query.contains("fieldManager=spillway-autoscaler"),
-        "{}",
-        created.query
-    );
-    assert_eq!(created.body["spec"]["replicas"], 3);
+    let created = expect_engine_created(&mut api, &isvc, 3).await;
     assert_eq!(
         created.body["metadata"]["ownerReferences"][0]["uid"],
         "uid-llama"
@@ -223,10 +248,11 @@ async fn new_service_creates_engine_services_and_status() {
     let s = &status.body["status"];
     assert_eq!(s["observedGeneration"], 1);
     assert_eq!(s["url"], "http://llama.ml.svc.cluster.local");
-    assert_eq!(s["replicas"], 3);
+    // Just created: no pod exists yet (the Deployment's own status arrives with the next pass).
+    assert_eq!(s["replicas"], 0);
     assert_eq!(s["readyReplicas"], 0);
     assert_eq!(condition(s, "Ready")["status"], "False");
-    assert_eq!(condition(s, "Ready")["reason"], "Starting");
+    assert_eq!(condition(s, "Ready")["reason"], "NoReplicas");
     assert_eq!(condition(s, "Degraded")["status"], "False");
 
     let action = reconciler.await.unwrap().unwrap();
@@ -247,15 +273,7 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
         .await;
     api.not_found(&format!("{NS}/deployments/llama-engine"))
         .await;
-    let created = api
-        .expect(
-            Method::POST,
-            &format!("{NS}/deployments"),
-            StatusCode::CREATED,
-            deployment_json(&isvc, 1, 0),
-        )
-        .await;
-    assert_eq!(created.body["spec"]["replicas"], 1);
+    expect_engine_created(&mut api, &isvc, 1).await;
     expect_services_applied(&mut api, "llama").await;
     let status = api
         .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
@@ -435,12 +453,15 @@ async fn apply_failure_is_reported_and_backs_off() {
     api.not_found(&format!("{NS}/deployments/llama-engine"))
         .await;
     api.expect(
-        Method::POST,
-        &format!("{NS}/deployments"),
+        Method::PATCH,
+        &format!("{NS}/deployments/llama-engine"),
         StatusCode::FORBIDDEN,
         json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403, "message": "quota exceeded"}),
     )
     .await;
+    // What still serves is read again for the status.
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
     let status = api
         .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
         .await;
@@ -668,13 +689,7 @@ spec:
 
         api.not_found(&format!("{NS}/deployments/llama-engine"))
             .await;
-        api.expect(
-            Method::POST,
-            &format!("{NS}/deployments"),
-            StatusCode::CREATED,
-            deployment_json(&isvc, 1, 0),
-        )
-        .await;
+        expect_engine_created(&mut api, &isvc, 1).await;
         absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
         // The provider's Secret is missing: looked up by name (metadata only), never listed.
         api.not_found(&format!("{CORE}/secrets/together-key")).await;

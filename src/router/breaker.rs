@@ -10,8 +10,11 @@ pub enum BreakerState {
     Open {
         until: Millis,
     },
-    /// One probe is in flight; everything else waits for its outcome.
-    HalfOpen,
+    /// One probe is in flight since `since`; everything else waits for its outcome — at most
+    /// `open_ms`, so a probe that never reports (client gone, bad body) cannot stall it forever.
+    HalfOpen {
+        since: Millis,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,17 +46,22 @@ impl CircuitBreaker {
         match self.state {
             BreakerState::Closed => true,
             BreakerState::Open { until } => now >= until,
-            BreakerState::HalfOpen => false,
+            BreakerState::HalfOpen { since } => now >= since + self.open_ms,
         }
     }
 
     /// Call when a request is actually sent: an expired open breaker becomes half-open, and
     /// this request is its probe.
     pub fn on_send(&mut self, now: Millis) {
-        if let BreakerState::Open { until } = self.state
-            && now >= until
-        {
-            self.state = BreakerState::HalfOpen;
+        match self.state {
+            BreakerState::Open { until } if now >= until => {
+                self.state = BreakerState::HalfOpen { since: now }
+            }
+            // The previous probe never reported: this request is the new probe.
+            BreakerState::HalfOpen { since } if now >= since + self.open_ms => {
+                self.state = BreakerState::HalfOpen { since: now }
+            }
+            _ => {}
         }
     }
 
@@ -64,7 +72,7 @@ impl CircuitBreaker {
 
     pub fn on_failure(&mut self, now: Millis) {
         self.consecutive_failures = self.consecutive_failures.saturating_add(1);
-        let reopen = matches!(self.state, BreakerState::HalfOpen);
+        let reopen = matches!(self.state, BreakerState::HalfOpen { .. });
         if reopen || self.consecutive_failures >= self.failure_threshold {
             self.state = BreakerState::Open {
                 until: now + self.open_ms,
@@ -98,8 +106,21 @@ mod tests {
         assert!(!b.allows(1004));
         assert!(b.allows(1005));
         b.on_send(1005);
-        assert_eq!(b.state(), BreakerState::HalfOpen);
+        assert_eq!(b.state(), BreakerState::HalfOpen { since: 1005 });
         assert!(!b.allows(1006), "only one probe at a time");
+        b.on_success();
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn a_probe_that_never_reports_does_not_stall_the_breaker() {
+        let mut b = CircuitBreaker::new(1, 1000);
+        b.on_failure(0);
+        b.on_send(1000); // the probe's client goes away: no success, no failure
+        assert!(!b.allows(1999));
+        assert!(b.allows(2000), "after open_ms another probe may go");
+        b.on_send(2000);
+        assert_eq!(b.state(), BreakerState::HalfOpen { since: 2000 });
         b.on_success();
         assert_eq!(b.state(), BreakerState::Closed);
     }
