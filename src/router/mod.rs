@@ -70,6 +70,9 @@ pub struct RouterArgs {
     /// CPU).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Longest a local engine may take to send response headers, in seconds; then 504.
+    #[arg(long, default_value_t = 600)]
+    pub engine_timeout_seconds: u64,
     /// On SIGTERM, longest wait for in-flight requests and streams, in seconds.
     #[arg(long, default_value_t = 300)]
     pub drain_timeout_seconds: u64,
@@ -101,6 +104,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             open: Duration::from_secs(args.breaker_open_seconds),
         },
         drain_timeout: Duration::from_secs(args.drain_timeout_seconds),
+        engine_timeout: Duration::from_secs(args.engine_timeout_seconds.max(1)),
         capacity_exhausted: args.capacity_exhausted,
     };
     let threads = args

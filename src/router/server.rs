@@ -67,6 +67,9 @@ pub struct RouterOptions {
     /// Longest a shutdown waits for in-flight requests (streams included).
     pub drain_timeout: Duration,
     pub capacity_exhausted: bool,
+    /// Longest a local engine may take to send response headers (a hung engine must not hold
+    /// its clients and slots forever); past it the client gets 504.
+    pub engine_timeout: Duration,
 }
 
 impl Default for RouterOptions {
@@ -79,6 +82,7 @@ impl Default for RouterOptions {
             breaker: BreakerSettings::default(),
             drain_timeout: Duration::from_secs(300),
             capacity_exhausted: false,
+            engine_timeout: Duration::from_secs(600),
         }
     }
 }
@@ -98,6 +102,7 @@ struct App {
     max_body_bytes: usize,
     model: Option<String>,
     draining: AtomicBool,
+    engine_timeout: Duration,
 }
 
 fn http_connector() -> HttpConnector {
@@ -139,6 +144,7 @@ impl App {
             max_body_bytes: opts.max_body_bytes,
             model: opts.model.clone(),
             draining: AtomicBool::new(false),
+            engine_timeout: opts.engine_timeout,
         })
     }
 }
@@ -481,7 +487,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
                 }
             }
             Err(SendError::Timeout(t)) => {
-                tracing::warn!(destination = dest.label(), timeout = ?t, "provider did not answer in time");
+                tracing::warn!(destination = dest.label(), timeout = ?t, "upstream did not answer in time");
                 if let Dest::Provider(p) = &dest {
                     app.shared.provider_result(&p.name, false);
                 }
@@ -571,10 +577,10 @@ async fn send(
             *req.uri_mut() =
                 http::Uri::from_parts(uri).map_err(|e| SendError::Connection(e.to_string()))?;
             forward_headers(&parts.headers, req.headers_mut(), false);
-            app.local
-                .request(req)
-                .await
-                .map_err(|e| SendError::Connection(chain(&e)))
+            match tokio::time::timeout(app.engine_timeout, app.local.request(req)).await {
+                Err(_) => Err(SendError::Timeout(app.engine_timeout)),
+                Ok(r) => r.map_err(|e| SendError::Connection(chain(&e))),
+            }
         }
         Dest::Provider(p) => {
             let rest = pq.strip_prefix("/v1").unwrap_or(pq);

@@ -888,3 +888,37 @@ async fn serving_threads_share_one_port_and_one_routing_state() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_hung_engine_gets_a_504_and_frees_its_slot() {
+    bounded(async {
+        // Accepts connections, reads, never answers (a wedged GPU process).
+        let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = hung.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            for _ in 0..4 {
+                let Ok((s, _)) = hung.accept().await else {
+                    return;
+                };
+                held.push(s);
+            }
+            std::future::pending::<()>().await;
+        });
+        let r = router_with(
+            "maxConcurrencyPerBackend: 1\nburst: {mode: Never}\n",
+            vec![addr.to_string()],
+            |o| o.engine_timeout = std::time::Duration::from_millis(300),
+        )
+        .await;
+        for _ in 0..2 {
+            // The second request gets the slot the first one freed, then times out too.
+            let reply = post(r.addr(), chat(4, false)).await;
+            assert_eq!(reply.status, StatusCode::GATEWAY_TIMEOUT);
+            assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+        }
+        holder.abort();
+        r.stop().await;
+    })
+    .await;
+}
