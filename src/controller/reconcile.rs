@@ -405,15 +405,20 @@ async fn ensure_objects(
     };
 
     ensure_owned(ctx, isvc, vec![owned(&rendered.engine_service)?], problems).await?;
+    let client = vec![owned(&rendered.client_service)?];
     match &rendered.router {
         Some(r) => {
             check_provider_secrets(ctx, isvc, problems).await?;
             ensure_owned(ctx, isvc, router_objects(r)?, problems).await?;
+            // Clients move to the router only once it exists...
+            ensure_owned(ctx, isvc, client, problems).await?;
         }
-        None => remove_router(ctx, isvc, &ns).await?,
+        None => {
+            // ...and back to the engines before a router is removed.
+            ensure_owned(ctx, isvc, client, problems).await?;
+            remove_router(ctx, isvc, &ns).await?;
+        }
     }
-    // Last: clients move to the router only once it exists.
-    ensure_owned(ctx, isvc, vec![owned(&rendered.client_service)?], problems).await?;
     Ok(engine)
 }
 
@@ -484,13 +489,14 @@ async fn remove_router(ctx: &Context, isvc: &InferenceService, ns: &str) -> Resu
     if !is_owned_by(&existing.metadata, isvc) {
         return Ok(());
     }
+    // The Deployment goes last: while it exists a later pass finishes a removal cut short.
     let kinds = [
-        ApiResource::erase::<Deployment>(&()),
         ApiResource::erase::<PodDisruptionBudget>(&()),
         ApiResource::erase::<RoleBinding>(&()),
         ApiResource::erase::<Role>(&()),
         ApiResource::erase::<ServiceAccount>(&()),
         ApiResource::erase::<ConfigMap>(&()),
+        ApiResource::erase::<Deployment>(&()),
     ];
     for ar in kinds {
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), ns, &ar);

@@ -178,9 +178,6 @@ async fn expect_services_applied(api: &mut ApiServer, name: &str) -> (Seen, Seen
             Value::Null,
         )
         .await;
-    // No router (the fixture disables it): one look for a router this service owned before.
-    api.not_found(&format!("{NS}/deployments/{name}-router"))
-        .await;
     api.not_found(&format!("{CORE}/services/{name}")).await;
     let client = api
         .expect(
@@ -189,6 +186,9 @@ async fn expect_services_applied(api: &mut ApiServer, name: &str) -> (Seen, Seen
             StatusCode::OK,
             Value::Null,
         )
+        .await;
+    // No router (the fixture disables it): one look for a router this service owned before.
+    api.not_found(&format!("{NS}/deployments/{name}-router"))
         .await;
     (engine, client)
 }
@@ -393,8 +393,6 @@ async fn an_object_owned_by_someone_else_is_not_overwritten() {
         Value::Null,
     )
     .await;
-    api.not_found(&format!("{NS}/deployments/llama-router"))
-        .await;
     // A user's own Service named like our client Service: read, never patched.
     api.expect(
         Method::GET,
@@ -403,6 +401,8 @@ async fn an_object_owned_by_someone_else_is_not_overwritten() {
         json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "llama", "namespace": "ml"}}),
     )
     .await;
+    api.not_found(&format!("{NS}/deployments/llama-router"))
+        .await;
     let status = api
         .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
         .await;
@@ -773,7 +773,14 @@ spec:
         let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
         expect_engine_applied(&mut api, &isvc, 1, 1).await;
         absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
-        // A router this service owned exists from before: everything of it is deleted.
+        // Clients go back to the engines first...
+        let svc = absent_then_applied(&mut api, &format!("{CORE}/services/llama")).await;
+        assert_eq!(
+            svc.body["spec"]["selector"]["app.kubernetes.io/component"],
+            "engine"
+        );
+        // ...then a router this service owned is deleted, its Deployment last (so a removal cut
+        // short is finished by the next pass).
         let mut router = deployment_json(&isvc, 2, 2);
         router["metadata"]["name"] = json!("llama-router");
         api.expect(
@@ -784,13 +791,13 @@ spec:
         )
         .await;
         for path in [
-            format!("{NS}/deployments/llama-router"),
             "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router".to_string(),
             "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/llama-router"
                 .to_string(),
             "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/llama-router".to_string(),
             format!("{CORE}/serviceaccounts/llama-router"),
             format!("{CORE}/configmaps/llama-router"),
+            format!("{NS}/deployments/llama-router"),
         ] {
             api.expect(
                 Method::DELETE,
@@ -800,11 +807,6 @@ spec:
             )
             .await;
         }
-        let svc = absent_then_applied(&mut api, &format!("{CORE}/services/llama")).await;
-        assert_eq!(
-            svc.body["spec"]["selector"]["app.kubernetes.io/component"],
-            "engine"
-        );
         api.expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
             .await;
         r.await.unwrap().unwrap();
