@@ -32,6 +32,20 @@ pub fn render_all() -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// The OpenAPI v3 schema of the CRD of `kind` (what the API server validates against).
+pub fn openapi_schema(kind: &str) -> Option<serde_json::Value> {
+    let crd = crds().into_iter().find(|c| c.spec.names.kind == kind)?;
+    let schema = crd
+        .spec
+        .versions
+        .first()?
+        .schema
+        .as_ref()?
+        .open_api_v3_schema
+        .as_ref()?;
+    serde_json::to_value(schema).ok()
+}
+
 /// Writes each CRD to `<dir>/<plural>.yaml`.
 pub fn write_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
@@ -125,18 +139,7 @@ mod tests {
     }
 
     fn schema(kind: &str) -> Value {
-        let crd = crds()
-            .into_iter()
-            .find(|c| c.spec.names.kind == kind)
-            .unwrap();
-        serde_json::to_value(
-            &crd.spec.versions[0]
-                .schema
-                .as_ref()
-                .unwrap()
-                .open_api_v3_schema,
-        )
-        .unwrap()
+        openapi_schema(kind).unwrap()
     }
 
     /// Every field under `spec` carries a description (what `kubectl explain` shows).

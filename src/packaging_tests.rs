@@ -306,18 +306,7 @@ fn check_schema(schema: &Value, v: &Value, path: &str, errs: &mut Vec<String>) {
 }
 
 fn crd_schema(kind: &str) -> Value {
-    let crd = crdgen::crds()
-        .into_iter()
-        .find(|c| c.spec.names.kind == kind)
-        .unwrap();
-    serde_json::to_value(
-        &crd.spec.versions[0]
-            .schema
-            .as_ref()
-            .unwrap()
-            .open_api_v3_schema,
-    )
-    .unwrap()
+    crdgen::openapi_schema(kind).unwrap()
 }
 
 /// Schema, then CEL (defaults applied first, as the API server does), then the controller's
