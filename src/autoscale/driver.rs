@@ -17,7 +17,7 @@ use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
 use super::decide::{Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide};
-use super::observe::{ColdStart, EnginePod, PodState, classify};
+use super::observe::{ColdStart, EnginePod, PodState, classify_one};
 use super::scrape::{Scraper, metrics_url};
 use super::signals::{self, SignalSelectors};
 use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
@@ -187,22 +187,24 @@ fn now_ms() -> Millis {
 }
 
 impl Autoscaler {
-    /// The service's pods of one component (`engine` or `router`), classified.
-    fn pods_of(&self, isvc: &InferenceService, component: &str) -> Vec<EnginePod> {
+    /// The service's engine and router pods, classified, in one pass over the cache and
+    /// without copying any pod.
+    fn service_pods(&self, isvc: &InferenceService) -> (Vec<EnginePod>, Vec<EnginePod>) {
         let ns = isvc.namespace();
         let name = isvc.name_any();
-        let pods: Vec<Pod> = self
-            .pods
-            .state()
-            .iter()
-            .filter(|p| {
-                p.namespace() == ns
-                    && p.labels().get(LABEL_INSTANCE) == Some(&name)
-                    && p.labels().get(LABEL_COMPONENT).map(String::as_str) == Some(component)
-            })
-            .map(|p| p.as_ref().clone())
-            .collect();
-        classify(&pods)
+        let (mut engines, mut routers) = (Vec::new(), Vec::new());
+        for p in self.pods.state() {
+            if p.namespace() != ns || p.labels().get(LABEL_INSTANCE) != Some(&name) {
+                continue;
+            }
+            let into = match p.labels().get(LABEL_COMPONENT).map(String::as_str) {
+                Some("engine") => &mut engines,
+                Some("router") => &mut routers,
+                _ => continue,
+            };
+            into.extend(classify_one(&p));
+        }
+        (engines, routers)
     }
 
     /// One tick for one service: observe, decide, act. Returns the policy interval to wait.
@@ -230,10 +232,9 @@ impl Autoscaler {
             Some((value, at)) if cached != value && now_ms() - at < PATCH_VISIBLE_MS => value,
             _ => cached,
         };
-        let pods = self.pods_of(isvc, "engine");
+        let (pods, routers) = self.service_pods(isvc);
         // Ready routers' metrics: their queue and burst in flight count into queue depth.
-        let router_urls: Vec<String> = self
-            .pods_of(isvc, "router")
+        let router_urls: Vec<String> = routers
             .iter()
             .filter(|p| p.state == PodState::Ready)
             .filter_map(|p| {

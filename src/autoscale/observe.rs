@@ -31,11 +31,12 @@ fn millis(t: &jiff::Timestamp) -> Millis {
 
 /// Classifies pods; terminating and finished pods are left out (they are neither capacity nor
 /// coming capacity).
-pub fn classify(pods: &[Pod]) -> Vec<EnginePod> {
-    pods.iter().filter_map(classify_one).collect()
+pub fn classify<'a>(pods: impl IntoIterator<Item = &'a Pod>) -> Vec<EnginePod> {
+    pods.into_iter().filter_map(classify_one).collect()
 }
 
-fn classify_one(pod: &Pod) -> Option<EnginePod> {
+/// Classifies one pod (`None` for terminating or finished pods).
+pub fn classify_one(pod: &Pod) -> Option<EnginePod> {
     if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
