@@ -17,6 +17,7 @@ pub mod queue;
 pub mod server;
 pub mod sources;
 pub mod state;
+pub mod upstream;
 pub mod usage;
 
 #[cfg(test)]

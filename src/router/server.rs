@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -28,10 +28,11 @@ use super::admission::RejectReason;
 use super::config::RouterConfig;
 use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
+use super::upstream::{EnginePool, Upstream};
 use super::usage::UsageScanner;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
-type LocalClient = Client<HttpConnector, Full<Bytes>>;
+type PlainClient = Client<HttpConnector, Full<Bytes>>;
 type TlsClient = Client<HttpsConnector, Full<Bytes>>;
 
 /// Slow clients may not hold a connection open without sending a request.
@@ -96,7 +97,10 @@ pub fn standalone_backends(config: &RouterConfig, extra: &[String]) -> Vec<Strin
 
 struct App {
     shared: Arc<Shared>,
-    local: LocalClient,
+    /// Local engines: connections driven by the requests' own tasks.
+    engines: Arc<EnginePool>,
+    /// `http` providers when there is no TLS client.
+    plain: PlainClient,
     /// `None` when the system has no CA certificates: `https` providers then fail with 502.
     tls: Option<TlsClient>,
     max_body_bytes: usize,
@@ -112,12 +116,12 @@ fn http_connector() -> HttpConnector {
     http
 }
 
-fn clients() -> (LocalClient, Option<TlsClient>) {
+fn clients() -> (PlainClient, Option<TlsClient>) {
     let mut builder = Client::builder(TokioExecutor::new());
     builder
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(IDLE_POOL_TIMEOUT);
-    let local = builder.build(http_connector());
+    let plain = builder.build(http_connector());
     let tls = match hyper_rustls::HttpsConnectorBuilder::new().with_native_roots() {
         Ok(b) => Some(
             builder.build(
@@ -131,15 +135,16 @@ fn clients() -> (LocalClient, Option<TlsClient>) {
             None
         }
     };
-    (local, tls)
+    (plain, tls)
 }
 
 impl App {
     fn new(shared: Arc<Shared>, opts: &RouterOptions) -> Arc<Self> {
-        let (local, tls) = clients();
+        let (plain, tls) = clients();
         Arc::new(App {
             shared,
-            local,
+            engines: Arc::default(),
+            plain,
             tls,
             max_body_bytes: opts.max_body_bytes,
             model: opts.model.clone(),
@@ -300,7 +305,7 @@ async fn serve(
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let (stop_tx, stop_rx) = watch::channel(());
+    let drain_signal = Arc::new(Drain::default());
     let mut tasks = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -309,11 +314,11 @@ async fn serve(
             _ = &mut shutdown => break,
             s = crate::runtime::accept(&listener) => s,
         };
-        tasks.spawn(connection(app.clone(), stream, stop_rx.clone()));
+        tasks.spawn(connection(app.clone(), stream, drain_signal.clone()));
     }
     app.draining.store(true, Ordering::Relaxed);
     drop(listener);
-    let _ = stop_tx.send(());
+    drain_signal.start();
     tracing::info!(connections = tasks.len(), "router draining");
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(drain_timeout, drain).await.is_err() {
@@ -325,7 +330,70 @@ async fn serve(
     }
 }
 
-async fn connection(app: Arc<App>, stream: TcpStream, mut stop: watch::Receiver<()>) {
+/// Tells open client connections to finish the response in progress and close. A connection
+/// registers its waker once and checks a flag on each poll: a channel receiver would re-register
+/// on every poll, several times per request.
+#[derive(Default)]
+struct Drain {
+    started: AtomicBool,
+    wakers: std::sync::Mutex<std::collections::HashMap<u64, std::task::Waker>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Drain {
+    fn start(&self) {
+        self.started.store(true, Ordering::SeqCst);
+        let wakers = std::mem::take(&mut *self.lock());
+        for (_, w) in wakers {
+            w.wake();
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, std::task::Waker>> {
+        self.wakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One connection's place in the drain list.
+struct DrainSlot {
+    drain: Arc<Drain>,
+    id: u64,
+    waker: Option<std::task::Waker>,
+}
+
+impl DrainSlot {
+    fn new(drain: Arc<Drain>) -> Self {
+        let id = drain.next_id.fetch_add(1, Ordering::Relaxed);
+        Self {
+            drain,
+            id,
+            waker: None,
+        }
+    }
+
+    /// Whether the drain has started; otherwise makes sure it will wake this task.
+    fn started(&mut self, cx: &Context<'_>) -> bool {
+        if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            let w = cx.waker().clone();
+            self.drain.lock().insert(self.id, w.clone());
+            self.waker = Some(w);
+        }
+        // Registered before the check: a drain that starts in between still wakes us.
+        self.drain.started.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for DrainSlot {
+    fn drop(&mut self) {
+        if self.waker.is_some() {
+            self.drain.lock().remove(&self.id);
+        }
+    }
+}
+
+async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>) {
     let svc = hyper::service::service_fn(move |req| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(handle(&app, req).await) }
@@ -333,21 +401,26 @@ async fn connection(app: Arc<App>, stream: TcpStream, mut stop: watch::Receiver<
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT);
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Answers are mostly small and whole (see `relay`): copying them after the head costs
+        // less than handing the kernel a list of buffers.
+        .writev(false);
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "client connection ended with an error");
-            }
-            return;
+    let mut slot = DrainSlot::new(drain);
+    let mut graceful = false;
+    let r = std::future::poll_fn(|cx| {
+        if !graceful && slot.started(cx) {
+            // Finishes the response in progress (a stream runs to its end), then closes.
+            conn.as_mut().graceful_shutdown();
+            graceful = true;
         }
-        _ = stop.changed() => {}
+        conn.as_mut().poll(cx)
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "client connection ended with an error");
     }
-    // Finishes the response in progress (a stream runs to its end), then closes.
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
 }
 
 async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
@@ -435,7 +508,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
         return too_large(app);
     }
     let mut body = body;
-    let body = match read_to_end(&mut body, app.max_body_bytes, |_| {}).await {
+    let body = match read_to_end(&mut body, None, app.max_body_bytes, |_| {}).await {
         Ok(Some(b)) => b,
         Ok(None) => return too_large(app),
         Err(e) => {
@@ -457,7 +530,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     loop {
         let dest = lease.dest.clone();
         match send(app, &lease, &parts, &body).await {
-            Ok(resp) => return relay(resp, lease, arrived).await,
+            Ok((resp, upstream)) => return relay(resp, upstream, lease, arrived).await,
             Err(SendError::Connection(e)) => {
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
                 if let Dest::Provider(p) = &dest {
@@ -561,25 +634,30 @@ async fn send(
     lease: &Lease,
     parts: &http::request::Parts,
     body: &Bytes,
-) -> Result<Response<Incoming>, SendError> {
+) -> Result<(Response<Incoming>, Option<Upstream>), SendError> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match &lease.dest {
         Dest::Local(backend) => {
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = parts.method.clone();
-            let authority = backend.authority.clone().ok_or_else(|| {
+            let authority = backend.authority.as_ref().ok_or_else(|| {
                 SendError::Connection(format!("{:?} is not host:port", backend.addr))
             })?;
-            let mut uri = http::uri::Parts::default();
-            uri.scheme = Some(http::uri::Scheme::HTTP);
-            uri.authority = Some(authority);
-            uri.path_and_query = parts.uri.path_and_query().cloned();
-            *req.uri_mut() =
-                http::Uri::from_parts(uri).map_err(|e| SendError::Connection(e.to_string()))?;
-            forward_headers(&parts.headers, req.headers_mut(), false);
-            match tokio::time::timeout(app.engine_timeout, app.local.request(req)).await {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = parts.method.clone();
+            // Origin form, as a client talking to the engine directly would send it.
+            if let Some(pq) = parts.uri.path_and_query() {
+                *req.uri_mut() = pq.clone().into();
+            }
+            let h = req.headers_mut();
+            h.insert(
+                header::HOST,
+                HeaderValue::from_str(authority.as_str())
+                    .map_err(|e| SendError::Connection(e.to_string()))?,
+            );
+            forward_headers(&parts.headers, h, false);
+            match tokio::time::timeout(app.engine_timeout, app.engines.send(authority, req)).await {
                 Err(_) => Err(SendError::Timeout(app.engine_timeout)),
-                Ok(r) => r.map_err(|e| SendError::Connection(chain(&e))),
+                Ok(Ok((resp, up))) => Ok((resp, Some(up))),
+                Ok(Err(e)) => Err(SendError::Connection(chain(&e))),
             }
         }
         Dest::Provider(p) => {
@@ -608,12 +686,14 @@ async fn send(
             } else {
                 match &app.tls {
                     Some(c) => c.request(req),
-                    None => app.local.request(req),
+                    None => app.plain.request(req),
                 }
             };
             match tokio::time::timeout(p.timeout, fut).await {
                 Err(_) => Err(SendError::Timeout(p.timeout)),
-                Ok(r) => r.map_err(|e| SendError::Connection(chain(&e))),
+                Ok(r) => r
+                    .map(|r| (r, None))
+                    .map_err(|e| SendError::Connection(chain(&e))),
             }
         }
     }
@@ -629,7 +709,12 @@ fn outcome_of(status: StatusCode) -> &'static str {
     }
 }
 
-async fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
+async fn relay(
+    resp: Response<Incoming>,
+    upstream: Option<Upstream>,
+    lease: Lease,
+    arrived: Instant,
+) -> Response<RouterBody> {
     let status = resp.status();
     let (mut parts, body) = resp.into_parts();
     let sse = parts
@@ -654,6 +739,7 @@ async fn relay(resp: Response<Incoming>, lease: Lease, arrived: Instant) -> Resp
             .is_some_and(|n| n <= SMALL_BODY_BYTES);
     let mut relay = Relay {
         inner: body,
+        upstream,
         lease: Some(lease),
         tap,
         arrived,
@@ -703,6 +789,7 @@ fn observe(
 /// waiting for the end-of-body signal would cost another wake-up of the connection's task.
 async fn read_to_end(
     body: &mut Incoming,
+    mut upstream: Option<&mut Upstream>,
     limit: usize,
     mut on_data: impl FnMut(&Bytes),
 ) -> Result<Option<Bytes>, hyper::Error> {
@@ -710,7 +797,11 @@ async fn read_to_end(
     let mut buf = bytes::BytesMut::new();
     let mut total = 0usize;
     while !body.is_end_stream() {
-        let Some(f) = body.frame().await else {
+        let next = std::future::poll_fn(|cx| match upstream.as_deref_mut() {
+            Some(u) => u.poll_with(cx, |cx| Pin::new(&mut *body).poll_frame(cx)),
+            None => Pin::new(&mut *body).poll_frame(cx),
+        });
+        let Some(f) = next.await else {
             break;
         };
         let Ok(d) = f?.into_data() else {
@@ -743,6 +834,8 @@ pub enum RouterBody {
 
 pub struct Relay {
     inner: Incoming,
+    /// The engine connection feeding `inner`; `None` for providers (their pool drives them).
+    upstream: Option<Upstream>,
     /// Held until the body ends or the client goes away.
     lease: Option<Lease>,
     tap: Option<UsageScanner>,
@@ -763,20 +856,29 @@ impl Relay {
     async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
         let Relay {
             inner,
+            upstream,
             lease,
             tap,
             arrived,
             first_byte,
             ..
         } = self;
-        let r = read_to_end(inner, usize::MAX, |d| {
+        let r = read_to_end(inner, upstream.as_mut(), usize::MAX, |d| {
             observe(lease.as_ref(), tap, *arrived, first_byte, d)
         })
         .await;
         let b = r?.unwrap_or_default();
+        self.ended();
+        Ok(b)
+    }
+
+    /// The upstream body is complete: its connection can serve again, and the request is done.
+    fn ended(&mut self) {
+        if let Some(u) = &mut self.upstream {
+            u.release();
+        }
         let o = self.outcome;
         self.finish(o);
-        Ok(b)
     }
 
     fn observe_data(&mut self, d: &Bytes) {
@@ -813,12 +915,11 @@ impl Relay {
 impl Drop for Relay {
     fn drop(&mut self) {
         // hyper may stop polling once a sized body is complete; otherwise the client left.
-        let outcome = if self.inner.is_end_stream() {
-            self.outcome
+        if self.inner.is_end_stream() {
+            self.ended();
         } else {
-            "cancelled"
-        };
-        self.finish(outcome);
+            self.finish("cancelled");
+        }
     }
 }
 
@@ -833,18 +934,24 @@ impl Body for RouterBody {
         match self.get_mut() {
             RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RouterBody::Relay(r) => {
-                let res = ready!(Pin::new(&mut r.inner).poll_frame(cx));
+                let Relay {
+                    inner, upstream, ..
+                } = &mut **r;
+                let res = ready!(match upstream {
+                    Some(u) => u.poll_with(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
+                    None => Pin::new(inner).poll_frame(cx),
+                });
                 match &res {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
                             r.observe_data(d);
                         }
+                        if r.inner.is_end_stream() {
+                            r.ended();
+                        }
                     }
                     Some(Err(_)) => r.finish("aborted"),
-                    None => {
-                        let o = r.outcome;
-                        r.finish(o);
-                    }
+                    None => r.ended(),
                 }
                 Poll::Ready(res)
             }
