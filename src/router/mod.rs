@@ -17,6 +17,7 @@ pub mod queue;
 pub mod server;
 pub mod sources;
 pub mod state;
+pub mod timer;
 pub mod upstream;
 pub mod usage;
 

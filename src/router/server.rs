@@ -28,6 +28,7 @@ use super::admission::RejectReason;
 use super::config::RouterConfig;
 use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
+use super::timer::CoarseTimer;
 use super::upstream::{EnginePool, Upstream};
 use super::usage::UsageScanner;
 
@@ -107,6 +108,8 @@ struct App {
     model: Option<String>,
     draining: AtomicBool,
     engine_timeout: Duration,
+    /// Per-request deadlines (header reads, engine and provider answers).
+    timer: CoarseTimer,
 }
 
 fn http_connector() -> HttpConnector {
@@ -150,6 +153,7 @@ impl App {
             model: opts.model.clone(),
             draining: AtomicBool::new(false),
             engine_timeout: opts.engine_timeout,
+            timer: CoarseTimer::start(),
         })
     }
 }
@@ -394,13 +398,14 @@ impl Drop for DrainSlot {
 }
 
 async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>) {
+    let timer = app.timer.clone();
     let svc = hyper::service::service_fn(move |req| {
         let app = app.clone();
         async move { Ok::<_, Infallible>(handle(&app, req).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .timer(TokioTimer::new())
+        .timer(timer)
         .header_read_timeout(HEADER_READ_TIMEOUT)
         // Answers are mostly small and whole (see `relay`): copying them after the head costs
         // less than handing the kernel a list of buffers.
@@ -638,7 +643,7 @@ async fn send(
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match &lease.dest {
         Dest::Local(backend) => {
-            let authority = backend.authority.as_ref().ok_or_else(|| {
+            let (authority, host) = backend.authority.as_ref().ok_or_else(|| {
                 SendError::Connection(format!("{:?} is not host:port", backend.addr))
             })?;
             let mut req = Request::new(Full::new(body.clone()));
@@ -647,17 +652,18 @@ async fn send(
             if let Some(pq) = parts.uri.path_and_query() {
                 *req.uri_mut() = pq.clone().into();
             }
-            let h = req.headers_mut();
-            h.insert(
-                header::HOST,
-                HeaderValue::from_str(authority.as_str())
-                    .map_err(|e| SendError::Connection(e.to_string()))?,
-            );
-            forward_headers(&parts.headers, h, false);
-            match tokio::time::timeout(app.engine_timeout, app.engines.send(authority, req)).await {
-                Err(_) => Err(SendError::Timeout(app.engine_timeout)),
-                Ok(Ok((resp, up))) => Ok((resp, Some(up))),
-                Ok(Err(e)) => Err(SendError::Connection(chain(&e))),
+            let mut h = HeaderMap::with_capacity(parts.headers.len() + 1);
+            h.insert(header::HOST, host.clone());
+            forward_headers(&parts.headers, &mut h, false);
+            *req.headers_mut() = h;
+            match app
+                .timer
+                .within(app.engine_timeout, app.engines.send(authority, req))
+                .await
+            {
+                None => Err(SendError::Timeout(app.engine_timeout)),
+                Some(Ok((resp, up))) => Ok((resp, Some(up))),
+                Some(Err(e)) => Err(SendError::Connection(chain(&e))),
             }
         }
         Dest::Provider(p) => {
@@ -689,9 +695,9 @@ async fn send(
                     None => app.plain.request(req),
                 }
             };
-            match tokio::time::timeout(p.timeout, fut).await {
-                Err(_) => Err(SendError::Timeout(p.timeout)),
-                Ok(r) => r
+            match app.timer.within(p.timeout, fut).await {
+                None => Err(SendError::Timeout(p.timeout)),
+                Some(r) => r
                     .map(|r| (r, None))
                     .map_err(|e| SendError::Connection(chain(&e))),
             }
@@ -729,8 +735,11 @@ async fn relay(
             tap = Some(UsageScanner::new(sse));
         }
     }
-    for h in &HOP_BY_HOP {
-        parts.headers.remove(h);
+    // Engines rarely send any: one pass over the names costs less than a lookup for each.
+    if parts.headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            parts.headers.remove(h);
+        }
     }
     let small = !sse
         && body

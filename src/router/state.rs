@@ -60,8 +60,9 @@ impl Provider {
 pub struct Backend {
     /// `host:port`.
     pub addr: String,
-    /// Parsed once; `None` for an address that is no URI authority (fails like a dead engine).
-    pub authority: Option<http::uri::Authority>,
+    /// Parsed once, with the `Host` header it makes; `None` for an address that is no URI
+    /// authority (fails like a dead engine).
+    pub authority: Option<(http::uri::Authority, http::HeaderValue)>,
 }
 
 /// Where a leased request goes.
@@ -387,7 +388,9 @@ impl Shared {
                     Some(i) => old.swap_remove(i),
                     None => BackendSlot {
                         b: Arc::new(Backend {
-                            authority: a.parse().ok(),
+                            authority: a.parse().ok().and_then(|x: http::uri::Authority| {
+                                Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
+                            }),
                             addr: a,
                         }),
                         outstanding: 0,
