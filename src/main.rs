@@ -28,6 +28,11 @@ enum Command {
     Router(spillway::router::RouterArgs),
 }
 
+/// The router allocates a few small buffers per request; mimalloc's thread-local heaps make
+/// that about a third cheaper in instructions than glibc's malloc (see the README's benchmark).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();

@@ -19,6 +19,7 @@ ROUNDS=${ROUNDS:-3}             # the median of these is reported
 ENGINE_PORT=${ENGINE_PORT:-18000}
 ROUTER_PORT=${ROUTER_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
+ROUTER_THREADS=${ROUTER_THREADS:-}   # empty: the router's default
 
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk nginx)" >&2; exit 1; }
@@ -54,7 +55,7 @@ maxConcurrencyPerBackend: 100000
 queue: {limit: 100000, timeoutSeconds: 30}
 burst: {mode: Never}
 YAML
-"$BIN" --log-level warn router --config "$WORK/router.yaml" &
+"$BIN" --log-level warn router --config "$WORK/router.yaml" ${ROUTER_THREADS:+--threads "$ROUTER_THREADS"} &
 ROUTER_PID=$!
 PIDS+=($ROUTER_PID)
 

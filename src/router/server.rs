@@ -7,7 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -20,7 +20,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde_json::{Value, json};
 use std::net::ToSocketAddrs;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -110,6 +110,8 @@ struct App {
     engine_timeout: Duration,
     /// Per-request deadlines (header reads, engine and provider answers).
     timer: CoarseTimer,
+    /// Open client connections on this thread.
+    open: Arc<AtomicUsize>,
 }
 
 fn http_connector() -> HttpConnector {
@@ -142,7 +144,7 @@ fn clients() -> (PlainClient, Option<TlsClient>) {
 }
 
 impl App {
-    fn new(shared: Arc<Shared>, opts: &RouterOptions) -> Arc<Self> {
+    fn new(shared: Arc<Shared>, opts: &RouterOptions, open: Arc<AtomicUsize>) -> Arc<Self> {
         let (plain, tls) = clients();
         Arc::new(App {
             shared,
@@ -154,6 +156,7 @@ impl App {
             draining: AtomicBool::new(false),
             engine_timeout: opts.engine_timeout,
             timer: CoarseTimer::start(),
+            open,
         })
     }
 }
@@ -183,16 +186,75 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-fn bind_reuseport(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let s = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    s.set_reuseaddr(true)?;
-    s.set_reuseport(true)?;
-    s.bind(addr)?;
-    s.listen(1024)
+/// Connections a serving thread takes before others get new ones: a few busy connections
+/// keep one event loop awake, and spreading them would wake several loops per request.
+const PACK_CONNECTIONS: usize = 8;
+
+/// Where thread 0 sends each accepted connection.
+struct Spread {
+    /// Open connections per thread.
+    open: Vec<Arc<AtomicUsize>>,
+    /// To threads 1.., in order.
+    handoff: Vec<tokio::sync::mpsc::UnboundedSender<std::net::TcpStream>>,
+}
+
+impl Spread {
+    /// Thread 0 up to `PACK_CONNECTIONS`, then the thread with the fewest (the lowest first).
+    fn pick(&self) -> usize {
+        let n = |i: usize| self.open[i].load(Ordering::Relaxed);
+        if n(0) < PACK_CONNECTIONS {
+            return 0;
+        }
+        (0..self.open.len()).min_by_key(|&i| n(i)).unwrap_or(0)
+    }
+}
+
+enum Source {
+    Listener(std::net::TcpListener),
+    Tokio(TcpListener, Option<Spread>),
+    Handoff(tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>),
+}
+
+impl Source {
+    /// The next connection for this thread, and whether it is counted in `open` already;
+    /// `None` once the hand-off has stopped.
+    async fn next(&mut self) -> Option<(TcpStream, bool)> {
+        match self {
+            Source::Listener(_) => None,
+            Source::Tokio(l, spread) => loop {
+                let s = crate::runtime::accept(l).await;
+                let Some(spread) = spread.as_ref() else {
+                    return Some((s, false));
+                };
+                let to = spread.pick();
+                if to == 0 {
+                    return Some((s, false));
+                }
+                // Counted now, so a burst of connections does not all go to one thread.
+                spread.open[to].fetch_add(1, Ordering::Relaxed);
+                match s.into_std() {
+                    Ok(s) => {
+                        if let Err(e) = spread.handoff[to - 1].send(s) {
+                            spread.open[to].fetch_sub(1, Ordering::Relaxed);
+                            tracing::warn!("serving thread {to} is gone; connection closed");
+                            drop(e);
+                        }
+                    }
+                    Err(e) => {
+                        spread.open[to].fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(error = %e, "could not hand a connection over");
+                    }
+                }
+            },
+            Source::Handoff(rx) => loop {
+                let s = rx.recv().await?;
+                match TcpStream::from_std(s) {
+                    Ok(s) => return Some((s, true)),
+                    Err(e) => tracing::warn!(error = %e, "could not take a connection over"),
+                }
+            },
+        }
+    }
 }
 
 impl RouterServer {
@@ -200,9 +262,14 @@ impl RouterServer {
     pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = shared_for(&opts);
-        let app = App::new(shared.clone(), &opts);
+        let app = App::new(shared.clone(), &opts, Arc::default());
         let (stop, rx) = watch::channel(false);
-        let task = tokio::spawn(serve(app, listener, opts.drain_timeout, stopped(rx)));
+        let task = tokio::spawn(serve(
+            app,
+            Source::Tokio(listener, None),
+            opts.drain_timeout,
+            stopped(rx),
+        ));
         Ok(Self {
             addr,
             shared,
@@ -211,12 +278,14 @@ impl RouterServer {
         })
     }
 
-    /// Serves `config.listen` on `threads` threads, each with its own single-threaded runtime,
-    /// its own `SO_REUSEPORT` listener and its own upstream pools: a request, its upstream
-    /// connection and its response stay on one thread, with no cross-thread wake-ups (the
-    /// shape of nginx's workers). Routing state is shared, so limits and the queue are global.
+    /// Serves `config.listen` on `threads` threads, each with its own single-threaded runtime
+    /// and its own upstream pools: a request, its engine connection and its response stay on
+    /// one thread, with no cross-thread wake-ups (the shape of nginx's workers). Thread 0
+    /// accepts and packs connections onto as few threads as the load needs (see `Spread`):
+    /// an event loop that is already awake serves a request for less than one woken up for
+    /// it. Routing state is shared, so limits and the queue are global.
     pub fn start_threads(opts: RouterOptions, threads: usize) -> std::io::Result<Self> {
-        let mut addr = opts
+        let addr = opts
             .config
             .listen
             .to_socket_addrs()?
@@ -224,12 +293,29 @@ impl RouterServer {
             .ok_or_else(|| {
                 std::io::Error::other(format!("{:?} names no address", opts.config.listen))
             })?;
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
         let shared = shared_for(&opts);
         let (stop, rx) = watch::channel(false);
+        let threads = threads.max(1);
+        let open: Vec<Arc<AtomicUsize>> = (0..threads).map(|_| Arc::default()).collect();
+        let mut handoff = Vec::new();
+        let mut sources = vec![Source::Listener(listener)];
+        for _ in 1..threads {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            handoff.push(tx);
+            sources.push(Source::Handoff(rx));
+        }
+        let mut spread = Some(Spread {
+            open: open.clone(),
+            handoff,
+        });
         let mut workers = Vec::new();
-        for i in 0..threads.max(1) {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<SocketAddr>>();
-            let (shared, opts, rx, bind) = (shared.clone(), opts.clone(), rx.clone(), addr);
+        for (i, source) in sources.into_iter().enumerate() {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
+            let (shared, opts, rx) = (shared.clone(), opts.clone(), rx.clone());
+            let (open, spread) = (open[i].clone(), spread.take());
             let h = std::thread::Builder::new()
                 .name(format!("router-{i}"))
                 .spawn(move || {
@@ -244,21 +330,23 @@ impl RouterServer {
                         }
                     };
                     rt.block_on(async move {
-                        let listener = match bind_reuseport(bind) {
-                            Ok(l) => l,
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(e));
-                                return;
-                            }
+                        let source = match source {
+                            Source::Listener(l) => match TcpListener::from_std(l) {
+                                Ok(l) => Source::Tokio(l, spread),
+                                Err(e) => {
+                                    let _ = ready_tx.send(Err(e));
+                                    return;
+                                }
+                            },
+                            other => other,
                         };
-                        let _ = ready_tx.send(listener.local_addr());
-                        let app = App::new(shared, &opts);
-                        serve(app, listener, opts.drain_timeout, stopped(rx)).await;
+                        let _ = ready_tx.send(Ok(()));
+                        let app = App::new(shared, &opts, open);
+                        serve(app, source, opts.drain_timeout, stopped(rx)).await;
                     });
                 })?;
             workers.push(Worker::Thread(h));
-            // Port 0 picks a port once; the other threads join it.
-            addr = ready_rx
+            ready_rx
                 .recv()
                 .map_err(|_| std::io::Error::other("router thread failed to start"))??;
         }
@@ -305,7 +393,7 @@ impl Drop for RouterServer {
 
 async fn serve(
     app: Arc<App>,
-    listener: TcpListener,
+    mut source: Source,
     drain_timeout: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -316,12 +404,20 @@ async fn serve(
         while tasks.try_join_next().is_some() {}
         let stream = tokio::select! {
             _ = &mut shutdown => break,
-            s = crate::runtime::accept(&listener) => s,
+            s = source.next() => s,
         };
+        let Some((stream, counted)) = stream else {
+            // The accepting thread stopped: wait for our own stop.
+            shutdown.as_mut().await;
+            break;
+        };
+        if !counted {
+            app.open.fetch_add(1, Ordering::Relaxed);
+        }
         tasks.spawn(connection(app.clone(), stream, drain_signal.clone()));
     }
     app.draining.store(true, Ordering::Relaxed);
-    drop(listener);
+    drop(source);
     drain_signal.start();
     tracing::info!(connections = tasks.len(), "router draining");
     let drain = async { while tasks.join_next().await.is_some() {} };
@@ -397,7 +493,17 @@ impl Drop for DrainSlot {
     }
 }
 
+/// Counts a connection out of its thread when it ends.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>) {
+    let _open = Open(app.open.clone());
     let timer = app.timer.clone();
     let svc = hyper::service::service_fn(move |req| {
         let app = app.clone();
@@ -1037,6 +1143,23 @@ fn reject(app: &App, r: RejectReason) -> Response<RouterBody> {
 #[cfg(test)]
 mod unit_tests {
     use super::*;
+
+    #[test]
+    fn connections_pack_onto_the_first_thread_then_go_to_the_least_busy() {
+        let spread = |counts: &[usize]| Spread {
+            open: counts
+                .iter()
+                .map(|&n| Arc::new(AtomicUsize::new(n)))
+                .collect(),
+            handoff: Vec::new(),
+        };
+        assert_eq!(spread(&[0, 0, 0]).pick(), 0);
+        assert_eq!(spread(&[PACK_CONNECTIONS - 1, 0, 0]).pick(), 0);
+        assert_eq!(spread(&[PACK_CONNECTIONS, 0, 0]).pick(), 1);
+        assert_eq!(spread(&[PACK_CONNECTIONS, 3, 2]).pick(), 2);
+        assert_eq!(spread(&[PACK_CONNECTIONS, 9, 9]).pick(), 0);
+        assert_eq!(spread(&[20, 20, 20]).pick(), 0, "ties go to the lowest");
+    }
 
     #[test]
     fn provider_body_gets_the_provider_model_and_stream_usage() {
