@@ -68,8 +68,8 @@ pub struct RouterArgs {
     /// How long an open breaker stays open before one probe request, in seconds.
     #[arg(long, default_value_t = 30)]
     pub breaker_open_seconds: u64,
-    /// Serving threads, each with its own runtime and SO_REUSEPORT listener (default: one per
-    /// CPU).
+    /// Serving threads, each with its own runtime and engine connection pool (default: one per
+    /// CPU). The first accepts and packs connections onto as few threads as the load needs.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Longest a local engine may take to send response headers, in seconds; then 504.
