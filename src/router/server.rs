@@ -177,6 +177,8 @@ enum Worker {
 pub struct RouterServer {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Open client connections per serving thread.
+    open: Vec<Arc<AtomicUsize>>,
     stop: watch::Sender<bool>,
     workers: Vec<Worker>,
 }
@@ -184,6 +186,17 @@ pub struct RouterServer {
 async fn stopped(mut rx: watch::Receiver<bool>) {
     // A dropped sender also means stop.
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// A non-blocking listener with room for connection bursts (std's default backlog is 128).
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    Ok(s.into())
 }
 
 /// Connections a serving thread takes before others get new ones: a few busy connections
@@ -212,7 +225,11 @@ impl Spread {
 enum Source {
     Listener(std::net::TcpListener),
     Tokio(TcpListener, Option<Spread>),
-    Handoff(tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>),
+    /// Connections thread 0 handed over, already counted in the counter.
+    Handoff(
+        tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+        Arc<AtomicUsize>,
+    ),
 }
 
 impl Source {
@@ -246,13 +263,34 @@ impl Source {
                     }
                 }
             },
-            Source::Handoff(rx) => loop {
+            Source::Handoff(rx, open) => loop {
                 let s = rx.recv().await?;
-                match TcpStream::from_std(s) {
-                    Ok(s) => return Some((s, true)),
-                    Err(e) => tracing::warn!(error = %e, "could not take a connection over"),
+                if let Some(s) = take_over(s, open) {
+                    return Some((s, true));
                 }
             },
+        }
+    }
+
+    /// At shutdown: connections handed over but not yet served, to be served like the rest.
+    fn leftovers(&mut self) -> Vec<TcpStream> {
+        let Source::Handoff(rx, open) = self else {
+            return Vec::new();
+        };
+        rx.close();
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|s| take_over(s, open))
+            .collect()
+    }
+}
+
+fn take_over(s: std::net::TcpStream, open: &AtomicUsize) -> Option<TcpStream> {
+    match TcpStream::from_std(s) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            open.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(error = %e, "could not take a connection over");
+            None
         }
     }
 }
@@ -262,7 +300,8 @@ impl RouterServer {
     pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
         let shared = shared_for(&opts);
-        let app = App::new(shared.clone(), &opts, Arc::default());
+        let open = Arc::new(AtomicUsize::new(0));
+        let app = App::new(shared.clone(), &opts, open.clone());
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(serve(
             app,
@@ -273,6 +312,7 @@ impl RouterServer {
         Ok(Self {
             addr,
             shared,
+            open: vec![open],
             stop,
             workers: vec![Worker::Task(task)],
         })
@@ -293,8 +333,7 @@ impl RouterServer {
             .ok_or_else(|| {
                 std::io::Error::other(format!("{:?} names no address", opts.config.listen))
             })?;
-        let listener = std::net::TcpListener::bind(addr)?;
-        listener.set_nonblocking(true)?;
+        let listener = bind(addr)?;
         let addr = listener.local_addr()?;
         let shared = shared_for(&opts);
         let (stop, rx) = watch::channel(false);
@@ -302,10 +341,10 @@ impl RouterServer {
         let open: Vec<Arc<AtomicUsize>> = (0..threads).map(|_| Arc::default()).collect();
         let mut handoff = Vec::new();
         let mut sources = vec![Source::Listener(listener)];
-        for _ in 1..threads {
+        for counter in &open[1..] {
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             handoff.push(tx);
-            sources.push(Source::Handoff(rx));
+            sources.push(Source::Handoff(rx, counter.clone()));
         }
         let mut spread = Some(Spread {
             open: open.clone(),
@@ -315,7 +354,7 @@ impl RouterServer {
         for (i, source) in sources.into_iter().enumerate() {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
             let (shared, opts, rx) = (shared.clone(), opts.clone(), rx.clone());
-            let (open, spread) = (open[i].clone(), spread.take());
+            let (counter, spread) = (open[i].clone(), spread.take());
             let h = std::thread::Builder::new()
                 .name(format!("router-{i}"))
                 .spawn(move || {
@@ -341,7 +380,7 @@ impl RouterServer {
                             other => other,
                         };
                         let _ = ready_tx.send(Ok(()));
-                        let app = App::new(shared, &opts, open);
+                        let app = App::new(shared, &opts, counter);
                         serve(app, source, opts.drain_timeout, stopped(rx)).await;
                     });
                 })?;
@@ -353,6 +392,7 @@ impl RouterServer {
         Ok(Self {
             addr,
             shared,
+            open,
             stop,
             workers,
         })
@@ -360,6 +400,14 @@ impl RouterServer {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Open client connections on each serving thread.
+    pub fn connections(&self) -> Vec<usize> {
+        self.open
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// The live state: config, backends and capacity setters for sources and tests.
@@ -414,9 +462,20 @@ async fn serve(
         if !counted {
             app.open.fetch_add(1, Ordering::Relaxed);
         }
-        tasks.spawn(connection(app.clone(), stream, drain_signal.clone()));
+        // Made before the spawn: a task aborted before its first poll still counts out.
+        let open = Open(app.open.clone());
+        tasks.spawn(connection(app.clone(), stream, drain_signal.clone(), open));
     }
     app.draining.store(true, Ordering::Relaxed);
+    let leftovers = source.leftovers();
+    if !leftovers.is_empty() {
+        for stream in leftovers {
+            let open = Open(app.open.clone());
+            tasks.spawn(connection(app.clone(), stream, drain_signal.clone(), open));
+        }
+        // Let them read the requests already sent before the drain closes idle connections.
+        tokio::task::yield_now().await;
+    }
     drop(source);
     drain_signal.start();
     tracing::info!(connections = tasks.len(), "router draining");
@@ -502,8 +561,7 @@ impl Drop for Open {
     }
 }
 
-async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>) {
-    let _open = Open(app.open.clone());
+async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>, _open: Open) {
     let timer = app.timer.clone();
     let svc = hyper::service::service_fn(move |req| {
         let app = app.clone();

@@ -21,36 +21,51 @@ type Io = http1::Connection<TokioIo<TcpStream>, Full<Bytes>>;
 
 /// Idle connections kept per engine; more are closed when they come back.
 const MAX_IDLE_PER_ENGINE: usize = 512;
-/// An idle connection older than this is closed rather than reused (engines may time it out).
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// An idle connection older than this is closed rather than reused: under uvicorn's 5 s
+/// keep-alive (vLLM, SGLang), so an engine's close rarely crosses a request on its way.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 /// A connection attempt to an engine that neither accepts nor refuses fails after this.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Conn {
     tx: http1::SendRequest<Full<Bytes>>,
-    io: Pin<Box<Io>>,
-    /// The connection task's end: the engine closed it, or it failed.
-    done: bool,
+    /// `None` once it ended (the engine closed it, or it failed): dropped at once, so a request
+    /// it never took comes back and a body it was feeding ends instead of waiting forever.
+    io: Option<Pin<Box<Io>>>,
 }
 
 impl Conn {
-    /// Lets the connection read and write; true while it can carry more requests.
+    /// Lets the connection read and write.
     fn drive(&mut self, cx: &mut Context<'_>) {
-        if !self.done
-            && let Poll::Ready(r) = self.io.as_mut().poll(cx)
+        if let Some(io) = &mut self.io
+            && let Poll::Ready(r) = io.as_mut().poll(cx)
         {
-            self.done = true;
+            self.io = None;
             if let Err(e) = r {
                 tracing::debug!(error = %e, "engine connection ended with an error");
             }
         }
     }
 
+    /// Sends `req` and waits for the response head, driving the connection meanwhile.
+    async fn exchange(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Full<Bytes>>>> {
+        let mut fut = std::pin::pin!(self.tx.try_send_request(req));
+        poll_fn(|cx| {
+            // The connection first, so the request is written in this same poll.
+            self.drive(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+
     /// Whether a pooled connection can take a request now: polled once so a close by the engine
     /// while it sat idle is seen before anything is written to it.
     fn usable(&mut self, cx: &mut Context<'_>) -> bool {
         self.drive(cx);
-        !self.done && matches!(self.tx.poll_ready(cx), Poll::Ready(Ok(())))
+        self.io.is_some() && matches!(self.tx.poll_ready(cx), Poll::Ready(Ok(())))
     }
 }
 
@@ -147,8 +162,7 @@ impl EnginePool {
             .map_err(|e| err(e.to_string()))?;
         Ok(Conn {
             tx,
-            io: Box::pin(io),
-            done: false,
+            io: Some(Box::pin(io)),
         })
     }
 
@@ -172,14 +186,7 @@ impl EnginePool {
                 Some(c) => c,
                 None => self.connect(key).await?,
             };
-            let mut fut = std::pin::pin!(conn.tx.try_send_request(req));
-            let r = poll_fn(|cx| {
-                // The connection first, so the request is written in this same poll.
-                conn.drive(cx);
-                fut.as_mut().poll(cx)
-            })
-            .await;
-            match r {
+            match conn.exchange(req).await {
                 Ok(resp) => {
                     let up = Upstream {
                         conn: Some(conn),
@@ -229,7 +236,7 @@ impl Upstream {
     /// The response body has ended: the connection may serve the next request.
     pub fn release(&mut self) {
         if let Some(c) = self.conn.take()
-            && !c.done
+            && c.io.is_some()
             && !c.tx.is_closed()
         {
             self.pool.put(self.key.clone(), c);
@@ -411,6 +418,35 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             assert_eq!(pool.idle_count(), 0);
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn an_engine_that_closes_at_once_is_an_error_not_a_wait() {
+        bounded(async {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let key: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+            let server = tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
+            });
+            let pool = Arc::new(EnginePool::default());
+            for _ in 0..3 {
+                let started = Instant::now();
+                let r = pool.send(&key, get()).await;
+                assert!(r.is_err(), "an engine that closed answered");
+                assert!(started.elapsed() < Duration::from_secs(5));
+            }
+            // The close already in when the request goes out: it comes back unsent.
+            let mut conn = pool.connect(&key).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Err(mut e) = conn.exchange(get()).await else {
+                panic!("an engine that closed answered");
+            };
+            assert!(e.take_message().is_some(), "{e:?}");
+            server.abort();
         })
         .await
     }
