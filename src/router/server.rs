@@ -29,7 +29,7 @@ use super::config::RouterConfig;
 use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
 use super::timer::CoarseTimer;
-use super::upstream::{EnginePool, Upstream};
+use super::upstream::{EnginePool, Upstream, poll_body};
 use super::usage::UsageScanner;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -251,10 +251,9 @@ impl Source {
                 spread.open[to].fetch_add(1, Ordering::Relaxed);
                 match s.into_std() {
                     Ok(s) => {
-                        if let Err(e) = spread.handoff[to - 1].send(s) {
+                        if spread.handoff[to - 1].send(s).is_err() {
                             spread.open[to].fetch_sub(1, Ordering::Relaxed);
                             tracing::warn!("serving thread {to} is gone; connection closed");
-                            drop(e);
                         }
                     }
                     Err(e) => {
@@ -970,10 +969,7 @@ async fn read_to_end(
     let mut buf = bytes::BytesMut::new();
     let mut total = 0usize;
     while !body.is_end_stream() {
-        let next = std::future::poll_fn(|cx| match upstream.as_deref_mut() {
-            Some(u) => u.poll_with(cx, |cx| Pin::new(&mut *body).poll_frame(cx)),
-            None => Pin::new(&mut *body).poll_frame(cx),
-        });
+        let next = std::future::poll_fn(|cx| poll_body(upstream.as_deref_mut(), body, cx));
         let Some(f) = next.await else {
             break;
         };
@@ -1107,13 +1103,7 @@ impl Body for RouterBody {
         match self.get_mut() {
             RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RouterBody::Relay(r) => {
-                let Relay {
-                    inner, upstream, ..
-                } = &mut **r;
-                let res = ready!(match upstream {
-                    Some(u) => u.poll_with(cx, |cx| Pin::new(&mut *inner).poll_frame(cx)),
-                    None => Pin::new(inner).poll_frame(cx),
-                });
+                let res = ready!(poll_body(r.upstream.as_mut(), &mut r.inner, cx));
                 match &res {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {

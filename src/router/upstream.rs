@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use http::uri::Authority;
 use http::{Request, Response};
 use http_body_util::Full;
-use hyper::body::{Bytes, Incoming};
+use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -213,26 +213,27 @@ pub struct Upstream {
     key: Authority,
 }
 
-impl Upstream {
-    pub fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(c) = &mut self.conn {
+/// A frame of `body`, driving the engine connection that feeds it (`None`: a body something
+/// else drives, a client's request or a provider's answer).
+pub fn poll_body(
+    upstream: Option<&mut Upstream>,
+    body: &mut Incoming,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    let mut body = Pin::new(body);
+    if let Poll::Ready(f) = body.as_mut().poll_frame(cx) {
+        return Poll::Ready(f);
+    }
+    match upstream.and_then(|u| u.conn.as_mut()) {
+        Some(c) => {
             c.drive(cx);
+            body.poll_frame(cx)
         }
+        None => Poll::Pending,
     }
+}
 
-    /// Polls `body`-side work together with the connection that feeds it.
-    pub fn poll_with<T>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut f: impl FnMut(&mut Context<'_>) -> Poll<T>,
-    ) -> Poll<T> {
-        if let Poll::Ready(t) = f(cx) {
-            return Poll::Ready(t);
-        }
-        self.drive(cx);
-        f(cx)
-    }
-
+impl Upstream {
     /// The response body has ended: the connection may serve the next request.
     pub fn release(&mut self) {
         if let Some(c) = self.conn.take()
@@ -270,8 +271,7 @@ mod tests {
         let mut body = resp.into_body();
         let mut out = Vec::new();
         loop {
-            let f = poll_fn(|cx| up.poll_with(cx, |cx| Pin::new(&mut body).poll_frame(cx))).await;
-            match f {
+            match poll_fn(|cx| poll_body(Some(&mut up), &mut body, cx)).await {
                 Some(f) => out.extend_from_slice(&f.unwrap().into_data().unwrap()),
                 None => break,
             }
@@ -315,10 +315,16 @@ mod tests {
         }
     }
 
+    /// A listener on 127.0.0.1 and the authority to reach it.
+    async fn listen() -> (TcpListener, Authority) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let key = l.local_addr().unwrap().to_string().parse().unwrap();
+        (l, key)
+    }
+
     /// A hyper server on 127.0.0.1 counting connections; `hang` answers with `OneThenHang`.
     async fn engine(hang: bool) -> Engine {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let key: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+        let (l, key) = listen().await;
         let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let (a, c) = (accepted.clone(), closed.clone());
         let task = tokio::spawn(async move {
@@ -370,8 +376,7 @@ mod tests {
     async fn an_idle_connection_the_engine_closed_is_not_used() {
         bounded(async {
             // Answers one request per connection, keep-alive, then closes it while idle.
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let key: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+            let (l, key) = listen().await;
             let accepted = Arc::new(AtomicUsize::new(0));
             let a = accepted.clone();
             let server = tokio::spawn(async move {
@@ -410,7 +415,7 @@ mod tests {
             let pool = Arc::new(EnginePool::default());
             let (resp, mut up) = pool.send(&e.key, get()).await.unwrap();
             let mut body = resp.into_body();
-            let f = poll_fn(|cx| up.poll_with(cx, |cx| Pin::new(&mut body).poll_frame(cx))).await;
+            let f = poll_fn(|cx| poll_body(Some(&mut up), &mut body, cx)).await;
             assert_eq!(f.unwrap().unwrap().into_data().unwrap(), "first");
             // The client went away mid-answer: the engine must see its connection close.
             drop((body, up));
@@ -425,8 +430,7 @@ mod tests {
     #[tokio::test]
     async fn an_engine_that_closes_at_once_is_an_error_not_a_wait() {
         bounded(async {
-            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let key: Authority = l.local_addr().unwrap().to_string().parse().unwrap();
+            let (l, key) = listen().await;
             let server = tokio::spawn(async move {
                 while let Ok((s, _)) = l.accept().await {
                     drop(s);
