@@ -29,7 +29,7 @@ use super::config::RouterConfig;
 use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
 use super::timer::CoarseTimer;
-use super::upstream::{EnginePool, Upstream, poll_body};
+use super::upstream::{EngineBody, EnginePool, Outgoing};
 use super::usage::UsageScanner;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -676,7 +676,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
         return too_large(app);
     }
     let mut body = body;
-    let body = match read_to_end(&mut body, None, app.max_body_bytes, |_| {}).await {
+    let body = match read_to_end(&mut body, app.max_body_bytes, |_| {}).await {
         Ok(Some(b)) => b,
         Ok(None) => return too_large(app),
         Err(e) => {
@@ -698,7 +698,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     loop {
         let dest = lease.dest.clone();
         match send(app, &lease, &parts, &body).await {
-            Ok((resp, upstream)) => return relay(resp, upstream, lease, arrived).await,
+            Ok(resp) => return relay(resp, lease, arrived).await,
             Err(SendError::Connection(e)) => {
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
                 if let Dest::Provider(p) = &dest {
@@ -763,19 +763,27 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     }
 }
 
-/// Copies end-to-end headers; `Host` and `Content-Length` come from the new request.
+/// Whether a client's header goes upstream. `Host` and `Content-Length` come from the new
+/// request, and `Expect` was answered here (the body is read before anything is sent).
+fn forwarded(k: &HeaderName, provider: bool) -> bool {
+    if HOP_BY_HOP.contains(k)
+        || k == header::HOST
+        || k == header::CONTENT_LENGTH
+        || k == header::EXPECT
+    {
+        return false;
+    }
+    // The client's credentials are for spillway, never for a provider.
+    !(provider
+        && (k == header::AUTHORIZATION || k == header::COOKIE || k == header::ACCEPT_ENCODING))
+}
+
+/// Copies the headers that go upstream.
 fn forward_headers(from: &HeaderMap, to: &mut HeaderMap, provider: bool) {
     for (k, v) in from {
-        if HOP_BY_HOP.contains(k) || k == header::HOST || k == header::CONTENT_LENGTH {
-            continue;
+        if forwarded(k, provider) {
+            to.append(k.clone(), v.clone());
         }
-        // The client's credentials are for spillway, never for a provider.
-        if provider
-            && (k == header::AUTHORIZATION || k == header::COOKIE || k == header::ACCEPT_ENCODING)
-        {
-            continue;
-        }
-        to.append(k.clone(), v.clone());
     }
 }
 
@@ -802,30 +810,23 @@ async fn send(
     lease: &Lease,
     parts: &http::request::Parts,
     body: &Bytes,
-) -> Result<(Response<Incoming>, Option<Upstream>), SendError> {
+) -> Result<Response<Upstream>, SendError> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match &lease.dest {
         Dest::Local(backend) => {
             let (authority, host) = backend.authority.as_ref().ok_or_else(|| {
                 SendError::Connection(format!("{:?} is not host:port", backend.addr))
             })?;
-            let mut req = Request::new(Full::new(body.clone()));
-            *req.method_mut() = parts.method.clone();
             // Origin form, as a client talking to the engine directly would send it.
-            if let Some(pq) = parts.uri.path_and_query() {
-                *req.uri_mut() = pq.clone().into();
-            }
-            let mut h = HeaderMap::with_capacity(parts.headers.len() + 1);
-            h.insert(header::HOST, host.clone());
-            forward_headers(&parts.headers, &mut h, false);
-            *req.headers_mut() = h;
+            let headers = parts.headers.iter().filter(|(k, _)| forwarded(k, false));
+            let req = Outgoing::new(&parts.method, pq, host, headers, body);
             match app
                 .timer
-                .within(app.engine_timeout, app.engines.send(authority, req))
+                .within(app.engine_timeout, app.engines.send(authority, &req))
                 .await
             {
                 None => Err(SendError::Timeout(app.engine_timeout)),
-                Some(Ok((resp, up))) => Ok((resp, Some(up))),
+                Some(Ok(resp)) => Ok(resp.map(Upstream::Engine)),
                 Some(Err(e)) => Err(SendError::Connection(chain(&e))),
             }
         }
@@ -861,7 +862,7 @@ async fn send(
             match app.timer.within(p.timeout, fut).await {
                 None => Err(SendError::Timeout(p.timeout)),
                 Some(r) => r
-                    .map(|r| (r, None))
+                    .map(|r| r.map(Upstream::Provider))
                     .map_err(|e| SendError::Connection(chain(&e))),
             }
         }
@@ -878,12 +879,7 @@ fn outcome_of(status: StatusCode) -> &'static str {
     }
 }
 
-async fn relay(
-    resp: Response<Incoming>,
-    upstream: Option<Upstream>,
-    lease: Lease,
-    arrived: Instant,
-) -> Response<RouterBody> {
+async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Response<RouterBody> {
     let status = resp.status();
     let (mut parts, body) = resp.into_parts();
     let sse = parts
@@ -911,7 +907,6 @@ async fn relay(
             .is_some_and(|n| n <= SMALL_BODY_BYTES);
     let mut relay = Relay {
         inner: body,
-        upstream,
         lease: Some(lease),
         tap,
         arrived,
@@ -959,17 +954,16 @@ fn observe(
 
 /// Reads a body whole; `Ok(None)` when it exceeds `limit` bytes. Stops at the declared length:
 /// waiting for the end-of-body signal would cost another wake-up of the connection's task.
-async fn read_to_end(
-    body: &mut Incoming,
-    mut upstream: Option<&mut Upstream>,
+async fn read_to_end<B: Body<Data = Bytes> + Unpin>(
+    body: &mut B,
     limit: usize,
     mut on_data: impl FnMut(&Bytes),
-) -> Result<Option<Bytes>, hyper::Error> {
+) -> Result<Option<Bytes>, B::Error> {
     let mut single: Option<Bytes> = None;
     let mut buf = bytes::BytesMut::new();
     let mut total = 0usize;
     while !body.is_end_stream() {
-        let next = std::future::poll_fn(|cx| poll_body(upstream.as_deref_mut(), body, cx));
+        let next = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx));
         let Some(f) = next.await else {
             break;
         };
@@ -1001,10 +995,50 @@ pub enum RouterBody {
     Relay(Box<Relay>),
 }
 
+/// An answer's body: an engine's, read on its connection here, or a provider's from hyper.
+pub enum Upstream {
+    Engine(EngineBody),
+    Provider(Incoming),
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for Upstream {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = match self.get_mut() {
+            Upstream::Engine(b) => {
+                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
+            }
+            Upstream::Provider(b) => {
+                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
+            }
+        };
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Upstream::Engine(b) => b.is_end_stream(),
+            Upstream::Provider(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Upstream::Engine(b) => b.size_hint(),
+            Upstream::Provider(b) => b.size_hint(),
+        }
+    }
+}
+
 pub struct Relay {
-    inner: Incoming,
-    /// The engine connection feeding `inner`; `None` for providers (their pool drives them).
-    upstream: Option<Upstream>,
+    inner: Upstream,
     /// Held until the body ends or the client goes away.
     lease: Option<Lease>,
     tap: Option<UsageScanner>,
@@ -1022,17 +1056,16 @@ impl Relay {
 
     /// Reads the whole (small, sized) body, then finishes: the slot frees as soon as the
     /// upstream is done.
-    async fn read_small(&mut self) -> Result<Bytes, hyper::Error> {
+    async fn read_small(&mut self) -> Result<Bytes, BoxError> {
         let Relay {
             inner,
-            upstream,
             lease,
             tap,
             arrived,
             first_byte,
             ..
         } = self;
-        let r = read_to_end(inner, upstream.as_mut(), usize::MAX, |d| {
+        let r = read_to_end(inner, usize::MAX, |d| {
             observe(lease.as_ref(), tap, *arrived, first_byte, d)
         })
         .await;
@@ -1041,11 +1074,8 @@ impl Relay {
         Ok(b)
     }
 
-    /// The upstream body is complete: its connection can serve again, and the request is done.
+    /// The upstream body is complete (an engine's connection is already back in its pool).
     fn ended(&mut self) {
-        if let Some(u) = &mut self.upstream {
-            u.release();
-        }
         let o = self.outcome;
         self.finish(o);
     }
@@ -1094,16 +1124,16 @@ impl Drop for Relay {
 
 impl Body for RouterBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             RouterBody::Relay(r) => {
-                let res = ready!(poll_body(r.upstream.as_mut(), &mut r.inner, cx));
+                let res = ready!(Pin::new(&mut r.inner).poll_frame(cx));
                 match &res {
                     Some(Ok(f)) => {
                         if let Some(d) = f.data_ref() {
