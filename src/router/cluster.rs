@@ -103,16 +103,21 @@ pub fn spawn_endpoints(
         .labels(&format!("{SERVICE_NAME_LABEL}={}", cluster.engine_service));
     let (reader, writer) = reflector::store();
     let port = cluster.engine_port;
+    shared.set_synced(false);
     tokio::spawn(
         reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
             move |ev| {
                 match ev {
                     // Recomputed from the whole store: deletions and relists included.
-                    Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
+                    Ok(e @ (Event::Apply(_) | Event::Delete(_) | Event::InitDone)) => {
                         let state = reader.state();
                         let b = backends_from_slices(state.iter().map(|a| a.as_ref()), port);
                         tracing::debug!(backends = b.len(), "engine endpoints changed");
                         shared.set_backends(b);
+                        if matches!(e, Event::InitDone) && !shared.synced() {
+                            tracing::info!("engine endpoints listed; ready");
+                            shared.set_synced(true);
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "EndpointSlice watch error (retrying)"),
@@ -338,6 +343,7 @@ mod tests {
             Default::default(),
         );
         let task = spawn_endpoints(client, &test_cluster(), shared.clone());
+        assert!(!shared.synced(), "ready before the endpoints were listed");
         let slice = |ips: &[&str], rv: &str| {
             serde_json::json!({
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -369,6 +375,7 @@ mod tests {
             shared.backends() == ["10.0.0.1:8000", "10.0.0.2:8000"]
         })
         .await;
+        assert!(shared.synced());
         task.abort();
     }
 

@@ -597,6 +597,12 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> 
         (&Method::GET, "/readyz") => {
             if app.draining.load(Ordering::Relaxed) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
+            } else if !app.shared.synced() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "waiting for the first list of engine endpoints\n",
+                )
             } else {
                 text(StatusCode::OK, "text/plain", "ok\n")
             }

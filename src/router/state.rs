@@ -5,7 +5,7 @@
 //! A reservation is a [`Lease`]: it holds a backend slot or a provider slot until dropped (the
 //! response body ended, or the client went away), and dropping it lets the queue head in.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -277,6 +277,9 @@ pub struct Shared {
     local_metrics: DestMetrics,
     breaker: BreakerSettings,
     next_id: AtomicU64,
+    /// False while the engine endpoints have not been listed yet (in a cluster): the router is
+    /// not ready, since an empty backend list would send everything to providers or the queue.
+    synced: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -333,6 +336,7 @@ impl Shared {
             metrics,
             breaker,
             next_id: AtomicU64::new(0),
+            synced: AtomicBool::new(true),
         });
         shared.set_backends(backends);
         shared
@@ -403,6 +407,15 @@ impl Shared {
             core.backends = next;
         }
         self.pump();
+    }
+
+    /// Whether the backend list is known (always, standalone; after the first list, in a cluster).
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed)
+    }
+
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Relaxed);
     }
 
     pub fn backends(&self) -> Vec<String> {

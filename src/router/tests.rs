@@ -850,6 +850,13 @@ async fn models_health_and_metrics_are_answered_locally() {
         assert_eq!(m["data"][0]["id"], "llama");
         assert_eq!(get(r.addr(), "/healthz").await.status, StatusCode::OK);
         assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
+        // In a cluster, not ready until the engine endpoints have been listed once.
+        r.shared().set_synced(false);
+        let unready = get(r.addr(), "/readyz").await;
+        assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(unready.text().contains("engine endpoints"));
+        r.shared().set_synced(true);
+        assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
         let t = get(r.addr(), "/metrics").await.text();
         assert!(t.contains("spillway_router_queue_length 0"), "{t}");
         let nf = get(r.addr(), "/v1/embeddings").await;
