@@ -148,7 +148,7 @@ impl App {
         let (plain, tls) = clients();
         Arc::new(App {
             shared,
-            engines: Arc::default(),
+            engines: EnginePool::start(),
             plain,
             tls,
             max_body_bytes: opts.max_body_bytes,

@@ -51,6 +51,14 @@ pub enum UpstreamError {
     Malformed(&'static str),
 }
 
+impl UpstreamError {
+    /// Whether a reused connection failed before answering: the engine had most likely closed
+    /// it while it sat idle, and never read the request.
+    fn stale(&self) -> bool {
+        matches!(self, UpstreamError::Closed | UpstreamError::Io(_))
+    }
+}
+
 use UpstreamError::Malformed;
 
 /// A request for an engine, encoded once: a retry on a fresh connection sends the same bytes.
@@ -112,8 +120,8 @@ impl Conn {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
-    /// Whether a pooled connection can take a request: nothing to read, not even its end. The
-    /// check costs no system call unless the socket has news, which is then a close.
+    /// Whether a pooled connection can take a request: nothing to read, not even its end. No
+    /// system call unless the socket has had news since its last read.
     fn usable(&mut self, cx: &mut Context<'_>) -> bool {
         self.buf.is_empty() && self.poll_fill(cx).is_pending()
     }
@@ -127,10 +135,18 @@ impl Conn {
     }
 
     async fn read_head(&mut self, head_request: bool) -> Result<Head, UpstreamError> {
+        // Bytes already seen not to hold a line end: a head trickling in is not re-parsed from
+        // its start on every read.
+        let mut scanned = 0;
         loop {
-            if let Some(h) = parse_head(&mut self.buf, head_request)? {
-                return Ok(h);
+            if self.buf[scanned.min(self.buf.len())..].contains(&b'\n') {
+                if let Some(h) = parse_head(&mut self.buf, head_request)? {
+                    return Ok(h);
+                }
+            } else if self.buf.len() > MAX_HEAD_BYTES {
+                return Err(Malformed("response head over 64 KiB"));
             }
+            scanned = self.buf.len();
             if poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
                 return Err(if self.buf.is_empty() {
                     UpstreamError::Closed
@@ -243,10 +259,23 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Up
             lists(&headers, &header::CONNECTION, "keep-alive")
         };
         let length = content_length(&headers)?;
+        let chunked_in_10 =
+            version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING);
+        if chunked_in_10 {
+            // Not an HTTP/1.0 framing (RFC 9112 §6.1): read as sent, then closed.
+            keep_alive = false;
+        }
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
         {
+            // A 204 announcing a body may send one anyway: it must not meet the next request.
+            if status == StatusCode::NO_CONTENT
+                && (length.is_some_and(|n| n > 0)
+                    || headers.contains_key(header::TRANSFER_ENCODING))
+            {
+                keep_alive = false;
+            }
             Framing::Length(0)
         } else if let Some(te) = headers
             .get_all(header::TRANSFER_ENCODING)
@@ -475,7 +504,6 @@ struct Idle {
 struct Idles {
     /// Per engine; a handful of engines per router, so a list beats hashing.
     by_engine: Vec<(Authority, Vec<Idle>)>,
-    last_sweep: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -484,6 +512,35 @@ pub struct EnginePool {
 }
 
 impl EnginePool {
+    /// A pool whose expired idle connections are closed every 2 s, also when no request comes
+    /// (an engine scaled away, a thread gone quiet), for as long as the pool is in use.
+    pub fn start() -> Arc<Self> {
+        let pool = Arc::new(Self::default());
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(pool) = weak.upgrade() else { break };
+                pool.sweep(Instant::now());
+            }
+        });
+        pool
+    }
+
+    fn sweep(&self, now: Instant) {
+        self.idles().by_engine.retain_mut(|(_, l)| {
+            l.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+            !l.is_empty()
+        });
+    }
+
+    /// Closes every idle connection to `key`: one was found closed, the rest are as old.
+    fn forget(&self, key: &Authority) {
+        self.idles().by_engine.retain(|(k, _)| k != key);
+    }
+
     fn idles(&self) -> std::sync::MutexGuard<'_, Idles> {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -516,17 +573,6 @@ impl EnginePool {
             list.remove(0);
         }
         list.push(Idle { conn, since: now });
-        // Engines that went away (or pools that went quiet) do not keep sockets open forever.
-        if idle
-            .last_sweep
-            .is_none_or(|t| now.duration_since(t) >= IDLE_TIMEOUT / 3)
-        {
-            idle.last_sweep = Some(now);
-            idle.by_engine.retain_mut(|(_, l)| {
-                l.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
-                !l.is_empty()
-            });
-        }
     }
 
     /// Idle connections, for tests.
@@ -549,16 +595,19 @@ impl EnginePool {
     }
 
     /// Sends `req` to the engine at `key`, on an idle connection when one is usable, and reads
-    /// the answer's head. A request that a reused connection failed to take (the engine had
-    /// closed it) goes out again on a new one; once written, it is never sent twice.
+    /// the answer's head. A reused connection that fails before the first byte of an answer
+    /// was closed by the engine while idle (a close that crossed the request on its way): the
+    /// request goes out once more, on a new connection. Any other failure is the caller's to
+    /// handle (it tries another engine).
     pub async fn send(
         self: &Arc<Self>,
         key: &Authority,
         req: &Outgoing,
     ) -> Result<Response<EngineBody>, UpstreamError> {
+        let mut pooled = true;
         loop {
             let mut reused = None;
-            while let Some(mut c) = self.take(key) {
+            while pooled && let Some(mut c) = self.take(key) {
                 if poll_fn(|cx| Poll::Ready(c.usable(cx))).await {
                     reused = Some(c);
                     break;
@@ -569,12 +618,20 @@ impl EnginePool {
                 Some(c) => c,
                 None => self.connect(key).await?,
             };
-            match conn.write(req).await {
-                Ok(()) => {}
-                Err(_) if !fresh => continue,
-                Err(e) => return Err(e.into()),
-            }
-            let head = conn.read_head(req.head).await?;
+            let head = match conn.write(req).await {
+                Ok(()) => conn.read_head(req.head).await,
+                Err(e) => Err(e.into()),
+            };
+            let head = match head {
+                Ok(h) => h,
+                Err(e) if !fresh && e.stale() && conn.buf.is_empty() => {
+                    tracing::debug!(engine = %key, error = %e, "idle engine connection was closed; sending on a new one");
+                    self.forget(key);
+                    pooled = false;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let mut body = EngineBody {
                 conn: Some(conn),
                 framing: head.framing,
@@ -888,6 +945,70 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_crossed_by_an_idle_close_goes_out_again_on_a_new_connection() {
+        bounded(async {
+            // Answers the first request on each connection; reads the second and closes, as an
+            // engine whose keep-alive ran out just as the request arrived.
+            let (l, key) = listen().await;
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let a = accepted.clone();
+            let server = tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    tokio::spawn(async move {
+                        if read_request(&mut s).await.is_some() {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            s.write_all(ok).await.unwrap();
+                            read_request(&mut s).await;
+                        }
+                    });
+                }
+            });
+            let pool = Arc::new(EnginePool::default());
+            for i in 1..=3 {
+                let resp = pool.send(&key, &get()).await.unwrap();
+                assert_eq!(read(resp).await, "ok");
+                assert_eq!(accepted.load(Ordering::SeqCst), i);
+            }
+            server.abort();
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_head_without_end_is_refused_at_64_kib() {
+        bounded(async {
+            let endless: &'static [u8] = Box::leak(vec![b'a'; MAX_HEAD_BYTES + 8].into());
+            let e = scripted(&[b"HTTP/1.1 200 OK\r\nx: ", endless], false).await;
+            let pool = Arc::new(EnginePool::default());
+            let Err(err) = pool.send(&e.key, &get()).await else {
+                panic!("an endless head was accepted");
+            };
+            assert!(matches!(err, UpstreamError::Malformed(_)), "{err:?}");
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn expired_idle_connections_are_closed_without_traffic() {
+        bounded(async {
+            let e = engine(false).await;
+            let pool = EnginePool::start();
+            let resp = pool.send(&e.key, &get()).await.unwrap();
+            assert_eq!(read(resp).await, "ok");
+            assert_eq!(pool.idle_count(), 1);
+            pool.sweep(Instant::now());
+            assert_eq!(pool.idle_count(), 1, "closed before its time");
+            pool.sweep(Instant::now() + IDLE_TIMEOUT);
+            assert_eq!(pool.idle_count(), 0);
+            while e.closed.load(Ordering::SeqCst) == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
     async fn a_body_cut_short_is_an_error() {
         bounded(async {
             let e = scripted(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"], true).await;
@@ -935,6 +1056,24 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Length(2), true));
+        // Framings the connection cannot be trusted after.
+        let h = parse(
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ntransfer-encoding: chunked\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (h.framing, h.keep_alive),
+            (Framing::Chunked(Chunked::Size), false)
+        );
+        let h = parse(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Length(0), false));
+        let h = parse(b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 0\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.keep_alive);
         let h = parse(b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n")
             .unwrap()
             .unwrap();
