@@ -323,7 +323,8 @@ pub struct Provider {
     #[serde(default = "default_max_concurrency")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrency: i32,
-    /// Per-request timeout, in seconds.
+    /// Time allowed for the provider's response headers, and for any pause in its answer
+    /// after them, in seconds.
     #[serde(default = "default_provider_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub timeout_seconds: i32,

@@ -28,7 +28,7 @@ use super::admission::RejectReason;
 use super::config::RouterConfig;
 use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
-use super::timer::CoarseTimer;
+use super::timer::{CoarseSleep, CoarseTimer};
 use super::upstream::{EngineBody, EnginePool, Outgoing};
 use super::usage::UsageScanner;
 
@@ -868,7 +868,7 @@ async fn send(
             match app.timer.within(p.timeout, fut).await {
                 None => Err(SendError::Timeout(p.timeout)),
                 Some(r) => r
-                    .map(|r| r.map(Upstream::Provider))
+                    .map(|r| r.map(|b| Upstream::Provider(b, Stall::new(&app.timer, p.timeout))))
                     .map_err(|e| SendError::Connection(chain(&e))),
             }
         }
@@ -1004,7 +1004,46 @@ pub enum RouterBody {
 /// An answer's body: an engine's, read on its connection here, or a provider's from hyper.
 pub enum Upstream {
     Engine(EngineBody),
-    Provider(Incoming),
+    Provider(Incoming, Stall),
+}
+
+/// A provider's answer may pause for at most its timeout between two frames: one that stalls
+/// mid-stream ends the answer instead of holding the client and a provider slot forever.
+pub struct Stall {
+    timer: CoarseTimer,
+    limit: Duration,
+    sleep: Option<CoarseSleep>,
+}
+
+impl Stall {
+    fn new(timer: &CoarseTimer, limit: Duration) -> Self {
+        Stall {
+            timer: timer.clone(),
+            limit,
+            sleep: None,
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        body: &mut Incoming,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Poll::Ready(f) = Pin::new(body).poll_frame(cx) {
+            self.sleep = None;
+            return Poll::Ready(f.map(|f| f.map_err(Into::into)));
+        }
+        let limit = self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| self.timer.sleep_until(Instant::now() + limit));
+        ready!(Pin::new(sleep).poll(cx));
+        self.sleep = None;
+        Poll::Ready(Some(Err(format!(
+            "the provider sent nothing for {limit:?} mid-answer"
+        )
+        .into())))
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -1021,9 +1060,7 @@ impl Body for Upstream {
             Upstream::Engine(b) => {
                 ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
             }
-            Upstream::Provider(b) => {
-                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
-            }
+            Upstream::Provider(b, stall) => ready!(stall.poll_frame(b, cx)),
         };
         Poll::Ready(r)
     }
@@ -1031,14 +1068,14 @@ impl Body for Upstream {
     fn is_end_stream(&self) -> bool {
         match self {
             Upstream::Engine(b) => b.is_end_stream(),
-            Upstream::Provider(b) => b.is_end_stream(),
+            Upstream::Provider(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Upstream::Engine(b) => b.size_hint(),
-            Upstream::Provider(b) => b.size_hint(),
+            Upstream::Provider(b, _) => b.size_hint(),
         }
     }
 }

@@ -973,3 +973,51 @@ async fn a_hung_engine_gets_a_504_and_frees_its_slot() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
+    bounded(async {
+        // Sends the head and one event, then nothing, holding the connection open.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let _ = s
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                          transfer-encoding: chunked\r\n\r\na\r\ndata: {}\n\n\r\n",
+                    )
+                    .await;
+                held.push(s);
+            }
+        });
+        let dir = TempDir::new("stall");
+        let key = dir.file("p", "sk-p");
+        let yaml = format!(
+            "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 1, timeoutSeconds: 1}}\n"
+        );
+        let r = router(&yaml, vec![]).await;
+        for _ in 0..2 {
+            // The second request finds the provider's only slot free again.
+            let started = Instant::now();
+            let mut body = hold_stream(r.addr(), 5).await.into_body();
+            let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(first, "data: {}\n\n");
+            // Cut off, not ended cleanly: the client must not take it for a whole answer.
+            let rest = body.collect().await;
+            assert!(rest.is_err(), "a stalled answer ended as if complete");
+            assert!(started.elapsed() >= Duration::from_secs(1), "cut off early");
+        }
+        let m = wait_metrics(&r, |t| {
+            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"aborted\"} 2")
+        })
+        .await;
+        assert!(m.contains("spillway_router_in_flight{destination=\"p\"} 0"), "{m}");
+        holder.abort();
+        r.stop().await;
+    })
+    .await;
+}
