@@ -9,6 +9,7 @@ use std::future::poll_fn;
 use std::io::{self, Write as _};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -499,9 +500,14 @@ impl Body for EngineBody {
     }
 }
 
+fn fresh(i: &Idle, now_ms: u64) -> bool {
+    now_ms.saturating_sub(i.since_ms) < IDLE_TIMEOUT.as_millis() as u64
+}
+
 struct Idle {
     conn: Conn,
-    since: Instant,
+    /// `EnginePool::now_ms` when it came back.
+    since_ms: u64,
 }
 
 #[derive(Default)]
@@ -510,32 +516,54 @@ struct Idles {
     by_engine: Vec<(Authority, Vec<Idle>)>,
 }
 
-#[derive(Default)]
+/// How often a started pool reads the clock and closes expired idle connections.
+const CLOCK_TICK: Duration = Duration::from_millis(250);
+
 pub struct EnginePool {
     idle: Mutex<Idles>,
+    epoch: Instant,
+    /// Milliseconds since `epoch` as of the last sweep: idle ages need no clock read per
+    /// request (they may read up to `CLOCK_TICK` young).
+    now_ms: AtomicU64,
+}
+
+impl Default for EnginePool {
+    fn default() -> Self {
+        EnginePool {
+            idle: Mutex::default(),
+            epoch: Instant::now(),
+            now_ms: AtomicU64::new(0),
+        }
+    }
 }
 
 impl EnginePool {
-    /// A pool whose expired idle connections are closed every 2 s, also when no request comes
-    /// (an engine scaled away, a thread gone quiet), for as long as the pool is in use.
+    /// A pool whose clock advances and whose expired idle connections are closed every
+    /// `CLOCK_TICK`, also when no request comes (an engine scaled away, a thread gone quiet),
+    /// for as long as the pool is in use.
     pub fn start() -> Arc<Self> {
         let pool = Arc::new(Self::default());
         let weak = Arc::downgrade(&pool);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(IDLE_TIMEOUT / 2);
+            let mut tick = tokio::time::interval(CLOCK_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let Some(pool) = weak.upgrade() else { break };
-                pool.sweep(Instant::now());
+                pool.sweep(pool.ms(Instant::now()));
             }
         });
         pool
     }
 
-    fn sweep(&self, now: Instant) {
+    fn ms(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    fn sweep(&self, now_ms: u64) {
+        self.now_ms.store(now_ms, Ordering::Relaxed);
         self.idles().by_engine.retain_mut(|(_, l)| {
-            l.retain(|i| now.duration_since(i.since) < IDLE_TIMEOUT);
+            l.retain(|i| fresh(i, now_ms));
             !l.is_empty()
         });
     }
@@ -553,8 +581,9 @@ impl EnginePool {
         let mut idle = self.idles();
         let (_, list) = idle.by_engine.iter_mut().find(|(k, _)| k == key)?;
         // Newest first: the one most likely still open and warm.
+        let now_ms = self.now_ms.load(Ordering::Relaxed);
         while let Some(i) = list.pop() {
-            if i.since.elapsed() < IDLE_TIMEOUT {
+            if fresh(&i, now_ms) {
                 return Some(i.conn);
             }
         }
@@ -562,7 +591,7 @@ impl EnginePool {
     }
 
     fn put(&self, key: Authority, conn: Conn) {
-        let now = Instant::now();
+        let since_ms = self.now_ms.load(Ordering::Relaxed);
         let mut idle = self.idles();
         let idle = &mut *idle;
         let i = match idle.by_engine.iter().position(|(k, _)| *k == key) {
@@ -576,7 +605,7 @@ impl EnginePool {
         if list.len() >= MAX_IDLE_PER_ENGINE {
             list.remove(0);
         }
-        list.push(Idle { conn, since: now });
+        list.push(Idle { conn, since_ms });
     }
 
     /// Idle connections, for tests.
@@ -1001,9 +1030,15 @@ mod tests {
             let resp = pool.send(&e.key, &get()).await.unwrap();
             assert_eq!(read(resp).await, "ok");
             assert_eq!(pool.idle_count(), 1);
-            pool.sweep(Instant::now());
+            pool.sweep(pool.ms(Instant::now()));
             assert_eq!(pool.idle_count(), 1, "closed before its time");
-            pool.sweep(Instant::now() + IDLE_TIMEOUT);
+            // Too old to be taken for a request, either.
+            let later = pool.ms(Instant::now() + IDLE_TIMEOUT + CLOCK_TICK);
+            pool.now_ms.store(later, Ordering::Relaxed);
+            let resp = pool.send(&e.key, &get()).await.unwrap();
+            assert_eq!(read(resp).await, "ok");
+            assert_eq!(e.accepted.load(Ordering::SeqCst), 2);
+            pool.sweep(later + IDLE_TIMEOUT.as_millis() as u64);
             assert_eq!(pool.idle_count(), 0);
             while e.closed.load(Ordering::SeqCst) == 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
