@@ -45,7 +45,7 @@ const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
 const SMALL_BODY_BYTES: u64 = 64 << 10;
 
 /// Headers that belong to one hop, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,

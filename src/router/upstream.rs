@@ -6,7 +6,7 @@
 //! serving thread; a connection goes back to it once its answer has been read to the end.
 
 use std::future::poll_fn;
-use std::io::{self, Write as _};
+use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,8 +95,9 @@ impl Outgoing {
             w.extend_from_slice(b": ");
             w.extend_from_slice(v.as_bytes());
         }
-        // Writing to a Vec cannot fail.
-        let _ = write!(w, "\r\ncontent-length: {}\r\n\r\n", body.len());
+        w.extend_from_slice(b"\r\ncontent-length: ");
+        push_decimal(&mut w, body.len());
+        w.extend_from_slice(b"\r\n\r\n");
         if inline {
             w.extend_from_slice(body);
         }
@@ -106,6 +107,21 @@ impl Outgoing {
             head: method == Method::HEAD,
         }
     }
+}
+
+/// Appends `n` in decimal (the formatting machinery costs more than the request line).
+fn push_decimal(w: &mut Vec<u8>, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    w.extend_from_slice(&digits[i..]);
 }
 
 struct Conn {
@@ -176,32 +192,43 @@ enum Framing {
     Eof,
 }
 
-/// Whether `name` lists `token` (comma-separated, any case).
-fn lists(headers: &HeaderMap, name: &HeaderName, token: &str) -> bool {
-    headers.get_all(name).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
-    })
+/// The fields that decide how an answer is framed and whether its connection is kept, read as
+/// the head is parsed (no lookups in the finished map).
+#[derive(Default)]
+struct FramingFields {
+    close: bool,
+    keep_alive: bool,
+    /// The one length all `Content-Length` fields agree on.
+    length: Option<u64>,
+    /// Present when there is a `Transfer-Encoding`: whether its final coding is chunked.
+    chunked: Option<bool>,
 }
 
-/// The one length all `Content-Length` fields agree on; `Err` when they are invalid or differ.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, UpstreamError> {
-    let mut len = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for t in v.as_bytes().split(|&b| b == b',') {
-            let t = t.trim_ascii();
-            if t.is_empty() || t.len() > 19 || !t.iter().all(u8::is_ascii_digit) {
-                return Err(Malformed("invalid content-length"));
+impl FramingFields {
+    fn see(&mut self, name: &[u8], value: &[u8]) -> Result<(), UpstreamError> {
+        let tokens = || value.split(|&b| b == b',').map(<[u8]>::trim_ascii);
+        if name.eq_ignore_ascii_case(b"connection") {
+            for t in tokens() {
+                self.close |= t.eq_ignore_ascii_case(b"close");
+                self.keep_alive |= t.eq_ignore_ascii_case(b"keep-alive");
             }
-            let n = t.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if len.is_some_and(|l| l != n) {
-                return Err(Malformed("conflicting content-length values"));
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            for t in tokens() {
+                if t.is_empty() || t.len() > 19 || !t.iter().all(u8::is_ascii_digit) {
+                    return Err(Malformed("invalid content-length"));
+                }
+                let n = t.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+                if self.length.is_some_and(|l| l != n) {
+                    return Err(Malformed("conflicting content-length values"));
+                }
+                self.length = Some(n);
             }
-            len = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            let last = tokens().next_back().unwrap_or_default();
+            self.chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
         }
+        Ok(())
     }
-    Ok(len)
 }
 
 /// Parses the final response head at the start of `buf` (1xx heads before it are skipped) and
@@ -237,36 +264,43 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Up
             buf.advance(len);
             continue;
         }
-        // Where each value sits: the slots borrow `buf`, which the head is split off from.
+        // Where each field sits (the slots borrow `buf`, which the head is split off from).
         let base = buf.as_ptr() as usize;
-        let mut fields = Vec::with_capacity(r.headers.len());
-        for h in r.headers.iter() {
-            let name = HeaderName::from_bytes(h.name.as_bytes())
-                .map_err(|_| Malformed("invalid header name"))?;
-            let start = h.value.as_ptr() as usize - base;
-            fields.push((name, start, start + h.value.len()));
+        let mut at = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut fields = FramingFields::default();
+        for (h, slot) in r.headers.iter().zip(at.iter_mut()) {
+            let name = h.name.as_bytes();
+            fields.see(name, h.value)?;
+            let (n, v) = (
+                name.as_ptr() as usize - base,
+                h.value.as_ptr() as usize - base,
+            );
+            // Offsets within a head of at most 64 KiB and a read.
+            *slot = (n as u32, name.len() as u32, v as u32, h.value.len() as u32);
         }
+        let count = r.headers.len();
         let version = if r.version == Some(0) {
             Version::HTTP_10
         } else {
             Version::HTTP_11
         };
         let bytes = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(fields.len());
-        for (name, start, end) in fields {
-            let v = HeaderValue::from_maybe_shared(bytes.slice(start..end))
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(n, nl, v, vl) in &at[..count] {
+            let (n, v) = (n as usize, v as usize);
+            let name = HeaderName::from_bytes(&bytes[n..n + nl as usize])
+                .map_err(|_| Malformed("invalid header name"))?;
+            let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl as usize))
                 .map_err(|_| Malformed("invalid header value"))?;
-            headers.append(name, v);
+            headers.append(name, value);
         }
         let mut keep_alive = if version == Version::HTTP_11 {
-            !lists(&headers, &header::CONNECTION, "close")
+            !fields.close
         } else {
-            lists(&headers, &header::CONNECTION, "keep-alive")
+            fields.keep_alive
         };
-        let length = content_length(&headers)?;
-        let chunked_in_10 =
-            version == Version::HTTP_10 && headers.contains_key(header::TRANSFER_ENCODING);
-        if chunked_in_10 {
+        let length = fields.length;
+        if version == Version::HTTP_10 && fields.chunked.is_some() {
             // Not an HTTP/1.0 framing (RFC 9112 §6.1): read as sent, then closed.
             keep_alive = false;
         }
@@ -276,23 +310,12 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Up
         {
             // A 204 announcing a body may send one anyway: it must not meet the next request.
             if status == StatusCode::NO_CONTENT
-                && (length.is_some_and(|n| n > 0)
-                    || headers.contains_key(header::TRANSFER_ENCODING))
+                && (length.is_some_and(|n| n > 0) || fields.chunked.is_some())
             {
                 keep_alive = false;
             }
             Framing::Length(0)
-        } else if let Some(te) = headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-        {
-            let last = te
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .unwrap_or_default();
-            let chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+        } else if let Some(chunked) = fields.chunked {
             // Transfer-Encoding wins over Content-Length, which then must not reach the client;
             // a connection that sent both is not trusted again.
             if length.is_some() {
@@ -1129,6 +1152,15 @@ mod tests {
             }
         }
         Ok((out, c))
+    }
+
+    #[test]
+    fn lengths_are_written_in_decimal() {
+        for n in [0, 7, 10, 65_536, usize::MAX] {
+            let mut w = Vec::new();
+            push_decimal(&mut w, n);
+            assert_eq!(w, n.to_string().as_bytes());
+        }
     }
 
     #[test]
