@@ -146,16 +146,17 @@ fn clients() -> (PlainClient, Option<TlsClient>) {
 impl App {
     fn new(shared: Arc<Shared>, opts: &RouterOptions, open: Arc<AtomicUsize>) -> Arc<Self> {
         let (plain, tls) = clients();
+        let timer = CoarseTimer::start();
         Arc::new(App {
             shared,
-            engines: EnginePool::start(),
+            engines: EnginePool::start(timer.clone()),
             plain,
             tls,
             max_body_bytes: opts.max_body_bytes,
             model: opts.model.clone(),
             draining: AtomicBool::new(false),
             engine_timeout: opts.engine_timeout,
-            timer: CoarseTimer::start(),
+            timer,
             open,
         })
     }

@@ -46,6 +46,24 @@ impl Inner {
     }
 }
 
+/// Runs `f` on `target` every `period` for as long as something else holds `target`.
+pub fn every<T: Send + Sync + 'static>(
+    period: Duration,
+    target: &Arc<T>,
+    f: impl Fn(&T) + Send + 'static,
+) {
+    let weak: Weak<T> = Arc::downgrade(target);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(t) = weak.upgrade() else { break };
+            f(&t);
+        }
+    });
+}
+
 /// One per serving thread (create it inside the runtime: it spawns its sweeper, which ends
 /// when the last clone is dropped).
 #[derive(Clone)]
@@ -61,17 +79,20 @@ impl CoarseTimer {
             now_ms: AtomicU64::new(0),
             waiting: Mutex::new(Slab::new()),
         });
-        let weak: Weak<Inner> = Arc::downgrade(&inner);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(inner) = weak.upgrade() else { break };
-                inner.sweep();
-            }
-        });
+        every(TICK, &inner, Inner::sweep);
         Self { inner }
+    }
+
+    /// Milliseconds on this timer's clock as of its last sweep (up to a `TICK` behind): for
+    /// ages that need no clock read of their own.
+    pub fn now_ms(&self) -> u64 {
+        self.inner.now_ms.load(Ordering::Acquire)
+    }
+
+    /// Moves the clock, for tests (the next sweep sets it back to the real time).
+    #[cfg(test)]
+    pub fn set_now_ms(&self, ms: u64) {
+        self.inner.now_ms.store(ms, Ordering::Release);
     }
 
     pub fn sleep_until(&self, deadline: Instant) -> CoarseSleep {

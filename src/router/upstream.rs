@@ -9,10 +9,9 @@ use std::future::poll_fn;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,6 +20,8 @@ use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+
+use super::timer::{CoarseTimer, every};
 
 /// Idle connections kept per engine; more are closed when they come back.
 const MAX_IDLE_PER_ENGINE: usize = 512;
@@ -529,7 +530,7 @@ fn fresh(i: &Idle, now_ms: u64) -> bool {
 
 struct Idle {
     conn: Conn,
-    /// `EnginePool::now_ms` when it came back.
+    /// The pool's clock when it came back.
     since_ms: u64,
 }
 
@@ -539,52 +540,28 @@ struct Idles {
     by_engine: Vec<(Authority, Vec<Idle>)>,
 }
 
-/// How often a started pool reads the clock and closes expired idle connections.
-const CLOCK_TICK: Duration = Duration::from_millis(250);
+/// How often a pool closes its expired idle connections.
+const SWEEP_EVERY: Duration = Duration::from_millis(250);
 
 pub struct EnginePool {
     idle: Mutex<Idles>,
-    epoch: Instant,
-    /// Milliseconds since `epoch` as of the last sweep: idle ages need no clock read per
-    /// request (they may read up to `CLOCK_TICK` young).
-    now_ms: AtomicU64,
-}
-
-impl Default for EnginePool {
-    fn default() -> Self {
-        EnginePool {
-            idle: Mutex::default(),
-            epoch: Instant::now(),
-            now_ms: AtomicU64::new(0),
-        }
-    }
+    /// The serving thread's coarse clock: idle ages need no clock read per request.
+    clock: CoarseTimer,
 }
 
 impl EnginePool {
-    /// A pool whose clock advances and whose expired idle connections are closed every
-    /// `CLOCK_TICK`, also when no request comes (an engine scaled away, a thread gone quiet),
-    /// for as long as the pool is in use.
-    pub fn start() -> Arc<Self> {
-        let pool = Arc::new(Self::default());
-        let weak = Arc::downgrade(&pool);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CLOCK_TICK);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(pool) = weak.upgrade() else { break };
-                pool.sweep(pool.ms(Instant::now()));
-            }
+    /// A pool whose expired idle connections are closed every `SWEEP_EVERY`, also when no
+    /// request comes (an engine scaled away, a thread gone quiet), for as long as it is in use.
+    pub fn start(clock: CoarseTimer) -> Arc<Self> {
+        let pool = Arc::new(EnginePool {
+            idle: Mutex::default(),
+            clock,
         });
+        every(SWEEP_EVERY, &pool, |p| p.sweep(p.clock.now_ms()));
         pool
     }
 
-    fn ms(&self, t: Instant) -> u64 {
-        t.saturating_duration_since(self.epoch).as_millis() as u64
-    }
-
     fn sweep(&self, now_ms: u64) {
-        self.now_ms.store(now_ms, Ordering::Relaxed);
         self.idles().by_engine.retain_mut(|(_, l)| {
             l.retain(|i| fresh(i, now_ms));
             !l.is_empty()
@@ -604,7 +581,7 @@ impl EnginePool {
         let mut idle = self.idles();
         let (_, list) = idle.by_engine.iter_mut().find(|(k, _)| k == key)?;
         // Newest first: the one most likely still open and warm.
-        let now_ms = self.now_ms.load(Ordering::Relaxed);
+        let now_ms = self.clock.now_ms();
         while let Some(i) = list.pop() {
             if fresh(&i, now_ms) {
                 return Some(i.conn);
@@ -614,7 +591,7 @@ impl EnginePool {
     }
 
     fn put(&self, key: Authority, conn: Conn) {
-        let since_ms = self.now_ms.load(Ordering::Relaxed);
+        let since_ms = self.clock.now_ms();
         let mut idle = self.idles();
         let idle = &mut *idle;
         let i = match idle.by_engine.iter().position(|(k, _)| *k == key) {
@@ -709,8 +686,14 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
+
+    /// A pool on its own clock.
+    fn pool() -> Arc<EnginePool> {
+        EnginePool::start(CoarseTimer::start())
+    }
 
     async fn bounded<F: Future>(f: F) -> F::Output {
         tokio::time::timeout(Duration::from_secs(10), f)
@@ -882,7 +865,7 @@ mod tests {
     async fn sequential_requests_share_one_kept_alive_connection() {
         bounded(async {
             let e = engine(false).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for _ in 0..5 {
                 let resp = pool.send(&e.key, &get()).await.unwrap();
                 assert_eq!(read(resp).await, "ok");
@@ -897,7 +880,7 @@ mod tests {
     async fn requests_go_out_as_sent_with_host_and_length() {
         bounded(async {
             let e = scripted(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], false).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let resp = pool
                 .send(&e.key, &request(Method::POST, b"{\"a\":1}"))
                 .await
@@ -933,7 +916,7 @@ mod tests {
                 false,
             )
             .await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for _ in 0..2 {
                 let mut body = pool.send(&e.key, &get()).await.unwrap().into_body();
                 let mut frames = Vec::new();
@@ -961,7 +944,7 @@ mod tests {
             )
             .await;
             let old = scripted(&[b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok"], true).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for (e, want) in [(&until_close, "abcdef"), (&closing, "ok"), (&old, "ok")] {
                 let resp = pool.send(&e.key, &get()).await.unwrap();
                 assert_eq!(read(resp).await, want);
@@ -981,7 +964,7 @@ mod tests {
                 false,
             )
             .await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let resp = pool.send(&no_content.key, &get()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::NO_CONTENT);
             assert!(resp.body().is_end_stream());
@@ -1020,7 +1003,7 @@ mod tests {
                     });
                 }
             });
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for i in 1..=3 {
                 let resp = pool.send(&key, &get()).await.unwrap();
                 assert_eq!(read(resp).await, "ok");
@@ -1036,7 +1019,7 @@ mod tests {
         bounded(async {
             let endless: &'static [u8] = Box::leak(vec![b'a'; MAX_HEAD_BYTES + 8].into());
             let e = scripted(&[b"HTTP/1.1 200 OK\r\nx: ", endless], false).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let Err(err) = pool.send(&e.key, &get()).await else {
                 panic!("an endless head was accepted");
             };
@@ -1049,15 +1032,16 @@ mod tests {
     async fn expired_idle_connections_are_closed_without_traffic() {
         bounded(async {
             let e = engine(false).await;
-            let pool = EnginePool::start();
+            let clock = CoarseTimer::start();
+            let pool = EnginePool::start(clock.clone());
             let resp = pool.send(&e.key, &get()).await.unwrap();
             assert_eq!(read(resp).await, "ok");
             assert_eq!(pool.idle_count(), 1);
-            pool.sweep(pool.ms(Instant::now()));
+            pool.sweep(clock.now_ms());
             assert_eq!(pool.idle_count(), 1, "closed before its time");
             // Too old to be taken for a request, either.
-            let later = pool.ms(Instant::now() + IDLE_TIMEOUT + CLOCK_TICK);
-            pool.now_ms.store(later, Ordering::Relaxed);
+            let later = clock.now_ms() + (IDLE_TIMEOUT + SWEEP_EVERY).as_millis() as u64;
+            clock.set_now_ms(later);
             let resp = pool.send(&e.key, &get()).await.unwrap();
             assert_eq!(read(resp).await, "ok");
             assert_eq!(e.accepted.load(Ordering::SeqCst), 2);
@@ -1074,7 +1058,7 @@ mod tests {
     async fn a_body_cut_short_is_an_error() {
         bounded(async {
             let e = scripted(&[b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc"], true).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let resp = pool.send(&e.key, &get()).await.unwrap();
             let err = resp.into_body().collect().await.unwrap_err();
             assert!(matches!(err, UpstreamError::CutShort), "{err:?}");
@@ -1194,7 +1178,7 @@ mod tests {
         bounded(async {
             // Answers one request per connection, keep-alive, then closes it while idle.
             let e = scripted(&[b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"], true).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for i in 1..=3 {
                 let resp = pool.send(&e.key, &get()).await.unwrap();
                 assert_eq!(read(resp).await, "ok");
@@ -1212,7 +1196,7 @@ mod tests {
     async fn an_answer_left_unfinished_closes_its_connection() {
         bounded(async {
             let e = engine(true).await;
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let mut body = pool.send(&e.key, &get()).await.unwrap().into_body();
             let f = body.frame().await.unwrap().unwrap();
             assert_eq!(f.into_data().unwrap(), "first");
@@ -1235,7 +1219,7 @@ mod tests {
                     drop(s);
                 }
             });
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             for _ in 0..3 {
                 let started = Instant::now();
                 let r = pool.send(&key, &get()).await;
@@ -1253,7 +1237,7 @@ mod tests {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = l.local_addr().unwrap().to_string();
             drop(l);
-            let pool = Arc::new(EnginePool::default());
+            let pool = pool();
             let Err(e) = pool.send(&addr.parse().unwrap(), &get()).await else {
                 panic!("a closed port answered");
             };
