@@ -18,7 +18,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::Authority;
 use http::{Method, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::io::AsyncWriteExt;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 use super::timer::{CoarseTimer, every};
@@ -145,35 +145,56 @@ impl Conn {
         self.buf.is_empty() && self.poll_fill(cx).is_pending()
     }
 
-    async fn write(&mut self, req: &Outgoing) -> io::Result<()> {
-        self.io.write_all(&req.wire).await?;
-        if let Some(b) = &req.body {
-            self.io.write_all(b).await?;
-        }
-        Ok(())
-    }
-
-    async fn read_head(&mut self, head_request: bool) -> Result<Head, UpstreamError> {
+    /// Sends `req` and reads the answer's head. The head is read while the body is written: an
+    /// engine may answer before it has read a large body (413, 503) and then stop reading, and
+    /// its answer must not wait on, or be lost with, a write that cannot finish. Such an answer
+    /// leaves the connection unusable (the engine never got the whole request).
+    async fn exchange(&mut self, req: &Outgoing) -> Result<Head, UpstreamError> {
+        let mut parts = [&req.wire[..], req.body.as_deref().unwrap_or_default()];
         // Bytes already seen not to hold a line end: a head trickling in is not re-parsed from
         // its start on every read.
         let mut scanned = 0;
-        loop {
-            if self.buf[scanned.min(self.buf.len())..].contains(&b'\n') {
-                if let Some(h) = parse_head(&mut self.buf, head_request)? {
-                    return Ok(h);
+        poll_fn(|cx| {
+            let mut write_error = None;
+            while let Some(part) = parts.iter_mut().find(|p| !p.is_empty()) {
+                match Pin::new(&mut self.io).poll_write(cx, part) {
+                    Poll::Ready(Ok(0)) => {
+                        write_error = Some(io::ErrorKind::WriteZero.into());
+                        break;
+                    }
+                    Poll::Ready(Ok(n)) => *part = &part[n..],
+                    Poll::Ready(Err(e)) => {
+                        write_error = Some(e);
+                        break;
+                    }
+                    Poll::Pending => break,
                 }
-            } else if self.buf.len() > MAX_HEAD_BYTES {
-                return Err(Malformed("response head over 64 KiB"));
             }
-            scanned = self.buf.len();
-            if poll_fn(|cx| self.poll_fill(cx)).await? == 0 {
-                return Err(if self.buf.is_empty() {
-                    UpstreamError::Closed
-                } else {
-                    UpstreamError::CutShort
-                });
+            let written = parts.iter().all(|p| p.is_empty());
+            loop {
+                if self.buf[scanned.min(self.buf.len())..].contains(&b'\n') {
+                    if let Some(mut h) = parse_head(&mut self.buf, req.head)? {
+                        h.keep_alive &= written;
+                        return Poll::Ready(Ok(h));
+                    }
+                } else if self.buf.len() > MAX_HEAD_BYTES {
+                    return Poll::Ready(Err(Malformed("response head over 64 KiB")));
+                }
+                scanned = self.buf.len();
+                // After a failed write, only what has already arrived can still be an answer.
+                let r = match self.poll_fill(cx) {
+                    Poll::Ready(Ok(n)) if n > 0 => continue,
+                    Poll::Pending if write_error.is_none() => return Poll::Pending,
+                    r => r,
+                };
+                return Poll::Ready(Err(match (write_error, r) {
+                    (Some(e), _) | (None, Poll::Ready(Err(e))) => e.into(),
+                    _ if self.buf.is_empty() => UpstreamError::Closed,
+                    _ => UpstreamError::CutShort,
+                }));
             }
-        }
+        })
+        .await
     }
 }
 
@@ -651,11 +672,7 @@ impl EnginePool {
                 Some(c) => c,
                 None => self.connect(key).await?,
             };
-            let head = match conn.write(req).await {
-                Ok(()) => conn.read_head(req.head).await,
-                Err(e) => Err(e.into()),
-            };
-            let head = match head {
+            let head = match conn.exchange(req).await {
                 Ok(h) => h,
                 Err(e) if !fresh && e.stale() && conn.buf.is_empty() => {
                     tracing::debug!(engine = %key, error = %e, "idle engine connection was closed; sending on a new one");
@@ -687,7 +704,7 @@ mod tests {
     use std::convert::Infallible;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     /// A pool on its own clock.
@@ -1012,6 +1029,54 @@ mod tests {
             server.abort();
         })
         .await
+    }
+
+    /// An engine that refuses a large body from its head alone and reads no further; `close`
+    /// then closes the connection (with the body unread: a reset), otherwise it holds it open.
+    #[tokio::test]
+    async fn an_answer_sent_before_the_body_is_read_is_not_lost() {
+        for close in [false, true] {
+            let (l, key) = listen().await;
+            let engine = tokio::spawn(async move {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let mut b = [0u8; 1];
+                    s.read_exact(&mut b).await.unwrap();
+                    head.push(b[0]);
+                }
+                s.write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 5\r\n\r\nlarge")
+                    .await
+                    .unwrap();
+                if close {
+                    // Let the answer leave before the reset.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(s);
+                } else {
+                    std::future::pending::<()>().await;
+                }
+            });
+            // Far more than the socket buffers hold: the write cannot finish.
+            let body = Bytes::from(vec![b'x'; 64 << 20]);
+            let req = Outgoing::new(
+                &Method::POST,
+                "/v1/completions",
+                &HeaderValue::from_static("engine"),
+                std::iter::empty(),
+                &body,
+            );
+            let pool = pool();
+            let resp = bounded(pool.send(&key, &req)).await.unwrap();
+            assert_eq!(
+                resp.status(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "close={close}"
+            );
+            assert_eq!(read(resp).await, "large");
+            // The engine did not get the whole request: its connection is not reused.
+            assert_eq!(pool.idle_count(), 0, "close={close}");
+            engine.abort();
+        }
     }
 
     #[tokio::test]
