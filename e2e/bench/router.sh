@@ -15,11 +15,12 @@ DURATION=${DURATION:-10s}
 WARMUP=${WARMUP:-3s}
 LOADS=${LOADS:-"4 64"}          # concurrent connections: moderate, then high
 THREADS=${THREADS:-1}
-ROUNDS=${ROUNDS:-3}             # the median of these is reported
+ROUNDS=${ROUNDS:-6}             # the median of these is reported
 ENGINE_PORT=${ENGINE_PORT:-18000}
 ROUTER_PORT=${ROUTER_PORT:-18080}
 NGINX_PORT=${NGINX_PORT:-18081}
 ROUTER_THREADS=${ROUTER_THREADS:-}   # empty: the router's default
+# VERBOSE=1 prints every measurement to stderr.
 
 for tool in wrk nginx; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk nginx)" >&2; exit 1; }
@@ -113,7 +114,7 @@ measure() {
     | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
 }
 
-median() { sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}'; }
+median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 port_of() {
   case $1 in
     direct) echo "$ENGINE_PORT" ;;
@@ -122,15 +123,20 @@ port_of() {
   esac
 }
 
-echo "wrk: $THREADS thread(s), $DURATION per measurement after $WARMUP warm-up, median of $ROUNDS rounds (target order rotates)"
+echo "wrk: $THREADS thread(s), $DURATION per measurement after $WARMUP warm-up, median of $ROUNDS rounds (each round a different order)"
 printf '%-8s %-6s %12s %10s %10s %8s\n' target conns "req/s" "p50 ms" "p99 ms" errors
 TARGETS=(direct router nginx)
+# A run can leave traces for the next (engine-sim's allocator, sockets), so each target must
+# follow each other one as often: a plain rotation keeps the cyclic order and always puts the
+# router after direct. Round r takes the r-th of the six orders.
+ORDERS=("0 1 2" "0 2 1" "1 0 2" "1 2 0" "2 0 1" "2 1 0")
 for conns in $LOADS; do
   declare -A R A B E
   for round in $(seq "$ROUNDS"); do
-    for i in 0 1 2; do
-      t=${TARGETS[$(( (i + round) % 3 ))]}
+    for i in ${ORDERS[$(( (round - 1) % 6 ))]}; do
+      t=${TARGETS[$i]}
       read -r r a b errs _n < <(measure "$(port_of "$t")" "$conns")
+      if [[ -n ${VERBOSE:-} ]]; then echo "  round $round $t: $r req/s, p50 $a us, p99 $b us" >&2; fi
       R[$t]+="$r "; A[$t]+="$a "; B[$t]+="$b "; E[$t]=$(( ${E[$t]:-0} + errs ))
     done
   done
