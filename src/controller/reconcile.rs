@@ -30,6 +30,10 @@ use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
 
 /// How often a healthy object is looked at again even without a change (drift repair).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a service looks again for a provider Secret it is missing. Secrets are not watched
+/// (that would take list/watch on every Secret, i.e. read access to all of them), so a Secret
+/// created after its service is found by this recheck.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -262,6 +266,12 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     {
         // A spec change triggers the next pass; retrying an invalid spec would change nothing.
         return Ok(Action::await_change());
+    }
+    if problems
+        .iter()
+        .any(|p| matches!(p, Problem::SecretNotFound(..)))
+    {
+        return Ok(Action::requeue(SECRET_RECHECK));
     }
     Ok(Action::requeue(RESYNC))
 }

@@ -762,7 +762,11 @@ spec:
         let d = condition(&status.body["status"], "Degraded");
         assert_eq!(d["reason"], "SecretNotFound");
         assert!(d["message"].as_str().unwrap().contains("together-key"));
-        r.await.unwrap().unwrap();
+        // Secrets are not watched: the next look comes soon, not at the 5-minute resync.
+        assert_eq!(
+            r.await.unwrap().unwrap(),
+            Action::requeue(crate::controller::reconcile::SECRET_RECHECK)
+        );
         api.done().await;
     }
 
