@@ -310,8 +310,16 @@ fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Up
         let mut headers = HeaderMap::with_capacity(count);
         for &(n, nl, v, vl) in &at[..count] {
             let (n, v) = (n as usize, v as usize);
-            let name = HeaderName::from_bytes(&bytes[n..n + nl as usize])
-                .map_err(|_| Malformed("invalid header name"))?;
+            // Engines send these few in lower case; the general parser costs a lookup each.
+            let name = match &bytes[n..n + nl as usize] {
+                b"content-type" => header::CONTENT_TYPE,
+                b"content-length" => header::CONTENT_LENGTH,
+                b"date" => header::DATE,
+                b"server" => header::SERVER,
+                other => {
+                    HeaderName::from_bytes(other).map_err(|_| Malformed("invalid header name"))?
+                }
+            };
             let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl as usize))
                 .map_err(|_| Malformed("invalid header value"))?;
             headers.append(name, value);
@@ -1134,6 +1142,32 @@ mod tests {
 
     fn parse(raw: &'static [u8]) -> Result<Option<Head>, UpstreamError> {
         parse_head(&mut BytesMut::from(raw), false)
+    }
+
+    #[test]
+    fn header_names_arrive_whatever_their_case() {
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nDate: today\r\n\
+              X-Request-Id: 7\r\nserver: sim\r\ncontent-length: 0\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        let got: Vec<(&str, &[u8])> = h
+            .response
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("content-type", &b"application/json"[..]),
+                ("date", b"today"),
+                ("x-request-id", b"7"),
+                ("server", b"sim"),
+                ("content-length", b"0"),
+            ]
+        );
     }
 
     #[test]
