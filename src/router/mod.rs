@@ -69,7 +69,8 @@ pub struct RouterArgs {
     #[arg(long, default_value_t = 30)]
     pub breaker_open_seconds: u64,
     /// Serving threads, each with its own runtime and engine connection pool (default: one per
-    /// CPU). The first accepts and packs connections onto as few threads as the load needs.
+    /// CPU the process may use, at most 4). The first accepts and packs connections onto as few
+    /// threads as the load needs.
     #[arg(long)]
     pub threads: Option<usize>,
     /// Longest a local engine may take to send response headers, in seconds; then 504.
@@ -109,9 +110,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         engine_timeout: Duration::from_secs(args.engine_timeout_seconds.max(1)),
         capacity_exhausted: args.capacity_exhausted,
     };
-    let threads = args
-        .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = args.threads.unwrap_or_else(|| {
+        default_threads(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    });
     let server = RouterServer::start_threads(opts, threads)
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let shared = server.shared().clone();
@@ -157,6 +158,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Serving threads when `--threads` is not given. A pod without a CPU limit sees every CPU of
+/// its node (dozens on a GPU node): each thread keeps its own timers and engine connections, and
+/// a router needing more than a few cores is better scaled out in replicas.
+const MAX_DEFAULT_THREADS: usize = 4;
+
+fn default_threads(cpus: usize) -> usize {
+    cpus.clamp(1, MAX_DEFAULT_THREADS)
+}
+
 async fn shutdown_signal() {
     crate::runtime::shutdown_signal().await;
 }
@@ -170,6 +180,12 @@ mod args_tests {
     struct Cli {
         #[command(flatten)]
         args: RouterArgs,
+    }
+
+    #[test]
+    fn default_threads_follow_the_cpus_up_to_a_few() {
+        let got: Vec<usize> = [0, 1, 2, 4, 96].into_iter().map(default_threads).collect();
+        assert_eq!(got, [1, 1, 2, 4, 4]);
     }
 
     #[test]
