@@ -470,23 +470,27 @@ impl Shared {
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out.
     pub async fn acquire(self: &Arc<Self>) -> Ticket {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         let decided = {
             let mut core = self.lock();
             let now = self.now_ms();
             let queued = core.queue.len() as u32;
             let a = core.decide(now, 0, false, queued, None);
-            let d = core.reserve(a, now);
-            if d.is_none() {
-                core.queue.push(id, Instant::now(), tx);
-                self.metrics.queue_length.set(core.queue.len() as i64);
+            match core.reserve(a, now) {
+                Some(d) => Ok(d),
+                None => {
+                    // Only a request that waits needs an id and a channel: the shared counter
+                    // and the allocation stay off the common path.
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let (tx, rx) = oneshot::channel();
+                    core.queue.push(id, Instant::now(), tx);
+                    self.metrics.queue_length.set(core.queue.len() as i64);
+                    Err((id, rx))
+                }
             }
-            d
         };
         match decided {
-            Some(d) => self.ticket(d),
-            None => self.wait(id, rx).await,
+            Ok(d) => self.ticket(d),
+            Err((id, rx)) => self.wait(id, rx).await,
         }
     }
 
