@@ -703,10 +703,13 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     let mut excluded = Excluded::default();
     let mut attempt = 1;
     loop {
-        let dest = lease.dest.clone();
-        match send(app, &lease, &parts, &body).await {
+        let r = send(app, &lease, &parts, &body).await;
+        // Cloned only when the lease is let go of below (the common path clones nothing).
+        let dest = &lease.dest;
+        match r {
             Ok(resp) => return relay(resp, lease, arrived).await,
             Err(SendError::Connection(e)) => {
+                let dest = dest.clone();
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
                 if let Dest::Provider(p) = &dest {
                     app.shared.provider_result(&p.name, false);
