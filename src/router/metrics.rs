@@ -5,9 +5,10 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
+
+use super::sharded;
 
 /// The destination label of requests served by a local engine.
 pub const LOCAL: &str = "local";
@@ -40,12 +41,12 @@ pub struct ProviderLabel {
 
 pub struct RouterMetrics {
     pub registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub in_flight: Family<DestinationLabel, Gauge>,
+    pub requests: Family<RequestLabels, sharded::Counter>,
+    pub in_flight: Family<DestinationLabel, sharded::Gauge>,
     /// Exported as `spillway_router_queue_length` (`autoscale::signals::ROUTER_QUEUE_METRIC`).
     pub queue_length: Gauge,
-    pub duration: Family<DestinationLabel, Histogram>,
-    pub ttfb: Family<DestinationLabel, Histogram>,
+    pub duration: Family<DestinationLabel, sharded::Histogram>,
+    pub ttfb: Family<DestinationLabel, sharded::Histogram>,
     pub tokens: Family<TokenLabels, Counter>,
     pub spend: Family<ProviderLabel, Counter<f64, AtomicU64>>,
     pub breaker_open: Family<ProviderLabel, Gauge>,
@@ -62,13 +63,14 @@ pub struct OutcomeLabel {
 impl Default for RouterMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("spillway_router");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let in_flight = Family::<DestinationLabel, Gauge>::default();
+        let requests = Family::<RequestLabels, sharded::Counter>::default();
+        let in_flight = Family::<DestinationLabel, sharded::Gauge>::default();
         let queue_length = Gauge::default();
-        // 0.1 ms .. ~55 min: proxy overhead at the bottom, long streams at the top.
-        let buckets = || Histogram::new(exponential_buckets(0.0001, 2.5, 18));
-        let duration = Family::<DestinationLabel, Histogram>::new_with_constructor(buckets);
-        let ttfb = Family::<DestinationLabel, Histogram>::new_with_constructor(buckets);
+        // 0.1 ms .. ~10 min: proxy overhead at the bottom, long streams at the top.
+        let buckets = || sharded::Histogram::exponential(0.0001, 2.5);
+        let duration =
+            Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
+        let ttfb = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let tokens = Family::<TokenLabels, Counter>::default();
         let spend = Family::<ProviderLabel, Counter<f64, AtomicU64>>::default();
         let breaker_open = Family::<ProviderLabel, Gauge>::default();
@@ -153,10 +155,10 @@ impl Default for RouterMetrics {
 /// hashing or allocation.
 #[derive(Clone, Debug)]
 pub struct DestMetrics {
-    pub in_flight: Gauge,
-    pub duration: Histogram,
-    pub ttfb: Histogram,
-    pub success: Counter,
+    pub in_flight: sharded::Gauge,
+    pub duration: sharded::Histogram,
+    pub ttfb: sharded::Histogram,
+    pub success: sharded::Counter,
 }
 
 impl RouterMetrics {

@@ -15,6 +15,7 @@ pub mod keys;
 pub mod metrics;
 pub mod queue;
 pub mod server;
+pub mod sharded;
 pub mod sources;
 pub mod state;
 pub mod timer;

@@ -358,6 +358,7 @@ impl RouterServer {
             let h = std::thread::Builder::new()
                 .name(format!("router-{i}"))
                 .spawn(move || {
+                    super::sharded::use_shard(i);
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
