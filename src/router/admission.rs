@@ -101,13 +101,20 @@ pub fn burst_allowed(mode: BurstMode, capacity_exhausted: bool) -> bool {
     }
 }
 
+/// The first rule of [`admit`] on its own: a local engine with room, unless the request would
+/// overtake requests already waiting (FIFO). The router takes this path without its lock.
+pub fn local_first(backends: &[BackendLoad], queued: u32, in_queue: bool) -> Option<usize> {
+    if in_queue || queued == 0 {
+        pick_local(backends)
+    } else {
+        None
+    }
+}
+
 /// Decides for one request. A request only reaches a provider when every local engine is at
 /// its limit — spill-over on exhaustion, before anything fails.
 pub fn admit(input: &AdmissionInput<'_>) -> Admission {
-    // FIFO: a new request may not overtake requests already waiting for a local slot.
-    if (input.in_queue || input.queued == 0)
-        && let Some(i) = pick_local(input.backends)
-    {
+    if let Some(i) = local_first(input.backends, input.queued, input.in_queue) {
         return Admission::Local(i);
     }
     if input.waited_ms >= input.max_queue_wait_ms

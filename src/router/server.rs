@@ -1142,7 +1142,7 @@ impl Relay {
         let Some(lease) = self.lease.take() else {
             return;
         };
-        let shared = lease.shared().clone();
+        let shared = lease.shared();
         let dm = lease.metrics();
         if outcome == metrics::SUCCESS {
             dm.success.inc();

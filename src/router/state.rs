@@ -4,14 +4,26 @@
 //!
 //! A reservation is a [`Lease`]: it holds a backend slot or a provider slot until dropped (the
 //! response body ended, or the client went away), and dropping it lets the queue head in.
+//!
+//! The common case takes no lock: while nobody waits, a request takes a local slot with a
+//! compare-and-swap on the engine's count, chosen by [`local_first`] (the same first rule as
+//! `admit`) over a per-thread copy of the backend list. The serving threads then share only
+//! that count's cache line, instead of the lock and the whole core on every request.
+//!
+//! No waiter is forgotten: a request that queues publishes the queue length and then decides
+//! the head again, and a freed slot is published before the queue length is read (both
+//! sequentially consistent), so one of the two always sees the other.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::admission::{Admission, AdmissionInput, BackendLoad, ProviderLoad, RejectReason, admit};
+use super::admission::{
+    Admission, AdmissionInput, BackendLoad, ProviderLoad, RejectReason, admit, local_first,
+};
 use super::breaker::{BreakerState, CircuitBreaker};
 use super::budget::{BudgetTracker, cost, parse_spend};
 use super::config::{ProviderConfig, RouterConfig};
@@ -57,7 +69,12 @@ impl Provider {
 
 /// A local engine.
 #[derive(Debug)]
+// `outstanding` first: it then shares a cache line with the `Arc`'s own count, which every
+// lease touches anyway.
+#[repr(C)]
 pub struct Backend {
+    /// Requests holding a slot on this engine (leases own one each).
+    outstanding: AtomicU32,
     /// `host:port`.
     pub addr: String,
     /// Parsed once, with the `Host` header it makes; `None` for an address that is no URI
@@ -70,6 +87,32 @@ pub struct Backend {
 pub enum Dest {
     Local(Arc<Backend>),
     Provider(Arc<Provider>),
+}
+
+impl Backend {
+    fn new(addr: String) -> Self {
+        Self {
+            outstanding: AtomicU32::new(0),
+            authority: addr.parse().ok().and_then(|x: http::uri::Authority| {
+                Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
+            }),
+            addr,
+        }
+    }
+
+    fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Takes a slot if the engine is below `limit`; a lost race with another thread reads the
+    /// new count and tries again.
+    fn try_take(&self, limit: u32) -> bool {
+        self.outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
 }
 
 impl Dest {
@@ -126,11 +169,6 @@ enum Decided {
     Reject(RejectReason),
 }
 
-struct BackendSlot {
-    b: Arc<Backend>,
-    outstanding: u32,
-}
-
 struct ProviderSlot {
     p: Arc<Provider>,
     in_flight: u32,
@@ -140,10 +178,10 @@ struct ProviderSlot {
 
 struct Core {
     config: Arc<RouterConfig>,
-    backends: Vec<BackendSlot>,
-    /// Removed backends that still have requests in flight: not chosen, but their counts stay
-    /// so a backend that comes back is not overloaded.
-    draining: Vec<BackendSlot>,
+    backends: Vec<Arc<Backend>>,
+    /// Removed backends that something still holds (a lease, a thread's copy of the list): not
+    /// chosen, but a backend that comes back keeps its count so it is not overloaded.
+    draining: Vec<Arc<Backend>>,
     providers: Vec<ProviderSlot>,
     budget: BudgetTracker,
     queue: Fifo<oneshot::Sender<Ticket>>,
@@ -168,10 +206,10 @@ impl Core {
         pl.clear();
         // An excluded destination looks full to admission, so the pure rules stay the only rules.
         bl.extend(self.backends.iter().map(|b| BackendLoad {
-            outstanding: if ex.is_some_and(|e| e.locals.contains(&b.b.addr)) {
+            outstanding: if ex.is_some_and(|e| e.locals.contains(&b.addr)) {
                 limit
             } else {
-                b.outstanding
+                b.outstanding()
             },
             limit,
         }));
@@ -201,49 +239,45 @@ impl Core {
         a
     }
 
-    /// Takes the slot `a` names; the request counts against it from now on.
-    fn reserve(&mut self, a: Admission, now: Millis) -> Option<Decided> {
-        match a {
-            Admission::Local(i) => {
-                let b = &mut self.backends[i];
-                b.outstanding += 1;
-                Some(Decided::Go(Dest::Local(b.b.clone()), None))
-            }
-            Admission::Provider(i) => {
-                let p = &mut self.providers[i];
-                p.in_flight += 1;
-                p.breaker.on_send(now);
-                // Requests per minute count at send, so concurrent spills see each other.
-                self.budget.record_request(now);
-                Some(Decided::Go(
-                    Dest::Provider(p.p.clone()),
-                    p.key.bearer().cloned(),
-                ))
-            }
-            Admission::Reject(r) => Some(Decided::Reject(r)),
-            Admission::Queue => None,
+    /// Decides and takes the slot chosen: `None` means the request waits. A local slot taken
+    /// meanwhile by a lock-free request only means deciding again on the new counts.
+    fn admit(
+        &mut self,
+        now: Millis,
+        waited_ms: u64,
+        in_queue: bool,
+        queued: u32,
+        ex: Option<&Excluded>,
+    ) -> Option<Decided> {
+        loop {
+            return match self.decide(now, waited_ms, in_queue, queued, ex) {
+                Admission::Local(i) => {
+                    let b = &self.backends[i];
+                    if !b.try_take(self.config.max_concurrency_per_backend) {
+                        continue;
+                    }
+                    Some(Decided::Go(Dest::Local(b.clone()), None))
+                }
+                Admission::Provider(i) => {
+                    let p = &mut self.providers[i];
+                    p.in_flight += 1;
+                    p.breaker.on_send(now);
+                    // Requests per minute count at send, so concurrent spills see each other.
+                    self.budget.record_request(now);
+                    Some(Decided::Go(
+                        Dest::Provider(p.p.clone()),
+                        p.key.bearer().cloned(),
+                    ))
+                }
+                Admission::Reject(r) => Some(Decided::Reject(r)),
+                Admission::Queue => None,
+            };
         }
     }
 
-    fn release(&mut self, dest: &Dest) {
-        match dest {
-            Dest::Local(backend) => {
-                let addr = &backend.addr;
-                if let Some(b) = self.backends.iter_mut().find(|b| b.b.addr == *addr) {
-                    b.outstanding = b.outstanding.saturating_sub(1);
-                } else if let Some(i) = self.draining.iter().position(|b| b.b.addr == *addr) {
-                    let b = &mut self.draining[i];
-                    b.outstanding = b.outstanding.saturating_sub(1);
-                    if b.outstanding == 0 {
-                        self.draining.swap_remove(i);
-                    }
-                }
-            }
-            Dest::Provider(p) => {
-                if let Some(s) = self.providers.iter_mut().find(|s| s.p.name == p.name) {
-                    s.in_flight = s.in_flight.saturating_sub(1);
-                }
-            }
+    fn release_provider(&mut self, p: &Provider) {
+        if let Some(s) = self.providers.iter_mut().find(|s| s.p.name == p.name) {
+            s.in_flight = s.in_flight.saturating_sub(1);
         }
     }
 
@@ -258,8 +292,7 @@ impl Core {
         while let Some(head) = self.queue.head() {
             let waited = at.saturating_duration_since(head.since).as_millis() as u64;
             let queued = (self.queue.len() - 1) as u32;
-            let a = self.decide(now, waited, true, queued, None);
-            let Some(d) = self.reserve(a, now) else {
+            let Some(d) = self.admit(now, waited, true, queued, None) else {
                 break;
             };
             if let Some(w) = self.queue.pop() {
@@ -269,8 +302,43 @@ impl Core {
     }
 }
 
+/// Read on every request and written rarely, so on cache lines of their own (not the `Arc`'s
+/// count nor the lock's).
+#[repr(align(128))]
+struct Published {
+    /// The queue's length, kept with it under the lock: a request may take a slot without the
+    /// lock only while this is 0, and a freed slot wakes the queue only when it is not.
+    queued: AtomicUsize,
+    /// Which backend list and limit are current; a thread whose copy is older copies again.
+    view: AtomicU64,
+}
+
+/// View ids are unique in the process (from 1; a thread starts with none), so a thread's copy
+/// never matches another router's.
+static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
+
+/// A serving thread's copy of the backend list, for taking slots without the lock.
+struct View {
+    id: u64,
+    limit: u32,
+    backends: Vec<Arc<Backend>>,
+    loads: Vec<BackendLoad>,
+}
+
+thread_local! {
+    static VIEW: RefCell<View> = const {
+        RefCell::new(View {
+            id: 0,
+            limit: 0,
+            backends: Vec::new(),
+            loads: Vec::new(),
+        })
+    };
+}
+
 /// Everything the request handlers share.
 pub struct Shared {
+    published: Published,
     epoch: Instant,
     core: Mutex<Core>,
     pub metrics: RouterMetrics,
@@ -320,6 +388,10 @@ impl Shared {
         let metrics = RouterMetrics::default();
         let providers = provider_slots(&config, breaker, &metrics);
         let shared = Arc::new(Self {
+            published: Published {
+                queued: AtomicUsize::new(0),
+                view: AtomicU64::new(NEXT_VIEW.fetch_add(1, Ordering::Relaxed)),
+            },
             epoch: Instant::now(),
             core: Mutex::new(Core {
                 config: Arc::new(config),
@@ -347,6 +419,47 @@ impl Shared {
         self.core.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Called under the lock whenever the backend list or the limit changes.
+    fn publish_view(&self) {
+        let id = NEXT_VIEW.fetch_add(1, Ordering::Relaxed);
+        self.published.view.store(id, Ordering::SeqCst);
+    }
+
+    /// Called under the lock whenever the queue changes.
+    fn queue_changed(&self, core: &Core) {
+        let n = core.queue.len();
+        self.published.queued.store(n, Ordering::SeqCst);
+        self.metrics.queue_length.set(n as i64);
+    }
+
+    /// A local slot without the lock, when nobody waits and an engine has room.
+    fn take_local(&self) -> Option<Arc<Backend>> {
+        if self.published.queued.load(Ordering::SeqCst) != 0 {
+            return None;
+        }
+        VIEW.with(|v| {
+            let v = &mut *v.borrow_mut();
+            if v.id != self.published.view.load(Ordering::Acquire) {
+                let core = self.lock();
+                v.backends.clone_from(&core.backends);
+                v.limit = core.config.max_concurrency_per_backend;
+                v.id = self.published.view.load(Ordering::Relaxed);
+            }
+            loop {
+                let limit = v.limit;
+                v.loads.clear();
+                v.loads.extend(v.backends.iter().map(|b| BackendLoad {
+                    outstanding: b.outstanding(),
+                    limit,
+                }));
+                let b = &v.backends[local_first(&v.loads, 0, false)?];
+                if b.try_take(limit) {
+                    return Some(b.clone());
+                }
+            }
+        })
+    }
+
     fn now_ms(&self) -> Millis {
         self.epoch.elapsed().as_millis() as Millis
     }
@@ -372,6 +485,7 @@ impl Shared {
             core.budget.max_requests_per_minute = rpm;
             core.budget.max_spend_per_hour = spend;
             core.config = Arc::new(config);
+            self.publish_view();
         }
         self.pump();
     }
@@ -383,28 +497,25 @@ impl Shared {
             let core = &mut *core;
             let mut old = std::mem::take(&mut core.backends);
             old.append(&mut core.draining);
-            let mut next: Vec<BackendSlot> = Vec::with_capacity(addrs.len());
+            let mut next: Vec<Arc<Backend>> = Vec::with_capacity(addrs.len());
             for a in addrs {
-                if next.iter().any(|b| b.b.addr == a) {
+                if next.iter().any(|b| b.addr == a) {
                     continue;
                 }
-                let slot = match old.iter().position(|b| b.b.addr == a) {
+                let b = match old.iter().position(|b| b.addr == a) {
                     Some(i) => old.swap_remove(i),
-                    None => BackendSlot {
-                        b: Arc::new(Backend {
-                            authority: a.parse().ok().and_then(|x: http::uri::Authority| {
-                                Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
-                            }),
-                            addr: a,
-                        }),
-                        outstanding: 0,
-                    },
+                    None => Arc::new(Backend::new(a)),
                 };
-                next.push(slot);
+                next.push(b);
             }
-            core.draining = old.into_iter().filter(|b| b.outstanding > 0).collect();
+            // Held only here: no lease counts on it and no thread's copy can take a slot on it.
+            core.draining = old
+                .into_iter()
+                .filter(|b| Arc::strong_count(b) > 1)
+                .collect();
             self.metrics.backends.set(next.len() as i64);
             core.backends = next;
+            self.publish_view();
         }
         self.pump();
     }
@@ -422,7 +533,7 @@ impl Shared {
         self.lock()
             .backends
             .iter()
-            .map(|b| b.b.addr.clone())
+            .map(|b| b.addr.clone())
             .collect()
     }
 
@@ -470,24 +581,34 @@ impl Shared {
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out.
     pub async fn acquire(self: &Arc<Self>) -> Ticket {
+        if let Some(b) = self.take_local() {
+            return Ticket::Go(Lease::new(self.clone(), Dest::Local(b), None));
+        }
+        let mut out = Vec::new();
         let decided = {
             let mut core = self.lock();
             let now = self.now_ms();
             let queued = core.queue.len() as u32;
-            let a = core.decide(now, 0, false, queued, None);
-            match core.reserve(a, now) {
+            match core.admit(now, 0, false, queued, None) {
                 Some(d) => Ok(d),
                 None => {
                     // Only a request that waits needs an id and a channel: the shared counter
                     // and the allocation stay off the common path.
+                    #[cfg(test)]
+                    tests::before_queueing();
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     let (tx, rx) = oneshot::channel();
                     core.queue.push(id, Instant::now(), tx);
-                    self.metrics.queue_length.set(core.queue.len() as i64);
+                    self.queue_changed(&core);
+                    // A slot freed after the decision above, while the queue still looked
+                    // empty, woke nobody: decide the head again now that the queue shows.
+                    core.pump(now, Instant::now(), &mut out);
+                    self.queue_changed(&core);
                     Err((id, rx))
                 }
             }
         };
+        self.send_all(out);
         match decided {
             Ok(d) => self.ticket(d),
             Err((id, rx)) => self.wait(id, rx).await,
@@ -524,7 +645,7 @@ impl Shared {
                         let removed = {
                             let mut core = self.lock();
                             let r = core.queue.remove(id).is_some();
-                            self.metrics.queue_length.set(core.queue.len() as i64);
+                            self.queue_changed(&core);
                             r
                         };
                         if removed {
@@ -548,11 +669,7 @@ impl Shared {
             let now = self.now_ms();
             let queued = core.queue.len() as u32;
             let waited = arrived.elapsed().as_millis() as u64;
-            let a = core.decide(now, waited, true, queued, Some(excluded));
-            match a {
-                Admission::Local(_) | Admission::Provider(_) => core.reserve(a, now),
-                _ => None,
-            }
+            core.admit(now, waited, true, queued, Some(excluded))
         };
         match d {
             Some(Decided::Go(dest, key)) => Some(Lease::new(self.clone(), dest, key)),
@@ -621,7 +738,7 @@ impl Shared {
                 return;
             }
             core.pump(self.now_ms(), Instant::now(), &mut out);
-            self.metrics.queue_length.set(core.queue.len() as i64);
+            self.queue_changed(&core);
         }
         self.send_all(out);
     }
@@ -634,16 +751,18 @@ impl Shared {
     }
 
     fn release(self: &Arc<Self>, dest: &Dest) {
-        let mut out = Vec::new();
-        {
-            let mut core = self.lock();
-            core.release(dest);
-            if !core.queue.is_empty() {
-                core.pump(self.now_ms(), Instant::now(), &mut out);
-                self.metrics.queue_length.set(core.queue.len() as i64);
+        match dest {
+            Dest::Local(b) => {
+                b.outstanding.fetch_sub(1, Ordering::SeqCst);
+                if self.published.queued.load(Ordering::SeqCst) != 0 {
+                    self.pump();
+                }
+            }
+            Dest::Provider(p) => {
+                self.lock().release_provider(p);
+                self.pump();
             }
         }
-        self.send_all(out);
     }
 
     /// Requests waiting in the queue.
@@ -661,10 +780,7 @@ impl Drop for QueueGuard<'_> {
     fn drop(&mut self) {
         let mut core = self.shared.lock();
         if core.queue.remove(self.id).is_some() {
-            self.shared
-                .metrics
-                .queue_length
-                .set(core.queue.len() as i64);
+            self.shared.queue_changed(&core);
         }
     }
 }
@@ -710,5 +826,153 @@ impl Drop for Lease {
     fn drop(&mut self) {
         self.metrics().in_flight.dec();
         self.shared.release(&self.dest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::FutureExt;
+
+    fn shared(limit: u32, backends: &[&str]) -> Arc<Shared> {
+        Shared::new(
+            config(limit),
+            backends.iter().map(|b| b.to_string()).collect(),
+            Default::default(),
+        )
+    }
+
+    fn config(limit: u32) -> RouterConfig {
+        RouterConfig::from_yaml(&format!(
+            "maxConcurrencyPerBackend: {limit}\nqueue: {{limit: 1000, timeoutSeconds: 60}}\n\
+             burst: {{mode: Never, maxQueueWaitMilliseconds: 60000}}"
+        ))
+        .unwrap()
+    }
+
+    thread_local! {
+        static BEFORE_QUEUEING: RefCell<Option<Box<dyn FnOnce()>>> = RefCell::new(None);
+    }
+
+    /// Runs what a test set up, with the lock held, between the decision to queue and the push.
+    pub(super) fn before_queueing() {
+        if let Some(f) = BEFORE_QUEUEING.with(|h| h.borrow_mut().take()) {
+            f();
+        }
+    }
+
+    /// A lease granted without waiting, or `None` when the request would wait.
+    fn now(s: &Arc<Shared>) -> Option<Lease> {
+        match s.acquire().now_or_never()? {
+            Ticket::Go(l) => Some(l),
+            Ticket::Reject(r) => panic!("rejected: {r:?}"),
+        }
+    }
+
+    fn addr(l: &Lease) -> &str {
+        match &l.dest {
+            Dest::Local(b) => &b.addr,
+            Dest::Provider(p) => &p.name,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_applies_to_requests_that_take_no_lock() {
+        let s = shared(3, &["a:1"]);
+        let _held = now(&s).expect("room");
+        s.set_config(config(1));
+        assert!(now(&s).is_none(), "a second request over a limit of 1");
+    }
+
+    #[tokio::test]
+    async fn a_changed_backend_list_applies_to_requests_that_take_no_lock() {
+        let s = shared(1, &["a:1"]);
+        drop(now(&s).expect("room"));
+        s.set_backends(vec!["b:1".into()]);
+        assert_eq!(addr(&now(&s).expect("room")), "b:1");
+    }
+
+    #[tokio::test]
+    async fn a_backend_that_comes_back_keeps_its_count() {
+        let s = shared(1, &["a:1"]);
+        let held = now(&s).expect("room");
+        s.set_backends(vec!["b:1".into()]);
+        s.set_backends(vec!["a:1".into(), "b:1".into()]);
+        let l = now(&s).expect("room on b");
+        assert_eq!(addr(&l), "b:1");
+        assert!(now(&s).is_none(), "a:1 taken twice");
+        drop(held);
+        assert_eq!(addr(&now(&s).expect("a:1 freed")), "a:1");
+    }
+
+    #[tokio::test]
+    async fn a_freed_slot_goes_to_the_waiter_not_to_a_newcomer() {
+        let s = shared(1, &["a:1"]);
+        let held = now(&s).expect("room");
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.acquire().await }
+        });
+        while s.queued() == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        assert!(now(&s).is_none(), "a newcomer overtook the queue");
+        assert!(matches!(waiter.await.unwrap(), Ticket::Go(_)));
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_while_a_request_is_about_to_queue_is_not_lost() {
+        let s = shared(1, &["a:1"]);
+        let held = now(&s).expect("room");
+        // Freed after the request saw every engine full, before it is in the queue: the release
+        // sees an empty queue and wakes nobody.
+        BEFORE_QUEUEING.with(|h| *h.borrow_mut() = Some(Box::new(move || drop(held))));
+        assert!(
+            now(&s).is_some(),
+            "the request waits for a slot that is free"
+        );
+        assert_eq!(s.queued(), 0);
+    }
+
+    /// Threads taking and freeing slots as fast as they can, most without the lock: no engine
+    /// ever holds more than its limit, and no waiter is left behind (a lost wake-up would wait
+    /// for the 60 s queue timeout).
+    #[test]
+    fn concurrent_requests_never_exceed_the_limit_nor_strand_a_waiter() {
+        const LIMIT: u32 = 2;
+        let s = shared(LIMIT, &["a:1", "b:1"]);
+        let held: Arc<[AtomicU32; 2]> = Arc::default();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let threads: Vec<_> = (0..6)
+            .map(|_| {
+                let (s, held) = (s.clone(), held.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_time()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async {
+                        for _ in 0..3000 {
+                            let t = tokio::time::timeout_at(deadline.into(), s.acquire()).await;
+                            let Ticket::Go(l) = t.expect("a waiter was left behind") else {
+                                panic!("rejected")
+                            };
+                            let i = usize::from(addr(&l) == "b:1");
+                            let n = held[i].fetch_add(1, Ordering::SeqCst) + 1;
+                            assert!(n <= LIMIT, "{n} requests on one engine");
+                            tokio::task::yield_now().await;
+                            held[i].fetch_sub(1, Ordering::SeqCst);
+                        }
+                    });
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(s.queued(), 0);
+        let core = s.lock();
+        assert!(core.backends.iter().all(|b| b.outstanding() == 0));
     }
 }
