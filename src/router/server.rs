@@ -564,8 +564,11 @@ impl Drop for Open {
 
 async fn connection(app: Arc<App>, stream: TcpStream, drain: Arc<Drain>, _open: Open) {
     let timer = app.timer.clone();
+    // Each request holds the connection's own handle: its count stays on this thread, where
+    // the shared `App`'s count would bounce between the serving threads on every request.
+    let conn_app = Arc::new(app);
     let svc = hyper::service::service_fn(move |req| {
-        let app = app.clone();
+        let app = conn_app.clone();
         async move { Ok::<_, Infallible>(handle(&app, req).await) }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
