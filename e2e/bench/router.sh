@@ -155,6 +155,17 @@ for conns in $LOADS; do
       "$(echo "(${p99[$via]} - ${p99[direct]}) / 1000" | bc -l)" \
       "$(echo "100 * ${rps[$via]} / ${rps[direct]}" | bc -l)"
   done
+  # Round by round: the router and nginx ran minutes apart at most, so their ratio moves less
+  # with the machine than either figure does.
+  paired() {  # paired <router values> <nginx values> -> "median_ratio rounds_router_lower"
+    paste -d' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
+      awk '{print $1 / $2}' | { mapfile -t q; printf '%s\n' "${q[@]}" | median
+        printf '%s\n' "${q[@]}" | awk '$1 < 1 {n++} END {print n + 0}'; } | paste -sd' '
+  }
+  read -r rr rl < <(paired "${R[router]}" "${R[nginx]}")
+  read -r pr pl < <(paired "${B[router]}" "${B[nginx]}")
+  printf '  router/nginx round by round at %s conns: req/s x%.3f (ahead in %d of %d), p99 x%.3f (lower in %d of %d)\n' \
+    "$conns" "$rr" $(( ROUNDS - rl )) "$ROUNDS" "$pr" "$pl" "$ROUNDS"
   unset R A B E rps p50 p99
 done
 echo "router RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$ROUTER_PID/status), peak $(awk '/VmHWM/ {print $2, $3}' /proc/$ROUTER_PID/status)"
