@@ -7,8 +7,8 @@
 //!
 //! The common case takes no lock: while nobody waits, a request takes a local slot with a
 //! compare-and-swap on the engine's count, chosen by [`local_first`] (the same first rule as
-//! `admit`) over a per-thread copy of the backend list. The serving threads then share only
-//! that count's cache line, instead of the lock and the whole core on every request.
+//! `admit`) over a per-thread copy of the backend list. Per request, the serving threads then
+//! write that count and two reference counts, no longer the lock and the core.
 //!
 //! No waiter is forgotten: a request that queues publishes the queue length and then decides
 //! the head again, and a freed slot is published before the queue length is read (both
