@@ -188,6 +188,8 @@ struct Core {
     capacity_exhausted: bool,
     scratch_b: Vec<BackendLoad>,
     scratch_p: Vec<ProviderLoad>,
+    /// Queue ids; only requests that wait take one.
+    next_id: u64,
 }
 
 impl Core {
@@ -344,7 +346,6 @@ pub struct Shared {
     pub metrics: RouterMetrics,
     local_metrics: DestMetrics,
     breaker: BreakerSettings,
-    next_id: AtomicU64,
     /// False while the engine endpoints have not been listed yet (in a cluster): the router is
     /// not ready, since an empty backend list would send everything to providers or the queue.
     synced: AtomicBool,
@@ -403,11 +404,11 @@ impl Shared {
                 capacity_exhausted: false,
                 scratch_b: Vec::new(),
                 scratch_p: Vec::new(),
+                next_id: 0,
             }),
             local_metrics: metrics.for_destination(metrics::LOCAL),
             metrics,
             breaker,
-            next_id: AtomicU64::new(0),
             synced: AtomicBool::new(true),
         });
         shared.set_backends(backends);
@@ -592,11 +593,11 @@ impl Shared {
             match core.admit(now, 0, false, queued, None) {
                 Some(d) => Ok(d),
                 None => {
-                    // Only a request that waits needs an id and a channel: the shared counter
-                    // and the allocation stay off the common path.
+                    // Only a request that waits needs an id and a channel.
                     #[cfg(test)]
                     tests::before_queueing();
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let id = core.next_id;
+                    core.next_id += 1;
                     let (tx, rx) = oneshot::channel();
                     core.queue.push(id, Instant::now(), tx);
                     self.queue_changed(&core);
