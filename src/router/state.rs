@@ -435,9 +435,6 @@ impl Shared {
 
     /// A local slot without the lock, when nobody waits and an engine has room.
     fn take_local(&self) -> Option<Arc<Backend>> {
-        if self.published.queued.load(Ordering::SeqCst) != 0 {
-            return None;
-        }
         VIEW.with(|v| {
             let v = &mut *v.borrow_mut();
             if v.id != self.published.view.load(Ordering::Acquire) {
@@ -447,13 +444,16 @@ impl Shared {
                 v.id = self.published.view.load(Ordering::Relaxed);
             }
             loop {
+                // Read again on every try: a request that queued meanwhile goes first.
+                let queued = self.published.queued.load(Ordering::SeqCst);
+                let queued = u32::try_from(queued).unwrap_or(u32::MAX);
                 let limit = v.limit;
                 v.loads.clear();
                 v.loads.extend(v.backends.iter().map(|b| BackendLoad {
                     outstanding: b.outstanding(),
                     limit,
                 }));
-                let b = &v.backends[local_first(&v.loads, 0, false)?];
+                let b = &v.backends[local_first(&v.loads, queued, false)?];
                 if b.try_take(limit) {
                     return Some(b.clone());
                 }
@@ -856,6 +856,7 @@ mod tests {
     }
 
     /// Runs what a test set up, with the lock held, between the decision to queue and the push.
+    /// It must not end a lease while anyone waits: that release would take the lock again.
     pub(super) fn before_queueing() {
         if let Some(f) = BEFORE_QUEUEING.with(|h| h.borrow_mut().take()) {
             f();
@@ -907,7 +908,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_freed_slot_goes_to_the_waiter_not_to_a_newcomer() {
+    async fn a_free_slot_goes_to_the_waiter_not_to_a_newcomer() {
         let s = shared(1, &["a:1"]);
         let held = now(&s).expect("room");
         let waiter = tokio::spawn({
@@ -917,9 +918,19 @@ mod tests {
         while s.queued() == 0 {
             tokio::task::yield_now().await;
         }
-        drop(held);
+        // The slot frees but nobody is woken yet (the moment between a release's decrement and
+        // its look at the queue): a newcomer must still not take it.
+        let Dest::Local(b) = &held.dest else {
+            panic!("a local lease")
+        };
+        b.outstanding.fetch_sub(1, Ordering::SeqCst);
+        std::mem::forget(held);
         assert!(now(&s).is_none(), "a newcomer overtook the queue");
-        assert!(matches!(waiter.await.unwrap(), Ticket::Go(_)));
+        let got = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(matches!(
+            got.expect("the waiter still waits").unwrap(),
+            Ticket::Go(_)
+        ));
     }
 
     #[tokio::test]
@@ -944,7 +955,7 @@ mod tests {
         const LIMIT: u32 = 2;
         let s = shared(LIMIT, &["a:1", "b:1"]);
         let held: Arc<[AtomicU32; 2]> = Arc::default();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let threads: Vec<_> = (0..6)
             .map(|_| {
                 let (s, held) = (s.clone(), held.clone());
