@@ -28,6 +28,23 @@ pub struct InferenceRequest {
     pub max_completion_tokens: Option<u64>,
     #[serde(default)]
     pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl InferenceRequest {
+    /// A stream ends with a usage chunk only when asked, as with OpenAI and vLLM.
+    pub fn stream_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct StreamOptions {
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 #[derive(Debug, Deserialize)]

@@ -468,6 +468,7 @@ async fn inference(
         words,
         prompt_tokens,
         finish,
+        stream_usage: parsed.stream_usage(),
     };
     if parsed.stream {
         generation.stream()
@@ -484,6 +485,8 @@ struct Generation {
     words: Vec<String>,
     prompt_tokens: u64,
     finish: &'static str,
+    /// `stream_options.include_usage`: a usage chunk before `[DONE]`.
+    stream_usage: bool,
 }
 
 enum Step {
@@ -534,7 +537,7 @@ impl Generation {
     }
 
     /// SSE: the role chunk when prefill ends (chat), one chunk per token on the token clock,
-    /// the finish chunk, a usage chunk, then `[DONE]`. Dropping the body (client gone) drops
+    /// the finish chunk, a usage chunk if asked for, then `[DONE]`. Dropping the body (client gone) drops
     /// the slot.
     fn stream(self) -> Response<Body> {
         let stream = futures::stream::unfold(
@@ -573,7 +576,11 @@ impl Generation {
                         g.complete();
                         (
                             openai::sse(&openai::chunk(&g.meta, Piece::Finish(g.finish))),
-                            Step::Usage,
+                            if g.stream_usage {
+                                Step::Usage
+                            } else {
+                                Step::Done
+                            },
                             start,
                         )
                     }

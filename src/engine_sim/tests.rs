@@ -295,7 +295,10 @@ async fn streamed_chunks_arrive_incrementally_with_usage_last() {
             Method::POST,
             "/v1/chat/completions",
             &[],
-            Some(chat(10, true)),
+            Some(
+                json!({"model": "m1", "messages": [{"role": "user", "content": "abcdefgh"}],
+                "max_tokens": 10, "stream": true, "stream_options": {"include_usage": true}}),
+            ),
         )
         .await
         .unwrap();
@@ -396,13 +399,17 @@ async fn usage_counts_prompt_chars_and_capped_output() {
         );
         assert_eq!(v["choices"][0]["finish_reason"], "length");
 
-        // Streaming completions carry usage last too.
+        // Streaming completions carry usage last too, when asked for.
+        let stream = |include_usage: bool| {
+            json!({"prompt": "abcd", "max_tokens": 3, "stream": true,
+                "stream_options": {"include_usage": include_usage}})
+        };
         let resp = open(
             addr,
             Method::POST,
             "/v1/completions",
             &[],
-            Some(json!({"prompt": "abcd", "max_tokens": 3, "stream": true})),
+            Some(stream(true)),
         )
         .await
         .unwrap();
@@ -412,10 +419,28 @@ async fn usage_counts_prompt_chars_and_capped_output() {
             usage["usage"],
             json!({"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4})
         );
+        // Not asked for: the finish chunk comes last, and no chunk without choices.
+        let resp = open(
+            addr,
+            Method::POST,
+            "/v1/completions",
+            &[],
+            Some(stream(false)),
+        )
+        .await
+        .unwrap();
+        let events = read_sse(resp).await;
+        assert_eq!(events[events.len() - 1].1, "[DONE]");
+        for (_, e) in &events[..events.len() - 1] {
+            let v: Value = serde_json::from_str(e).unwrap();
+            assert_eq!(v["choices"].as_array().map(Vec::len), Some(1), "{e}");
+        }
+        let last: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
+        assert_eq!(last["choices"][0]["finish_reason"], "length");
 
         let t = metrics_text(addr).await;
-        assert_eq!(sample(&t, "vllm:prompt_tokens_total{"), 7.0);
-        assert_eq!(sample(&t, "vllm:generation_tokens_total{"), 19.0);
+        assert_eq!(sample(&t, "vllm:prompt_tokens_total{"), 8.0);
+        assert_eq!(sample(&t, "vllm:generation_tokens_total{"), 22.0);
         srv.stop().await.unwrap();
     })
     .await

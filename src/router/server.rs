@@ -30,7 +30,7 @@ use super::metrics;
 use super::state::{BreakerSettings, Dest, Excluded, Lease, Shared, Ticket};
 use super::timer::{CoarseSleep, CoarseTimer};
 use super::upstream::{EngineBody, EnginePool, Outgoing};
-use super::usage::UsageScanner;
+use super::usage::{UsageChunkFilter, UsageScanner};
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 type PlainClient = Client<HttpConnector, Full<Bytes>>;
@@ -802,20 +802,23 @@ fn forward_headers(from: &HeaderMap, to: &mut HeaderMap, provider: bool) {
 }
 
 /// The provider's model, and usage in streams (the budget needs it); the rest stays as sent.
-pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<Bytes, String> {
+/// Also whether the usage chunk was asked for on the client's behalf, to be taken out again.
+pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<(Bytes, bool), String> {
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| e.to_string())?;
     v.insert("model".into(), Value::String(model.into()));
+    let mut added = false;
     if v.get("stream").and_then(Value::as_bool) == Some(true) {
         let opts = v
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
         if let Value::Object(o) = opts {
+            added = o.get("include_usage").and_then(Value::as_bool) != Some(true);
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
     serde_json::to_vec(&v)
-        .map(Bytes::from)
+        .map(|b| (Bytes::from(b), added))
         .map_err(|e| e.to_string())
 }
 
@@ -846,7 +849,8 @@ async fn send(
         }
         Dest::Provider(p) => {
             let rest = pq.strip_prefix("/v1").unwrap_or(pq);
-            let body = rewrite_for_provider(body, &p.model).map_err(SendError::BadBody)?;
+            let (body, added_usage) =
+                rewrite_for_provider(body, &p.model).map_err(SendError::BadBody)?;
             let mut req = Request::new(Full::new(body));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = format!("{}{rest}", p.base)
@@ -876,7 +880,11 @@ async fn send(
             match app.timer.within(p.timeout, fut).await {
                 None => Err(SendError::Timeout(p.timeout)),
                 Some(r) => r
-                    .map(|r| r.map(|b| Upstream::Provider(b, Stall::new(&app.timer, p.timeout))))
+                    .map(|r| {
+                        r.map(|b| {
+                            Upstream::Provider(b, Stall::new(&app.timer, p.timeout), added_usage)
+                        })
+                    })
                     .map_err(|e| SendError::Connection(chain(&e))),
             }
         }
@@ -901,11 +909,17 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut tap = None;
+    let mut filter = None;
     if let Dest::Provider(p) = &lease.dest {
         let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         lease.shared().provider_result(&p.name, !failed);
         if status.is_success() {
             tap = Some(UsageScanner::new(sse));
+            if sse && matches!(body, Upstream::Provider(_, _, true)) {
+                filter = Some(UsageChunkFilter::default());
+                // The answer gets shorter than the provider said.
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
         }
     }
     // Engines rarely send any: one pass over the names costs less than a lookup for each.
@@ -923,6 +937,7 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         inner: body,
         lease: Some(lease),
         tap,
+        filter,
         arrived,
         first_byte: false,
         outcome: outcome_of(status),
@@ -1009,10 +1024,11 @@ pub enum RouterBody {
     Relay(Box<Relay>),
 }
 
-/// An answer's body: an engine's, read on its connection here, or a provider's from hyper.
+/// An answer's body: an engine's, read on its connection here, or a provider's from hyper
+/// (and whether its usage chunk was asked for on the client's behalf).
 pub enum Upstream {
     Engine(EngineBody),
-    Provider(Incoming, Stall),
+    Provider(Incoming, Stall, bool),
 }
 
 /// A provider's answer may pause for at most its timeout between two frames: one that stalls
@@ -1068,7 +1084,7 @@ impl Body for Upstream {
             Upstream::Engine(b) => {
                 ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
             }
-            Upstream::Provider(b, stall) => ready!(stall.poll_frame(b, cx)),
+            Upstream::Provider(b, stall, _) => ready!(stall.poll_frame(b, cx)),
         };
         Poll::Ready(r)
     }
@@ -1076,14 +1092,14 @@ impl Body for Upstream {
     fn is_end_stream(&self) -> bool {
         match self {
             Upstream::Engine(b) => b.is_end_stream(),
-            Upstream::Provider(b, _) => b.is_end_stream(),
+            Upstream::Provider(b, ..) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Upstream::Engine(b) => b.size_hint(),
-            Upstream::Provider(b, _) => b.size_hint(),
+            Upstream::Provider(b, ..) => b.size_hint(),
         }
     }
 }
@@ -1093,6 +1109,8 @@ pub struct Relay {
     /// Held until the body ends or the client goes away.
     lease: Option<Lease>,
     tap: Option<UsageScanner>,
+    /// Takes out the usage chunk the client did not ask for.
+    filter: Option<UsageChunkFilter>,
     arrived: Instant,
     first_byte: bool,
     outcome: &'static str,
@@ -1141,6 +1159,52 @@ impl Relay {
         );
     }
 
+    /// The relay with the usage chunk taken out: a frame left empty is not sent.
+    fn poll_filtered(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+                Some(Ok(f)) => f,
+                Some(Err(e)) => {
+                    self.finish("aborted");
+                    return Poll::Ready(Some(Err(e)));
+                }
+                None => {
+                    self.ended();
+                    let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+                    return Poll::Ready(tail.filter(|t| !t.is_empty()).map(|t| Ok(Frame::data(t))));
+                }
+            };
+            let d = match frame.into_data() {
+                Ok(d) => d,
+                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+            };
+            self.observe_data(&d);
+            let end = self.inner.is_end_stream();
+            let Some(filter) = self.filter.as_mut() else {
+                return Poll::Ready(Some(Ok(Frame::data(d))));
+            };
+            let mut out = filter.pass(&d);
+            if end {
+                let tail = filter.finish();
+                if !tail.is_empty() {
+                    let mut all = bytes::BytesMut::from(out);
+                    all.extend_from_slice(&tail);
+                    out = all.freeze();
+                }
+                self.ended();
+            }
+            if !out.is_empty() {
+                return Poll::Ready(Some(Ok(Frame::data(out))));
+            }
+            if end {
+                return Poll::Ready(None);
+            }
+        }
+    }
+
     fn finish(&mut self, outcome: &'static str) {
         let Some(lease) = self.lease.take() else {
             return;
@@ -1183,6 +1247,7 @@ impl Body for RouterBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RouterBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RouterBody::Relay(r) if r.filter.is_some() => r.poll_filtered(cx),
             RouterBody::Relay(r) => {
                 let res = ready!(Pin::new(&mut r.inner).poll_frame(cx));
                 match &res {
@@ -1205,7 +1270,9 @@ impl Body for RouterBody {
     fn is_end_stream(&self) -> bool {
         match self {
             RouterBody::Full(b) => b.is_none(),
-            RouterBody::Relay(r) => r.inner.is_end_stream(),
+            RouterBody::Relay(r) => {
+                r.inner.is_end_stream() && !r.filter.as_ref().is_some_and(UsageChunkFilter::holds)
+            }
         }
     }
 
@@ -1213,6 +1280,7 @@ impl Body for RouterBody {
         match self {
             RouterBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
             RouterBody::Full(None) => SizeHint::with_exact(0),
+            RouterBody::Relay(r) if r.filter.is_some() => SizeHint::default(),
             RouterBody::Relay(r) => r.inner.size_hint(),
         }
     }
@@ -1292,7 +1360,7 @@ mod unit_tests {
 
     #[test]
     fn provider_body_gets_the_provider_model_and_stream_usage() {
-        let b = rewrite_for_provider(
+        let (b, added) = rewrite_for_provider(
             br#"{"model":"mine","stream":true,"stream_options":{"x":1},"messages":[]}"#,
             "theirs",
         )
@@ -1301,7 +1369,14 @@ mod unit_tests {
         assert_eq!(v["model"], "theirs");
         assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
         assert_eq!(v["messages"], json!([]));
-        let b = rewrite_for_provider(br#"{"prompt":"p"}"#, "theirs").unwrap();
+        assert!(added);
+        let asked = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
+        let (b, added) = rewrite_for_provider(asked, "theirs").unwrap();
+        assert!(!added, "the client asked for usage itself");
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["stream_options"], json!({"include_usage": true}));
+        let (b, added) = rewrite_for_provider(br#"{"prompt":"p"}"#, "theirs").unwrap();
+        assert!(!added);
         let v: Value = serde_json::from_slice(&b).unwrap();
         assert_eq!(v, json!({"prompt": "p", "model": "theirs"}));
         assert!(rewrite_for_provider(b"[1]", "m").is_err());

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Request, StatusCode};
+use http::{HeaderMap, Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
@@ -200,6 +200,15 @@ async fn hold_stream(addr: SocketAddr, tokens: u64) -> hyper::Response<Incoming>
     .await;
     assert_eq!(r.status(), StatusCode::OK);
     r
+}
+
+/// The JSON chunks of an SSE body, without `[DONE]`.
+fn sse_chunks(s: &str) -> Vec<Value> {
+    s.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|d| *d != "[DONE]")
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
 }
 
 /// Reads a stream to its end.
@@ -591,6 +600,11 @@ async fn spend_from_stream_usage_exhausts_the_budget() {
         let r = router(&yaml, vec![]).await;
         let s = read_all(hold_stream(r.addr(), 3).await).await;
         assert!(s.contains("[DONE]"), "{s}");
+        // The usage chunk was asked for on the client's behalf, so it does not reach the client.
+        assert!(
+            sse_chunks(&s).iter().all(|c| c["choices"] != json!([])),
+            "{s}"
+        );
         let t = wait_metrics(&r, |t| {
             sample(t, "spillway_router_provider_spend_total{provider=\"p\"}").is_some_and(|v| v > 1.0)
         })
@@ -602,6 +616,40 @@ async fn spend_from_stream_usage_exhausts_the_budget() {
         );
         let reply = post(r.addr(), chat(1, false)).await;
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_asks_for_stream_usage_gets_it_from_the_provider() {
+    bounded(async {
+        let dir = TempDir::new("usage");
+        let key = dir.file("p", "sk-p");
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let yaml = format!(
+            "queue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  providers:\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
+        let r = router(&yaml, vec![]).await;
+        let mut body = chat(3, true);
+        body["stream_options"] = json!({"include_usage": true});
+        let resp = open(
+            r.addr(),
+            Method::POST,
+            "/v1/chat/completions",
+            &[],
+            body.to_string().into(),
+        )
+        .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        let s = read_all(resp).await;
+        let chunks = sse_chunks(&s);
+        let last = chunks.last().expect("no chunks");
+        assert_eq!(last["choices"], json!([]), "{s}");
+        assert_eq!(last["usage"]["completion_tokens"], 3, "{s}");
+        assert!(s.trim_end().ends_with("data: [DONE]"), "{s}");
         r.stop().await;
         p.stop().await.unwrap();
     })
@@ -665,7 +713,8 @@ async fn a_config_reload_during_a_stream_does_not_cut_it() {
         }
         let text = read_all(stream).await;
         assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
-        assert_eq!(text.matches("data: ").count(), 40 + 4, "{text}");
+        // The role chunk, 40 tokens, the finish chunk and [DONE].
+        assert_eq!(text.matches("data: ").count(), 40 + 3, "{text}");
         // An invalid file keeps the previous config.
         std::fs::write(&path, "queue: [").unwrap();
         wait_metrics(&r, |t| {
@@ -969,6 +1018,46 @@ async fn a_hung_engine_gets_a_504_and_frees_its_slot() {
             assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
         }
         holder.abort();
+        r.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_sized_provider_stream_loses_its_usage_chunk_and_its_length_but_nothing_else() {
+    bounded(async {
+        // A sized SSE answer whose last line has no newline.
+        let kept = "data: {\"choices\":[{\"index\":0,\"text\":\"a\"}]}\n\n";
+        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n";
+        let body = format!("{kept}{usage}data: [DONE]");
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
+                body.len()
+            );
+            s.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
+            let _ = s.read(&mut buf).await;
+        });
+        let dir = TempDir::new("sized");
+        let key = dir.file("p", "sk-p");
+        let yaml = format!(
+            "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\"}}\n"
+        );
+        let r = router(&yaml, vec![]).await;
+        let resp = hold_stream(r.addr(), 1).await;
+        assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
+        assert_eq!(read_all(resp).await, format!("{kept}data: [DONE]"));
+        wait_metrics(&r, |t| {
+            sample(t, "spillway_router_provider_tokens_total{provider=\"p\",kind=\"prompt\"}")
+                == Some(2.0)
+        })
+        .await;
+        server.abort();
         r.stop().await;
     })
     .await;

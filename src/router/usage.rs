@@ -1,6 +1,7 @@
 //! Pure token-usage extraction from provider responses as their bytes pass through: SSE lines are
 //! scanned one at a time (only a partial line is ever held), a JSON body is collected up to a cap.
 
+use bytes::{Bytes, BytesMut};
 use serde_json::Value;
 
 /// A partial SSE line longer than this is skipped, not buffered.
@@ -127,6 +128,97 @@ fn sse_line_usage(line: &[u8]) -> Option<Usage> {
         .and_then(|v| usage_of(&v))
 }
 
+/// Drops the usage-only chunk (`"choices": []` with a `usage`) from an SSE stream, and the blank
+/// line ending its event: the router asked for it on the client's behalf, and a client that did
+/// not ask may read `choices[0]` of every chunk. A line passes as soon as its newline arrives;
+/// only a partial line is held, and one longer than `MAX_LINE` passes unexamined.
+#[derive(Debug, Default)]
+pub struct UsageChunkFilter {
+    held: Vec<u8>,
+    /// The current line was too long to hold: its bytes pass until its newline.
+    passing: bool,
+    /// The last line was dropped, so the blank line after it goes too.
+    dropped: bool,
+}
+
+impl UsageChunkFilter {
+    /// The bytes of `chunk` that go on to the client (possibly none yet).
+    pub fn pass(&mut self, chunk: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.held.len() + chunk.len());
+        let mut rest = chunk;
+        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+            let (line, tail) = rest.split_at(nl + 1);
+            rest = tail;
+            if self.passing {
+                self.passing = false;
+                out.extend_from_slice(line);
+            } else if self.held.is_empty() {
+                self.line(line, &mut out);
+            } else {
+                let mut whole = std::mem::take(&mut self.held);
+                whole.extend_from_slice(line);
+                self.line(&whole, &mut out);
+                whole.clear();
+                self.held = whole;
+            }
+        }
+        if self.passing {
+            out.extend_from_slice(rest);
+        } else if self.held.len() + rest.len() > MAX_LINE {
+            out.extend_from_slice(&self.held);
+            out.extend_from_slice(rest);
+            self.held.clear();
+            self.passing = true;
+        } else {
+            self.held.extend_from_slice(rest);
+        }
+        out.freeze()
+    }
+
+    /// Whether a partial line is held back.
+    pub fn holds(&self) -> bool {
+        !self.held.is_empty()
+    }
+
+    /// At the end of the stream: a last line without its newline, unless it is the usage chunk.
+    pub fn finish(&mut self) -> Bytes {
+        let last = std::mem::take(&mut self.held);
+        let mut out = BytesMut::new();
+        self.line(&last, &mut out);
+        out.freeze()
+    }
+
+    fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+        let text = line.strip_suffix(b"\n").unwrap_or(line);
+        let text = text.strip_suffix(b"\r").unwrap_or(text);
+        let after_dropped = std::mem::take(&mut self.dropped);
+        if after_dropped && text.is_empty() {
+            return;
+        }
+        if usage_only(text) {
+            self.dropped = true;
+            return;
+        }
+        out.extend_from_slice(line);
+    }
+}
+
+/// A `data:` line whose chunk has no choices and carries usage.
+fn usage_only(line: &[u8]) -> bool {
+    let Some(data) = line.strip_prefix(b"data:") else {
+        return false;
+    };
+    if !data.windows(7).any(|w| w == b"\"usage\"") {
+        return false;
+    }
+    serde_json::from_slice::<Value>(data.trim_ascii()).is_ok_and(|v| {
+        v.get("choices")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+            && v.get("usage").is_some_and(Value::is_object)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,5 +290,64 @@ mod tests {
                 completion_tokens: 0
             })
         );
+    }
+
+    const USAGE_LINE: &str =
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}";
+
+    fn filtered(stream: &[u8], size: usize) -> String {
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        for c in stream.chunks(size) {
+            out.extend_from_slice(&f.pass(c));
+        }
+        out.extend_from_slice(&f.finish());
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn the_usage_only_chunk_and_its_blank_line_are_dropped_split_anywhere() {
+        let kept = concat!(
+            "data: {\"choices\":[{\"text\":\"a\"}],\"usage\":null}\n\n",
+            "data: {\"choices\":[{\"text\":\"b\"}],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n",
+            ": comment\n\n",
+        );
+        let stream = format!("{kept}{USAGE_LINE}\r\n\r\ndata: [DONE]\n\n");
+        for size in [1, 2, 7, 64, stream.len()] {
+            assert_eq!(
+                filtered(stream.as_bytes(), size),
+                format!("{kept}data: [DONE]\n\n"),
+                "chunk size {size}"
+            );
+        }
+    }
+
+    #[test]
+    fn whole_lines_pass_at_once_and_a_last_line_without_newline_is_kept() {
+        let mut f = UsageChunkFilter::default();
+        assert_eq!(
+            &f.pass(b"data: {\"choices\":[]}\n\ndata: [DO")[..],
+            b"data: {\"choices\":[]}\n\n"
+        );
+        assert!(f.holds());
+        assert_eq!(&f.pass(b"NE]")[..], b"");
+        assert_eq!(&f.finish()[..], b"data: [DONE]");
+        // The usage chunk is dropped even as the stream's unterminated last line.
+        assert_eq!(filtered(USAGE_LINE.as_bytes(), 5), "");
+    }
+
+    #[test]
+    fn an_oversized_line_passes_unexamined_and_filtering_resumes_after_it() {
+        let big = format!("data: {}\n", "x".repeat(MAX_LINE + 1));
+        let stream = format!("{big}{USAGE_LINE}\n\nend\n");
+        let mut f = UsageChunkFilter::default();
+        let mut out = Vec::new();
+        for c in stream.as_bytes().chunks(4096) {
+            let b = f.pass(c);
+            assert!(f.held.len() <= MAX_LINE);
+            out.extend_from_slice(&b);
+        }
+        out.extend_from_slice(&f.finish());
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{big}end\n"));
     }
 }
