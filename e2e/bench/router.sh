@@ -163,9 +163,10 @@ for conns in $LOADS; do
         printf '%s\n' "${q[@]}" | awk '$1 < 1 {n++} END {print n + 0}'; } | paste -sd' '
   }
   read -r rr rl < <(paired "${R[router]}" "${R[nginx]}")
+  read -r ar al < <(paired "${A[router]}" "${A[nginx]}")
   read -r pr pl < <(paired "${B[router]}" "${B[nginx]}")
-  printf '  router/nginx round by round at %s conns: req/s x%.3f (ahead in %d of %d), p99 x%.3f (lower in %d of %d)\n' \
-    "$conns" "$rr" $(( ROUNDS - rl )) "$ROUNDS" "$pr" "$pl" "$ROUNDS"
+  printf '  router/nginx round by round at %s conns: req/s x%.3f (ahead in %d of %d), p50 x%.3f (lower in %d of %d), p99 x%.3f (lower in %d of %d)\n' \
+    "$conns" "$rr" $(( ROUNDS - rl )) "$ROUNDS" "$ar" "$al" "$ROUNDS" "$pr" "$pl" "$ROUNDS"
   unset R A B E rps p50 p99
 done
 echo "router RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$ROUTER_PID/status), peak $(awk '/VmHWM/ {print $2, $3}' /proc/$ROUTER_PID/status)"

@@ -938,6 +938,7 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         lease: Some(lease),
         tap,
         filter,
+        trailers: None,
         arrived,
         first_byte: false,
         outcome: outcome_of(status),
@@ -1111,6 +1112,8 @@ pub struct Relay {
     tap: Option<UsageScanner>,
     /// Takes out the usage chunk the client did not ask for.
     filter: Option<UsageChunkFilter>,
+    /// Trailers held back while the filter's last line goes out.
+    trailers: Option<Frame<Bytes>>,
     arrived: Instant,
     first_byte: bool,
     outcome: &'static str,
@@ -1164,6 +1167,9 @@ impl Relay {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(t) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(t)));
+        }
         loop {
             let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
                 Some(Ok(f)) => f,
@@ -1179,7 +1185,16 @@ impl Relay {
             };
             let d = match frame.into_data() {
                 Ok(d) => d,
-                Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                Err(trailers) => {
+                    let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+                    return match tail.filter(|t| !t.is_empty()) {
+                        Some(t) => {
+                            self.trailers = Some(trailers);
+                            Poll::Ready(Some(Ok(Frame::data(t))))
+                        }
+                        None => Poll::Ready(Some(Ok(trailers))),
+                    };
+                }
             };
             self.observe_data(&d);
             let end = self.inner.is_end_stream();
@@ -1271,7 +1286,9 @@ impl Body for RouterBody {
         match self {
             RouterBody::Full(b) => b.is_none(),
             RouterBody::Relay(r) => {
-                r.inner.is_end_stream() && !r.filter.as_ref().is_some_and(UsageChunkFilter::holds)
+                r.inner.is_end_stream()
+                    && r.trailers.is_none()
+                    && !r.filter.as_ref().is_some_and(UsageChunkFilter::holds)
             }
         }
     }

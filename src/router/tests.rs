@@ -1023,40 +1023,76 @@ async fn a_hung_engine_gets_a_504_and_frees_its_slot() {
     .await;
 }
 
+/// A provider that answers one request with `reply` as written, then waits for the close.
+/// Also the config for it, and the directory holding its key.
+async fn one_shot_provider(reply: String) -> (String, tokio::task::JoinHandle<()>, TempDir) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut s, _) = l.accept().await.unwrap();
+        let mut buf = [0u8; 8192];
+        let _ = s.read(&mut buf).await;
+        s.write_all(reply.as_bytes()).await.unwrap();
+        let _ = s.read(&mut buf).await;
+    });
+    let dir = TempDir::new("one-shot");
+    let key = dir.file("p", "sk-p");
+    let yaml = format!(
+        "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\"}}\n"
+    );
+    (yaml, task, dir)
+}
+
+const KEPT_EVENT: &str = "data: {\"choices\":[{\"index\":0,\"text\":\"a\"}]}\n\n";
+const USAGE_EVENT: &str =
+    "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n";
+
 #[tokio::test]
 async fn a_sized_provider_stream_loses_its_usage_chunk_and_its_length_but_nothing_else() {
     bounded(async {
         // A sized SSE answer whose last line has no newline.
-        let kept = "data: {\"choices\":[{\"index\":0,\"text\":\"a\"}]}\n\n";
-        let usage = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":2,\"completion_tokens\":1}}\n\n";
-        let body = format!("{kept}{usage}data: [DONE]");
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
-            let mut buf = [0u8; 8192];
-            let _ = s.read(&mut buf).await;
-            let head = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n",
-                body.len()
-            );
-            s.write_all(format!("{head}{body}").as_bytes()).await.unwrap();
-            let _ = s.read(&mut buf).await;
-        });
-        let dir = TempDir::new("sized");
-        let key = dir.file("p", "sk-p");
-        let yaml = format!(
-            "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\"}}\n"
-        );
+        let body = format!("{KEPT_EVENT}{USAGE_EVENT}data: [DONE]");
+        let (yaml, server, _dir) = one_shot_provider(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        ))
+        .await;
         let r = router(&yaml, vec![]).await;
         let resp = hold_stream(r.addr(), 1).await;
         assert!(resp.headers().get(header::CONTENT_LENGTH).is_none());
-        assert_eq!(read_all(resp).await, format!("{kept}data: [DONE]"));
+        assert_eq!(read_all(resp).await, format!("{KEPT_EVENT}data: [DONE]"));
         wait_metrics(&r, |t| {
             sample(t, "spillway_router_provider_tokens_total{provider=\"p\",kind=\"prompt\"}")
                 == Some(2.0)
         })
         .await;
+        server.abort();
+        r.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_last_line_the_usage_filter_held_is_not_lost_to_trailers() {
+    bounded(async {
+        let body = format!("{KEPT_EVENT}{USAGE_EVENT}data: [DONE]");
+        let (yaml, server, _dir) = one_shot_provider(format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\
+             trailer: x-end\r\n\r\n{:x}\r\n{body}\r\n0\r\nx-end: yes\r\n\r\n",
+            body.len()
+        ))
+        .await;
+        let r = router(&yaml, vec![]).await;
+        let resp = open(
+            r.addr(),
+            Method::POST,
+            "/v1/chat/completions",
+            &[("te", "trailers")],
+            chat(1, true).to_string().into(),
+        )
+        .await;
+        // Trailers are hop-by-hop here (not declared to the client), but must not cost data.
+        assert_eq!(read_all(resp).await, format!("{KEPT_EVENT}data: [DONE]"));
         server.abort();
         r.stop().await;
     })
