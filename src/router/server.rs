@@ -1,6 +1,7 @@
 //! The router's HTTP side, on hyper directly: per-connection tasks we track for a graceful drain,
-//! and a response body that relays upstream frames as they arrive (no buffering) while it holds
-//! the request's lease, times it, and reads provider usage on the way through.
+//! and a response body that relays upstream frames as they arrive (no buffering; a provider
+//! stream whose usage chunk is taken out holds back at most a partial line) while it holds the
+//! request's lease, times it, and reads provider usage on the way through.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -1186,6 +1187,7 @@ impl Relay {
             let d = match frame.into_data() {
                 Ok(d) => d,
                 Err(trailers) => {
+                    self.ended();
                     let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
                     return match tail.filter(|t| !t.is_empty()) {
                         Some(t) => {
@@ -1270,7 +1272,8 @@ impl Body for RouterBody {
                         if let Some(d) = f.data_ref() {
                             r.observe_data(d);
                         }
-                        if r.inner.is_end_stream() {
+                        // Trailers are the last frame, whatever the body says of its end.
+                        if f.is_trailers() || r.inner.is_end_stream() {
                             r.ended();
                         }
                     }

@@ -1093,6 +1093,11 @@ async fn the_last_line_the_usage_filter_held_is_not_lost_to_trailers() {
         .await;
         // Trailers are hop-by-hop here (not declared to the client), but must not cost data.
         assert_eq!(read_all(resp).await, format!("{KEPT_EVENT}data: [DONE]"));
+        // And the answer counts as complete, not as one the client walked away from.
+        wait_metrics(&r, |t| {
+            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"success\"} 1")
+        })
+        .await;
         server.abort();
         r.stop().await;
     })

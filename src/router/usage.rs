@@ -203,7 +203,7 @@ impl UsageChunkFilter {
     }
 }
 
-/// A `data:` line whose chunk has no choices and carries usage.
+/// A `data:` line whose chunk has no choices (empty, or none at all) and carries usage.
 fn usage_only(line: &[u8]) -> bool {
     let Some(data) = line.strip_prefix(b"data:") else {
         return false;
@@ -213,8 +213,7 @@ fn usage_only(line: &[u8]) -> bool {
     }
     serde_json::from_slice::<Value>(data.trim_ascii()).is_ok_and(|v| {
         v.get("choices")
-            .and_then(Value::as_array)
-            .is_some_and(Vec::is_empty)
+            .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty))
             && v.get("usage").is_some_and(Value::is_object)
     })
 }
@@ -312,7 +311,9 @@ mod tests {
             "data: {\"choices\":[{\"text\":\"b\"}],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n",
             ": comment\n\n",
         );
-        let stream = format!("{kept}{USAGE_LINE}\r\n\r\ndata: [DONE]\n\n");
+        let stream = format!(
+            "{kept}{USAGE_LINE}\r\n\r\ndata: {{\"usage\":{{\"prompt_tokens\":3}}}}\n\ndata: [DONE]\n\n"
+        );
         for size in [1, 2, 7, 64, stream.len()] {
             assert_eq!(
                 filtered(stream.as_bytes(), size),
