@@ -53,6 +53,7 @@ pub struct RouterMetrics {
     pub backends: Gauge,
     pub capacity_exhausted: Gauge,
     pub config_reloads: Family<OutcomeLabel, Counter>,
+    pub engine_set_asides: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -77,6 +78,7 @@ impl Default for RouterMetrics {
         let backends = Gauge::default();
         let capacity_exhausted = Gauge::default();
         let config_reloads = Family::<OutcomeLabel, Counter>::default();
+        let engine_set_asides = Counter::default();
         registry.register(
             "requests",
             "Requests answered, by destination (local or provider name) and outcome",
@@ -134,6 +136,11 @@ impl Default for RouterMetrics {
             "Configuration reloads, by outcome (applied, invalid)",
             config_reloads.clone(),
         );
+        registry.register(
+            "engine_set_asides",
+            "Times a local engine was given no new requests for a while after a connection to it failed before any answer",
+            engine_set_asides.clone(),
+        );
         Self {
             registry,
             requests,
@@ -147,6 +154,7 @@ impl Default for RouterMetrics {
             backends,
             capacity_exhausted,
             config_reloads,
+            engine_set_asides,
         }
     }
 }

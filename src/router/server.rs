@@ -716,13 +716,22 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
             Err(SendError::Connection(e)) => {
                 let dest = dest.clone();
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
-                if let Dest::Provider(p) = &dest {
-                    app.shared.provider_result(&p.name, false);
+                match &dest {
+                    Dest::Provider(p) => app.shared.provider_result(&p.name, false),
+                    Dest::Local(b) => app.shared.set_aside(b),
                 }
                 excluded.add(&dest);
                 drop(lease);
                 let next = if attempt < MAX_ATTEMPTS {
-                    app.shared.readmit(arrived, &excluded)
+                    match app.shared.readmit(arrived, &excluded) {
+                        Some(l) => Some(l),
+                        // Nothing else has room: wait for it like any request (the engine that
+                        // failed is set aside, so the queue does not hand it back at once).
+                        None => match app.shared.acquire().await {
+                            Ticket::Go(l) => Some(l),
+                            Ticket::Reject(r) => return reject(app, r),
+                        },
+                    }
                 } else {
                     None
                 };

@@ -15,7 +15,7 @@
 //! sequentially consistent), so one of the two always sees the other.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -33,6 +33,11 @@ use super::queue::Fifo;
 use super::usage::Usage;
 use crate::api::Pricing;
 use crate::autoscale::decide::Millis;
+
+/// How long a local engine whose connection failed before any answer gets no new requests:
+/// least-outstanding would otherwise send it every request first (a dead engine is never busy)
+/// until its EndpointSlice drops it.
+pub const SET_ASIDE_MS: Millis = 2_000;
 
 /// How often a waiter past `maxQueueWaitMilliseconds` looks again for a provider (a breaker
 /// half-opening or the budget window sliding wakes nobody by itself).
@@ -75,6 +80,8 @@ impl Provider {
 pub struct Backend {
     /// Requests holding a slot on this engine (leases own one each).
     outstanding: AtomicU32,
+    /// Set aside until then (ms on the router's clock) after a failed connection; 0 if not.
+    aside_until: AtomicI64,
     /// `host:port`.
     pub addr: String,
     /// Parsed once, with the `Host` header it makes; `None` for an address that is no URI
@@ -93,6 +100,7 @@ impl Backend {
     fn new(addr: String) -> Self {
         Self {
             outstanding: AtomicU32::new(0),
+            aside_until: AtomicI64::new(0),
             authority: addr.parse().ok().and_then(|x: http::uri::Authority| {
                 Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
             }),
@@ -104,6 +112,22 @@ impl Backend {
         self.outstanding.load(Ordering::SeqCst)
     }
 
+    /// Whether set aside at `now`; the clock is read only for an engine that was.
+    fn aside(&self, now: &impl Fn() -> Millis) -> bool {
+        let until = self.aside_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now() < until {
+            return true;
+        }
+        // Back: later requests need not read the clock for it.
+        let _ = self
+            .aside_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
+    }
+
     /// Takes a slot if the engine is below `limit`; a lost race with another thread reads the
     /// new count and tries again.
     fn try_take(&self, limit: u32) -> bool {
@@ -113,6 +137,27 @@ impl Backend {
             })
             .is_ok()
     }
+}
+
+/// The engines' loads as admission sees them: an excluded or set-aside engine looks full, so
+/// the pure rules stay the only rules. If every engine is set aside, none is: a failure seen on
+/// all of them must not hold every request back.
+fn backend_loads(
+    backends: &[Arc<Backend>],
+    limit: u32,
+    now: impl Fn() -> Millis,
+    excluded: impl Fn(&Backend) -> bool,
+    out: &mut Vec<BackendLoad>,
+) {
+    let all_aside = backends.iter().all(|b| b.aside(&now));
+    out.extend(backends.iter().map(|b| BackendLoad {
+        outstanding: if excluded(b) || (!all_aside && b.aside(&now)) {
+            limit
+        } else {
+            b.outstanding()
+        },
+        limit,
+    }));
 }
 
 impl Dest {
@@ -206,15 +251,13 @@ impl Core {
         let mut pl = std::mem::take(&mut self.scratch_p);
         bl.clear();
         pl.clear();
-        // An excluded destination looks full to admission, so the pure rules stay the only rules.
-        bl.extend(self.backends.iter().map(|b| BackendLoad {
-            outstanding: if ex.is_some_and(|e| e.locals.contains(&b.addr)) {
-                limit
-            } else {
-                b.outstanding()
-            },
+        backend_loads(
+            &self.backends,
             limit,
-        }));
+            || now,
+            |b| ex.is_some_and(|e| e.locals.contains(&b.addr)),
+            &mut bl,
+        );
         pl.extend(self.providers.iter().map(|p| ProviderLoad {
             in_flight: p.in_flight,
             max_concurrency: p.p.max_concurrency,
@@ -449,10 +492,13 @@ impl Shared {
                 let queued = u32::try_from(queued).unwrap_or(u32::MAX);
                 let limit = v.limit;
                 v.loads.clear();
-                v.loads.extend(v.backends.iter().map(|b| BackendLoad {
-                    outstanding: b.outstanding(),
+                backend_loads(
+                    &v.backends,
                     limit,
-                }));
+                    || self.now_ms(),
+                    |_| false,
+                    &mut v.loads,
+                );
                 let b = &v.backends[local_first(&v.loads, queued, false)?];
                 if b.try_take(limit) {
                     return Some(b.clone());
@@ -662,8 +708,9 @@ impl Shared {
         }
     }
 
-    /// Another destination for a request whose connection failed before any response byte.
-    /// It was admitted already, so it does not queue again: `None` when nothing has room.
+    /// Another destination with room now for a request whose connection failed before any
+    /// response byte (it keeps its arrival time for the spill wait); `None` when nothing has
+    /// room, and the request queues like a new one.
     pub fn readmit(self: &Arc<Self>, arrived: Instant, excluded: &Excluded) -> Option<Lease> {
         let d = {
             let mut core = self.lock();
@@ -676,6 +723,14 @@ impl Shared {
             Some(Decided::Go(dest, key)) => Some(Lease::new(self.clone(), dest, key)),
             _ => None,
         }
+    }
+
+    /// A connection to a local engine failed before any answer: it gets no new requests for
+    /// `SET_ASIDE_MS` (requests already on it finish or fail on their own).
+    pub fn set_aside(&self, b: &Backend) {
+        b.aside_until
+            .store(self.now_ms() + SET_ASIDE_MS, Ordering::Relaxed);
+        self.metrics.engine_set_asides.inc();
     }
 
     /// Feeds a provider's breaker: `ok` is false for 5xx, 429, timeouts and connection errors.
@@ -834,6 +889,26 @@ impl Drop for Lease {
 mod tests {
     use super::*;
     use futures::FutureExt;
+
+    #[test]
+    fn a_set_aside_engine_looks_full_until_its_time_is_up_unless_all_are() {
+        let engines: Vec<Arc<Backend>> = ["a:1", "b:1"]
+            .into_iter()
+            .map(|a| Arc::new(Backend::new(a.into())))
+            .collect();
+        engines[0].aside_until.store(1_000, Ordering::Relaxed);
+        let at = |now: Millis| {
+            let mut out = Vec::new();
+            backend_loads(&engines, 4, || now, |_| false, &mut out);
+            out.iter().map(|l| l.outstanding).collect::<Vec<_>>()
+        };
+        assert_eq!(at(999), vec![4, 0]);
+        engines[1].aside_until.store(1_500, Ordering::Relaxed);
+        assert_eq!(at(999), vec![0, 0], "all set aside: none is");
+        assert_eq!(at(1_200), vec![0, 4]);
+        assert_eq!(engines[0].aside_until.load(Ordering::Relaxed), 0, "cleared once over");
+        assert_eq!(at(1_500), vec![0, 0]);
+    }
 
     fn shared(limit: u32, backends: &[&str]) -> Arc<Shared> {
         Shared::new(

@@ -558,6 +558,80 @@ async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
     .await;
 }
 
+/// An engine that accepts connections and closes them at once, counting them.
+async fn closing_engine() -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    (addr, accepted, task)
+}
+
+#[tokio::test]
+async fn an_engine_whose_connection_failed_gets_no_new_requests_for_a_while() {
+    bounded(async {
+        // First in line: least-outstanding would pick it for every request, as it is never busy.
+        let (bad, accepted, task) = closing_engine().await;
+        let live = engine(4, 200.0).await;
+        let r = router(
+            "burst: {mode: Never}\n",
+            vec![bad.to_string(), live.addr().to_string()],
+        )
+        .await;
+        for _ in 0..4 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "local");
+        }
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let t = get(r.addr(), "/metrics").await.text();
+        assert_eq!(
+            sample(&t, "spillway_router_engine_set_asides_total"),
+            Some(1.0),
+            "{t}"
+        );
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_retry_with_no_room_elsewhere_waits_in_the_queue_instead_of_failing() {
+    bounded(async {
+        let live = engine(1, 50.0).await;
+        let (bad, accepted, task) = closing_engine().await;
+        let r = router(
+            "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 20}\nburst: {mode: Never}\n",
+            vec![live.addr().to_string(), bad.to_string()],
+        )
+        .await;
+        // Fills the live engine (ties go to the lowest index), so the next request goes to
+        // the bad one, fails, and finds no room anywhere.
+        let held = hold_stream(r.addr(), 40).await;
+        let addr = r.addr();
+        let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)).await;
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(held);
+        let reply = waiting.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn requests_per_minute_budget_exhausted_means_no_more_spill() {
     bounded(async {
