@@ -716,21 +716,25 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
             Err(SendError::Connection(e)) => {
                 let dest = dest.clone();
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
-                match &dest {
-                    Dest::Provider(p) => app.shared.provider_result(&p.name, false),
+                // The queue knows no exclusions: only an engine set aside stays out of it.
+                let may_queue = match &dest {
+                    Dest::Provider(p) => {
+                        app.shared.provider_result(&p.name, false);
+                        false
+                    }
                     Dest::Local(b) => app.shared.set_aside(b),
-                }
+                };
                 excluded.add(&dest);
                 drop(lease);
                 let next = if attempt < MAX_ATTEMPTS {
                     match app.shared.readmit(arrived, &excluded) {
                         Some(l) => Some(l),
-                        // Nothing else has room: wait for it like any request (the engine that
-                        // failed is set aside, so the queue does not hand it back at once).
-                        None => match app.shared.acquire().await {
+                        // Nothing else has room now: wait for it like a new request.
+                        None if may_queue => match app.shared.acquire().await {
                             Ticket::Go(l) => Some(l),
                             Ticket::Reject(r) => return reject(app, r),
                         },
+                        None => None,
                     }
                 } else {
                     None

@@ -12,7 +12,8 @@
 //!
 //! No waiter is forgotten: a request that queues publishes the queue length and then decides
 //! the head again, and a freed slot is published before the queue length is read (both
-//! sequentially consistent), so one of the two always sees the other.
+//! sequentially consistent), so one of the two always sees the other. An engine coming back
+//! from being set aside frees no slot, so its return pumps the queue on a timer.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -710,7 +711,7 @@ impl Shared {
 
     /// Another destination with room now for a request whose connection failed before any
     /// response byte (it keeps its arrival time for the spill wait); `None` when nothing has
-    /// room, and the request queues like a new one.
+    /// room.
     pub fn readmit(self: &Arc<Self>, arrived: Instant, excluded: &Excluded) -> Option<Lease> {
         let d = {
             let mut core = self.lock();
@@ -726,11 +727,25 @@ impl Shared {
     }
 
     /// A connection to a local engine failed before any answer: it gets no new requests for
-    /// `SET_ASIDE_MS` (requests already on it finish or fail on their own).
-    pub fn set_aside(&self, b: &Backend) {
-        b.aside_until
-            .store(self.now_ms() + SET_ASIDE_MS, Ordering::Relaxed);
-        self.metrics.engine_set_asides.inc();
+    /// `SET_ASIDE_MS` (requests already on it finish or fail on their own). Whether that takes
+    /// effect: not when every engine is set aside.
+    pub fn set_aside(self: &Arc<Self>, b: &Backend) -> bool {
+        let now = self.now_ms();
+        let before = b.aside_until.swap(now + SET_ASIDE_MS, Ordering::Relaxed);
+        if before <= now {
+            self.metrics.engine_set_asides.inc();
+        }
+        // Its return frees no slot, so nothing else would hand it to the queue.
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(SET_ASIDE_MS as u64 + 1)).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.pump();
+            }
+        });
+        let core = self.lock();
+        let now = || now;
+        !core.backends.iter().all(|b| b.aside(&now))
     }
 
     /// Feeds a provider's breaker: `ok` is false for 5xx, 429, timeouts and connection errors.
@@ -906,7 +921,11 @@ mod tests {
         engines[1].aside_until.store(1_500, Ordering::Relaxed);
         assert_eq!(at(999), vec![0, 0], "all set aside: none is");
         assert_eq!(at(1_200), vec![0, 4]);
-        assert_eq!(engines[0].aside_until.load(Ordering::Relaxed), 0, "cleared once over");
+        assert_eq!(
+            engines[0].aside_until.load(Ordering::Relaxed),
+            0,
+            "cleared once over"
+        );
         assert_eq!(at(1_500), vec![0, 0]);
     }
 

@@ -558,30 +558,45 @@ async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
     .await;
 }
 
-/// An engine that accepts connections and closes them at once, counting them.
-async fn closing_engine() -> (
+/// An engine that closes each connection at once, counting them, until `serve` is set; then
+/// it answers each with a small completion from model `back`.
+async fn flaky_engine() -> (
     SocketAddr,
     Arc<std::sync::atomic::AtomicUsize>,
+    Arc<std::sync::atomic::AtomicBool>,
     tokio::task::JoinHandle<()>,
 ) {
+    use std::sync::atomic::Ordering::SeqCst;
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = accepted.clone();
+    let serve = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (count, on) = (accepted.clone(), serve.clone());
     let task = tokio::spawn(async move {
-        while let Ok((s, _)) = l.accept().await {
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            drop(s);
+        while let Ok((mut s, _)) = l.accept().await {
+            count.fetch_add(1, SeqCst);
+            if !on.load(SeqCst) {
+                continue;
+            }
+            // The router sends a small request in one write.
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let body = r#"{"object":"chat.completion","model":"back","choices":[]}"#;
+            let reply = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(reply.as_bytes()).await;
         }
     });
-    (addr, accepted, task)
+    (addr, accepted, serve, task)
 }
 
 #[tokio::test]
 async fn an_engine_whose_connection_failed_gets_no_new_requests_for_a_while() {
     bounded(async {
         // First in line: least-outstanding would pick it for every request, as it is never busy.
-        let (bad, accepted, task) = closing_engine().await;
+        let (bad, accepted, _, task) = flaky_engine().await;
         let live = engine(4, 200.0).await;
         let r = router(
             "burst: {mode: Never}\n",
@@ -606,10 +621,53 @@ async fn an_engine_whose_connection_failed_gets_no_new_requests_for_a_while() {
 }
 
 #[tokio::test]
+async fn a_lone_failing_engine_is_tried_once_then_answered_502() {
+    bounded(async {
+        let (bad, accepted, _, task) = flaky_engine().await;
+        let r = router("burst: {mode: Never}\n", vec![bad.to_string()]).await;
+        // Setting aside the only engine has no effect, so the retry does not queue for it.
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        task.abort();
+        r.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_engine_back_from_being_set_aside_takes_the_queue_head() {
+    bounded(async {
+        let live = engine(1, 50.0).await;
+        let (bad, _, serve, task) = flaky_engine().await;
+        let r = router(
+            "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 25}\nburst: {mode: Never}\n",
+            vec![live.addr().to_string(), bad.to_string()],
+        )
+        .await;
+        // 20 s on the live engine: longer than the set-aside, shorter than the queue timeout.
+        let held = hold_stream(r.addr(), 1000).await;
+        let addr = r.addr();
+        let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)).await;
+        serve.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Its return frees no slot; the waiter still gets it, not the live engine's slot later.
+        assert_eq!(served_by(&waiting.await.unwrap()), "back");
+        assert_eq!(engine_running(&live).await, 1.0);
+        drop(held);
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_retry_with_no_room_elsewhere_waits_in_the_queue_instead_of_failing() {
     bounded(async {
         let live = engine(1, 50.0).await;
-        let (bad, accepted, task) = closing_engine().await;
+        let (bad, accepted, _, task) = flaky_engine().await;
         let r = router(
             "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 20}\nburst: {mode: Never}\n",
             vec![live.addr().to_string(), bad.to_string()],
