@@ -928,11 +928,13 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         lease.shared().provider_result(&p.name, !failed);
         if status.is_success() {
-            tap = Some(UsageScanner::new(sse));
             if sse && matches!(body, Upstream::Provider(_, _, true)) {
+                // Reads the usage too.
                 filter = Some(UsageChunkFilter::default());
                 // The answer gets shorter than the provider said.
                 parts.headers.remove(header::CONTENT_LENGTH);
+            } else {
+                tap = Some(UsageScanner::new(sse));
             }
         }
     }
@@ -1123,8 +1125,9 @@ pub struct Relay {
     inner: Upstream,
     /// Held until the body ends or the client goes away.
     lease: Option<Lease>,
+    /// Reads usage as the bytes pass, unless `filter` does.
     tap: Option<UsageScanner>,
-    /// Takes out the usage chunk the client did not ask for.
+    /// Takes out the usage chunk the client did not ask for, reading the usage.
     filter: Option<UsageChunkFilter>,
     /// Trailers held back while the filter's last line goes out.
     trailers: Option<Frame<Bytes>>,
@@ -1192,16 +1195,16 @@ impl Relay {
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => {
-                    self.ended();
                     let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+                    self.ended();
                     return Poll::Ready(tail.filter(|t| !t.is_empty()).map(|t| Ok(Frame::data(t))));
                 }
             };
             let d = match frame.into_data() {
                 Ok(d) => d,
                 Err(trailers) => {
-                    self.ended();
                     let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+                    self.ended();
                     return match tail.filter(|t| !t.is_empty()) {
                         Some(t) => {
                             self.trailers = Some(trailers);
@@ -1247,9 +1250,11 @@ impl Relay {
             shared.metrics.request(lease.dest.label(), outcome);
         }
         dm.duration.observe(self.arrived.elapsed().as_secs_f64());
-        if let (Some(tap), Dest::Provider(p)) = (self.tap.take(), &lease.dest)
-            && let Some(u) = tap.finish()
-        {
+        let usage = match self.tap.take() {
+            Some(tap) => tap.finish(),
+            None => self.filter.as_ref().and_then(UsageChunkFilter::usage),
+        };
+        if let (Some(u), Dest::Provider(p)) = (usage, &lease.dest) {
             shared.record_usage(p, u);
         }
         drop(lease);

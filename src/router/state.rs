@@ -140,6 +140,11 @@ impl Backend {
     }
 }
 
+/// Whether every engine is set aside (then none counts as set aside).
+fn all_aside(backends: &[Arc<Backend>], now: &impl Fn() -> Millis) -> bool {
+    backends.iter().all(|b| b.aside(now))
+}
+
 /// The engines' loads as admission sees them: an excluded or set-aside engine looks full, so
 /// the pure rules stay the only rules. If every engine is set aside, none is: a failure seen on
 /// all of them must not hold every request back.
@@ -150,7 +155,7 @@ fn backend_loads(
     excluded: impl Fn(&Backend) -> bool,
     out: &mut Vec<BackendLoad>,
 ) {
-    let all_aside = backends.iter().all(|b| b.aside(&now));
+    let all_aside = all_aside(backends, &now);
     out.extend(backends.iter().map(|b| BackendLoad {
         outstanding: if excluded(b) || (!all_aside && b.aside(&now)) {
             limit
@@ -743,9 +748,7 @@ impl Shared {
                 shared.pump();
             }
         });
-        let core = self.lock();
-        let now = || now;
-        !core.backends.iter().all(|b| b.aside(&now))
+        !all_aside(&self.lock().backends, &|| now)
     }
 
     /// Feeds a provider's breaker: `ok` is false for 5xx, 429, timeouts and connection errors.

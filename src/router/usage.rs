@@ -118,23 +118,29 @@ impl UsageScanner {
 
 /// One SSE line: only `data:` lines that mention usage are parsed.
 fn sse_line_usage(line: &[u8]) -> Option<Usage> {
+    usage_chunk(line).and_then(|v| usage_of(&v))
+}
+
+/// The chunk of a `data:` line that mentions usage; other lines are not parsed.
+fn usage_chunk(line: &[u8]) -> Option<Value> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
     let data = line.strip_prefix(b"data:")?;
     if !data.windows(7).any(|w| w == b"\"usage\"") {
         return None;
     }
-    serde_json::from_slice::<Value>(data.trim_ascii())
-        .ok()
-        .and_then(|v| usage_of(&v))
+    serde_json::from_slice(data.trim_ascii()).ok()
 }
 
 /// Drops the usage-only chunk (`"choices": []` with a `usage`) from an SSE stream, and the blank
 /// line ending its event: the router asked for it on the client's behalf, and a client that did
 /// not ask may read `choices[0]` of every chunk. A line passes as soon as its newline arrives;
-/// only a partial line is held, and one longer than `MAX_LINE` passes unexamined.
+/// only a partial line is held, and one longer than `MAX_LINE` passes unexamined. It reads the
+/// usage on the way, as [`UsageScanner`] does for a stream passed whole.
 #[derive(Debug, Default)]
 pub struct UsageChunkFilter {
     held: Vec<u8>,
+    /// The last usage seen.
+    usage: Option<Usage>,
     /// The current line was too long to hold: its bytes pass until its newline.
     passing: bool,
     /// The last line was dropped, so the blank line after it goes too.
@@ -180,6 +186,11 @@ impl UsageChunkFilter {
         !self.held.is_empty()
     }
 
+    /// The usage read so far (all of it once `finish` has run).
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
     /// At the end of the stream: a last line without its newline, unless it is the usage chunk.
     pub fn finish(&mut self) -> Bytes {
         let last = std::mem::take(&mut self.held);
@@ -195,27 +206,21 @@ impl UsageChunkFilter {
         if after_dropped && text.is_empty() {
             return;
         }
-        if usage_only(text) {
-            self.dropped = true;
-            return;
+        if let Some(v) = usage_chunk(text) {
+            if let Some(u) = usage_of(&v) {
+                self.usage = Some(u);
+            }
+            // No choices (empty, or none at all), just usage.
+            if v.get("choices")
+                .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty))
+                && v.get("usage").is_some_and(Value::is_object)
+            {
+                self.dropped = true;
+                return;
+            }
         }
         out.extend_from_slice(line);
     }
-}
-
-/// A `data:` line whose chunk has no choices (empty, or none at all) and carries usage.
-fn usage_only(line: &[u8]) -> bool {
-    let Some(data) = line.strip_prefix(b"data:") else {
-        return false;
-    };
-    if !data.windows(7).any(|w| w == b"\"usage\"") {
-        return false;
-    }
-    serde_json::from_slice::<Value>(data.trim_ascii()).is_ok_and(|v| {
-        v.get("choices")
-            .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty))
-            && v.get("usage").is_some_and(Value::is_object)
-    })
 }
 
 #[cfg(test)]
