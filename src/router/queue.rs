@@ -34,8 +34,14 @@ impl<T> Fifo<T> {
         self.items.is_empty()
     }
 
+    /// In order of arrival: at the back, unless `since` is earlier (a retry keeps its arrival).
     pub fn push(&mut self, id: u64, since: Instant, tx: T) {
-        self.items.push_back(Waiter { id, since, tx });
+        let at = self
+            .items
+            .iter()
+            .rposition(|w| w.since <= since)
+            .map_or(0, |i| i + 1);
+        self.items.insert(at, Waiter { id, since, tx });
     }
 
     pub fn head(&self) -> Option<&Waiter<T>> {
@@ -71,5 +77,20 @@ mod tests {
         assert_eq!(q.pop().map(|w| w.id), Some(1));
         assert_eq!(q.pop().map(|w| w.id), Some(3));
         assert!(q.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_goes_in_by_arrival_time() {
+        let t0 = Instant::now();
+        let at = |ms| t0 + std::time::Duration::from_millis(ms);
+        let mut q = Fifo::default();
+        q.push(1, at(10), ());
+        q.push(2, at(30), ());
+        // A retry that arrived between them, then one that arrived before both, then a tie.
+        q.push(3, at(20), ());
+        q.push(4, at(5), ());
+        q.push(5, at(30), ());
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
+        assert_eq!(order, [4, 1, 3, 2, 5]);
     }
 }

@@ -729,8 +729,8 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
                 let next = if attempt < MAX_ATTEMPTS {
                     match app.shared.readmit(arrived, &excluded) {
                         Some(l) => Some(l),
-                        // Nothing else has room now: wait for it like a new request.
-                        None if may_queue => match app.shared.acquire().await {
+                        // Nothing else has room now: wait for it in its place by arrival.
+                        None if may_queue => match app.shared.requeue(arrived).await {
                             Ticket::Go(l) => Some(l),
                             Ticket::Reject(r) => return reject(app, r),
                         },

@@ -634,15 +634,28 @@ impl Shared {
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out.
     pub async fn acquire(self: &Arc<Self>) -> Ticket {
+        self.acquire_from(None).await
+    }
+
+    /// [`Self::acquire`] for a retry that found no room after its connection failed: it keeps
+    /// its arrival time, so it waits in the queue ahead of later requests and its spill wait
+    /// and queue timeout count from when it arrived, not from the retry.
+    pub async fn requeue(self: &Arc<Self>, arrived: Instant) -> Ticket {
+        self.acquire_from(Some(arrived)).await
+    }
+
+    async fn acquire_from(self: &Arc<Self>, arrived: Option<Instant>) -> Ticket {
         if let Some(b) = self.take_local() {
             return Ticket::Go(Lease::new(self.clone(), Dest::Local(b), None));
         }
+        let since = arrived.unwrap_or_else(Instant::now);
         let mut out = Vec::new();
         let decided = {
             let mut core = self.lock();
             let now = self.now_ms();
             let queued = core.queue.len() as u32;
-            match core.admit(now, 0, false, queued, None) {
+            let waited = since.elapsed().as_millis() as u64;
+            match core.admit(now, waited, false, queued, None) {
                 Some(d) => Ok(d),
                 None => {
                     // Only a request that waits needs an id and a channel.
@@ -651,7 +664,7 @@ impl Shared {
                     let id = core.next_id;
                     core.next_id += 1;
                     let (tx, rx) = oneshot::channel();
-                    core.queue.push(id, Instant::now(), tx);
+                    core.queue.push(id, since, tx);
                     self.queue_changed(&core);
                     // A slot freed after the decision above, while the queue still looked
                     // empty, woke nobody: decide the head again now that the queue shows.
@@ -664,14 +677,18 @@ impl Shared {
         self.send_all(out);
         match decided {
             Ok(d) => self.ticket(d),
-            Err((id, rx)) => self.wait(id, rx).await,
+            Err((id, rx)) => self.wait(id, since, rx).await,
         }
     }
 
-    async fn wait(self: &Arc<Self>, id: u64, mut rx: oneshot::Receiver<Ticket>) -> Ticket {
+    async fn wait(
+        self: &Arc<Self>,
+        id: u64,
+        since: Instant,
+        mut rx: oneshot::Receiver<Ticket>,
+    ) -> Ticket {
         // Leaves the queue if the client goes away while waiting.
         let _guard = QueueGuard { shared: self, id };
-        let since = Instant::now();
         loop {
             let (spill_wait, timeout, spill_possible) = {
                 let core = self.lock();
