@@ -1,5 +1,5 @@
 //! The router's FIFO of requests waiting for a local slot (or a spill once they have waited
-//! `maxQueueWaitMilliseconds`). Only the head is ever decided; see [`super::state`].
+//! `maxQueueWaitMilliseconds`). The head is decided first; see [`super::state`].
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -44,12 +44,13 @@ impl<T> Fifo<T> {
         self.items.insert(at, Waiter { id, since, tx });
     }
 
-    pub fn head(&self) -> Option<&Waiter<T>> {
-        self.items.front()
+    /// The `i`-th waiter from the head.
+    pub fn get(&self, i: usize) -> Option<&Waiter<T>> {
+        self.items.get(i)
     }
 
-    pub fn pop(&mut self) -> Option<Waiter<T>> {
-        self.items.pop_front()
+    pub fn remove_at(&mut self, i: usize) -> Option<Waiter<T>> {
+        self.items.remove(i)
     }
 
     /// Removes a waiter wherever it is; `None` when it already left (decided or removed).
@@ -73,9 +74,9 @@ mod tests {
         }
         assert_eq!(q.remove(2).map(|w| w.id), Some(2));
         assert!(q.remove(2).is_none());
-        assert_eq!(q.head().map(|w| w.id), Some(1));
-        assert_eq!(q.pop().map(|w| w.id), Some(1));
-        assert_eq!(q.pop().map(|w| w.id), Some(3));
+        assert_eq!(q.get(0).map(|w| w.id), Some(1));
+        assert_eq!(q.remove_at(0).map(|w| w.id), Some(1));
+        assert_eq!(q.remove_at(0).map(|w| w.id), Some(3));
         assert!(q.is_empty());
     }
 
@@ -90,7 +91,7 @@ mod tests {
         q.push(3, at(20), ());
         q.push(4, at(5), ());
         q.push(5, at(30), ());
-        let order: Vec<u64> = std::iter::from_fn(|| q.pop().map(|w| w.id)).collect();
+        let order: Vec<u64> = std::iter::from_fn(|| q.remove_at(0).map(|w| w.id)).collect();
         assert_eq!(order, [4, 1, 3, 2, 5]);
     }
 }

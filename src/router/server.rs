@@ -716,24 +716,28 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
             Err(SendError::Connection(e)) => {
                 let dest = dest.clone();
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
-                // The queue knows no exclusions: only an engine set aside stays out of it.
+                // Whether the queue would keep the retry from the failed destination.
                 let may_queue = match &dest {
                     Dest::Provider(p) => {
                         app.shared.provider_result(&p.name, false);
-                        false
+                        true
                     }
                     Dest::Local(b) => app.shared.set_aside(b),
                 };
                 excluded.add(&dest);
                 drop(lease);
                 let next = if attempt < MAX_ATTEMPTS {
+                    let queued = excluded.providers_only();
                     match app.shared.readmit(arrived, &excluded) {
                         Some(l) => Some(l),
-                        // Nothing else has room now: wait for it in its place by arrival.
-                        None if may_queue => match app.shared.requeue(arrived).await {
-                            Ticket::Go(l) => Some(l),
-                            Ticket::Reject(r) => return reject(app, r),
-                        },
+                        // Nothing else has room now: wait for it in its place by arrival, if
+                        // anything else could ever take it.
+                        None if may_queue && app.shared.serves_beyond(&queued) => {
+                            match app.shared.requeue(arrived, queued).await {
+                                Ticket::Go(l) => Some(l),
+                                Ticket::Reject(r) => return reject(app, r),
+                            }
+                        }
                         None => None,
                     }
                 } else {

@@ -32,7 +32,7 @@ use super::keys::{Bearer, KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::queue::Fifo;
 use super::usage::Usage;
-use crate::api::Pricing;
+use crate::api::{BurstMode, Pricing};
 use crate::autoscale::decide::Millis;
 
 /// How long a local engine whose connection failed before any answer gets no new requests:
@@ -193,19 +193,38 @@ impl Default for BreakerSettings {
 }
 
 /// Destinations a retried request must not go back to.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Excluded {
     pub locals: Vec<String>,
     pub providers: Vec<String>,
 }
 
 impl Excluded {
+    pub fn is_empty(&self) -> bool {
+        self.locals.is_empty() && self.providers.is_empty()
+    }
+
+    /// What a queued retry stays away from: the providers. A failed engine is set aside for
+    /// a while instead, for every request, and may take the retry once it is back.
+    pub fn providers_only(&self) -> Self {
+        Self {
+            locals: Vec::new(),
+            providers: self.providers.clone(),
+        }
+    }
+
     pub fn add(&mut self, dest: &Dest) {
         match dest {
             Dest::Local(b) => self.locals.push(b.addr.clone()),
             Dest::Provider(p) => self.providers.push(p.name.clone()),
         }
     }
+}
+
+/// A request in the queue: where its ticket goes, and where it must not (a retry's failures).
+struct Waiting {
+    tx: oneshot::Sender<Ticket>,
+    excluded: Excluded,
 }
 
 /// What a request gets: a lease on a destination, or a 503.
@@ -235,7 +254,7 @@ struct Core {
     draining: Vec<Arc<Backend>>,
     providers: Vec<ProviderSlot>,
     budget: BudgetTracker,
-    queue: Fifo<oneshot::Sender<Ticket>>,
+    queue: Fifo<Waiting>,
     capacity_exhausted: bool,
     scratch_b: Vec<BackendLoad>,
     scratch_p: Vec<ProviderLoad>,
@@ -333,21 +352,28 @@ impl Core {
     }
 
     /// Decides the queue head for as long as it can go somewhere (FIFO: nobody behind it moves
-    /// first).
+    /// first), except that a retry kept only from what it failed on lets those behind it by.
     fn pump(
         &mut self,
         now: Millis,
         at: Instant,
         out: &mut Vec<(oneshot::Sender<Ticket>, Decided)>,
     ) {
-        while let Some(head) = self.queue.head() {
-            let waited = at.saturating_duration_since(head.since).as_millis() as u64;
+        let mut i = 0;
+        while let Some(w) = self.queue.get(i) {
+            let waited = at.saturating_duration_since(w.since).as_millis() as u64;
             let queued = (self.queue.len() - 1) as u32;
-            let Some(d) = self.admit(now, waited, true, queued, None) else {
-                break;
-            };
-            if let Some(w) = self.queue.pop() {
-                out.push((w.tx, d));
+            // Only a retry has exclusions, one or two: cloned (an empty one allocates nothing).
+            let ex = w.tx.excluded.clone();
+            match self.admit(now, waited, true, queued, Some(&ex)) {
+                Some(d) => {
+                    if let Some(w) = self.queue.remove_at(i) {
+                        out.push((w.tx.tx, d));
+                    }
+                }
+                // What has room is what this retry failed on: those behind may take it.
+                None if !ex.is_empty() => i += 1,
+                None => break,
             }
         }
     }
@@ -634,28 +660,43 @@ impl Shared {
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out.
     pub async fn acquire(self: &Arc<Self>) -> Ticket {
-        self.acquire_from(None).await
+        if let Some(b) = self.take_local() {
+            return Ticket::Go(Lease::new(self.clone(), Dest::Local(b), None));
+        }
+        self.enqueue(Instant::now(), Excluded::default()).await
     }
 
     /// [`Self::acquire`] for a retry that found no room after its connection failed: it keeps
     /// its arrival time, so it waits in the queue ahead of later requests and its spill wait
-    /// and queue timeout count from when it arrived, not from the retry.
-    pub async fn requeue(self: &Arc<Self>, arrived: Instant) -> Ticket {
-        self.acquire_from(Some(arrived)).await
+    /// and queue timeout count from when it arrived, not from the retry; and it is never
+    /// handed a destination in `excluded`.
+    pub async fn requeue(self: &Arc<Self>, arrived: Instant, excluded: Excluded) -> Ticket {
+        self.enqueue(arrived, excluded).await
     }
 
-    async fn acquire_from(self: &Arc<Self>, arrived: Option<Instant>) -> Ticket {
-        if let Some(b) = self.take_local() {
-            return Ticket::Go(Lease::new(self.clone(), Dest::Local(b), None));
-        }
-        let since = arrived.unwrap_or_else(Instant::now);
+    /// Whether anything outside `excluded` could ever take a request: otherwise a retry that
+    /// queued would only wait for its timeout.
+    pub fn serves_beyond(&self, excluded: &Excluded) -> bool {
+        let core = self.lock();
+        core.backends
+            .iter()
+            .any(|b| !excluded.locals.contains(&b.addr))
+            || (core.config.burst.mode != BurstMode::Never
+                && core
+                    .providers
+                    .iter()
+                    .any(|p| !excluded.providers.contains(&p.p.name)))
+    }
+
+    /// Decides under the lock, or queues by `since` until a decision comes.
+    async fn enqueue(self: &Arc<Self>, since: Instant, excluded: Excluded) -> Ticket {
         let mut out = Vec::new();
         let decided = {
             let mut core = self.lock();
             let now = self.now_ms();
             let queued = core.queue.len() as u32;
             let waited = since.elapsed().as_millis() as u64;
-            match core.admit(now, waited, false, queued, None) {
+            match core.admit(now, waited, false, queued, Some(&excluded)) {
                 Some(d) => Ok(d),
                 None => {
                     // Only a request that waits needs an id and a channel.
@@ -664,7 +705,7 @@ impl Shared {
                     let id = core.next_id;
                     core.next_id += 1;
                     let (tx, rx) = oneshot::channel();
-                    core.queue.push(id, since, tx);
+                    core.queue.push(id, since, Waiting { tx, excluded });
                     self.queue_changed(&core);
                     // A slot freed after the decision above, while the queue still looked
                     // empty, woke nobody: decide the head again now that the queue shows.

@@ -760,6 +760,92 @@ async fn a_queued_retry_keeps_its_place_by_arrival() {
     .await;
 }
 
+/// Until `n` connections have been accepted.
+async fn until_accepted(accepted: &std::sync::atomic::AtomicUsize, n: usize) {
+    while accepted.load(std::sync::atomic::Ordering::SeqCst) < n {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A router with one local engine of one slot and provider `p` at `provider`, spilling after
+/// 100 ms in the queue.
+async fn router_spilling_to(
+    live: &EngineSimServer,
+    provider: SocketAddr,
+    dir: &TempDir,
+) -> RouterServer {
+    let key = dir.file("p", "sk-p");
+    router(
+        &format!(
+            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 5, timeoutSeconds: 10}}\nburst:\n  maxQueueWaitMilliseconds: 100\n  providers:\n  - {{name: p, url: \"http://{provider}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+        ),
+        vec![live.addr().to_string()],
+    )
+    .await
+}
+
+/// Until a request is in the queue.
+async fn until_queued(r: &RouterServer) {
+    wait_metrics(r, |t| {
+        sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_whose_provider_failed_waits_for_a_local_slot() {
+    bounded(async {
+        let dir = TempDir::new("requeue");
+        let live = engine(1, 50.0).await;
+        let (bad, accepted, _, task) = flaky_engine().await;
+        let r = router_spilling_to(&live, bad, &dir).await;
+        let held = hold_stream(r.addr(), 40).await;
+        let addr = r.addr();
+        let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        // It spilled and the provider failed it (it left the queue for that): it waits again
+        // instead of answering 502.
+        until_accepted(&accepted, 1).await;
+        until_queued(&r).await;
+        drop(held);
+        assert_eq!(served_by(&waiting.await.unwrap()), "local");
+        // The queue kept it from the provider that failed it.
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_queued_retry_does_not_hold_back_those_behind_it() {
+    bounded(async {
+        let dir = TempDir::new("requeue-by");
+        let live = engine(1, 10.0).await;
+        let (flaky, accepted, serve, task) = flaky_engine().await;
+        let r = router_spilling_to(&live, flaky, &dir).await;
+        // 100 s on the only local slot: it never frees by itself, nor does the queue time out
+        // (10 s) unless the first request holds the second back.
+        let held = hold_stream(r.addr(), 1000).await;
+        let addr = r.addr();
+        let first = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        until_accepted(&accepted, 1).await;
+        until_queued(&r).await;
+        // The provider is back. The first request stays away from it; the next one queues
+        // behind it and is let by to the provider when its own spill wait is over.
+        serve.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(served_by(&post(addr, chat(1, false)).await), "back");
+        assert!(!first.is_finished());
+        assert_eq!(engine_running(&live).await, 1.0);
+        drop(held);
+        assert_eq!(served_by(&first.await.unwrap()), "local");
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn requests_per_minute_budget_exhausted_means_no_more_spill() {
     bounded(async {
