@@ -8,7 +8,7 @@ use std::time::Instant;
 pub struct Waiter<T> {
     pub id: u64,
     pub since: Instant,
-    pub tx: T,
+    pub item: T,
 }
 
 /// FIFO with removal by id (a client that goes away leaves its place).
@@ -34,19 +34,27 @@ impl<T> Fifo<T> {
         self.items.is_empty()
     }
 
-    /// In order of arrival: at the back, unless `since` is earlier (a retry keeps its arrival).
-    pub fn push(&mut self, id: u64, since: Instant, tx: T) {
-        let at = self
-            .items
+    /// How many waiters arrived at `since` or before (all of them, for a new request).
+    pub fn ahead_of(&self, since: Instant) -> usize {
+        self.items
             .iter()
             .rposition(|w| w.since <= since)
-            .map_or(0, |i| i + 1);
-        self.items.insert(at, Waiter { id, since, tx });
+            .map_or(0, |i| i + 1)
+    }
+
+    /// In order of arrival: at the back, unless `since` is earlier (a retry keeps its arrival).
+    pub fn push(&mut self, id: u64, since: Instant, item: T) {
+        let at = self.ahead_of(since);
+        self.items.insert(at, Waiter { id, since, item });
     }
 
     /// The `i`-th waiter from the head.
     pub fn get(&self, i: usize) -> Option<&Waiter<T>> {
         self.items.get(i)
+    }
+
+    pub fn get_mut(&mut self, i: usize) -> Option<&mut Waiter<T>> {
+        self.items.get_mut(i)
     }
 
     pub fn remove_at(&mut self, i: usize) -> Option<Waiter<T>> {
@@ -91,6 +99,10 @@ mod tests {
         q.push(3, at(20), ());
         q.push(4, at(5), ());
         q.push(5, at(30), ());
+        assert_eq!(
+            (q.ahead_of(at(0)), q.ahead_of(at(20)), q.ahead_of(at(99))),
+            (0, 3, 5)
+        );
         let order: Vec<u64> = std::iter::from_fn(|| q.remove_at(0).map(|w| w.id)).collect();
         assert_eq!(order, [4, 1, 3, 2, 5]);
     }

@@ -197,19 +197,21 @@ impl Default for BreakerSettings {
 pub struct Excluded {
     pub locals: Vec<String>,
     pub providers: Vec<String>,
+    /// Every local engine: for a waiter behind one that was let by (see `Core::pump`).
+    pub all_locals: bool,
 }
 
 impl Excluded {
     pub fn is_empty(&self) -> bool {
-        self.locals.is_empty() && self.providers.is_empty()
+        self.locals.is_empty() && self.providers.is_empty() && !self.all_locals
     }
 
     /// What a queued retry stays away from: the providers. A failed engine is set aside for
     /// a while instead, for every request, and may take the retry once it is back.
     pub fn providers_only(&self) -> Self {
         Self {
-            locals: Vec::new(),
             providers: self.providers.clone(),
+            ..Self::default()
         }
     }
 
@@ -221,7 +223,8 @@ impl Excluded {
     }
 }
 
-/// A request in the queue: where its ticket goes, and where it must not (a retry's failures).
+/// A request in the queue: where its ticket goes, and where it must not (the providers a
+/// retry failed on; never engines, which are set aside instead).
 struct Waiting {
     tx: oneshot::Sender<Ticket>,
     excluded: Excluded,
@@ -280,7 +283,7 @@ impl Core {
             &self.backends,
             limit,
             || now,
-            |b| ex.is_some_and(|e| e.locals.contains(&b.addr)),
+            |b| ex.is_some_and(|e| e.all_locals || e.locals.contains(&b.addr)),
             &mut bl,
         );
         pl.extend(self.providers.iter().map(|p| ProviderLoad {
@@ -352,7 +355,10 @@ impl Core {
     }
 
     /// Decides the queue head for as long as it can go somewhere (FIFO: nobody behind it moves
-    /// first), except that a retry kept only from what it failed on lets those behind it by.
+    /// first), except that a retry kept only from the providers it failed on lets those
+    /// behind it by to what it may not take. Once one is let by, those behind it may go only
+    /// to a provider: a local slot freed meanwhile (lock-free) is the skipped retry's, at the
+    /// next pump that its release brings.
     fn pump(
         &mut self,
         now: Millis,
@@ -360,19 +366,28 @@ impl Core {
         out: &mut Vec<(oneshot::Sender<Ticket>, Decided)>,
     ) {
         let mut i = 0;
-        while let Some(w) = self.queue.get(i) {
+        let mut let_by = false;
+        while let Some(w) = self.queue.get_mut(i) {
             let waited = at.saturating_duration_since(w.since).as_millis() as u64;
+            // Taken out for the decision and put back if it waits on: no clone under the lock.
+            let mut ex = std::mem::take(&mut w.item.excluded);
+            let skips = !ex.is_empty();
+            ex.all_locals = let_by;
             let queued = (self.queue.len() - 1) as u32;
-            // Only a retry has exclusions, one or two: cloned (an empty one allocates nothing).
-            let ex = w.tx.excluded.clone();
             match self.admit(now, waited, true, queued, Some(&ex)) {
                 Some(d) => {
                     if let Some(w) = self.queue.remove_at(i) {
-                        out.push((w.tx.tx, d));
+                        out.push((w.item.tx, d));
                     }
                 }
-                // What has room is what this retry failed on: those behind may take it.
-                None if !ex.is_empty() => i += 1,
+                None if skips => {
+                    ex.all_locals = false;
+                    if let Some(w) = self.queue.get_mut(i) {
+                        w.item.excluded = ex;
+                    }
+                    let_by = true;
+                    i += 1;
+                }
                 None => break,
             }
         }
@@ -671,11 +686,14 @@ impl Shared {
     /// and queue timeout count from when it arrived, not from the retry; and it is never
     /// handed a destination in `excluded`.
     pub async fn requeue(self: &Arc<Self>, arrived: Instant, excluded: Excluded) -> Ticket {
+        // `Core::pump` lets others by such a waiter only for what it may not take: providers.
+        debug_assert!(excluded.locals.is_empty() && !excluded.all_locals);
         self.enqueue(arrived, excluded).await
     }
 
-    /// Whether anything outside `excluded` could ever take a request: otherwise a retry that
-    /// queued would only wait for its timeout.
+    /// Whether an engine now listed, or a provider, outside `excluded` could take a request:
+    /// otherwise a retry that queued would only wait for its timeout. (With no engines listed,
+    /// engines that may come later do not count.)
     pub fn serves_beyond(&self, excluded: &Excluded) -> bool {
         let core = self.lock();
         core.backends
@@ -694,7 +712,9 @@ impl Shared {
         let decided = {
             let mut core = self.lock();
             let now = self.now_ms();
-            let queued = core.queue.len() as u32;
+            // Those that arrived earlier: all of them for a new request. A retry is neither held
+            // back nor refused as over the limit for requests that came after it.
+            let queued = core.queue.ahead_of(since) as u32;
             let waited = since.elapsed().as_millis() as u64;
             match core.admit(now, waited, false, queued, Some(&excluded)) {
                 Some(d) => Ok(d),

@@ -690,70 +690,64 @@ async fn a_retry_with_no_room_elsewhere_waits_in_the_queue_instead_of_failing() 
     .await;
 }
 
-/// An engine that reads a request per connection, says so on `read`, and closes the connection
-/// without an answer when `cue` is notified.
-struct EngineFailingOnCue {
-    addr: SocketAddr,
-    read: Arc<tokio::sync::Notify>,
-    cue: Arc<tokio::sync::Notify>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-async fn engine_failing_on_cue() -> EngineFailingOnCue {
+/// An engine that reads a request per connection, says so on `read`, and never answers. When
+/// its task is aborted the connections it holds close and new ones are refused.
+async fn engine_hanging() -> (
+    SocketAddr,
+    Arc<tokio::sync::Notify>,
+    tokio::task::JoinHandle<()>,
+) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    let (read, cue) = (
-        Arc::new(tokio::sync::Notify::new()),
-        Arc::new(tokio::sync::Notify::new()),
-    );
-    let (on_read, on_cue) = (read.clone(), cue.clone());
+    let read = Arc::new(tokio::sync::Notify::new());
+    let on_read = read.clone();
     let task = tokio::spawn(async move {
+        let mut held = Vec::new();
         while let Ok((mut s, _)) = l.accept().await {
             let mut buf = [0u8; 8192];
             let _ = s.read(&mut buf).await;
             on_read.notify_one();
-            on_cue.notified().await;
+            held.push(s);
         }
     });
-    EngineFailingOnCue {
-        addr,
-        read,
-        cue,
-        task,
-    }
+    (addr, read, task)
 }
 
 #[tokio::test]
 async fn a_queued_retry_keeps_its_place_by_arrival() {
     bounded(async {
         let live = engine(1, 50.0).await;
-        let bad = engine_failing_on_cue().await;
+        let (bad, read, bad_task) = engine_hanging().await;
+        // Room in the queue for one: the retry must not count the request behind it.
         let r = router(
-            "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 20}\nburst: {mode: Never}\n",
-            vec![live.addr().to_string(), bad.addr.to_string()],
+            "maxConcurrencyPerBackend: 1\nqueue: {limit: 1, timeoutSeconds: 25}\nburst: {mode: Never}\n",
+            vec![live.addr().to_string(), bad.to_string()],
         )
         .await;
-        let held = hold_stream(r.addr(), 40).await;
+        // 20 s on the live engine: it frees only when dropped.
+        let held = hold_stream(r.addr(), 1000).await;
         let addr = r.addr();
         let queue_at = |n: f64| {
             move |t: &str| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= n)
         };
         // `first` goes to the bad engine and hangs there; `second`, arriving later, queues.
         let first = tokio::spawn(async move { post(addr, chat(1, false)).await });
-        bad.read.notified().await;
+        read.notified().await;
         let second = tokio::spawn(async move { post(addr, chat(1, false)).await });
         wait_metrics(&r, queue_at(1.0)).await;
         // `first` fails, finds no room and queues too: ahead of `second`, which came later.
-        bad.cue.notify_one();
+        bad_task.abort();
         wait_metrics(&r, queue_at(2.0)).await;
         drop(held);
         let (a, b) = (first.await.unwrap(), second.await.unwrap());
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
         assert_eq!(b.status, StatusCode::OK, "{}", b.text());
         // engine-sim numbers the requests it serves: `first` got the freed slot.
-        let n = |r: &Reply| r.json()["id"].as_str().unwrap().rsplit('-').next().unwrap().parse::<u64>().unwrap();
+        let n = |r: &Reply| {
+            let id = r.json()["id"].as_str().unwrap().to_string();
+            id.rsplit('-').next().unwrap().parse::<u64>().unwrap()
+        };
         assert!(n(&a) < n(&b), "{} then {}", a.text(), b.text());
-        bad.task.abort();
         r.stop().await;
         live.stop().await.unwrap();
     })
