@@ -691,14 +691,16 @@ impl Shared {
         self.enqueue(arrived, excluded).await
     }
 
-    /// Whether an engine now listed, or a provider, outside `excluded` could take a request:
-    /// otherwise a retry that queued would only wait for its timeout. (With no engines listed,
-    /// engines that may come later do not count.)
+    /// Whether an engine or a provider outside `excluded` could take a request: otherwise a
+    /// retry that queued would only wait for its timeout. With no engine listed yet (a cold
+    /// start), one may come, as for a new request.
     pub fn serves_beyond(&self, excluded: &Excluded) -> bool {
         let core = self.lock();
-        core.backends
-            .iter()
-            .any(|b| !excluded.locals.contains(&b.addr))
+        core.backends.is_empty()
+            || core
+                .backends
+                .iter()
+                .any(|b| !excluded.locals.contains(&b.addr))
             || (core.config.burst.mode != BurstMode::Never
                 && core
                     .providers

@@ -812,6 +812,33 @@ async fn a_request_whose_provider_failed_waits_for_a_local_slot() {
 }
 
 #[tokio::test]
+async fn in_a_cold_start_a_request_whose_provider_failed_waits_for_the_first_engine() {
+    bounded(async {
+        let dir = TempDir::new("requeue-cold");
+        let key = dir.file("p", "sk-p");
+        let (bad, accepted, _, task) = flaky_engine().await;
+        let r = router(
+            &format!(
+                "queue: {{limit: 5, timeoutSeconds: 25}}\nburst:\n  providers:\n  - {{name: p, url: \"http://{bad}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+            ),
+            vec![],
+        )
+        .await;
+        let addr = r.addr();
+        let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        until_accepted(&accepted, 1).await;
+        until_queued(&r).await;
+        let live = engine(1, 50.0).await;
+        r.shared().set_backends(vec![live.addr().to_string()]);
+        assert_eq!(served_by(&waiting.await.unwrap()), "local");
+        task.abort();
+        r.stop().await;
+        live.stop().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_queued_retry_does_not_hold_back_those_behind_it() {
     bounded(async {
         let dir = TempDir::new("requeue-by");
