@@ -4,6 +4,11 @@
 #
 #   e2e/bench/router.sh                      # builds the release binary if needed
 #   DURATION=20s LOADS="8 64" ROUNDS=5 e2e/bench/router.sh
+#   PAIRED=1 DURATION=3s WARMUP=1s LOADS=16 ROUNDS=60 e2e/bench/router.sh
+#
+# PAIRED=1 measures only the router and nginx, alternating which goes first: with short
+# measurements each round is a close pair, so the round-by-round ratios move less with the
+# machine than the medians do.
 #
 # Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Requests are small and not
 # streamed: POST /v1/completions with max_tokens 1, engine-sim with no artificial delay.
@@ -130,10 +135,14 @@ TARGETS=(direct router nginx)
 # follow each other one as often: a plain rotation keeps the cyclic order and always puts the
 # router after direct. Round r takes the r-th of the six orders.
 ORDERS=("0 1 2" "0 2 1" "1 0 2" "1 2 0" "2 0 1" "2 1 0")
+if [[ -n ${PAIRED:-} ]]; then
+  TARGETS=(router nginx)
+  ORDERS=("0 1" "1 0")
+fi
 for conns in $LOADS; do
   declare -A R A B E
   for round in $(seq "$ROUNDS"); do
-    for i in ${ORDERS[$(( (round - 1) % 6 ))]}; do
+    for i in ${ORDERS[$(( (round - 1) % ${#ORDERS[@]} ))]}; do
       t=${TARGETS[$i]}
       read -r r a b errs _n < <(measure "$(port_of "$t")" "$conns")
       if [[ -n ${VERBOSE:-} ]]; then echo "  round $round $t: $r req/s, p50 $a us, p99 $b us" >&2; fi
@@ -149,6 +158,7 @@ for conns in $LOADS; do
       "$(echo "${p50[$t]} / 1000" | bc -l)" "$(echo "${p99[$t]} / 1000" | bc -l)" "${E[$t]}"
   done
   for via in router nginx; do
+    [[ -n ${p50[direct]:-} ]] || break
     printf '  %-6s added latency at %s conns: p50 %+.3f ms, p99 %+.3f ms; throughput %.0f%% of direct\n' \
       "$via" "$conns" \
       "$(echo "(${p50[$via]} - ${p50[direct]}) / 1000" | bc -l)" \
