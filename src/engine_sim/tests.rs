@@ -400,36 +400,20 @@ async fn usage_counts_prompt_chars_and_capped_output() {
         assert_eq!(v["choices"][0]["finish_reason"], "length");
 
         // Streaming completions carry usage last too, when asked for.
-        let stream = |include_usage: bool| {
-            json!({"prompt": "abcd", "max_tokens": 3, "stream": true,
-                "stream_options": {"include_usage": include_usage}})
+        let stream = |include_usage: bool| async move {
+            let body = json!({"prompt": "abcd", "max_tokens": 3, "stream": true,
+                "stream_options": {"include_usage": include_usage}});
+            let resp = open(addr, Method::POST, "/v1/completions", &[], Some(body));
+            read_sse(resp.await.unwrap()).await
         };
-        let resp = open(
-            addr,
-            Method::POST,
-            "/v1/completions",
-            &[],
-            Some(stream(true)),
-        )
-        .await
-        .unwrap();
-        let events = read_sse(resp).await;
+        let events = stream(true).await;
         let usage: Value = serde_json::from_str(&events[events.len() - 2].1).unwrap();
         assert_eq!(
             usage["usage"],
             json!({"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4})
         );
         // Not asked for: the finish chunk comes last, and no chunk without choices.
-        let resp = open(
-            addr,
-            Method::POST,
-            "/v1/completions",
-            &[],
-            Some(stream(false)),
-        )
-        .await
-        .unwrap();
-        let events = read_sse(resp).await;
+        let events = stream(false).await;
         assert_eq!(events[events.len() - 1].1, "[DONE]");
         for (_, e) in &events[..events.len() - 1] {
             let v: Value = serde_json::from_str(e).unwrap();

@@ -1198,18 +1198,12 @@ impl Relay {
                     self.finish("aborted");
                     return Poll::Ready(Some(Err(e)));
                 }
-                None => {
-                    let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
-                    self.ended();
-                    return Poll::Ready(tail.filter(|t| !t.is_empty()).map(|t| Ok(Frame::data(t))));
-                }
+                None => return Poll::Ready(self.end_filtered().map(|t| Ok(Frame::data(t)))),
             };
             let d = match frame.into_data() {
                 Ok(d) => d,
                 Err(trailers) => {
-                    let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
-                    self.ended();
-                    return match tail.filter(|t| !t.is_empty()) {
+                    return match self.end_filtered() {
                         Some(t) => {
                             self.trailers = Some(trailers);
                             Poll::Ready(Some(Ok(Frame::data(t))))
@@ -1224,14 +1218,10 @@ impl Relay {
                 return Poll::Ready(Some(Ok(Frame::data(d))));
             };
             let mut out = filter.pass(&d);
-            if end {
-                let tail = filter.finish();
-                if !tail.is_empty() {
-                    let mut all = bytes::BytesMut::from(out);
-                    all.extend_from_slice(&tail);
-                    out = all.freeze();
-                }
-                self.ended();
+            if end && let Some(tail) = self.end_filtered() {
+                let mut all = bytes::BytesMut::from(out);
+                all.extend_from_slice(&tail);
+                out = all.freeze();
             }
             if !out.is_empty() {
                 return Poll::Ready(Some(Ok(Frame::data(out))));
@@ -1240,6 +1230,14 @@ impl Relay {
                 return Poll::Ready(None);
             }
         }
+    }
+
+    /// At the end of a filtered answer: the filter's held last line, if any is left to send,
+    /// and the answer recorded as ended.
+    fn end_filtered(&mut self) -> Option<Bytes> {
+        let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+        self.ended();
+        tail.filter(|t| !t.is_empty())
     }
 
     fn finish(&mut self, outcome: &'static str) {

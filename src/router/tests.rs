@@ -641,16 +641,12 @@ async fn an_engine_back_from_being_set_aside_takes_the_queue_head() {
     bounded(async {
         let live = engine(1, 50.0).await;
         let (bad, _, serve, task) = flaky_engine().await;
-        let r = router(
-            "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 25}\nburst: {mode: Never}\n",
-            vec![live.addr().to_string(), bad.to_string()],
-        )
-        .await;
+        let r = router_over(&live, bad, "{limit: 5, timeoutSeconds: 25}").await;
         // 20 s on the live engine: longer than the set-aside, shorter than the queue timeout.
         let held = hold_stream(r.addr(), 1000).await;
         let addr = r.addr();
         let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
-        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)).await;
+        until_queued(&r, 1.0).await;
         serve.store(true, std::sync::atomic::Ordering::SeqCst);
         // Its return frees no slot; the waiter still gets it, not the live engine's slot later.
         assert_eq!(served_by(&waiting.await.unwrap()), "back");
@@ -668,17 +664,13 @@ async fn a_retry_with_no_room_elsewhere_waits_in_the_queue_instead_of_failing() 
     bounded(async {
         let live = engine(1, 50.0).await;
         let (bad, accepted, _, task) = flaky_engine().await;
-        let r = router(
-            "maxConcurrencyPerBackend: 1\nqueue: {limit: 5, timeoutSeconds: 20}\nburst: {mode: Never}\n",
-            vec![live.addr().to_string(), bad.to_string()],
-        )
-        .await;
+        let r = router_over(&live, bad, "{limit: 5, timeoutSeconds: 20}").await;
         // Fills the live engine (ties go to the lowest index), so the next request goes to
         // the bad one, fails, and finds no room anywhere.
         let held = hold_stream(r.addr(), 40).await;
         let addr = r.addr();
         let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
-        wait_metrics(&r, |t| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)).await;
+        until_queued(&r, 1.0).await;
         assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
         drop(held);
         let reply = waiting.await.unwrap();
@@ -719,25 +711,18 @@ async fn a_queued_retry_keeps_its_place_by_arrival() {
         let live = engine(1, 50.0).await;
         let (bad, read, bad_task) = engine_hanging().await;
         // Room in the queue for one: the retry must not count the request behind it.
-        let r = router(
-            "maxConcurrencyPerBackend: 1\nqueue: {limit: 1, timeoutSeconds: 25}\nburst: {mode: Never}\n",
-            vec![live.addr().to_string(), bad.to_string()],
-        )
-        .await;
+        let r = router_over(&live, bad, "{limit: 1, timeoutSeconds: 25}").await;
         // 20 s on the live engine: it frees only when dropped.
         let held = hold_stream(r.addr(), 1000).await;
         let addr = r.addr();
-        let queue_at = |n: f64| {
-            move |t: &str| sample(t, "spillway_router_queue_length").is_some_and(|v| v >= n)
-        };
         // `first` goes to the bad engine and hangs there; `second`, arriving later, queues.
         let first = tokio::spawn(async move { post(addr, chat(1, false)).await });
         read.notified().await;
         let second = tokio::spawn(async move { post(addr, chat(1, false)).await });
-        wait_metrics(&r, queue_at(1.0)).await;
+        until_queued(&r, 1.0).await;
         // `first` fails, finds no room and queues too: ahead of `second`, which came later.
         bad_task.abort();
-        wait_metrics(&r, queue_at(2.0)).await;
+        until_queued(&r, 2.0).await;
         drop(held);
         let (a, b) = (first.await.unwrap(), second.await.unwrap());
         assert_eq!(a.status, StatusCode::OK, "{}", a.text());
@@ -778,12 +763,22 @@ async fn router_spilling_to(
     .await
 }
 
-/// Until a request is in the queue.
-async fn until_queued(r: &RouterServer) {
+/// Until at least `n` requests are in the queue.
+async fn until_queued(r: &RouterServer, n: f64) {
     wait_metrics(r, |t| {
-        sample(t, "spillway_router_queue_length").is_some_and(|v| v >= 1.0)
+        sample(t, "spillway_router_queue_length").is_some_and(|v| v >= n)
     })
     .await;
+}
+
+/// A router over a live engine and a bad one, one slot each, queueing as `queue` says and
+/// never spilling.
+async fn router_over(live: &EngineSimServer, bad: SocketAddr, queue: &str) -> RouterServer {
+    router(
+        &format!("maxConcurrencyPerBackend: 1\nqueue: {queue}\nburst: {{mode: Never}}\n"),
+        vec![live.addr().to_string(), bad.to_string()],
+    )
+    .await
 }
 
 #[tokio::test]
@@ -799,7 +794,7 @@ async fn a_request_whose_provider_failed_waits_for_a_local_slot() {
         // It spilled and the provider failed it (it left the queue for that): it waits again
         // instead of answering 502.
         until_accepted(&accepted, 1).await;
-        until_queued(&r).await;
+        until_queued(&r, 1.0).await;
         drop(held);
         assert_eq!(served_by(&waiting.await.unwrap()), "local");
         // The queue kept it from the provider that failed it.
@@ -827,7 +822,7 @@ async fn in_a_cold_start_a_request_whose_provider_failed_waits_for_the_first_eng
         let addr = r.addr();
         let waiting = tokio::spawn(async move { post(addr, chat(1, false)).await });
         until_accepted(&accepted, 1).await;
-        until_queued(&r).await;
+        until_queued(&r, 1.0).await;
         let live = engine(1, 50.0).await;
         r.shared().set_backends(vec![live.addr().to_string()]);
         assert_eq!(served_by(&waiting.await.unwrap()), "local");
@@ -851,7 +846,7 @@ async fn a_queued_retry_does_not_hold_back_those_behind_it() {
         let addr = r.addr();
         let first = tokio::spawn(async move { post(addr, chat(1, false)).await });
         until_accepted(&accepted, 1).await;
-        until_queued(&r).await;
+        until_queued(&r, 1.0).await;
         // The provider is back. The first request stays away from it; the next one queues
         // behind it and is let by to the provider when its own spill wait is over.
         serve.store(true, std::sync::atomic::Ordering::SeqCst);
