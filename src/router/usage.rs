@@ -68,9 +68,10 @@ impl UsageScanner {
             }
             Mode::Sse { line, skipping } => {
                 let mut rest = chunk;
-                while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-                    let (head, tail) = rest.split_at(nl);
-                    rest = &tail[1..];
+                // A CRLF split between chunks reads as one more, empty, line: no usage in it.
+                while let Some((end, next)) = line_end(rest) {
+                    let head = &rest[..end];
+                    rest = &rest[next..];
                     if *skipping {
                         *skipping = false;
                         line.clear();
@@ -116,6 +117,15 @@ impl UsageScanner {
     }
 }
 
+/// Where the first line of `buf` ends: its length without the terminator, and with it. SSE ends
+/// lines with LF, CRLF or a lone CR. A CR that ends `buf` ends its line at once; an LF opening
+/// the next chunk is then the rest of a CRLF, not an empty line.
+fn line_end(buf: &[u8]) -> Option<(usize, usize)> {
+    let i = buf.iter().position(|b| matches!(b, b'\n' | b'\r'))?;
+    let crlf = buf[i] == b'\r' && buf.get(i + 1) == Some(&b'\n');
+    Some((i, i + 1 + usize::from(crlf)))
+}
+
 /// One SSE line: only `data:` lines that mention usage are parsed.
 fn sse_line_usage(line: &[u8]) -> Option<Usage> {
     usage_chunk(line).and_then(|v| usage_of(&v))
@@ -123,7 +133,6 @@ fn sse_line_usage(line: &[u8]) -> Option<Usage> {
 
 /// The chunk of a `data:` line that mentions usage; other lines are not parsed.
 fn usage_chunk(line: &[u8]) -> Option<Value> {
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
     let data = line.strip_prefix(b"data:")?;
     if !data.windows(7).any(|w| w == b"\"usage\"") {
         return None;
@@ -145,6 +154,9 @@ pub struct UsageChunkFilter {
     passing: bool,
     /// The last line was dropped, so the blank line after it goes too.
     dropped: bool,
+    /// The last chunk ended on a CR: whether an LF opening the next one, the rest of that line,
+    /// goes on (the line passed) or not (it was dropped).
+    after_cr: Option<bool>,
 }
 
 impl UsageChunkFilter {
@@ -152,20 +164,33 @@ impl UsageChunkFilter {
     pub fn pass(&mut self, chunk: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(self.held.len() + chunk.len());
         let mut rest = chunk;
-        while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
-            let (line, tail) = rest.split_at(nl + 1);
+        if let Some(passed) = self.after_cr.take_if(|_| !rest.is_empty())
+            && let Some(tail) = rest.strip_prefix(b"\n")
+        {
+            if passed {
+                out.extend_from_slice(b"\n");
+            }
             rest = tail;
-            if self.passing {
+        }
+        while let Some((_, next)) = line_end(rest) {
+            let (line, tail) = rest.split_at(next);
+            rest = tail;
+            let passed = if self.passing {
                 self.passing = false;
                 out.extend_from_slice(line);
+                true
             } else if self.held.is_empty() {
-                self.line(line, &mut out);
+                self.line(line, &mut out)
             } else {
                 let mut whole = std::mem::take(&mut self.held);
                 whole.extend_from_slice(line);
-                self.line(&whole, &mut out);
+                let passed = self.line(&whole, &mut out);
                 whole.clear();
                 self.held = whole;
+                passed
+            };
+            if rest.is_empty() && line.ends_with(b"\r") {
+                self.after_cr = Some(passed);
             }
         }
         if self.passing {
@@ -195,16 +220,19 @@ impl UsageChunkFilter {
     pub fn finish(&mut self) -> Bytes {
         let last = std::mem::take(&mut self.held);
         let mut out = BytesMut::new();
-        self.line(&last, &mut out);
+        if !last.is_empty() {
+            self.line(&last, &mut out);
+        }
         out.freeze()
     }
 
-    fn line(&mut self, line: &[u8], out: &mut BytesMut) {
+    /// Passes `line` on to `out` unless it is dropped; says which.
+    fn line(&mut self, line: &[u8], out: &mut BytesMut) -> bool {
         let text = line.strip_suffix(b"\n").unwrap_or(line);
         let text = text.strip_suffix(b"\r").unwrap_or(text);
         let after_dropped = std::mem::take(&mut self.dropped);
         if after_dropped && text.is_empty() {
-            return;
+            return false;
         }
         if let Some(v) = usage_chunk(text) {
             if let Some(u) = usage_of(&v) {
@@ -216,10 +244,11 @@ impl UsageChunkFilter {
                 && v.get("usage").is_some_and(Value::is_object)
             {
                 self.dropped = true;
-                return;
+                return false;
             }
         }
         out.extend_from_slice(line);
+        true
     }
 }
 
@@ -269,6 +298,21 @@ mod tests {
                 "chunk size {size}"
             );
         }
+    }
+
+    /// SSE allows a lone CR as a line end: lines are read as they end, not when an LF comes.
+    #[test]
+    fn sse_lines_may_end_with_a_lone_cr() {
+        let mut s = UsageScanner::new(true);
+        s.feed(b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":1}}\r");
+        s.feed(b"\rdata: [DONE]\r\r");
+        assert_eq!(
+            s.usage,
+            Some(Usage {
+                prompt_tokens: 4,
+                completion_tokens: 1
+            })
+        );
     }
 
     #[test]
@@ -326,6 +370,32 @@ mod tests {
                 "chunk size {size}"
             );
         }
+    }
+
+    #[test]
+    fn lines_ending_in_a_lone_cr_pass_at_once_and_the_usage_chunk_is_dropped() {
+        let mut f = UsageChunkFilter::default();
+        assert_eq!(
+            &f.pass(b"data: {\"choices\":[{\"text\":\"a\"}]}\r\rdata: [DO")[..],
+            b"data: {\"choices\":[{\"text\":\"a\"}]}\r\r"
+        );
+        assert_eq!(&f.pass(b"NE]\r")[..], b"data: [DONE]\r");
+        assert!(!f.holds());
+        // Split anywhere, CRLF parted between chunks too, lone CRs and CRLFs mixed.
+        let kept = "data: {\"choices\":[{\"text\":\"b\"}]}\r\r: c\r\n\r\n";
+        let stream = format!("{kept}{USAGE_LINE}\r\rdata: [DONE]\r\n\r\n");
+        for size in [1, 2, 3, 7, stream.len()] {
+            assert_eq!(
+                filtered(stream.as_bytes(), size),
+                format!("{kept}data: [DONE]\r\n\r\n"),
+                "chunk size {size}"
+            );
+        }
+        let stream = format!("{USAGE_LINE}\r\n\r\ndata: [DONE]\r\n");
+        assert_eq!(
+            filtered(stream.as_bytes(), USAGE_LINE.len() + 1),
+            "data: [DONE]\r\n"
+        );
     }
 
     #[test]
