@@ -256,6 +256,9 @@ struct Core {
     /// chosen, but a backend that comes back keeps its count so it is not overloaded.
     draining: Vec<Arc<Backend>>,
     providers: Vec<ProviderSlot>,
+    /// Providers a reload removed, by name, with requests still on them: one that comes back
+    /// takes up its count again, so it is not sent more than its limit.
+    retired: Vec<(String, u32)>,
     budget: BudgetTracker,
     queue: Fifo<Waiting>,
     capacity_exhausted: bool,
@@ -351,6 +354,12 @@ impl Core {
     fn release_provider(&mut self, p: &Provider) {
         if let Some(s) = self.providers.iter_mut().find(|s| s.p.name == p.name) {
             s.in_flight = s.in_flight.saturating_sub(1);
+        } else if let Some(i) = self.retired.iter().position(|(n, _)| *n == p.name) {
+            let n = &mut self.retired[i].1;
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.retired.swap_remove(i);
+            }
         }
     }
 
@@ -489,6 +498,7 @@ impl Shared {
                 backends: Vec::new(),
                 draining: Vec::new(),
                 providers,
+                retired: Vec::new(),
                 budget: BudgetTracker::new(rpm, spend),
                 queue: Fifo::default(),
                 capacity_exhausted: false,
@@ -569,13 +579,23 @@ impl Shared {
         let mut fresh = provider_slots(&config, self.breaker, &self.metrics);
         {
             let mut core = self.lock();
+            let core = &mut *core;
             for slot in &mut fresh {
                 if let Some(old) = core.providers.iter().find(|o| o.p.name == slot.p.name) {
                     slot.in_flight = old.in_flight;
                     slot.breaker = old.breaker.clone();
+                } else if let Some(i) = core.retired.iter().position(|(n, _)| *n == slot.p.name) {
+                    slot.in_flight = core.retired.swap_remove(i).1;
                 }
             }
-            core.providers = fresh;
+            let old = std::mem::replace(&mut core.providers, fresh);
+            core.retired.extend(
+                old.into_iter()
+                    .filter(|o| {
+                        o.in_flight > 0 && !core.providers.iter().any(|n| n.p.name == o.p.name)
+                    })
+                    .map(|o| (o.p.name.clone(), o.in_flight)),
+            );
             core.budget.max_requests_per_minute = rpm;
             core.budget.max_spend_per_hour = spend;
             core.config = Arc::new(config);
@@ -1082,6 +1102,30 @@ mod tests {
         assert!(now(&s).is_none(), "a:1 taken twice");
         drop(held);
         assert_eq!(addr(&now(&s).expect("a:1 freed")), "a:1");
+    }
+
+    /// A provider that a reload removes and a later one brings back while requests are still on
+    /// it keeps their count, so it is not sent more than its limit.
+    #[tokio::test]
+    async fn a_provider_that_comes_back_keeps_its_count() {
+        let with = |provider: &str| {
+            RouterConfig::from_yaml(&format!(
+                "maxConcurrencyPerBackend: 1\nburst:\n  mode: Saturated\n  \
+                 maxQueueWaitMilliseconds: 0\n  providers: [{provider}]"
+            ))
+            .unwrap()
+        };
+        let p = "{name: p, url: \"http://127.0.0.1:9/v1\", model: m, maxConcurrency: 1}";
+        let s = Shared::new(with(p), vec!["a:1".into()], Default::default());
+        let _local = now(&s).expect("room");
+        let on_p = now(&s).expect("a spill");
+        assert_eq!(addr(&on_p), "p");
+        s.set_config(with(""));
+        s.set_config(with(p));
+        assert!(now(&s).is_none(), "p sent more than its limit");
+        drop(on_p);
+        assert_eq!(addr(&now(&s).expect("p freed")), "p");
+        assert!(s.lock().retired.is_empty());
     }
 
     #[tokio::test]
