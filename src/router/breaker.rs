@@ -1,4 +1,4 @@
-//! A per-provider circuit breaker: opens after repeated failures (5xx, 429, timeouts,
+//! A per-provider circuit breaker: opens after repeated failures (5xx, 429, 401/403, timeouts,
 //! connection errors), lets one probe through after a cool-down (half-open), and closes on a
 //! success. Pure: the clock is an argument.
 

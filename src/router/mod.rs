@@ -62,8 +62,8 @@ pub struct RouterArgs {
     /// How often the config file and provider key files are checked for changes, in ms.
     #[arg(long, default_value_t = 1000)]
     pub reload_interval_ms: u64,
-    /// Consecutive failures (5xx, 429, timeouts, connection errors) that open a provider's
-    /// circuit breaker.
+    /// Consecutive failures (5xx, 429, 401, 403, timeouts, connection errors, answers cut off)
+    /// that open a provider's circuit breaker.
     #[arg(long, default_value_t = 5)]
     pub breaker_failures: u32,
     /// How long an open breaker stays open before one probe request, in seconds.

@@ -41,6 +41,9 @@ type TlsClient = Client<HttpsConnector, Full<Bytes>>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts per request when connections fail before any response byte.
 const MAX_ATTEMPTS: usize = 3;
+/// Outcomes of an answer cut off upstream, and of one its client walked away from.
+const ABORTED: &str = "aborted";
+const CANCELLED: &str = "cancelled";
 const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
 /// Non-streamed answers up to this size are read whole and sent in one write.
 const SMALL_BODY_BYTES: u64 = 64 << 10;
@@ -661,6 +664,9 @@ enum SendError {
     BadBody(String),
     #[error("https provider but no CA certificates on this system")]
     NoTls,
+    /// 401 or 403: the provider will not serve this router's account, whatever the request.
+    #[error("the provider refused the router's API key ({0})")]
+    Refused(StatusCode),
 }
 
 /// The error chain as one line; upstream errors carry no headers, so no key.
@@ -708,14 +714,20 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     let mut excluded = Excluded::default();
     let mut attempt = 1;
     loop {
-        let r = send(app, &lease, &parts, &body).await;
+        let r = match send(app, &lease, &parts, &body).await {
+            // Nothing has reached the client yet, and the provider's body may quote the key.
+            Ok(resp) if refused(&lease.dest, resp.status()) => {
+                Err(SendError::Refused(resp.status()))
+            }
+            r => r,
+        };
         // Cloned only when the lease is let go of below (the common path clones nothing).
         let dest = &lease.dest;
         match r {
             Ok(resp) => return relay(resp, lease, arrived).await,
-            Err(SendError::Connection(e)) => {
+            Err(e @ (SendError::Connection(_) | SendError::Refused(_))) => {
                 let dest = dest.clone();
-                tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream connection failed before a response");
+                tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream failed before a response");
                 // Whether the queue would keep the retry from the failed destination.
                 let may_queue = match &dest {
                     Dest::Provider(p) => {
@@ -750,9 +762,13 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
                     }
                     None => {
                         m.request(dest.label(), "upstream_unavailable");
+                        let msg = match e {
+                            SendError::Refused(_) => "the provider refused the router's API key",
+                            _ => "upstream connection failed before a response",
+                        };
                         return error(
                             StatusCode::BAD_GATEWAY,
-                            "upstream connection failed before a response",
+                            msg,
                             "server_error",
                             "upstream_unavailable",
                         );
@@ -909,6 +925,12 @@ async fn send(
     }
 }
 
+/// A provider's answer that says its account, not the request, is the problem.
+fn refused(dest: &Dest, status: StatusCode) -> bool {
+    matches!(dest, Dest::Provider(_))
+        && matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
+}
+
 fn outcome_of(status: StatusCode) -> &'static str {
     if status.is_success() {
         metrics::SUCCESS
@@ -928,9 +950,15 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut tap = None;
     let mut filter = None;
+    let mut breaker_pending = false;
     if let Dest::Provider(p) = &lease.dest {
         let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
-        lease.shared().provider_result(&p.name, !failed);
+        if failed {
+            lease.shared().provider_result(&p.name, false);
+        } else {
+            // Told when the answer ends: one cut off or stalled mid-way is a failure too.
+            breaker_pending = true;
+        }
         if status.is_success() {
             if sse && matches!(body, Upstream::Provider(_, _, true)) {
                 // Reads the usage too.
@@ -962,6 +990,7 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
         arrived,
         first_byte: false,
         outcome: outcome_of(status),
+        breaker_pending,
     };
     if small {
         // A small sized answer (no stream) goes out with its head in one write, as nginx
@@ -970,7 +999,7 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
             Ok(b) => Response::from_parts(parts, RouterBody::Full(Some(b))),
             Err(e) => {
                 tracing::warn!(destination = relay.label(), error = %e, "upstream response cut short");
-                relay.finish("aborted");
+                relay.finish(ABORTED);
                 error(
                     StatusCode::BAD_GATEWAY,
                     "upstream response cut short",
@@ -1138,6 +1167,8 @@ pub struct Relay {
     arrived: Instant,
     first_byte: bool,
     outcome: &'static str,
+    /// The provider's breaker still waits for this answer's outcome.
+    breaker_pending: bool,
 }
 
 impl Relay {
@@ -1195,7 +1226,7 @@ impl Relay {
             let frame = match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
                 Some(Ok(f)) => f,
                 Some(Err(e)) => {
-                    self.finish("aborted");
+                    self.finish(ABORTED);
                     return Poll::Ready(Some(Err(e)));
                 }
                 None => return Poll::Ready(self.end_filtered().map(|t| Ok(Frame::data(t)))),
@@ -1256,8 +1287,14 @@ impl Relay {
             Some(tap) => tap.finish(),
             None => self.filter.as_ref().and_then(UsageChunkFilter::usage),
         };
-        if let (Some(u), Dest::Provider(p)) = (usage, &lease.dest) {
-            shared.record_usage(p, u);
+        if let Dest::Provider(p) = &lease.dest {
+            if let Some(u) = usage {
+                shared.record_usage(p, u);
+            }
+            // A client that went away says nothing of the provider.
+            if self.breaker_pending && outcome != CANCELLED {
+                shared.provider_result(&p.name, outcome != ABORTED);
+            }
         }
         drop(lease);
     }
@@ -1269,7 +1306,7 @@ impl Drop for Relay {
         if self.inner.is_end_stream() {
             self.ended();
         } else {
-            self.finish("cancelled");
+            self.finish(CANCELLED);
         }
     }
 }
@@ -1297,7 +1334,7 @@ impl Body for RouterBody {
                             r.ended();
                         }
                     }
-                    Some(Err(_)) => r.finish("aborted"),
+                    Some(Err(_)) => r.finish(ABORTED),
                     None => r.ended(),
                 }
                 Poll::Ready(res)

@@ -851,7 +851,8 @@ impl Shared {
         !all_aside(&self.lock().backends, &|| now)
     }
 
-    /// Feeds a provider's breaker: `ok` is false for 5xx, 429, timeouts and connection errors.
+    /// Feeds a provider's breaker: `ok` is false for 5xx, 429, 401, 403, timeouts, connection
+    /// errors and answers cut off mid-way.
     pub fn provider_result(&self, name: &str, ok: bool) {
         let now = self.now_ms();
         let mut core = self.lock();

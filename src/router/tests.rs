@@ -529,6 +529,61 @@ async fn provider_500s_open_its_breaker_and_the_next_provider_takes_over() {
     .await;
 }
 
+/// A provider that refuses the router's key (401/403) will refuse every request: the request
+/// goes elsewhere rather than answering the client as if its own credentials were wrong, and
+/// the provider's breaker counts it.
+#[tokio::test]
+async fn a_provider_that_refuses_the_key_is_passed_over_and_its_breaker_opens() {
+    bounded(async {
+        let dir = TempDir::new("refused");
+        let (ka, kb) = (dir.file("a", "sk-revoked"), dir.file("b", "sk-b"));
+        let a = provider("a", "sk-a", FaultConfig::default()).await;
+        let b = provider("b", "sk-b", FaultConfig::default()).await;
+        let yaml = format!(
+            "burst:\n  providers:\n{}{}",
+            provider_yaml("a", &a, &ka, ""),
+            provider_yaml("b", &b, &kb, "")
+        );
+        let r = router_with(&yaml, vec![], |o| {
+            o.breaker = BreakerSettings {
+                failures: 2,
+                open: Duration::from_secs(60),
+            }
+        })
+        .await;
+        for _ in 0..3 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "b-model");
+        }
+        let t = get(r.addr(), "/metrics").await.text();
+        assert_eq!(
+            sample(&t, "spillway_router_provider_breaker_open{provider=\"a\"}"),
+            Some(1.0),
+            "{t}"
+        );
+        r.stop().await;
+        // With nowhere else to go yet (a cold start), it waits for an engine as any request
+        // would, and never gets the provider's 401.
+        let only_a = format!(
+            "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n{}",
+            provider_yaml("a", &a, &ka, "")
+        );
+        let r = router(&only_a, vec![]).await;
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"]["code"], "queue_timeout");
+        assert!(!reply.text().contains("sk-revoked"), "{}", reply.text());
+        r.stop().await;
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
     bounded(async {
@@ -1095,7 +1150,7 @@ async fn the_provider_key_reaches_the_provider_and_never_the_logs_or_metrics() {
     .await;
     let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
     assert!(
-        text.contains("upstream connection failed"),
+        text.contains("upstream failed before a response"),
         "nothing captured:\n{text}"
     );
     assert!(!text.contains(secret), "key in logs:\n{text}");
@@ -1108,11 +1163,18 @@ async fn a_rotated_key_file_applies_without_a_restart() {
         let dir = TempDir::new("rotate");
         let key = dir.file("p", "sk-old");
         let p = provider("p", "sk-new", FaultConfig::default()).await;
-        let yaml = format!("burst:\n  providers:\n{}", provider_yaml("p", &p, &key, ""));
+        let yaml = format!(
+            "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n{}",
+            provider_yaml("p", &p, &key, "")
+        );
         let r = router(&yaml, vec![]).await;
+        // Refused: it waits for an engine (none yet) rather than passing on the provider's 401.
+        let reply = post(r.addr(), chat(1, false)).await;
         assert_eq!(
-            post(r.addr(), chat(1, false)).await.status,
-            StatusCode::UNAUTHORIZED
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
         );
         std::fs::write(&key, "sk-new\n").unwrap();
         r.shared().refresh_keys();
@@ -1433,7 +1495,13 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
         let yaml = format!(
             "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 1, timeoutSeconds: 1}}\n"
         );
-        let r = router(&yaml, vec![]).await;
+        let r = router_with(&yaml, vec![], |o| {
+            o.breaker = BreakerSettings {
+                failures: 2,
+                open: Duration::from_secs(60),
+            }
+        })
+        .await;
         for _ in 0..2 {
             // The second request finds the provider's only slot free again.
             let started = Instant::now();
@@ -1450,6 +1518,12 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
         })
         .await;
         assert!(m.contains("spillway_router_in_flight{destination=\"p\"} 0"), "{m}");
+        // A 200 that never finishes is a failure for the breaker, not a success.
+        assert_eq!(
+            sample(&m, "spillway_router_provider_breaker_open{provider=\"p\"}"),
+            Some(1.0),
+            "{m}"
+        );
         holder.abort();
         r.stop().await;
     })
