@@ -33,6 +33,9 @@ pub struct RouterObjects {
 
 /// Where the router's ConfigMap is mounted.
 const CONFIG_DIR: &str = "/etc/spillway/router";
+/// How long a terminating router goes on accepting: about what endpoint updates take to reach
+/// every node's proxy.
+const SHUTDOWN_DELAY_SECONDS: u64 = 5;
 
 pub fn router_name(isvc_name: &str) -> String {
     format!("{isvc_name}-router")
@@ -176,6 +179,9 @@ pub fn render_router(
                             "router".into(),
                             "--config".into(),
                             format!("{CONFIG_DIR}/{CONFIG_KEY}"),
+                            // Connections keep coming until the Service's endpoints drop the pod.
+                            "--shutdown-delay-seconds".into(),
+                            SHUTDOWN_DELAY_SECONDS.to_string(),
                         ]),
                         env: Some(vec![EnvVar {
                             name: "POD_NAMESPACE".into(),
@@ -255,7 +261,8 @@ pub fn render_router(
                         }),
                         ..PodSecurityContext::default()
                     }),
-                    // Above the router's 300 s drain, so streams in flight finish on a rollout.
+                    // Above the router's delay and 300 s drain, so streams in flight finish on a
+                    // rollout.
                     termination_grace_period_seconds: Some(330),
                     enable_service_links: Some(false),
                     ..PodSpec::default()

@@ -737,7 +737,13 @@ spec:
         assert_eq!(pod["containers"][0]["image"], "spillway:test");
         assert_eq!(
             pod["containers"][0]["args"],
-            json!(["router", "--config", "/etc/spillway/router/router.yaml"])
+            json!([
+                "router",
+                "--config",
+                "/etc/spillway/router/router.yaml",
+                "--shutdown-delay-seconds",
+                "5"
+            ])
         );
         assert_eq!(pod["volumes"][0]["configMap"]["name"], "llama-router");
         let keys = &pod["volumes"][1]["projected"]["sources"][0]["secret"];

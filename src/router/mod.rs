@@ -80,6 +80,11 @@ pub struct RouterArgs {
     /// On SIGTERM, longest wait for in-flight requests and streams, in seconds.
     #[arg(long, default_value_t = 300)]
     pub drain_timeout_seconds: u64,
+    /// On SIGTERM, how long to go on accepting new connections (with `/readyz` failing) before
+    /// the drain, in seconds: Services keep sending a terminating pod connections until their
+    /// endpoints catch up. A second signal skips it.
+    #[arg(long, default_value_t = 0)]
+    pub shutdown_delay_seconds: u64,
 }
 
 /// Runs until SIGTERM or ctrl-c, then drains in-flight requests.
@@ -153,8 +158,8 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         "router listening"
     );
     shutdown_signal().await;
-    tracing::info!("shutdown requested: finishing in-flight requests");
-    server.stop().await;
+    let delay = Duration::from_secs(args.shutdown_delay_seconds);
+    server.close(delay, shutdown_signal()).await;
     tracing::info!("router stopped");
     Ok(())
 }

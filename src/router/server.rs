@@ -110,7 +110,6 @@ struct App {
     tls: Option<TlsClient>,
     max_body_bytes: usize,
     model: Option<String>,
-    draining: AtomicBool,
     engine_timeout: Duration,
     /// Per-request deadlines (header reads, engine and provider answers).
     timer: CoarseTimer,
@@ -158,7 +157,6 @@ impl App {
             tls,
             max_body_bytes: opts.max_body_bytes,
             model: opts.model.clone(),
-            draining: AtomicBool::new(false),
             engine_timeout: opts.engine_timeout,
             timer,
             open,
@@ -256,9 +254,15 @@ impl Source {
                 spread.open[to].fetch_add(1, Ordering::Relaxed);
                 match s.into_std() {
                     Ok(s) => {
-                        if spread.handoff[to - 1].send(s).is_err() {
+                        // That thread has stopped (a shutdown under way): this one serves it.
+                        if let Err(back) = spread.handoff[to - 1].send(s) {
                             spread.open[to].fetch_sub(1, Ordering::Relaxed);
-                            tracing::warn!("serving thread {to} is gone; connection closed");
+                            match TcpStream::from_std(back.0) {
+                                Ok(s) => return Some((s, false)),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not serve a connection")
+                                }
+                            }
                         }
                     }
                     Err(e) => {
@@ -420,6 +424,25 @@ impl RouterServer {
         &self.shared
     }
 
+    /// Shuts down as a pod should: readiness fails at once, new connections are still served
+    /// for `delay` (Services send them until their endpoints drop the pod) unless `cut_short`
+    /// ends first, then [`Self::stop`].
+    pub async fn close(self, delay: Duration, cut_short: impl Future<Output = ()>) {
+        self.shared.set_closing();
+        if !delay.is_zero() {
+            tracing::info!(
+                ?delay,
+                "shutdown requested: still serving while endpoints update"
+            );
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = cut_short => {}
+            }
+        }
+        tracing::info!("shutdown: finishing in-flight requests");
+        self.stop().await;
+    }
+
     /// Stops accepting, lets in-flight requests (streams too) finish, then returns.
     pub async fn stop(mut self) {
         let _ = self.stop.send(true);
@@ -471,7 +494,7 @@ async fn serve(
         let open = Open(app.open.clone());
         tasks.spawn(connection(app.clone(), stream, drain_signal.clone(), open));
     }
-    app.draining.store(true, Ordering::Relaxed);
+    app.shared.set_closing();
     let leftovers = source.leftovers();
     if !leftovers.is_empty() {
         for stream in leftovers {
@@ -604,7 +627,7 @@ async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> 
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "text/plain", "ok\n"),
         (&Method::GET, "/readyz") => {
-            if app.draining.load(Ordering::Relaxed) {
+            if app.shared.closing() {
                 text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "draining\n")
             } else if !app.shared.synced() {
                 text(
@@ -1433,6 +1456,32 @@ mod unit_tests {
         assert_eq!(spread(&[PACK_CONNECTIONS, 3, 2]).pick(), 2);
         assert_eq!(spread(&[PACK_CONNECTIONS, 9, 9]).pick(), 0);
         assert_eq!(spread(&[20, 20, 20]).pick(), 0, "ties go to the lowest");
+    }
+
+    /// At shutdown the other threads stop taking connections before the first stops
+    /// accepting: one accepted for them meanwhile is served, not closed unanswered.
+    #[tokio::test]
+    async fn a_connection_for_a_thread_that_has_stopped_is_served_by_the_first() {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        drop(rx);
+        let open = vec![
+            Arc::new(AtomicUsize::new(PACK_CONNECTIONS)),
+            Arc::new(AtomicUsize::new(0)),
+        ];
+        let mut source = Source::Tokio(
+            l,
+            Some(Spread {
+                open: open.clone(),
+                handoff: vec![tx],
+            }),
+        );
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), source.next()).await;
+        let (_, counted) = next.expect("the connection was dropped").unwrap();
+        assert!(!counted, "the serving thread counts it");
+        assert_eq!(open[1].load(Ordering::Relaxed), 0);
     }
 
     #[test]

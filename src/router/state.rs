@@ -448,6 +448,8 @@ pub struct Shared {
     /// False while the engine endpoints have not been listed yet (in a cluster): the router is
     /// not ready, since an empty backend list would send everything to providers or the queue.
     synced: AtomicBool,
+    /// Shutdown has begun: readiness fails while requests are still served.
+    closing: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -510,6 +512,7 @@ impl Shared {
             metrics,
             breaker,
             synced: AtomicBool::new(true),
+            closing: AtomicBool::new(false),
         });
         shared.set_backends(backends);
         shared
@@ -637,6 +640,17 @@ impl Shared {
     /// Whether the backend list is known (always, standalone; after the first list, in a cluster).
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Whether shutdown has begun (see [`Self::set_closing`]).
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Relaxed)
+    }
+
+    /// Fails readiness from now on: at shutdown, first while the endpoints catch up, then for
+    /// the drain.
+    pub fn set_closing(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     pub fn set_synced(&self, synced: bool) {

@@ -1257,6 +1257,36 @@ async fn shutdown_finishes_in_flight_streams() {
     .await;
 }
 
+/// At shutdown a pod still gets new connections until its Service's endpoints drop it: they
+/// are served through the delay, with readiness failing from the start.
+#[tokio::test]
+async fn closing_fails_readiness_at_once_and_serves_new_connections_through_the_delay() {
+    bounded(async {
+        let local = engine(4, 1000.0).await;
+        let r = router("{}", vec![local.addr().to_string()]).await;
+        let (addr, shared) = (r.addr(), r.shared().clone());
+        let (cut, cut_rx) = tokio::sync::oneshot::channel::<()>();
+        let closing = tokio::spawn(r.close(Duration::from_secs(20), async {
+            let _ = cut_rx.await;
+        }));
+        while !shared.closing() {
+            tokio::task::yield_now().await;
+        }
+        let ready = get(addr, "/readyz").await;
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ready.text(), "draining\n");
+        // A new connection, after readiness failed: still served.
+        assert_eq!(served_by(&post(addr, chat(1, false)).await), "local");
+        assert!(!closing.is_finished(), "stopped before its delay");
+        // A second signal cuts the delay short; then the listener closes.
+        cut.send(()).unwrap();
+        closing.await.unwrap();
+        assert!(TcpStream::connect(addr).await.is_err(), "still accepting");
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn models_health_and_metrics_are_answered_locally() {
     bounded(async {
