@@ -100,12 +100,9 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let listen = config.listen.clone();
     let opts = RouterOptions {
         config,
-        // In a cluster the EndpointSlices are the backends; the static list is ignored.
-        extra_backends: if cluster.is_some() {
-            Vec::new()
-        } else {
-            args.backends.clone()
-        },
+        // In a cluster the EndpointSlices are the backends; the static lists are ignored.
+        extra_backends: args.backends.clone(),
+        in_cluster: cluster.is_some(),
         max_body_bytes: args.max_body_bytes,
         model: args.model.clone(),
         breaker: BreakerSettings {
@@ -122,10 +119,6 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     let server = RouterServer::start_threads(opts, threads)
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let shared = server.shared().clone();
-    if cluster.is_some() {
-        // Backends come from the EndpointSlices: start from none rather than a stale list.
-        shared.set_backends(Vec::new());
-    }
     let every = Duration::from_millis(args.reload_interval_ms.max(50));
     sources::spawn_key_refresh(shared.clone(), every);
     match &cluster {

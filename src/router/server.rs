@@ -76,6 +76,9 @@ pub struct RouterOptions {
     /// Longest a local engine may take to send response headers (a hung engine must not hold
     /// its clients and slots forever); past it the client gets 504.
     pub engine_timeout: Duration,
+    /// The backends will come from EndpointSlices: none until then, and not ready before the
+    /// first list (an empty list would send everything to providers or the queue).
+    pub in_cluster: bool,
 }
 
 impl Default for RouterOptions {
@@ -89,6 +92,7 @@ impl Default for RouterOptions {
             drain_timeout: Duration::from_secs(300),
             capacity_exhausted: false,
             engine_timeout: Duration::from_secs(600),
+            in_cluster: false,
         }
     }
 }
@@ -165,8 +169,13 @@ impl App {
 }
 
 fn shared_for(opts: &RouterOptions) -> Arc<Shared> {
-    let backends = standalone_backends(&opts.config, &opts.extra_backends);
+    let backends = if opts.in_cluster {
+        Vec::new()
+    } else {
+        standalone_backends(&opts.config, &opts.extra_backends)
+    };
     let shared = Shared::new(opts.config.clone(), backends, opts.breaker);
+    shared.set_synced(!opts.in_cluster);
     shared.set_capacity_exhausted(opts.capacity_exhausted);
     shared
 }

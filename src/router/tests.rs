@@ -1287,6 +1287,30 @@ async fn closing_fails_readiness_at_once_and_serves_new_connections_through_the_
     .await;
 }
 
+/// In a cluster the EndpointSlices are the engines: the router starts with none and unready,
+/// whatever static lists it was given, before its watch has even started.
+#[tokio::test]
+async fn in_a_cluster_it_starts_unready_and_without_engines() {
+    bounded(async {
+        let r = router_with(
+            "backends: [\"127.0.0.1:9\"]",
+            vec!["127.0.0.1:10".into()],
+            |o| o.in_cluster = true,
+        )
+        .await;
+        let ready = get(r.addr(), "/readyz").await;
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            ready.text().contains("engine endpoints"),
+            "{}",
+            ready.text()
+        );
+        assert!(r.shared().backends().is_empty());
+        r.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn models_health_and_metrics_are_answered_locally() {
     bounded(async {
