@@ -680,15 +680,25 @@ impl Shared {
             .iter()
             .map(|s| (s.p.name.clone(), s.p.key_file.clone()))
             .collect();
-        let read: Vec<(String, KeyState)> = files
+        let read = files
             .into_iter()
-            .map(|(n, f)| (n, read_key(f.as_deref())))
+            .map(|(n, f)| {
+                let key = read_key(f.as_deref());
+                (n, f, key)
+            })
             .collect();
+        self.apply_keys(read);
+    }
+
+    /// Keys read outside the lock, each from the file named then: one whose provider has since
+    /// been given another file (a reload meanwhile) is stale and left out.
+    fn apply_keys(self: &Arc<Self>, read: Vec<(String, Option<String>, KeyState)>) {
         let mut changed = false;
         {
             let mut core = self.lock();
-            for (name, key) in read {
+            for (name, file, key) in read {
                 if let Some(s) = core.providers.iter_mut().find(|s| s.p.name == name)
+                    && s.p.key_file == file
                     && s.key != key
                 {
                     if key.usable() {
@@ -1141,6 +1151,35 @@ mod tests {
         drop(on_p);
         assert_eq!(addr(&now(&s).expect("p freed")), "p");
         assert!(s.lock().retired.is_empty());
+    }
+
+    /// A key read from a provider's old file, applied after a reload gave it a new one, must
+    /// not replace the new file's key.
+    #[tokio::test]
+    async fn a_key_read_from_a_replaced_file_is_not_applied() {
+        let dir = std::env::temp_dir().join(format!("spillway-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = |n: &str, key: &str| {
+            let p = dir.join(n);
+            std::fs::write(&p, key).unwrap();
+            p.display().to_string()
+        };
+        let (old, new) = (file("old", "sk-old"), file("new", "sk-new"));
+        let with = |key_file: &str| {
+            RouterConfig::from_yaml(&format!(
+                "burst:\n  maxQueueWaitMilliseconds: 0\n  providers: [{{name: p, \
+                 url: \"http://127.0.0.1:9/v1\", model: m, apiKeyFile: \"{key_file}\"}}]"
+            ))
+            .unwrap()
+        };
+        let s = Shared::new(with(&old), Vec::new(), Default::default());
+        let stale = vec![("p".to_string(), Some(old.clone()), read_key(Some(&old)))];
+        s.set_config(with(&new));
+        s.apply_keys(stale);
+        let l = now(&s).expect("a spill");
+        let bearer = l.bearer.as_ref().expect("a key").header().clone();
+        assert_eq!(bearer, "Bearer sk-new");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[tokio::test]
