@@ -74,7 +74,8 @@ pub struct RouterArgs {
     /// threads as the load needs.
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Longest a local engine may take to send response headers, in seconds; then 504.
+    /// Longest a local engine may take to send response headers (then 504) or pause mid-answer
+    /// (then the answer is cut off), in seconds.
     #[arg(long, default_value_t = 600)]
     pub engine_timeout_seconds: u64,
     /// On SIGTERM, longest wait for in-flight requests and streams, in seconds.

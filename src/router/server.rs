@@ -74,7 +74,8 @@ pub struct RouterOptions {
     pub drain_timeout: Duration,
     pub capacity_exhausted: bool,
     /// Longest a local engine may take to send response headers (a hung engine must not hold
-    /// its clients and slots forever); past it the client gets 504.
+    /// its clients and slots forever; past it the client gets 504), or pause mid-answer (past
+    /// it the answer is cut off).
     pub engine_timeout: Duration,
     /// The backends will come from EndpointSlices: none until then, and not ready before the
     /// first list (an empty list would send everything to providers or the queue).
@@ -909,7 +910,10 @@ async fn send(
                 .await
             {
                 None => Err(SendError::Timeout(app.engine_timeout)),
-                Some(Ok(resp)) => Ok(resp.map(Upstream::Engine)),
+                Some(Ok(resp)) => {
+                    Ok(resp
+                        .map(|b| Upstream::Engine(b, Stall::new(&app.timer, app.engine_timeout))))
+                }
                 Some(Err(e)) => Err(SendError::Connection(chain(&e))),
             }
         }
@@ -1109,12 +1113,13 @@ pub enum RouterBody {
 /// An answer's body: an engine's, read on its connection here, or a provider's from hyper
 /// (and whether its usage chunk was asked for on the client's behalf).
 pub enum Upstream {
-    Engine(EngineBody),
+    Engine(EngineBody, Stall),
     Provider(Incoming, Stall, bool),
 }
 
-/// A provider's answer may pause for at most its timeout between two frames: one that stalls
-/// mid-stream ends the answer instead of holding the client and a provider slot forever.
+/// An answer may pause for at most its upstream's timeout between two frames: one that stalls
+/// mid-stream (a hung engine or provider) ends the answer instead of holding the client and a
+/// slot forever.
 pub struct Stall {
     timer: CoarseTimer,
     limit: Duration,
@@ -1130,11 +1135,15 @@ impl Stall {
         }
     }
 
-    fn poll_frame(
+    fn poll_frame<B>(
         &mut self,
-        body: &mut Incoming,
+        body: &mut B,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         if let Poll::Ready(f) = Pin::new(body).poll_frame(cx) {
             self.sleep = None;
             return Poll::Ready(f.map(|f| f.map_err(Into::into)));
@@ -1146,7 +1155,7 @@ impl Stall {
         ready!(Pin::new(sleep).poll(cx));
         self.sleep = None;
         Poll::Ready(Some(Err(format!(
-            "the provider sent nothing for {limit:?} mid-answer"
+            "the upstream sent nothing for {limit:?} mid-answer"
         )
         .into())))
     }
@@ -1163,9 +1172,7 @@ impl Body for Upstream {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = match self.get_mut() {
-            Upstream::Engine(b) => {
-                ready!(Pin::new(b).poll_frame(cx)).map(|f| f.map_err(Into::into))
-            }
+            Upstream::Engine(b, stall) => ready!(stall.poll_frame(b, cx)),
             Upstream::Provider(b, stall, _) => ready!(stall.poll_frame(b, cx)),
         };
         Poll::Ready(r)
@@ -1173,14 +1180,14 @@ impl Body for Upstream {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Upstream::Engine(b) => b.is_end_stream(),
+            Upstream::Engine(b, _) => b.is_end_stream(),
             Upstream::Provider(b, ..) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Upstream::Engine(b) => b.size_hint(),
+            Upstream::Engine(b, _) => b.size_hint(),
             Upstream::Provider(b, ..) => b.size_hint(),
         }
     }

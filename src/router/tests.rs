@@ -1524,26 +1524,65 @@ async fn the_last_line_the_usage_filter_held_is_not_lost_to_trailers() {
     .await;
 }
 
+/// A hung engine that stops mid-answer must not hold its client and slot forever.
+#[tokio::test]
+async fn an_engine_that_stalls_mid_answer_is_cut_off_after_the_engine_timeout() {
+    bounded(async {
+        let (addr, holder) = stalling_upstream().await;
+        let r = router_with("maxConcurrencyPerBackend: 1", vec![addr.to_string()], |o| {
+            o.engine_timeout = Duration::from_secs(1)
+        })
+        .await;
+        let started = Instant::now();
+        let mut body = hold_stream(r.addr(), 5).await.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "data: {}\n\n");
+        assert!(
+            body.collect().await.is_err(),
+            "a stalled answer ended as if complete"
+        );
+        assert!(started.elapsed() >= Duration::from_secs(1), "cut off early");
+        let m = wait_metrics(&r, |t| {
+            t.contains(
+                "spillway_router_requests_total{destination=\"local\",outcome=\"aborted\"} 1",
+            )
+        })
+        .await;
+        assert!(
+            m.contains("spillway_router_in_flight{destination=\"local\"} 0"),
+            "{m}"
+        );
+        holder.abort();
+        r.stop().await;
+    })
+    .await;
+}
+
+/// Answers every request with a head and one event, then nothing, holding the connection open.
+async fn stalling_upstream() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = l.accept().await {
+            let mut buf = [0u8; 8192];
+            let _ = s.read(&mut buf).await;
+            let _ = s
+                .write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                      transfer-encoding: chunked\r\n\r\na\r\ndata: {}\n\n\r\n",
+                )
+                .await;
+            held.push(s);
+        }
+    });
+    (addr, holder)
+}
+
 #[tokio::test]
 async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
     bounded(async {
-        // Sends the head and one event, then nothing, holding the connection open.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let holder = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((mut s, _)) = l.accept().await {
-                let mut buf = [0u8; 8192];
-                let _ = s.read(&mut buf).await;
-                let _ = s
-                    .write_all(
-                        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
-                          transfer-encoding: chunked\r\n\r\na\r\ndata: {}\n\n\r\n",
-                    )
-                    .await;
-                held.push(s);
-            }
-        });
+        let (addr, holder) = stalling_upstream().await;
         let dir = TempDir::new("stall");
         let key = dir.file("p", "sk-p");
         let yaml = format!(
