@@ -319,7 +319,8 @@ pub struct Provider {
     pub model: String,
     /// The Secret key (same namespace) that holds the API key. The key is never copied elsewhere.
     pub api_key_secret_ref: SecretKeyRef,
-    /// Most requests in flight to this provider at once.
+    /// Most requests in flight to this provider at once, from all router replicas together
+    /// (each gets an equal share, at least 1).
     #[serde(default = "default_max_concurrency")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrency: i32,
@@ -360,11 +361,13 @@ pub struct Pricing {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
-    /// Most requests per minute sent to providers, all together.
+    /// Most requests per minute sent to providers, all together (each router replica gets an
+    /// equal share, at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_requests_per_minute: Option<i32>,
-    /// Most spend per hour on providers, as a decimal string (e.g. "5.00").
+    /// Most spend per hour on providers, as a decimal string (e.g. "5.00"); each router replica
+    /// gets an equal share.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^[0-9]{1,9}(\\.[0-9]{1,6})?$"))]
     pub max_spend_per_hour: Option<String>,

@@ -213,14 +213,14 @@ pub fn render(
 ) -> RouterConfig {
     let spec = &isvc.spec;
     let burst = spec.burst.as_ref();
+    // Each router replica gets an equal share of every limit that holds across them all (an
+    // engine's slots, a provider's concurrency, the budget), so together they stay within it.
+    let replicas = spec.router.replicas.max(1);
+    let share = |n: i32| (n.max(1) / replicas).max(1) as u32;
     RouterConfig {
         listen: format!("0.0.0.0:{ROUTER_PORT}"),
         backends: Vec::new(),
-        // Each router replica gets an equal share of an engine's slots, so together they can
-        // never exceed engine.maxConcurrency (at least one slot each).
-        max_concurrency_per_backend: (spec.engine.max_concurrency.max(1)
-            / spec.router.replicas.max(1))
-        .max(1) as u32,
+        max_concurrency_per_backend: share(spec.engine.max_concurrency),
         queue: QueueConfig {
             limit: spec.router.queue_limit.max(0) as u32,
             timeout_seconds: spec.router.queue_timeout_seconds.max(1) as u32,
@@ -237,7 +237,7 @@ pub fn render(
                             url: p.url.clone(),
                             model: p.model.clone(),
                             api_key_file: Some(format!("{KEYS_DIR}/{}", p.name)),
-                            max_concurrency: p.max_concurrency.max(1) as u32,
+                            max_concurrency: share(p.max_concurrency),
                             timeout_seconds: p.timeout_seconds.max(1) as u32,
                             pricing: p.pricing.clone(),
                         })
@@ -245,8 +245,14 @@ pub fn render(
                 })
                 .unwrap_or_default(),
             budget: burst.and_then(|b| b.budget.as_ref()).map(|b| BudgetConfig {
-                max_requests_per_minute: b.max_requests_per_minute.map(|m| m.max(0) as u32),
-                max_spend_per_hour: b.max_spend_per_hour.clone(),
+                // 0 stays 0: no spill at all.
+                max_requests_per_minute: b
+                    .max_requests_per_minute
+                    .map(|m| if m > 0 { share(m) } else { 0 }),
+                max_spend_per_hour: b
+                    .max_spend_per_hour
+                    .as_deref()
+                    .map(|s| spend_share(s, replicas)),
             }),
         },
         cluster: Some(ClusterConfig {
@@ -256,6 +262,19 @@ pub fn render(
             engine_port: spec.engine.port.clamp(1, 65535) as u16,
             model: spec.model.name.clone(),
         }),
+    }
+}
+
+/// One router replica's share of a spend cap, rounded down to the micro-unit so that the shares
+/// never add up to more than the cap; a cap that is not a number passes as it is.
+fn spend_share(cap: &str, replicas: i32) -> String {
+    match super::budget::parse_spend(cap) {
+        Ok(v) => {
+            let micros = (v * 1e6).round() as u64 / replicas.max(1) as u64;
+            let s = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+        Err(_) => cap.to_string(),
     }
 }
 
@@ -328,8 +347,13 @@ spec:
         policy.burst.mode = BurstMode::CapacityExhausted;
         policy.burst.max_queue_wait_milliseconds = 250;
         let cfg = render(&isvc, &policy, "llama-engine");
-        // maxConcurrency 8 shared by the default 2 router replicas.
+        // Limits that hold across routers are shared by the default 2 replicas: the engine's
+        // maxConcurrency 8, the provider's default 64 and the budget.
         assert_eq!(cfg.max_concurrency_per_backend, 4);
+        assert_eq!(cfg.burst.providers[0].max_concurrency, 32);
+        let budget = cfg.burst.budget.as_ref().unwrap();
+        assert_eq!(budget.max_requests_per_minute, Some(300));
+        assert_eq!(budget.max_spend_per_hour.as_deref(), Some("2.5"));
         assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
         assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
         assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
@@ -350,5 +374,14 @@ spec:
             "{yaml}"
         );
         assert_eq!(RouterConfig::from_yaml(&yaml).unwrap(), cfg);
+    }
+
+    #[test]
+    fn a_spend_share_never_adds_up_to_more_than_the_cap() {
+        assert_eq!(spend_share("5.00", 2), "2.5");
+        assert_eq!(spend_share("5", 3), "1.666666");
+        assert_eq!(spend_share("0.000001", 2), "0");
+        assert_eq!(spend_share("7", 1), "7");
+        assert_eq!(spend_share("lots", 2), "lots");
     }
 }
