@@ -60,6 +60,7 @@ pub fn write_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::InferenceServiceSpec;
     use serde_json::{Value, json};
 
     const REGENERATE: &str =
@@ -268,6 +269,44 @@ mod tests {
                 Some("burst providers need the router"),
             ),
             (
+                "more routers than engine slots",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": {"image": "e", "maxConcurrency": 2},
+                          "router": {"replicas": 3}}),
+                ),
+                Some("router.replicas must not exceed engine.maxConcurrency"),
+            ),
+            (
+                "as many routers as engine slots",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": {"image": "e", "maxConcurrency": 1},
+                          "router": {"replicas": 1}}),
+                ),
+                None,
+            ),
+            (
+                "one engine slot and no router",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": {"image": "e", "maxConcurrency": 1},
+                          "router": {"enabled": false}}),
+                ),
+                None,
+            ),
+            (
+                "more routers than a provider's slots",
+                "InferenceService",
+                isvc(
+                    json!({"model": {"name": "m"}, "engine": engine, "router": {"replicas": 3},
+                          "burst": {"providers": [provider("a", "https://x"),
+                            {"name": "b", "url": "https://y", "model": "m", "maxConcurrency": 2,
+                             "apiKeySecretRef": {"name": "s", "key": "k"}}]}}),
+                ),
+                Some("each burst provider's maxConcurrency must be at least router.replicas"),
+            ),
+            (
                 "gpu memory fraction xor pair",
                 "InferenceService",
                 isvc(
@@ -333,6 +372,19 @@ mod tests {
             ),
         ];
         for (what, kind, obj, want) in cases {
+            // The controller's own check agrees, for objects that bypassed the API server's.
+            if kind == "InferenceService"
+                && let Ok(spec) =
+                    serde_json::from_value::<InferenceServiceSpec>(obj["spec"].clone())
+            {
+                let name = obj["metadata"]["name"].as_str().unwrap_or_default();
+                let r = spec.validate(name);
+                assert_eq!(
+                    r.is_ok(),
+                    want.is_none(),
+                    "{what}: the controller says {r:?}"
+                );
+            }
             let result = kube_cel::validate(&schema(kind), &obj, None);
             match (want, result) {
                 (None, Ok(())) => {}

@@ -62,6 +62,8 @@ use super::{conditions_schema, preserve_unknown_object};
 #[kube(validation = Rule::new("size(self.metadata.name) <= 56").message("name must be at most 56 characters (owned objects append -engine and -router)"))]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.burst) || size(self.burst.providers) == 0 || self.router.enabled").message("burst providers need the router: set router.enabled to true"))]
+#[x_kube(validation = Rule::new("!self.router.enabled || self.router.replicas <= self.engine.maxConcurrency").message(ROUTER_SHARE_ENGINE))]
+#[x_kube(validation = Rule::new("!has(self.burst) || !self.router.enabled || self.burst.providers.all(p, p.maxConcurrency >= self.router.replicas)").message(ROUTER_SHARE_PROVIDER))]
 pub struct InferenceServiceSpec {
     /// The model clients ask for.
     pub model: ModelSpec,
@@ -503,6 +505,10 @@ fn default_provider_timeout() -> i32 {
     120
 }
 
+/// Each router replica takes an equal share of these limits, at least one slot each.
+const ROUTER_SHARE_ENGINE: &str = "router.replicas must not exceed engine.maxConcurrency: each router replica takes an equal share of an engine's slots, at least one";
+const ROUTER_SHARE_PROVIDER: &str = "each burst provider's maxConcurrency must be at least router.replicas: each router replica takes an equal share of it, at least one";
+
 /// Longest InferenceService name: `<name>-engine` must still be a valid Service name (63).
 pub const MAX_NAME_LEN: usize = 56;
 
@@ -543,6 +549,22 @@ impl InferenceServiceSpec {
         }
         if e.startup_timeout_seconds < 1 {
             errs.push("engine.startupTimeoutSeconds must be >= 1".into());
+        }
+        if let Some(g) = &e.metrics.gpu_memory {
+            let pair = (g.used.is_some(), g.total.is_some());
+            if pair.0 != pair.1 {
+                errs.push("gpuMemory.used and gpuMemory.total go together".into());
+            } else if g.fraction.is_some() == pair.0 {
+                errs.push("gpuMemory takes either fraction, or both used and total".into());
+            }
+        }
+        let routers = self.router.enabled.then_some(self.router.replicas);
+        if routers.is_some_and(|r| r > e.max_concurrency) {
+            errs.push(ROUTER_SHARE_ENGINE.into());
+        }
+        let providers = self.burst.as_ref().map_or(&[][..], |b| &b.providers[..]);
+        if routers.is_some_and(|r| providers.iter().any(|p| p.max_concurrency < r)) {
+            errs.push(ROUTER_SHARE_PROVIDER.into());
         }
         if let Some(burst) = &self.burst {
             if !burst.providers.is_empty() && !self.router.enabled {
