@@ -63,6 +63,8 @@ pub enum Admission {
 pub enum RejectReason {
     QueueFull,
     QueueTimeout,
+    /// The router's drain ran out while the request waited.
+    ShuttingDown,
 }
 
 impl RejectReason {
@@ -70,6 +72,7 @@ impl RejectReason {
         match self {
             RejectReason::QueueFull => "queue_full",
             RejectReason::QueueTimeout => "queue_timeout",
+            RejectReason::ShuttingDown => "shutting_down",
         }
     }
 }

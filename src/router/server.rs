@@ -41,6 +41,8 @@ type TlsClient = Client<HttpsConnector, Full<Bytes>>;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts per request when connections fail before any response byte.
 const MAX_ATTEMPTS: usize = 3;
+/// After the drain timeout, how long requests still waiting in the queue have to send their 503.
+const LAST_ANSWERS: Duration = Duration::from_secs(1);
 /// Outcomes of an answer cut off upstream, and of one its client walked away from.
 const ABORTED: &str = "aborted";
 const CANCELLED: &str = "cancelled";
@@ -519,6 +521,11 @@ async fn serve(
     tracing::info!(connections = tasks.len(), "router draining");
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(drain_timeout, drain).await.is_err() {
+        // Requests still waiting for a slot get a 503 to retry elsewhere, not a closed
+        // connection; a moment to send it, then the rest are cut.
+        app.shared.refuse_waiting();
+        let answered = async { while tasks.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(LAST_ANSWERS, answered).await;
         tracing::warn!(
             connections = tasks.len(),
             "drain timeout: closing remaining connections"
@@ -1441,6 +1448,7 @@ fn reject(app: &App, r: RejectReason) -> Response<RouterBody> {
     let message = match r {
         RejectReason::QueueFull => "all engines are busy and the router queue is full",
         RejectReason::QueueTimeout => "all engines stayed busy for the router's queue timeout",
+        RejectReason::ShuttingDown => "the router is shutting down; retry",
     };
     let mut resp = error(
         StatusCode::SERVICE_UNAVAILABLE,

@@ -266,6 +266,8 @@ struct Core {
     scratch_p: Vec<ProviderLoad>,
     /// Queue ids; only requests that wait take one.
     next_id: u64,
+    /// The drain has run out: nothing more may wait (see [`Shared::refuse_waiting`]).
+    refusing: bool,
 }
 
 impl Core {
@@ -507,6 +509,7 @@ impl Shared {
                 scratch_b: Vec::new(),
                 scratch_p: Vec::new(),
                 next_id: 0,
+                refusing: false,
             }),
             local_metrics: metrics.for_destination(metrics::LOCAL),
             metrics,
@@ -764,6 +767,7 @@ impl Shared {
             let waited = since.elapsed().as_millis() as u64;
             match core.admit(now, waited, false, queued, Some(&excluded)) {
                 Some(d) => Ok(d),
+                None if core.refusing => Ok(Decided::Reject(RejectReason::ShuttingDown)),
                 None => {
                     // Only a request that waits needs an id and a channel.
                     #[cfg(test)]
@@ -835,6 +839,23 @@ impl Shared {
                     }
                 }
             }
+        }
+    }
+
+    /// At the end of a shutdown's drain: every waiting request is answered 503 now, and later
+    /// ones that would wait too, rather than have their connections closed under them.
+    pub fn refuse_waiting(&self) {
+        let mut refused = Vec::new();
+        {
+            let mut core = self.lock();
+            core.refusing = true;
+            while let Some(w) = core.queue.remove_at(0) {
+                refused.push(w.item.tx);
+            }
+            self.queue_changed(&core);
+        }
+        for tx in refused {
+            let _ = tx.send(Ticket::Reject(RejectReason::ShuttingDown));
         }
     }
 
@@ -1180,6 +1201,20 @@ mod tests {
         let bearer = l.bearer.as_ref().expect("a key").header().clone();
         assert_eq!(bearer, "Bearer sk-new");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Once the drain has run out, a request that would wait is answered at once.
+    #[tokio::test]
+    async fn after_the_drain_nothing_more_waits() {
+        let s = shared(1, &["a:1"]);
+        let _held = now(&s).expect("room");
+        s.refuse_waiting();
+        let t = s.acquire().now_or_never().expect("decided at once");
+        assert!(
+            matches!(t, Ticket::Reject(RejectReason::ShuttingDown)),
+            "{t:?}"
+        );
+        assert_eq!(s.queued(), 0);
     }
 
     #[tokio::test]

@@ -1257,6 +1257,36 @@ async fn shutdown_finishes_in_flight_streams() {
     .await;
 }
 
+/// A request still waiting for a slot when the drain runs out gets a 503 to retry elsewhere,
+/// not a connection closed under it.
+#[tokio::test]
+async fn a_request_still_queued_when_the_drain_runs_out_is_answered_503() {
+    bounded(async {
+        let local = engine(1, 5.0).await;
+        let r = router_with(
+            "maxConcurrencyPerBackend: 1\nqueue: {limit: 10, timeoutSeconds: 60}",
+            vec![local.addr().to_string()],
+            |o| o.drain_timeout = Duration::from_secs(1),
+        )
+        .await;
+        let addr = r.addr();
+        let _held = hold_stream(addr, 100).await;
+        let queued = tokio::spawn(async move { post(addr, chat(1, false)).await });
+        until_queued(&r, 1.0).await;
+        r.stop().await;
+        let reply = queued.await.unwrap();
+        assert_eq!(
+            reply.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.json()["error"]["code"], "shutting_down");
+        local.stop().await.unwrap();
+    })
+    .await;
+}
+
 /// At shutdown a pod still gets new connections until its Service's endpoints drop it: they
 /// are served through the delay, with readiness failing from the start.
 #[tokio::test]
