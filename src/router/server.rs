@@ -705,7 +705,7 @@ enum SendError {
     #[error("https provider but no CA certificates on this system")]
     NoTls,
     /// 401 or 403: the provider will not serve this router's account, whatever the request.
-    #[error("the provider refused the router's API key ({0})")]
+    #[error("the provider refused the router's credentials ({0})")]
     Refused(StatusCode),
 }
 
@@ -766,12 +766,12 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
         match r {
             Ok(resp) => return relay(resp, lease, arrived).await,
             Err(e @ (SendError::Connection(_) | SendError::Refused(_))) => {
-                let dest = dest.clone();
+                let (dest, sent) = (dest.clone(), lease.sent_ms);
                 tracing::warn!(destination = dest.label(), attempt, error = %e, "upstream failed before a response");
                 // Whether the queue would keep the retry from the failed destination.
                 let may_queue = match &dest {
                     Dest::Provider(p) => {
-                        app.shared.provider_result(&p.name, false);
+                        app.shared.provider_result(&p.name, false, sent);
                         true
                     }
                     Dest::Local(b) => app.shared.set_aside(b),
@@ -803,7 +803,9 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
                     None => {
                         m.request(dest.label(), "upstream_unavailable");
                         let msg = match e {
-                            SendError::Refused(_) => "the provider refused the router's API key",
+                            SendError::Refused(_) => {
+                                "the provider refused the router's credentials"
+                            }
                             _ => "upstream connection failed before a response",
                         };
                         return error(
@@ -818,7 +820,7 @@ async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
             Err(SendError::Timeout(t)) => {
                 tracing::warn!(destination = dest.label(), timeout = ?t, "upstream did not answer in time");
                 if let Dest::Provider(p) = &dest {
-                    app.shared.provider_result(&p.name, false);
+                    app.shared.provider_result(&p.name, false, lease.sent_ms);
                 }
                 m.request(dest.label(), "timeout");
                 return error(
@@ -997,7 +999,9 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
     if let Dest::Provider(p) = &lease.dest {
         let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
         if failed {
-            lease.shared().provider_result(&p.name, false);
+            lease
+                .shared()
+                .provider_result(&p.name, false, lease.sent_ms);
         } else {
             // Told when the answer ends: one cut off or stalled mid-way is a failure too.
             breaker_pending = true;
@@ -1337,9 +1341,14 @@ impl Relay {
             if let Some(u) = usage {
                 shared.record_usage(p, u);
             }
-            // A client that went away says nothing of the provider.
-            if self.breaker_pending && outcome != CANCELLED {
-                shared.provider_result(&p.name, outcome != ABORTED);
+            // A client that went away says the provider was answering if any of it came.
+            let ok = match outcome {
+                ABORTED => Some(false),
+                CANCELLED => self.first_byte.then_some(true),
+                _ => Some(true),
+            };
+            if let Some(ok) = ok.filter(|_| self.breaker_pending) {
+                shared.provider_result(&p.name, ok, lease.sent_ms);
             }
         }
         drop(lease);

@@ -896,16 +896,17 @@ impl Shared {
         !all_aside(&self.lock().backends, &|| now)
     }
 
-    /// Feeds a provider's breaker: `ok` is false for 5xx, 429, 401, 403, timeouts, connection
-    /// errors and answers cut off mid-way.
-    pub fn provider_result(&self, name: &str, ok: bool) {
+    /// Feeds a provider's breaker with the result of a request sent at `sent` (its lease's
+    /// `sent_ms`): `ok` is false for 5xx, 429, 401, 403, timeouts, connection errors and
+    /// answers cut off mid-way.
+    pub fn provider_result(&self, name: &str, ok: bool, sent: Millis) {
         let now = self.now_ms();
         let mut core = self.lock();
         if let Some(s) = core.providers.iter_mut().find(|s| s.p.name == name) {
             if ok {
-                s.breaker.on_success();
+                s.breaker.on_success(sent);
             } else {
-                s.breaker.on_failure(now);
+                s.breaker.on_failure(sent, now);
             }
             let open = matches!(s.breaker.state(), BreakerState::Open { .. });
             self.metrics
@@ -1010,6 +1011,8 @@ pub struct Lease {
     shared: Arc<Shared>,
     pub dest: Dest,
     pub bearer: Option<Bearer>,
+    /// When a provider was given the request, for its breaker (0 for an engine: no clock read).
+    pub sent_ms: Millis,
 }
 
 impl std::fmt::Debug for Lease {
@@ -1020,10 +1023,15 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     fn new(shared: Arc<Shared>, dest: Dest, bearer: Option<Bearer>) -> Self {
+        let sent_ms = match dest {
+            Dest::Local(_) => 0,
+            Dest::Provider(_) => shared.now_ms(),
+        };
         let lease = Self {
             shared,
             dest,
             bearer,
+            sent_ms,
         };
         lease.metrics().in_flight.inc();
         lease
@@ -1178,7 +1186,10 @@ mod tests {
     /// not replace the new file's key.
     #[tokio::test]
     async fn a_key_read_from_a_replaced_file_is_not_applied() {
-        let dir = std::env::temp_dir().join(format!("spillway-keys-{}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!(
+            "spillway-state-replaced-key-{}",
+            std::process::id()
+        ));
         std::fs::create_dir_all(&dir).unwrap();
         let file = |n: &str, key: &str| {
             let p = dir.join(n);

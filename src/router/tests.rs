@@ -584,6 +584,54 @@ async fn a_provider_that_refuses_the_key_is_passed_over_and_its_breaker_opens() 
     .await;
 }
 
+/// A half-open breaker's probe whose client walks away once the answer is coming still shows
+/// the provider is back: the breaker closes rather than waiting out another cool-down.
+#[tokio::test]
+async fn a_probe_whose_client_leaves_mid_answer_still_closes_the_breaker() {
+    bounded(async {
+        let dir = TempDir::new("probe");
+        let key = dir.file("p", "sk-p");
+        let dead = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let with_url = |url: String| {
+            format!(
+                "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n  - {{name: p, url: \"{url}\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+            )
+        };
+        let r = router_with(&with_url(format!("http://{dead}/v1")), vec![], |o| {
+            o.breaker = BreakerSettings {
+                failures: 1,
+                open: Duration::from_secs(3),
+            }
+        })
+        .await;
+        // Refused: the breaker opens (the request waits for an engine, then times out).
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        // The provider comes back under the same name, keeping its breaker.
+        let p = provider("p", "sk-p", FaultConfig::default()).await;
+        let cfg = RouterConfig::from_yaml(&with_url(format!("{}/v1", p.base_url()))).unwrap();
+        r.shared().set_config(cfg);
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        // The probe: its client reads the first chunk and goes.
+        let mut probe = hold_stream(r.addr(), 2000).await.into_body();
+        probe.frame().await.unwrap().unwrap();
+        drop(probe);
+        wait_metrics(&r, |t| {
+            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"cancelled\"} 1")
+        })
+        .await;
+        // Closed: the next request goes to it at once, not after another 3 s.
+        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
+        r.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
     bounded(async {

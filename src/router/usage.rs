@@ -119,7 +119,8 @@ impl UsageScanner {
 
 /// Where the first line of `buf` ends: its length without the terminator, and with it. SSE ends
 /// lines with LF, CRLF or a lone CR. A CR that ends `buf` ends its line at once; an LF opening
-/// the next chunk is then the rest of a CRLF, not an empty line.
+/// the next chunk may then be the rest of a CRLF, which the filter must not take for the blank
+/// line ending an event (for the scanner an extra empty line is harmless).
 fn line_end(buf: &[u8]) -> Option<(usize, usize)> {
     let i = buf.iter().position(|b| matches!(b, b'\n' | b'\r'))?;
     let crlf = buf[i] == b'\r' && buf.get(i + 1) == Some(&b'\n');
