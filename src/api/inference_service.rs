@@ -513,6 +513,22 @@ const ROUTER_SHARE_PROVIDER: &str = "each burst provider's maxConcurrency must b
 pub const MAX_NAME_LEN: usize = 56;
 
 impl InferenceServiceSpec {
+    /// More router replicas than an engine's or a provider's slots: each replica still takes
+    /// one, so together they may send it more than its limit. The CRD rejects it; an object
+    /// that predates the rule is still reconciled, with this reported, not frozen as invalid.
+    pub fn over_router_shares(&self) -> Option<String> {
+        let routers = self.router.enabled.then_some(self.router.replicas)?;
+        let providers = self.burst.as_ref().map_or(&[][..], |b| &b.providers[..]);
+        let mut over = Vec::new();
+        if routers > self.engine.max_concurrency {
+            over.push(ROUTER_SHARE_ENGINE);
+        }
+        if providers.iter().any(|p| p.max_concurrency < routers) {
+            over.push(ROUTER_SHARE_PROVIDER);
+        }
+        (!over.is_empty()).then(|| over.join("; "))
+    }
+
     /// Checks what the CRD's schema and CEL rules guard (for objects that bypassed them) and
     /// what they cannot express. Returns every problem found, joined.
     pub fn validate(&self, name: &str) -> Result<(), String> {
@@ -557,14 +573,6 @@ impl InferenceServiceSpec {
             } else if g.fraction.is_some() == pair.0 {
                 errs.push("gpuMemory takes either fraction, or both used and total".into());
             }
-        }
-        let routers = self.router.enabled.then_some(self.router.replicas);
-        if routers.is_some_and(|r| r > e.max_concurrency) {
-            errs.push(ROUTER_SHARE_ENGINE.into());
-        }
-        let providers = self.burst.as_ref().map_or(&[][..], |b| &b.providers[..]);
-        if routers.is_some_and(|r| providers.iter().any(|p| p.max_concurrency < r)) {
-            errs.push(ROUTER_SHARE_PROVIDER.into());
         }
         if let Some(burst) = &self.burst {
             if !burst.providers.is_empty() && !self.router.enabled {

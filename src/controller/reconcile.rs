@@ -219,6 +219,9 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     if let Err(msg) = isvc.spec.validate(&name) {
         problems.push(Problem::InvalidSpec(msg));
     }
+    if let Some(msg) = isvc.spec.over_router_shares() {
+        problems.push(Problem::RouterReplicasOverLimit(msg));
+    }
     let policy = resolve_policy(&ctx.client, &ns, &isvc, &mut problems).await?;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);

@@ -20,6 +20,9 @@ pub enum Problem {
     ApplyFailed(String),
     /// A burst provider's API key Secret does not exist (provider, Secret).
     SecretNotFound(String, String),
+    /// More router replicas than an engine's or a provider's slots (see
+    /// `InferenceServiceSpec::over_router_shares`); everything is still applied.
+    RouterReplicasOverLimit(String),
 }
 
 impl Problem {
@@ -32,6 +35,7 @@ impl Problem {
             Problem::ObjectConflict(_) => "ObjectConflict",
             Problem::ApplyFailed(_) => "ApplyFailed",
             Problem::SecretNotFound(..) => "SecretNotFound",
+            Problem::RouterReplicasOverLimit(_) => "RouterReplicasOverLimit",
         }
     }
 
@@ -54,6 +58,9 @@ impl Problem {
             Problem::ApplyFailed(m) => format!("applying owned objects failed: {m}"),
             Problem::SecretNotFound(p, s) => format!(
                 "burst provider {p:?}: Secret {s:?} not found; the router serves locally and skips this provider until it exists"
+            ),
+            Problem::RouterReplicasOverLimit(m) => format!(
+                "{m}; until it is fixed, the routers together may send more than that limit"
             ),
         }
     }

@@ -776,6 +776,56 @@ spec:
         api.done().await;
     }
 
+    /// An object from before the CRD rejected more routers than engine slots is reconciled
+    /// in full, not frozen as invalid, and says what is wrong.
+    #[tokio::test]
+    async fn more_routers_than_engine_slots_degrades_but_everything_is_applied() {
+        let Harness { ctx, mut api, .. } = harness(true);
+        let isvc = isvc_from_yaml(
+            r#"
+apiVersion: spillway.dev/v1alpha1
+kind: InferenceService
+metadata: {name: llama, namespace: ml, uid: uid-llama, generation: 1}
+spec:
+  model: {name: m}
+  engine: {image: "engine:1", maxConcurrency: 1}
+"#,
+        );
+        let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx));
+        api.not_found(&format!("{NS}/deployments/llama-engine"))
+            .await;
+        expect_engine_created(&mut api, &isvc, 1).await;
+        absent_then_applied(&mut api, &format!("{CORE}/services/llama-engine")).await;
+        let cm = absent_then_applied(&mut api, &format!("{CORE}/configmaps/llama-router")).await;
+        let config = cm.body["data"]["router.yaml"].as_str().unwrap();
+        let parsed = crate::router::config::RouterConfig::from_yaml(config).unwrap();
+        assert_eq!(parsed.max_concurrency_per_backend, 1, "one slot each");
+        for path in [
+            format!("{CORE}/serviceaccounts/llama-router"),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/roles/llama-router".into(),
+            "/apis/rbac.authorization.k8s.io/v1/namespaces/ml/rolebindings/llama-router".into(),
+            format!("{NS}/deployments/llama-router"),
+            "/apis/policy/v1/namespaces/ml/poddisruptionbudgets/llama-router".into(),
+            format!("{CORE}/services/llama"),
+        ] {
+            absent_then_applied(&mut api, &path).await;
+        }
+        let status = api
+            .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
+            .await;
+        let d = condition(&status.body["status"], "Degraded");
+        assert_eq!(d["reason"], "RouterReplicasOverLimit");
+        assert!(
+            d["message"]
+                .as_str()
+                .unwrap()
+                .contains("engine.maxConcurrency"),
+            "{d}"
+        );
+        r.await.unwrap().unwrap();
+        api.done().await;
+    }
+
     #[tokio::test]
     async fn disabling_the_router_removes_it_and_points_clients_at_the_engines() {
         let Harness { ctx, mut api, .. } = harness(true);
