@@ -269,6 +269,14 @@ mod tests {
                 Some("burst providers need the router"),
             ),
             (
+                "a Secret key that is not one",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
+                          "burst": {"providers": [{"name": "a", "url": "https://x", "model": "m",
+                            "apiKeySecretRef": {"name": "s", "key": "../k"}}]}})),
+                Some("a Secret key is made of"),
+            ),
+            (
                 "more routers than engine slots",
                 "InferenceService",
                 isvc(

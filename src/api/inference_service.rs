@@ -338,6 +338,7 @@ pub struct Provider {
 
 /// A key in a Secret.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[x_kube(validation = Rule::new("self.key.matches('^[-._a-zA-Z0-9]+$')").message("a Secret key is made of letters, digits, '-', '_' and '.'"))]
 pub struct SecretKeyRef {
     /// Secret name.
     #[schemars(length(min = 1, max = 253))]
@@ -582,6 +583,17 @@ impl InferenceServiceSpec {
             for p in &burst.providers {
                 if !seen.insert(p.name.as_str()) {
                     errs.push(format!("burst provider name {:?} is not unique", p.name));
+                }
+                let key = &p.api_key_secret_ref.key;
+                if key.is_empty()
+                    || !key
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+                {
+                    errs.push(format!(
+                        "burst provider {:?}: apiKeySecretRef.key {key:?} is not a Secret key",
+                        p.name
+                    ));
                 }
                 if !(p.url.starts_with("https://") || p.url.starts_with("http://")) {
                     errs.push(format!(

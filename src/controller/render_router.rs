@@ -112,7 +112,8 @@ pub fn render_router(
         }]),
     };
 
-    // One projected volume with each provider's key as a file named after the provider.
+    // One projected volume with each provider's key as a file named after the provider and its
+    // Secret (see `router_config::key_path`).
     // `optional`: a missing Secret must not keep the router (and local serving) from starting;
     // the controller reports it as Degraded/SecretNotFound instead.
     let providers = isvc
@@ -132,7 +133,7 @@ pub fn render_router(
                             name: p.api_key_secret_ref.name.clone(),
                             items: Some(vec![KeyToPath {
                                 key: p.api_key_secret_ref.key.clone(),
-                                path: p.name.clone(),
+                                path: router_config::key_path(p),
                                 ..KeyToPath::default()
                             }]),
                             optional: Some(true),

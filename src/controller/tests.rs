@@ -702,7 +702,15 @@ spec:
         );
         assert_eq!(
             parsed.burst.providers[0].api_key_file.as_deref(),
-            Some("/etc/spillway/keys/together")
+            Some(
+                format!(
+                    "/etc/spillway/keys/{}",
+                    crate::router::config::key_path(
+                        &isvc.spec.burst.as_ref().unwrap().providers[0]
+                    )
+                )
+                .as_str()
+            )
         );
         assert!(
             !config.contains("together-key"),
@@ -750,6 +758,15 @@ spec:
         assert_eq!(
             (keys["name"].as_str(), keys["optional"].as_bool()),
             (Some("together-key"), Some(true))
+        );
+        // Projected where the ConfigMap tells the router to read it.
+        let file = parsed.burst.providers[0].api_key_file.as_deref().unwrap();
+        assert_eq!(
+            format!(
+                "/etc/spillway/keys/{}",
+                keys["items"][0]["path"].as_str().unwrap()
+            ),
+            file
         );
         absent_then_applied(
             &mut api,

@@ -236,7 +236,7 @@ pub fn render(
                             name: p.name.clone(),
                             url: p.url.clone(),
                             model: p.model.clone(),
-                            api_key_file: Some(format!("{KEYS_DIR}/{}", p.name)),
+                            api_key_file: Some(format!("{KEYS_DIR}/{}", key_path(p))),
                             max_concurrency: share(p.max_concurrency),
                             timeout_seconds: p.timeout_seconds.max(1) as u32,
                             pricing: p.pricing.clone(),
@@ -263,6 +263,22 @@ pub fn render(
             model: spec.model.name.clone(),
         }),
     }
+}
+
+/// Where a provider's key is projected, under `KEYS_DIR`: the provider's name, then a digest of
+/// its Secret's name and key. A provider given another Secret has no key until the new one is
+/// projected (the ConfigMap reaches the router sooner than the kubelet updates the volume),
+/// rather than sending the old key to what may be a new URL; and the ConfigMap names no Secret.
+pub fn key_path(p: &crate::api::Provider) -> String {
+    // FNV-1a: stable across builds, unlike std's hasher (the path must not move on upgrade).
+    let r = &p.api_key_secret_ref;
+    let digest = [r.name.as_bytes(), &[0], r.key.as_bytes()]
+        .concat()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    format!("{}/{digest:016x}", p.name)
 }
 
 /// One router replica's share of a spend cap, rounded down to the micro-unit so that the shares
@@ -360,8 +376,23 @@ spec:
         let p = &cfg.burst.providers[0];
         assert_eq!(
             p.api_key_file.as_deref(),
-            Some("/etc/spillway/keys/together")
+            Some(
+                format!(
+                    "/etc/spillway/keys/{}",
+                    key_path(&isvc.spec.burst.as_ref().unwrap().providers[0])
+                )
+                .as_str()
+            )
         );
+        // Another Secret, or another key in it: another file.
+        let mut other = isvc.spec.burst.as_ref().unwrap().providers[0].clone();
+        let before = key_path(&other);
+        assert!(before.starts_with("together/"), "{before}");
+        other.api_key_secret_ref.key = "api-key-2".into();
+        assert_ne!(key_path(&other), before);
+        other.api_key_secret_ref.key = "api-key".into();
+        other.api_key_secret_ref.name = "together-key-2".into();
+        assert_ne!(key_path(&other), before);
         let c = cfg.cluster.as_ref().unwrap();
         assert_eq!(
             (c.engine_service.as_str(), c.engine_port),
