@@ -976,10 +976,15 @@ fn refused(dest: &Dest, status: StatusCode) -> bool {
         && matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN)
 }
 
+/// An answer that counts against the upstream (and a provider's breaker) as soon as it comes.
+fn upstream_failed(status: StatusCode) -> bool {
+    status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+}
+
 fn outcome_of(status: StatusCode) -> &'static str {
     if status.is_success() {
         metrics::SUCCESS
-    } else if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+    } else if upstream_failed(status) {
         "upstream_error"
     } else {
         "client_error"
@@ -997,8 +1002,7 @@ async fn relay(resp: Response<Upstream>, lease: Lease, arrived: Instant) -> Resp
     let mut filter = None;
     let mut breaker_pending = false;
     if let Dest::Provider(p) = &lease.dest {
-        let failed = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
-        if failed {
+        if upstream_failed(status) {
             lease
                 .shared()
                 .provider_result(&p.name, false, lease.sent_ms);

@@ -109,6 +109,14 @@ async fn router(yaml: &str, backends: Vec<String>) -> RouterServer {
     router_with(yaml, backends, |_| {}).await
 }
 
+/// A router with no engines whose provider breakers open after `failures` in a row, for `open`.
+async fn router_with_breaker(yaml: &str, failures: u32, open: Duration) -> RouterServer {
+    router_with(yaml, vec![], |o| {
+        o.breaker = BreakerSettings { failures, open }
+    })
+    .await
+}
+
 struct Reply {
     status: StatusCode,
     headers: HeaderMap,
@@ -493,13 +501,7 @@ async fn provider_500s_open_its_breaker_and_the_next_provider_takes_over() {
             provider_yaml("b", &b, &kb, "")
         );
         // No local engines: everything spills, to `a` first while its breaker allows.
-        let r = router_with(&yaml, vec![], |o| {
-            o.breaker = BreakerSettings {
-                failures: 3,
-                open: Duration::from_secs(60),
-            }
-        })
-        .await;
+        let r = router_with_breaker(&yaml, 3, Duration::from_secs(60)).await;
         for _ in 0..3 {
             assert_eq!(
                 post(r.addr(), chat(1, false)).await.status,
@@ -544,13 +546,7 @@ async fn a_provider_that_refuses_the_key_is_passed_over_and_its_breaker_opens() 
             provider_yaml("a", &a, &ka, ""),
             provider_yaml("b", &b, &kb, "")
         );
-        let r = router_with(&yaml, vec![], |o| {
-            o.breaker = BreakerSettings {
-                failures: 2,
-                open: Duration::from_secs(60),
-            }
-        })
-        .await;
+        let r = router_with_breaker(&yaml, 2, Duration::from_secs(60)).await;
         for _ in 0..3 {
             assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "b-model");
         }
@@ -601,13 +597,8 @@ async fn a_probe_whose_client_leaves_mid_answer_still_closes_the_breaker() {
                 "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n  - {{name: p, url: \"{url}\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
             )
         };
-        let r = router_with(&with_url(format!("http://{dead}/v1")), vec![], |o| {
-            o.breaker = BreakerSettings {
-                failures: 1,
-                open: Duration::from_secs(3),
-            }
-        })
-        .await;
+        let first = with_url(format!("http://{dead}/v1"));
+        let r = router_with_breaker(&first, 1, Duration::from_secs(3)).await;
         // Refused: the breaker opens (the request waits for an engine, then times out).
         let reply = post(r.addr(), chat(1, false)).await;
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
@@ -1666,13 +1657,7 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
         let yaml = format!(
             "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 1, timeoutSeconds: 1}}\n"
         );
-        let r = router_with(&yaml, vec![], |o| {
-            o.breaker = BreakerSettings {
-                failures: 2,
-                open: Duration::from_secs(60),
-            }
-        })
-        .await;
+        let r = router_with_breaker(&yaml, 2, Duration::from_secs(60)).await;
         for _ in 0..2 {
             // The second request finds the provider's only slot free again.
             let started = Instant::now();

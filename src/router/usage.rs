@@ -221,9 +221,7 @@ impl UsageChunkFilter {
     pub fn finish(&mut self) -> Bytes {
         let last = std::mem::take(&mut self.held);
         let mut out = BytesMut::new();
-        if !last.is_empty() {
-            self.line(&last, &mut out);
-        }
+        self.line(&last, &mut out);
         out.freeze()
     }
 
