@@ -22,6 +22,7 @@ use super::scrape::{Scraper, metrics_url};
 use super::signals::{self, SignalSelectors};
 use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
+use crate::controller::cache::Cache;
 use crate::controller::metrics::Metrics;
 use crate::controller::reconcile::{apply_status, publish_event};
 use crate::controller::render::{
@@ -158,10 +159,10 @@ pub struct Autoscaler {
     pub recorder: Recorder,
     pub scraper: Scraper,
     pub metrics: Arc<Metrics>,
-    pub services: Store<InferenceService>,
-    pub policies: Store<ScalingPolicy>,
-    pub pods: Store<Pod>,
-    pub deployments: Store<Deployment>,
+    pub services: Cache<InferenceService>,
+    pub policies: Cache<ScalingPolicy>,
+    pub pods: Cache<Pod>,
+    pub deployments: Cache<Deployment>,
     pub leader: watch::Receiver<bool>,
 }
 
@@ -193,7 +194,7 @@ impl Autoscaler {
         let ns = isvc.namespace();
         let name = isvc.name_any();
         let (mut engines, mut routers) = (Vec::new(), Vec::new());
-        for p in self.pods.state() {
+        for p in self.pods.store.state() {
             if p.namespace() != ns || p.labels().get(LABEL_INSTANCE) != Some(&name) {
                 continue;
             }
@@ -209,7 +210,7 @@ impl Autoscaler {
 
     /// One tick for one service: observe, decide, act. Returns the policy interval to wait.
     pub async fn tick(&self, isvc: &InferenceService, state: &mut ServiceState) -> Duration {
-        let Some(policy) = effective_policy(isvc, &self.policies) else {
+        let Some(policy) = effective_policy(isvc, &self.policies.store) else {
             return Duration::from_secs(2);
         };
         let interval = Duration::from_secs(policy.interval_seconds.max(1) as u64);
@@ -217,6 +218,7 @@ impl Autoscaler {
         let name = isvc.name_any();
         let Some(deployment) = self
             .deployments
+            .store
             .get(&ObjectRef::new(&engine_name(&name)).within(&ns))
         else {
             return interval; // not created yet: reconcile's job
@@ -337,17 +339,18 @@ impl Autoscaler {
 
     /// Runs one loop per service until `shutdown`; loops start and stop as services come and go.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        // Deciding before the caches are filled would read a missing policy or Deployment.
+        // Deciding before the caches are filled would read a missing policy, Deployment or pod.
         let ready = async {
-            let _ = self.services.wait_until_ready().await;
-            let _ = self.policies.wait_until_ready().await;
-            let _ = self.pods.wait_until_ready().await;
-            let _ = self.deployments.wait_until_ready().await;
+            self.services.synced().await
+                && self.policies.synced().await
+                && self.pods.synced().await
+                && self.deployments.synced().await
         };
         tokio::select! {
-            _ = ready => {}
+            synced = ready => if !synced { return },
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        tracing::info!("caches synced; autoscaler started");
         let mut loops: HashMap<
             ObjectRef<InferenceService>,
             (watch::Sender<bool>, tokio::task::JoinHandle<()>),
@@ -355,6 +358,7 @@ impl Autoscaler {
         loop {
             let live: Vec<ObjectRef<InferenceService>> = self
                 .services
+                .store
                 .state()
                 .iter()
                 .filter(|s| s.metadata.deletion_timestamp.is_none())
@@ -395,7 +399,7 @@ async fn service_loop(
 ) {
     let mut state = ServiceState::default();
     loop {
-        let Some(isvc) = a.services.get(&key) else {
+        let Some(isvc) = a.services.store.get(&key) else {
             return;
         };
         let interval = a.tick(&isvc, &mut state).await;

@@ -19,6 +19,7 @@ use super::driver::{Autoscaler, ServiceState, TickInput, observe_and_decide};
 use super::observe::{EnginePod, PodState};
 use super::scrape::Scraper;
 use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
+use crate::controller::cache::Cache;
 use crate::controller::metrics::Metrics;
 use crate::controller::testdata::{ApiServer, isvc_from_yaml, minimal_isvc_yaml};
 
@@ -241,10 +242,10 @@ fn fixture(isvc: &InferenceService, replicas: i32, policy: Option<ScalingPolicy>
             ),
             scraper: Scraper::new(8, Duration::from_secs(2)),
             metrics: Arc::new(Metrics::default()),
-            services: services.as_reader(),
-            policies: policies.as_reader(),
-            pods: pods.as_reader(),
-            deployments: deployments.as_reader(),
+            services: Cache::filled(services.as_reader()),
+            policies: Cache::filled(policies.as_reader()),
+            pods: Cache::filled(pods.as_reader()),
+            deployments: Cache::filled(deployments.as_reader()),
             leader,
         },
         api,

@@ -1,6 +1,7 @@
 //! The operator: reconciles InferenceServices into owned objects and keeps ScalingPolicy
 //! status current. Pure parts: [`render`], [`status`], [`leader::decide`]; the rest is I/O.
 
+pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod reconcile;
@@ -24,8 +25,8 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
@@ -161,36 +162,6 @@ pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
     result
 }
 
-/// A reflector-backed cache, kept current by a background task for the life of the process.
-fn spawn_reflector<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    trim: impl FnMut(&mut K) + Send + 'static,
-) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(
-        writer,
-        watcher::watcher(api, cfg).default_backoff().modify(trim),
-    )
-    .touched_objects()
-    .for_each(|res| async move {
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "watch error (retrying with backoff)");
-        }
-    });
-    tokio::spawn(stream);
-    reader
-}
-
 /// Runs both controllers until shutdown (Ok) or lost leadership (Err: the process restarts and
 /// stands for election again, as client-go controllers do).
 async fn run_controllers(
@@ -231,8 +202,26 @@ async fn run_controllers(
         None => (Api::all(client.clone()), Api::all(client.clone())),
     };
 
-    let isvc_controller = Controller::new(isvcs, watcher::Config::default());
-    let store = isvc_controller.store();
+    // One watch and one store of InferenceServices and of ScalingPolicies, shared by the
+    // controllers and the autoscaler; managed fields are dropped (nothing reads them).
+    let (service_cache, isvc_changes) = cache::spawn(
+        isvcs,
+        watcher::Config::default(),
+        |s: &mut InferenceService| s.managed_fields_mut().clear(),
+        true,
+    );
+    let (policy_cache, policy_changes) = cache::spawn(
+        policies.clone(),
+        watcher::Config::default(),
+        |p: &mut ScalingPolicy| p.managed_fields_mut().clear(),
+        true,
+    );
+    let (isvc_changes, policy_changes) = (
+        isvc_changes.expect("a shared cache has a subscriber"),
+        policy_changes.expect("a shared cache has a subscriber"),
+    );
+    let store = service_cache.store.clone();
+    let isvc_controller = Controller::for_shared_stream(isvc_changes, store.clone());
     let reporter = Reporter {
         controller: "spillway-controller".into(),
         instance: args.identity.clone(),
@@ -262,8 +251,10 @@ async fn run_controllers(
         .owns(deployments, owned.clone())
         .owns(services, owned.clone())
         .owns(configmaps, owned.clone())
+        // A watch of its own: the shared stream carries no deletes, and a deleted policy must
+        // reach its services at once (Degraded/PolicyNotFound).
         .watches(
-            policies.clone(),
+            policies,
             watcher::Config::default(),
             move |policy: ScalingPolicy| {
                 let ns = policy.namespace();
@@ -284,8 +275,8 @@ async fn run_controllers(
             }
         });
 
-    let policy_controller = Controller::new(policies, watcher::Config::default());
-    let policy_store = policy_controller.store();
+    let policy_controller =
+        Controller::for_shared_stream(policy_changes, policy_cache.store.clone());
     let autoscaler = Arc::new(crate::autoscale::driver::Autoscaler {
         client: client.clone(),
         recorder: Recorder::new(
@@ -300,20 +291,32 @@ async fn run_controllers(
             std::time::Duration::from_millis(args.scrape_timeout_ms),
         ),
         metrics: ctx.metrics.clone(),
-        services: store.clone(),
-        policies: policy_store,
+        services: service_cache,
+        policies: policy_cache,
         // Engine and router pods: readiness, IPs, scheduling.
-        pods: spawn_reflector(pods, owned.clone(), |p: &mut Pod| {
-            // Only metadata and status are read; dropping the rest keeps the cache small.
-            p.managed_fields_mut().clear();
-            p.spec = None;
-        }),
-        deployments: spawn_reflector(engine_deployments, engine_only, |d: &mut Deployment| {
-            d.managed_fields_mut().clear();
-            if let Some(spec) = d.spec.as_mut() {
-                spec.template = Default::default();
-            }
-        }),
+        pods: cache::spawn(
+            pods,
+            owned.clone(),
+            |p: &mut Pod| {
+                // Only metadata and status are read; dropping the rest keeps the cache small.
+                p.managed_fields_mut().clear();
+                p.spec = None;
+            },
+            false,
+        )
+        .0,
+        deployments: cache::spawn(
+            engine_deployments,
+            engine_only,
+            |d: &mut Deployment| {
+                d.managed_fields_mut().clear();
+                if let Some(spec) = d.spec.as_mut() {
+                    spec.template = Default::default();
+                }
+            },
+            false,
+        )
+        .0,
         leader: leader.clone(),
     });
     let (autoscaler_stop_tx, autoscaler_stop) = watch::channel(false);
