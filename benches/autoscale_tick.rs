@@ -213,7 +213,7 @@ fn main() {
                         policy,
                         pods,
                         current_replicas: pods_per as i32,
-                        router_metrics_urls: &[],
+                        routers: &[],
                         now: now0 + t as i64 * 2000,
                     };
                     let d = observe_and_decide(scraper, &input, state, None).await;

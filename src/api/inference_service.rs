@@ -433,6 +433,10 @@ pub struct MetricsSnapshot {
     /// Requests running across engines.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub in_flight: Option<i64>,
+    /// Demand the routers sent to burst providers over the last interval, in engine slots:
+    /// requests spilled per second times the seconds a request holds a local slot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spilled_demand: Option<f64>,
     /// When these were scraped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<Time>,
@@ -462,8 +466,12 @@ pub struct ScaleDecisionRecord {
     pub from: i32,
     /// Replicas after.
     pub to: i32,
-    /// The signal that drove it, e.g. "queue depth 37/4 per replica".
+    /// Why, e.g. "queue depth 37/4 per replica; limited to +4 per 15s".
     pub reason: String,
+    /// The signal that asked for the change: QueueDepth, GpuMemory or Concurrency (absent when
+    /// a rule alone moved it, e.g. minReplicas or the launch window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<String>,
 }
 
 fn yes() -> bool {

@@ -23,6 +23,9 @@ pub struct PodSample {
 pub struct SignalsConfigured {
     pub queue_depth: bool,
     pub gpu_memory: bool,
+    /// Requests one replica serves at once (`engine.maxConcurrency`): the concurrency signal's
+    /// target. 0 leaves that signal out.
+    pub max_concurrency: u32,
 }
 
 impl Default for SignalsConfigured {
@@ -30,6 +33,7 @@ impl Default for SignalsConfigured {
         Self {
             queue_depth: true,
             gpu_memory: true,
+            max_concurrency: 0,
         }
     }
 }
@@ -45,10 +49,12 @@ pub struct Observed {
     pub starting: i32,
     /// Pods the scheduler cannot place (`PodScheduled=False`, reason `Unschedulable`).
     pub unschedulable: i32,
-    /// The routers' overflow, summed: requests waiting in their queues plus requests they have
-    /// in flight at burst providers (demand the engines could not take); `None` when no router
+    /// Requests waiting in the routers' queues for a local slot, summed; `None` when no router
     /// reported.
     pub router_queue: Option<f64>,
+    /// The demand the routers sent to providers, in local engine slots (requests spilled per
+    /// second × seconds a request holds a local slot); `None` when not measured.
+    pub spilled: Option<f64>,
     /// When the service was created, for launch over-provisioning.
     pub created_at: Millis,
 }
@@ -111,6 +117,8 @@ impl History {
 pub enum Driver {
     QueueDepth,
     GpuMemory,
+    /// Requests in flight per replica, spilled demand included, against `maxConcurrency`.
+    Concurrency,
     /// Within tolerance, or both signals agree with the current count.
     Steady,
     MetricsUnavailable,
@@ -130,6 +138,7 @@ impl Driver {
         match self {
             Driver::QueueDepth => "QueueDepth",
             Driver::GpuMemory => "GpuMemory",
+            Driver::Concurrency => "Concurrency",
             Driver::Steady => "Steady",
             Driver::MetricsUnavailable => "MetricsUnavailable",
             Driver::MinReplicas => "MinReplicas",
@@ -184,6 +193,9 @@ pub struct Decision {
     /// What the signals alone asked for, before stabilisation, rate limits and bounds.
     pub unclamped: i32,
     pub driver: Driver,
+    /// The signal that asked for the count before stabilisation, rate limits and bounds
+    /// (`QueueDepth`, `GpuMemory` or `Concurrency`); `None` when none asked for a change.
+    pub signal: Option<Driver>,
     /// For people: "queue depth 37/4 per replica".
     pub reason: String,
     pub metrics: MetricsState,
@@ -192,6 +204,7 @@ pub struct Decision {
     pub queue_depth: Option<f64>,
     pub in_flight: Option<f64>,
     pub gpu_memory: Option<f64>,
+    pub spilled: Option<f64>,
     /// The history to keep for the next tick (this tick's recommendation added).
     pub history: History,
 }
@@ -264,6 +277,8 @@ pub fn decide(
     let current = observed.current_replicas.max(0);
     let ready = observed.ready.len();
     let router_queue = observed.router_queue.unwrap_or(0.0).max(0.0);
+    let spilled = observed.spilled.unwrap_or(0.0).max(0.0);
+    let slots = configured.max_concurrency as f64;
 
     let queues: Vec<f64> = observed
         .ready
@@ -300,6 +315,26 @@ pub fn decide(
         })
         .flatten();
 
+    // Engines full to maxConcurrency, plus what the routers spilled: demand a fast provider
+    // hides from the queue. An engine without an in-flight gauge counts as full while requests
+    // spill (the routers spill only when every local slot is taken, or capacity is exhausted).
+    let concurrency = if slots <= 0.0 {
+        None
+    } else if !in_flight.is_empty() {
+        read_signal(&in_flight, spilled, ready, slots, policy.tolerance, current)
+    } else if spilled > 0.0 {
+        read_signal(
+            &vec![slots; ready],
+            spilled,
+            ready,
+            slots,
+            policy.tolerance,
+            current,
+        )
+    } else {
+        None
+    };
+
     // Which data is missing: a configured signal without any value, or a ready pod without one.
     let pod_complete = |p: &PodSample| {
         (!configured.queue_depth || p.queue_depth.is_some())
@@ -323,6 +358,7 @@ pub fn decide(
     // 1–2. Per-signal desire; the max over signals with data.
     let mut raw = current;
     let mut driver = Driver::Steady;
+    let mut signal = None;
     let mut reason = String::new();
     let mut candidates: Vec<(i32, Driver, String)> = Vec::new();
     if let Some(q) = &queue {
@@ -355,9 +391,30 @@ pub fn decide(
             ),
         ));
     }
+    if let Some(c) = &concurrency {
+        let of_it = if spilled > 0.0 {
+            format!(" ({} spilled to providers)", fmt_num(spilled))
+        } else {
+            String::new()
+        };
+        candidates.push((
+            c.desired,
+            if c.within_tolerance {
+                Driver::Steady
+            } else {
+                Driver::Concurrency
+            },
+            format!(
+                "concurrency {}/{} per replica{of_it}",
+                fmt_num(c.per_replica),
+                fmt_num(c.target)
+            ),
+        ));
+    }
     if let Some((d, drv, why)) = candidates.iter().max_by_key(|(d, _, _)| *d).cloned() {
         raw = d;
         driver = drv;
+        signal = (drv != Driver::Steady && d != current).then_some(drv);
         reason = candidates
             .iter()
             .map(|(_, _, w)| w.as_str())
@@ -375,25 +432,39 @@ pub fn decide(
 
     match metrics {
         MetricsState::NoReadyPods => {
-            // Nothing to measure; only the routers' queue can ask for more. Never scale down.
-            let from_router = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
-            raw = current.max(from_router);
-            driver = if from_router > current {
-                Driver::QueueDepth
+            // Nothing to measure; only the routers' queue and spill can ask for more. Never
+            // scale down.
+            let from_queue = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
+            let from_spill = if slots > 0.0 {
+                (spilled / slots).ceil() as i32
             } else {
-                Driver::ColdStart
+                0
             };
-            reason = if from_router > current {
-                format!(
-                    "no replica ready yet; {} requests queued in routers",
-                    fmt_num(router_queue)
+            raw = current.max(from_queue).max(from_spill);
+            (driver, reason) = if from_queue > current && from_queue >= from_spill {
+                (
+                    Driver::QueueDepth,
+                    format!(
+                        "no replica ready yet; {} requests queued in routers",
+                        fmt_num(router_queue)
+                    ),
+                )
+            } else if from_spill > current {
+                (
+                    Driver::Concurrency,
+                    format!(
+                        "no replica ready yet; {} slots of demand spilled to providers",
+                        fmt_num(spilled)
+                    ),
                 )
             } else {
-                "no replica ready yet".into()
+                (Driver::ColdStart, "no replica ready yet".into())
             };
+            signal = matches!(driver, Driver::QueueDepth | Driver::Concurrency).then_some(driver);
         }
         MetricsState::Unavailable if any_signal => {
             driver = Driver::MetricsUnavailable;
+            signal = None;
             match policy.metrics_unavailable {
                 MetricsUnavailable::Hold => {
                     raw = current;
@@ -516,12 +587,11 @@ pub fn decide(
     let reason = reason.trim_start_matches("; ").to_string();
 
     // 6. Capacity.
-    let saturated = queue
-        .as_ref()
-        .is_some_and(|q| q.per_replica > q.target * (1.0 + policy.tolerance))
-        || gpu
-            .as_ref()
-            .is_some_and(|g| g.per_replica > g.target * (1.0 + policy.tolerance));
+    let over = |s: &Option<SignalReading>| {
+        s.as_ref()
+            .is_some_and(|s| s.per_replica > s.target * (1.0 + policy.tolerance))
+    };
+    let saturated = over(&queue) || over(&gpu) || over(&concurrency);
     let exhausted = if observed.unschedulable > 0 {
         Some(ExhaustedReason::Unschedulable)
     } else if unclamped > max {
@@ -537,6 +607,7 @@ pub fn decide(
         desired,
         unclamped,
         driver,
+        signal,
         reason,
         metrics,
         exhausted,
@@ -545,6 +616,7 @@ pub fn decide(
             .or(observed.router_queue),
         in_flight: sum(&in_flight),
         gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
+        spilled: observed.spilled,
         history: hist,
     }
 }

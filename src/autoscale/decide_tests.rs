@@ -173,6 +173,7 @@ fn a_configured_signal_missing_everywhere_blocks_scale_down() {
     let tgi = SignalsConfigured {
         queue_depth: true,
         gpu_memory: false,
+        max_concurrency: 0,
     };
     let d = decide(&policy(), tgi, &observed(3, ready), &History::default(), 0);
     assert_eq!((d.desired, d.metrics), (1, MetricsState::Complete));
@@ -411,8 +412,9 @@ fn arb_pod() -> impl Strategy<Value = PodSample> {
 prop_compose! {
     fn arb_observed()(current in 0..25i32, ready in prop::collection::vec(arb_pod(), 0..12),
                       starting in 0..4i32, unschedulable in 0..3i32,
-                      router in prop::option::of(0.0..500.0f64)) -> Observed {
-        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, created_at: 0 }
+                      router in prop::option::of(0.0..500.0f64),
+                      spilled in prop::option::of(0.0..500.0f64)) -> Observed {
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, created_at: 0 }
     }
 }
 
@@ -426,7 +428,7 @@ proptest! {
         let mut history = History::default();
         for (i, o) in obs.iter().enumerate() {
             let now = i as Millis * 2 * S;
-            let d = decide(&p, SignalsConfigured::default(), o, &history, now);
+            let d = decide(&p, slots(8), o, &history, now);
             prop_assert!(d.desired >= 1);
             prop_assert!(d.desired >= p.min_replicas && d.desired <= p.max_replicas, "{} not in [{}, {}]", d.desired, p.min_replicas, p.max_replicas);
             if !matches!(d.metrics, MetricsState::Complete) && o.current_replicas <= p.max_replicas {
@@ -444,6 +446,107 @@ proptest! {
         let b = decide(&p, SignalsConfigured::default(), &o, &History::default(), 7);
         prop_assert_eq!(a, b);
     }
+}
+
+fn slots(max_concurrency: u32) -> SignalsConfigured {
+    SignalsConfigured {
+        max_concurrency,
+        ..SignalsConfigured::default()
+    }
+}
+
+/// Engines full to maxConcurrency with nothing waiting, while the routers spill to a fast
+/// provider: the spilled demand (in engine slots) asks for the replicas that would carry it.
+#[test]
+fn spilled_demand_counts_as_concurrency_in_engine_slots() {
+    let full = |n: usize, in_flight: Option<f64>| -> Vec<PodSample> {
+        (0..n)
+            .map(|_| PodSample {
+                queue_depth: Some(0.0),
+                in_flight,
+                gpu_memory: Some(0.3),
+            })
+            .collect()
+    };
+    let with = |ready: Vec<PodSample>, current: i32, spilled: Option<f64>| Observed {
+        spilled,
+        ..observed(current, ready)
+    };
+    // (observed, max_concurrency, desired, signal)
+    let cases: Vec<(Observed, u32, i32, Option<Driver>)> = vec![
+        // 1 replica with 4 of 4 busy and 36 slots spilled: (4 + 36) / 4 → 10.
+        (
+            with(full(1, Some(4.0)), 1, Some(36.0)),
+            4,
+            10,
+            Some(Driver::Concurrency),
+        ),
+        // Full, nothing spilled: steady (a full replica is what maxConcurrency asks for).
+        (with(full(1, Some(4.0)), 1, Some(0.0)), 4, 1, None),
+        // A spill within tolerance of the full count does not move it.
+        (with(full(2, Some(4.0)), 2, Some(0.5)), 4, 2, None),
+        // An engine without an in-flight gauge counts as full while requests spill.
+        (
+            with(full(2, None), 2, Some(8.0)),
+            4,
+            4,
+            Some(Driver::Concurrency),
+        ),
+        // Without maxConcurrency configured the signal is left out.
+        (with(full(1, Some(4.0)), 1, Some(36.0)), 0, 1, None),
+        // Nothing ready yet: the spill alone asks ceil(12 / 4) = 3.
+        (with(vec![], 1, Some(12.0)), 4, 3, Some(Driver::Concurrency)),
+    ];
+    for (o, max_concurrency, want, signal) in cases {
+        let d = decide(
+            &policy(),
+            slots(max_concurrency),
+            &o,
+            &History::default(),
+            0,
+        );
+        assert_eq!((d.desired, d.signal), (want, signal), "{o:?}: {}", d.reason);
+        if signal.is_some() {
+            assert!(d.reason.contains("spilled to providers"), "{}", d.reason);
+        }
+    }
+}
+
+/// Half-empty engines ask for fewer replicas, but never below what the queue or GPU memory
+/// want; saturation by concurrency with replicas starting is a cold start.
+#[test]
+fn concurrency_joins_the_other_signals() {
+    let pod = |in_flight: f64, gpu: f64| PodSample {
+        queue_depth: Some(0.0),
+        in_flight: Some(in_flight),
+        gpu_memory: Some(gpu),
+    };
+    let d = decide(
+        &policy(),
+        slots(8),
+        &observed(4, vec![pod(2.0, 0.1); 4]),
+        &History::default(),
+        0,
+    );
+    assert_eq!(d.desired, 1, "{}", d.reason);
+    let d = decide(
+        &policy(),
+        slots(8),
+        &observed(4, vec![pod(6.0, 0.1); 4]),
+        &History::default(),
+        0,
+    );
+    assert_eq!(d.desired, 3, "4 × 6 / 8: {}", d.reason);
+    let mut o = observed(2, vec![pod(8.0, 0.1)]);
+    o.starting = 1;
+    o.spilled = Some(8.0);
+    let d = decide(&policy(), slots(8), &o, &History::default(), 0);
+    assert_eq!(
+        d.exhausted,
+        Some(ExhaustedReason::ColdStart),
+        "{}",
+        d.reason
+    );
 }
 
 #[test]

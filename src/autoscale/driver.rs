@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::decide::{Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide};
 use super::observe::{ColdStart, EnginePod, PodState, classify_one};
 use super::scrape::{Scraper, metrics_url};
-use super::signals::{self, SignalSelectors};
+use super::signals::{self, RouterSample, SignalSelectors};
 use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
 use crate::controller::cache::Cache;
@@ -39,6 +39,8 @@ pub struct ServiceState {
     started: bool,
     /// The replicas last patched, and when.
     last_patch: Option<(i32, Millis)>,
+    /// Each router pod's last sample, for the spill rate since.
+    routers: HashMap<String, (Millis, RouterSample)>,
 }
 
 /// How long a patched replica count is trusted over a cache that does not show it yet.
@@ -52,8 +54,9 @@ pub struct TickInput<'a> {
     pub pods: &'a [EnginePod],
     /// The engine Deployment's `spec.replicas`.
     pub current_replicas: i32,
-    /// The routers' `/metrics` URLs (their queue counts into queue depth).
-    pub router_metrics_urls: &'a [String],
+    /// The ready routers: pod name and `/metrics` URL (their queue counts into queue depth,
+    /// what they spill into the concurrency signal).
+    pub routers: &'a [(String, String)],
     pub now: Millis,
 }
 
@@ -70,7 +73,7 @@ pub async fn observe_and_decide(
         policy,
         pods,
         current_replicas,
-        router_metrics_urls,
+        routers,
         now,
     } = *input;
     if !state.started {
@@ -118,12 +121,26 @@ pub async fn observe_and_decide(
             }
         }
     });
-    let router_scrapes = router_metrics_urls.iter().map(|url| async move {
+    let router_scrapes = routers.iter().map(|(pod, url)| async move {
         let text = scraper.fetch(url).await.ok()?;
-        signals::router_queue(&text).ok().flatten()
+        let sample = signals::router_sample(&text).ok().flatten()?;
+        Some((pod, sample))
     });
     let (samples, router) = futures::join!(join_all(scrapes), join_all(router_scrapes));
-    let router_values: Vec<f64> = router.into_iter().flatten().collect();
+    let router: Vec<(&String, RouterSample)> = router.into_iter().flatten().collect();
+    // The spill since each router's last sample; a router seen for the first time (or restarted)
+    // gives its rate from the next tick on.
+    let spills: Vec<f64> = router
+        .iter()
+        .filter_map(|(pod, cur)| {
+            let (at, prev) = state.routers.get(*pod)?;
+            signals::spilled_slots(prev, *at, cur, now)
+        })
+        .collect();
+    state.routers = router
+        .iter()
+        .map(|(pod, s)| ((*pod).clone(), (now, *s)))
+        .collect();
     state.cold_start.observe(pods);
     let observed = Observed {
         current_replicas,
@@ -136,7 +153,8 @@ pub async fn observe_and_decide(
             .iter()
             .filter(|p| p.state == PodState::Unschedulable)
             .count() as i32,
-        router_queue: (!router_values.is_empty()).then(|| router_values.iter().sum()),
+        router_queue: (!router.is_empty()).then(|| router.iter().map(|(_, s)| s.queue).sum()),
+        spilled: (!spills.is_empty()).then(|| spills.iter().sum()),
         created_at: isvc
             .metadata
             .creation_timestamp
@@ -147,6 +165,7 @@ pub async fn observe_and_decide(
     let configured = SignalsConfigured {
         queue_depth: selectors.has_queue_depth(),
         gpu_memory: selectors.has_gpu_memory(),
+        max_concurrency: engine.max_concurrency.max(0) as u32,
     };
     let d = decide(policy, configured, &observed, &state.history, now);
     state.history = d.history.clone();
@@ -235,13 +254,16 @@ impl Autoscaler {
             _ => cached,
         };
         let (pods, routers) = self.service_pods(isvc);
-        // Ready routers' metrics: their queue and burst in flight count into queue depth.
-        let router_urls: Vec<String> = routers
+        // Ready routers' metrics: their queue and what they spill.
+        let router_urls: Vec<(String, String)> = routers
             .iter()
             .filter(|p| p.state == PodState::Ready)
             .filter_map(|p| {
-                p.ip.as_deref()
-                    .map(|ip| metrics_url(ip, ROUTER_PORT.into(), "/metrics"))
+                let ip = p.ip.as_deref()?;
+                Some((
+                    p.name.clone(),
+                    metrics_url(ip, ROUTER_PORT.into(), "/metrics"),
+                ))
             })
             .collect();
         let now = now_ms();
@@ -250,7 +272,7 @@ impl Autoscaler {
             policy: &policy,
             pods: &pods,
             current_replicas: current,
-            router_metrics_urls: &router_urls,
+            routers: &router_urls,
             now,
         };
         let d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;

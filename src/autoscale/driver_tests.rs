@@ -103,7 +103,7 @@ async fn scrapes_loopback_engines_and_decides_from_what_answered() {
         policy: &policy,
         pods: &pods,
         current_replicas: 3,
-        router_metrics_urls: &[],
+        routers: &[],
         now: 0,
     };
     let d = observe_and_decide(&scraper, &input, &mut state, Some(&metrics)).await;
@@ -182,7 +182,7 @@ async fn a_spike_on_a_real_engine_sim_is_decided_in_the_same_tick() {
         policy: &policy,
         pods: &[ready_pod("a")],
         current_replicas: 1,
-        router_metrics_urls: &[],
+        routers: &[],
         now: 0,
     };
     let d = observe_and_decide(&scraper, &input, &mut ServiceState::default(), None).await;
@@ -408,32 +408,59 @@ async fn unreachable_engines_hold_replicas_and_report_metrics_unavailable() {
 }
 
 #[tokio::test]
-async fn the_routers_overflow_is_scraped_into_queue_depth() {
-    let (engine_port, engine) = page_server(vec![(200, vllm_page(0, 8, 0.5))], 2).await;
-    let router_page = "spillway_router_queue_length 4\nspillway_router_in_flight{destination=\"local\"} 16\nspillway_router_in_flight{destination=\"together\"} 12\n";
-    let (router_port, router) = page_server(vec![(200, router_page.to_string())], 1).await;
-    let isvc = service_on(engine_port);
+async fn the_routers_queue_and_spill_are_scraped_into_their_signals() {
+    let isvc_slots = service_on(0).spec.engine.max_concurrency as u32;
+    // Both engines are full and nothing waits in them.
+    let (engine_port, engine) = page_server(vec![(200, vllm_page(0, isvc_slots, 0.5))], 4).await;
+    let router_page = |spilled: u32| {
+        format!(
+            "spillway_router_queue_length 4\n\
+             spillway_router_in_flight{{destination=\"together\"}} 1\n\
+             spillway_router_slot_duration_seconds_sum{{destination=\"local\"}} 80\n\
+             spillway_router_slot_duration_seconds_count{{destination=\"local\"}} 10\n\
+             spillway_router_slot_duration_seconds_sum{{destination=\"together\"}} 2\n\
+             spillway_router_slot_duration_seconds_count{{destination=\"together\"}} {spilled}\n"
+        )
+    };
+    let (router_port, router) =
+        page_server(vec![(200, router_page(2)), (200, router_page(20))], 2).await;
+    let mut isvc = service_on(engine_port);
+    isvc.spec.engine.max_concurrency = isvc_slots as i32;
     let pods = vec![ready_pod("a"), ready_pod("b")];
     let mut policy = ScalingPolicySpec {
-        max_replicas: 16,
+        max_replicas: 64,
         ..ScalingPolicySpec::default()
     };
     policy.scale_up.max_pods = 100;
     policy.scale_up.max_percent = 1000;
-    let urls = vec![format!("http://127.0.0.1:{router_port}/metrics")];
-    let input = TickInput {
+    let routers = vec![(
+        "router-0".to_string(),
+        format!("http://127.0.0.1:{router_port}/metrics"),
+    )];
+    let mut input = TickInput {
         isvc: &isvc,
         policy: &policy,
         pods: &pods,
         current_replicas: 2,
-        router_metrics_urls: &urls,
+        routers: &routers,
         now: 0,
     };
     let scraper = Scraper::new(8, Duration::from_secs(2));
-    let d = observe_and_decide(&scraper, &input, &mut ServiceState::default(), None).await;
-    // 4 queued + 12 burst in flight over 2 ready replicas: 8 per replica against 4 → 4 replicas.
-    assert_eq!(d.queue_depth, Some(16.0));
-    assert_eq!(d.desired, 4, "{}", d.reason);
+    let mut state = ServiceState::default();
+    let first = observe_and_decide(&scraper, &input, &mut state, None).await;
+    // Only the queue counts as waiting (the provider's in-flight request is served demand);
+    // the spill rate needs a second sample.
+    assert_eq!(first.queue_depth, Some(4.0));
+    assert_eq!(first.spilled, None);
+    input.now = 2_000;
+    let d = observe_and_decide(&scraper, &input, &mut state, None).await;
+    // 18 requests spilled in 2 s, each would hold a local slot 8 s: 72 slots of demand on top
+    // of two full replicas.
+    assert_eq!(d.spilled, Some(72.0));
+    let want = ((2 * isvc_slots + 72) as f64 / isvc_slots as f64).ceil() as i32;
+    assert_eq!(d.desired, want, "{}", d.reason);
+    assert_eq!(d.signal, Some(Driver::Concurrency), "{}", d.reason);
+    assert!(d.reason.contains("72 spilled to providers"), "{}", d.reason);
     engine.abort();
     router.abort();
 }

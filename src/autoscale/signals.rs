@@ -25,10 +25,9 @@ use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 
 /// The gauge the router exposes for requests queued in it.
 pub const ROUTER_QUEUE_METRIC: &str = "spillway_router_queue_length";
-/// The router's in-flight gauge, by `destination` (`local` or a provider name). What is in
-/// flight at providers is demand the engines could not take; it counts into queue depth so the
-/// autoscaler sees what burst absorbed.
-pub const ROUTER_IN_FLIGHT_METRIC: &str = "spillway_router_in_flight";
+/// The router's histogram of how long requests held a slot, by `destination` (`local` or a
+/// provider name): its count and sum give the spilled demand ([`spilled_slots`]).
+pub const ROUTER_SLOT_METRIC: &str = "spillway_router_slot_duration_seconds";
 
 /// The DCGM exporter's framebuffer gauges (MiB).
 pub const DCGM_FB_USED: &str = "DCGM_FI_DEV_FB_USED";
@@ -295,22 +294,85 @@ fn ratio(used: Option<f64>, total: Option<f64>) -> Option<f64> {
     }
 }
 
-/// The router's overflow: its queue length plus its requests in flight at burst providers
-/// (each summed over series). `None` if the queue gauge is absent (not a spillway router); an
-/// absent burst gauge (no providers) adds nothing.
-pub fn router_queue(text: &str) -> Result<Option<f64>, ParseError> {
+/// What the autoscaler reads from one router's metrics page.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RouterSample {
+    /// Requests waiting for a local engine slot.
+    pub queue: f64,
+    /// Slots released since the router started, and the seconds they were held: at local
+    /// engines, and at providers (all of them).
+    pub local: SlotTotals,
+    pub spilled: SlotTotals,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct SlotTotals {
+    pub count: f64,
+    pub seconds: f64,
+}
+
+/// Reads a router's page. `None` if the queue gauge is absent (not a spillway router) or any
+/// value read is NaN, infinite or negative; an absent slot histogram (nothing served yet) reads 0.
+pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
+    let count = format!("{ROUTER_SLOT_METRIC}_count");
+    let sum = format!("{ROUTER_SLOT_METRIC}_sum");
     let mut queue = Sum::default();
-    let mut burst = Sum::default();
+    let mut bad = false;
+    let mut out = RouterSample::default();
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
-        } else if s.name == ROUTER_IN_FLIGHT_METRIC
-            && s.label("destination").is_some_and(|d| !d.matches("local"))
-        {
-            burst.add(s.value);
+            return;
+        }
+        if s.name != count && s.name != sum {
+            return;
+        }
+        if !(s.value.is_finite() && s.value >= 0.0) {
+            bad = true;
+            return;
+        }
+        let totals = if s.label("destination").is_some_and(|d| d.matches("local")) {
+            &mut out.local
+        } else {
+            &mut out.spilled
+        };
+        if s.name == count {
+            totals.count += s.value;
+        } else {
+            totals.seconds += s.value;
         }
     })?;
-    Ok(queue.get().map(|q| q + burst.get().unwrap_or(0.0)))
+    Ok(queue
+        .get()
+        .filter(|_| !bad)
+        .map(|q| RouterSample { queue: q, ..out }))
+}
+
+/// The demand one router spilled between two of its samples, in local engine slots: requests
+/// sent to providers per second times the seconds a request holds a local engine slot (Little's
+/// law: the slots those requests would have kept busy here). The local hold time is the
+/// router's mean since it started; before any local request ended, the providers' mean stands in.
+/// `None` when the samples cannot be compared (the router restarted, or no time passed).
+pub fn spilled_slots(
+    prev: &RouterSample,
+    prev_ms: i64,
+    cur: &RouterSample,
+    now_ms: i64,
+) -> Option<f64> {
+    let seconds = (now_ms - prev_ms) as f64 / 1000.0;
+    let sent = cur.spilled.count - prev.spilled.count;
+    if seconds <= 0.0 || sent < 0.0 || cur.local.count < prev.local.count {
+        return None;
+    }
+    if sent == 0.0 {
+        return Some(0.0);
+    }
+    let hold = if cur.local.count > 0.0 {
+        cur.local.seconds / cur.local.count
+    } else {
+        (cur.spilled.seconds - prev.spilled.seconds).max(0.0) / sent
+    };
+    Some(sent / seconds * hold)
 }
 
 #[cfg(test)]

@@ -166,6 +166,7 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
             from: facts.current,
             to: d.desired,
             reason: d.reason.clone(),
+            signal: d.signal.map(|s| s.as_str().to_string()),
         });
     }
     let overflow = decisions.len().saturating_sub(HISTORY_LEN);
@@ -189,14 +190,17 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
     AutoscalerStatus {
         desired_replicas: d.desired,
         unschedulable_replicas: facts.unschedulable,
-        metrics: (d.queue_depth.is_some() || d.gpu_memory.is_some() || d.in_flight.is_some()).then(
-            || MetricsSnapshot {
-                queue_depth: d.queue_depth.map(|q| q.round() as i64),
-                gpu_memory_utilization: d.gpu_memory.map(|g| (g * 1000.0).round() / 1000.0),
-                in_flight: d.in_flight.map(|f| f.round() as i64),
-                sampled_at: Some(facts.now.clone()),
-            },
-        ),
+        metrics: (d.queue_depth.is_some()
+            || d.gpu_memory.is_some()
+            || d.in_flight.is_some()
+            || d.spilled.is_some())
+        .then(|| MetricsSnapshot {
+            queue_depth: d.queue_depth.map(|q| q.round() as i64),
+            gpu_memory_utilization: d.gpu_memory.map(|g| (g * 1000.0).round() / 1000.0),
+            in_flight: d.in_flight.map(|f| f.round() as i64),
+            spilled_demand: d.spilled.map(|s| (s * 100.0).round() / 100.0),
+            sampled_at: Some(facts.now.clone()),
+        }),
         last_scale_time: if facts.scaled {
             Some(facts.now.clone())
         } else {

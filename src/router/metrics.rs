@@ -47,6 +47,9 @@ pub struct RouterMetrics {
     pub queue_length: Gauge,
     pub duration: Family<DestinationLabel, sharded::Histogram>,
     pub ttfb: Family<DestinationLabel, sharded::Histogram>,
+    /// Exported as `spillway_router_slot_duration_seconds`
+    /// (`autoscale::signals::ROUTER_SLOT_METRIC`).
+    pub slot: Family<DestinationLabel, sharded::Histogram>,
     pub tokens: Family<TokenLabels, Counter>,
     pub spend: Family<ProviderLabel, Counter<f64, AtomicU64>>,
     pub breaker_open: Family<ProviderLabel, Gauge>,
@@ -72,6 +75,7 @@ impl Default for RouterMetrics {
         let duration =
             Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let ttfb = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
+        let slot = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let tokens = Family::<TokenLabels, Counter>::default();
         let spend = Family::<ProviderLabel, Counter<f64, AtomicU64>>::default();
         let breaker_open = Family::<ProviderLabel, Gauge>::default();
@@ -105,6 +109,13 @@ impl Default for RouterMetrics {
             "Time from request arrival to the first response body byte",
             Unit::Seconds,
             ttfb.clone(),
+        );
+        // Its rate and mean give the autoscaler the spilled demand in engine slots.
+        registry.register_with_unit(
+            "slot_duration",
+            "Time a request held a slot of its destination (an engine's or a provider's concurrency)",
+            Unit::Seconds,
+            slot.clone(),
         );
         registry.register(
             "provider_tokens",
@@ -148,6 +159,7 @@ impl Default for RouterMetrics {
             queue_length,
             duration,
             ttfb,
+            slot,
             tokens,
             spend,
             breaker_open,
@@ -166,6 +178,7 @@ pub struct DestMetrics {
     pub in_flight: sharded::Gauge,
     pub duration: sharded::Histogram,
     pub ttfb: sharded::Histogram,
+    pub slot: sharded::Histogram,
     pub success: sharded::Counter,
 }
 
@@ -178,6 +191,7 @@ impl RouterMetrics {
             in_flight: self.in_flight.get_or_create(&d).clone(),
             duration: self.duration.get_or_create(&d).clone(),
             ttfb: self.ttfb.get_or_create(&d).clone(),
+            slot: self.slot.get_or_create(&d).clone(),
             success: self
                 .requests
                 .get_or_create(&RequestLabels {

@@ -1011,7 +1011,8 @@ pub struct Lease {
     shared: Arc<Shared>,
     pub dest: Dest,
     pub bearer: Option<Bearer>,
-    /// When a provider was given the request, for its breaker (0 for an engine: no clock read).
+    /// When the slot was taken: a provider's breaker judges results by it, and the slot
+    /// duration metric is measured from it.
     pub sent_ms: Millis,
 }
 
@@ -1023,10 +1024,7 @@ impl std::fmt::Debug for Lease {
 
 impl Lease {
     fn new(shared: Arc<Shared>, dest: Dest, bearer: Option<Bearer>) -> Self {
-        let sent_ms = match dest {
-            Dest::Local(_) => 0,
-            Dest::Provider(_) => shared.now_ms(),
-        };
+        let sent_ms = shared.now_ms();
         let lease = Self {
             shared,
             dest,
@@ -1052,7 +1050,10 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.metrics().in_flight.dec();
+        let m = self.metrics();
+        m.in_flight.dec();
+        let held = self.shared.now_ms().saturating_sub(self.sent_ms).max(0);
+        m.slot.observe(held as f64 / 1000.0);
         self.shared.release(&self.dest);
     }
 }

@@ -230,6 +230,11 @@ struct Sim<'a> {
     ttft: Histogram,
     outcomes: Outcomes,
     burst_since_tick: u64,
+    /// Local service time handed out so far and to how many requests (the routers' slot
+    /// histogram: the local hold time that turns spilled requests into engine slots).
+    local_hold_ms: f64,
+    local_started: u64,
+    interval_ms: Millis,
     rejected_total: u64,
     backends_buf: Vec<BackendLoad>,
     providers_buf: Vec<ProviderLoad>,
@@ -300,6 +305,8 @@ impl Sim<'_> {
                 let service = self.params.prefill_ms as f64
                     + req.output as f64 * 1000.0 / self.params.tokens_per_second;
                 self.push(self.now + service.round() as Millis, Ev::LocalDone { pod });
+                self.local_hold_ms += service.round();
+                self.local_started += 1;
                 self.ttft.record(waited + self.params.prefill_ms as Millis);
                 self.outcomes.local += 1;
                 true
@@ -481,11 +488,12 @@ impl Sim<'_> {
             ready,
             starting: count(|s| matches!(s, PodState::Starting { .. })),
             unschedulable: count(|s| *s == PodState::Unschedulable),
-            // The routers' overflow: queued, and spilled to providers (demand the GPUs missed).
-            router_queue: Some(
-                (self.queue.len() as u32 + self.providers.iter().map(|p| p.in_flight).sum::<u32>())
-                    as f64,
-            ),
+            router_queue: Some(self.queue.len() as f64),
+            // What went to providers this interval, in local slots (as the driver measures it).
+            spilled: (self.local_started > 0).then(|| {
+                let per_second = self.burst_since_tick as f64 * 1000.0 / self.interval_ms as f64;
+                per_second * self.local_hold_ms / self.local_started as f64 / 1000.0
+            }),
             created_at: Millis::MIN / 2,
         }
     }
@@ -494,7 +502,10 @@ impl Sim<'_> {
         let observed = self.observe();
         let d = decide(
             self.policy,
-            SignalsConfigured::default(),
+            SignalsConfigured {
+                max_concurrency: self.limit,
+                ..SignalsConfigured::default()
+            },
             &observed,
             &self.history,
             self.now,
@@ -571,6 +582,9 @@ pub fn simulate(
         ttft: Histogram::new(),
         outcomes: Outcomes::default(),
         burst_since_tick: 0,
+        local_hold_ms: 0.0,
+        local_started: 0,
+        interval_ms,
         rejected_total: 0,
         backends_buf: Vec::new(),
         providers_buf: Vec::new(),

@@ -335,24 +335,19 @@ fn parse_errors_are_returned() {
 }
 
 #[test]
-fn router_queue_reads_the_router_gauge() {
+fn router_sample_reads_the_router_gauge() {
     let page = "\
 # HELP spillway_router_queue_length Requests waiting in the router.
 # TYPE spillway_router_queue_length gauge
 spillway_router_queue_length 6
 ";
-    assert_eq!(router_queue(page).unwrap(), Some(6.0));
-    assert_eq!(router_queue("other 1\n").unwrap(), None);
+    let queue = |page: &str| router_sample(page).unwrap().map(|s| s.queue);
+    assert_eq!(queue(page), Some(6.0));
+    assert_eq!(queue("other 1\n"), None);
+    assert_eq!(queue("spillway_router_queue_length 0\n"), Some(0.0));
+    assert_eq!(queue("spillway_router_queue_length NaN\n"), None);
     assert_eq!(
-        router_queue("spillway_router_queue_length 0\n").unwrap(),
-        Some(0.0)
-    );
-    assert_eq!(
-        router_queue("spillway_router_queue_length NaN\n").unwrap(),
-        None
-    );
-    assert_eq!(
-        router_queue("spillway_router_queue_length x\n")
+        router_sample("spillway_router_queue_length x\n")
             .unwrap_err()
             .line,
         1
@@ -360,18 +355,72 @@ spillway_router_queue_length 6
 }
 
 #[test]
-fn router_overflow_counts_burst_in_flight() {
+fn router_sample_splits_slot_totals_into_local_and_spilled() {
     let page = concat!(
         "spillway_router_queue_length 2\n",
-        "spillway_router_in_flight{destination=\"local\"} 40\n",
+        // In flight at providers is served demand, not a queue.
         "spillway_router_in_flight{destination=\"together\"} 5\n",
-        "spillway_router_in_flight{destination=\"groq\"} 1\n",
+        "spillway_router_slot_duration_seconds_sum{destination=\"local\"} 80.0\n",
+        "spillway_router_slot_duration_seconds_count{destination=\"local\"} 10\n",
+        "spillway_router_slot_duration_seconds_bucket{destination=\"local\",le=\"+Inf\"} 10\n",
+        "spillway_router_slot_duration_seconds_sum{destination=\"together\"} 3.0\n",
+        "spillway_router_slot_duration_seconds_count{destination=\"together\"} 20\n",
+        "spillway_router_slot_duration_seconds_sum{destination=\"groq\"} 1.0\n",
+        "spillway_router_slot_duration_seconds_count{destination=\"groq\"} 10\n",
     );
-    // Local in-flight is served demand; queued and burst in-flight are not.
-    assert_eq!(router_queue(page).unwrap(), Some(8.0));
-    // Without the queue gauge this is not a spillway router page.
+    let s = router_sample(page).unwrap().unwrap();
+    assert_eq!(s.queue, 2.0);
     assert_eq!(
-        router_queue("spillway_router_in_flight{destination=\"a\"} 3\n").unwrap(),
+        s.local,
+        SlotTotals {
+            count: 10.0,
+            seconds: 80.0
+        }
+    );
+    assert_eq!(
+        s.spilled,
+        SlotTotals {
+            count: 30.0,
+            seconds: 4.0
+        }
+    );
+    // Without the queue gauge this is not a spillway router page; a bad total spoils it.
+    assert_eq!(
+        router_sample("spillway_router_in_flight{destination=\"a\"} 3\n").unwrap(),
         None
     );
+    let bad = "spillway_router_queue_length 0\nspillway_router_slot_duration_seconds_count{destination=\"local\"} -1\n";
+    assert_eq!(router_sample(bad).unwrap(), None);
+}
+
+#[test]
+fn spilled_demand_is_spill_rate_times_local_hold_time() {
+    let at = |local: (f64, f64), spilled: (f64, f64)| RouterSample {
+        queue: 0.0,
+        local: SlotTotals {
+            count: local.0,
+            seconds: local.1,
+        },
+        spilled: SlotTotals {
+            count: spilled.0,
+            seconds: spilled.1,
+        },
+    };
+    // Local requests hold a slot 8 s; 18 requests went to a fast provider in 2 s: 9/s × 8 s
+    // = 72 slots of demand, although each held the provider for only 0.1 s.
+    let prev = at((10.0, 80.0), (2.0, 0.2));
+    let cur = at((10.0, 80.0), (20.0, 2.0));
+    assert_eq!(spilled_slots(&prev, 0, &cur, 2_000), Some(72.0));
+    // Nothing spilled: no demand.
+    assert_eq!(spilled_slots(&cur, 0, &cur, 2_000), Some(0.0));
+    // No local request has ended yet: the providers' hold time stands in.
+    let (p0, p1) = (at((0.0, 0.0), (0.0, 0.0)), at((0.0, 0.0), (4.0, 2.0)));
+    assert_eq!(spilled_slots(&p0, 0, &p1, 2_000), Some(1.0));
+    // A restarted router (counters went back) or no time passed: not comparable.
+    assert_eq!(spilled_slots(&cur, 0, &prev, 2_000), None);
+    assert_eq!(
+        spilled_slots(&prev, 0, &at((5.0, 40.0), (20.0, 2.0)), 2_000),
+        None
+    );
+    assert_eq!(spilled_slots(&prev, 2_000, &cur, 2_000), None);
 }
