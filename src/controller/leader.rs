@@ -47,8 +47,11 @@ pub enum LeaseAction {
     Renew,
     /// Someone else held it and it expired (or was released): take it over.
     Acquire,
-    /// Someone else holds a live lease.
-    Follow { holder: String },
+    /// Someone else holds a live lease, which expires in `expires_in` unless renewed.
+    Follow {
+        holder: String,
+        expires_in: Duration,
+    },
 }
 
 /// Decides from the Lease read and the current time. Expiry is judged by our clock against the
@@ -70,21 +73,21 @@ pub fn decide(
                 .lease_duration_seconds
                 .map(|s| Duration::from_secs(s.max(0) as u64))
                 .unwrap_or(lease_duration);
-            let expired = match &spec.renew_time {
-                Some(MicroTime(t)) => {
-                    // Skew either way within a lease duration is a live lease; a renewTime further
-                    // ahead than that is a broken clock, and must not hold the lease forever.
-                    let age = now.duration_since(*t);
-                    age.unsigned_abs() > duration
-                }
-                None => true,
-            };
-            if expired {
-                LeaseAction::Acquire
-            } else {
-                LeaseAction::Follow {
+            // Skew either way within a lease duration is a live lease; a renewTime further
+            // ahead than that is a broken clock, and must not hold the lease forever.
+            let age = spec
+                .renew_time
+                .as_ref()
+                .map(|MicroTime(t)| now.duration_since(*t))
+                .filter(|age| age.unsigned_abs() <= duration);
+            match age {
+                None => LeaseAction::Acquire,
+                Some(age) => LeaseAction::Follow {
                     holder: holder.to_string(),
-                }
+                    // A renewTime ahead of our clock counts as just renewed.
+                    expires_in: duration
+                        .saturating_sub(Duration::try_from(age).unwrap_or_default()),
+                },
             }
         }
     }
@@ -130,12 +133,22 @@ pub fn next_spec(
     }
 }
 
-/// One round: read, decide, write. Returns whether we hold the lease afterwards.
-/// A 409 Conflict (someone wrote in between) counts as not holding it.
+/// What one round found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Round {
+    /// Whether we hold the lease now.
+    pub held: bool,
+    /// When another holder's lease runs out, if it was read: a standby tries again then rather
+    /// than up to a retry period later, so it takes over within the lease duration.
+    pub expires_in: Option<Duration>,
+}
+
+/// One round: read, decide, write. A 409 Conflict (someone wrote in between) counts as not
+/// holding the lease.
 pub async fn try_acquire_or_renew(
     api: &Api<Lease>,
     cfg: &LeaseConfig,
-) -> Result<bool, kube::Error> {
+) -> Result<Round, kube::Error> {
     let current = api.get_opt(&cfg.name).await?;
     let now = jiff::Timestamp::now();
     let action = decide(
@@ -151,7 +164,14 @@ pub async fn try_acquire_or_renew(
         now,
         cfg.lease_duration,
     ) else {
-        return Ok(false);
+        let expires_in = match action {
+            LeaseAction::Follow { expires_in, .. } => Some(expires_in),
+            _ => None,
+        };
+        return Ok(Round {
+            held: false,
+            expires_in,
+        });
     };
     let result = match current {
         None => {
@@ -171,11 +191,15 @@ pub async fn try_acquire_or_renew(
             api.replace(&cfg.name, &PostParams::default(), &lease).await
         }
     };
-    match result {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
-        Err(e) => Err(e),
-    }
+    let held = match result {
+        Ok(_) => true,
+        Err(kube::Error::Api(e)) if e.code == 409 => false,
+        Err(e) => return Err(e),
+    };
+    Ok(Round {
+        held,
+        expires_in: None,
+    })
 }
 
 /// Gives the lease up on shutdown so a standby takes over at once instead of after expiry.
@@ -215,15 +239,23 @@ pub async fn run(
                 "leader election round timed out".into(),
             ))
         });
+        let mut wait = cfg.retry_period;
         match round {
-            Ok(true) => {
+            Ok(Round { held: true, .. }) => {
                 if !*tx.borrow() {
                     tracing::info!(lease = %cfg.name, identity = %cfg.identity, "became leader");
                 }
                 last_renew = Some(tokio::time::Instant::now());
                 tx.send_replace(true);
             }
-            Ok(false) => {
+            Ok(Round {
+                held: false,
+                expires_in,
+            }) => {
+                // Just after the holder's lease runs out, if that comes before the next retry.
+                if let Some(left) = expires_in {
+                    wait = wait.min(left + Duration::from_millis(50));
+                }
                 if *tx.borrow() {
                     tracing::warn!(lease = %cfg.name, "lost the leader lease");
                 }
@@ -242,7 +274,7 @@ pub async fn run(
             tx.send_replace(false);
         }
         tokio::select! {
-            _ = tokio::time::sleep(cfg.retry_period) => {}
+            _ = tokio::time::sleep(wait) => {}
             _ = shutdown.changed() => break,
         }
     }
@@ -281,9 +313,13 @@ mod tests {
             decide(Some(&held_by("a", 99)), "a", ts(100), D),
             LeaseAction::Renew
         );
+        // Renewed 10 s ago: a standby looks again when the 15 s run out, 5 s from now.
         assert_eq!(
             decide(Some(&held_by("b", 90)), "a", ts(100), D),
-            LeaseAction::Follow { holder: "b".into() }
+            LeaseAction::Follow {
+                holder: "b".into(),
+                expires_in: Duration::from_secs(5)
+            }
         );
         // Expired: 16 s since renewal with a 15 s lease.
         assert_eq!(
@@ -300,7 +336,10 @@ mod tests {
         // A renewTime slightly ahead of our clock (skew) is a live lease...
         assert_eq!(
             decide(Some(&held_by("b", 101)), "a", ts(100), D),
-            LeaseAction::Follow { holder: "b".into() }
+            LeaseAction::Follow {
+                holder: "b".into(),
+                expires_in: D
+            }
         );
         // ...but one far in the future (a broken clock) does not hold the lease forever.
         assert_eq!(
@@ -323,7 +362,10 @@ mod tests {
         assert!(
             next_spec(
                 Some(&cur),
-                &LeaseAction::Follow { holder: "b".into() },
+                &LeaseAction::Follow {
+                    holder: "b".into(),
+                    expires_in: D
+                },
                 "a",
                 ts(100),
                 D

@@ -577,7 +577,7 @@ mod leader_election {
             .expect(Method::POST, LEASES, StatusCode::CREATED, Value::Null)
             .await;
         assert_eq!(created.body["spec"]["holderIdentity"], "pod-a");
-        assert!(round.await.unwrap().unwrap());
+        assert!(round.await.unwrap().unwrap().held);
     }
 
     #[tokio::test]
@@ -591,7 +591,7 @@ mod leader_election {
             lease("pod-b", jiff::Timestamp::now(), 2),
         )
         .await;
-        assert!(!round.await.unwrap().unwrap());
+        assert!(!round.await.unwrap().unwrap().held);
         api.done().await;
     }
 
@@ -621,7 +621,7 @@ mod leader_election {
         );
         assert_eq!(put.body["spec"]["holderIdentity"], "pod-a");
         assert_eq!(put.body["spec"]["leaseTransitions"], 3);
-        assert!(round.await.unwrap().unwrap());
+        assert!(round.await.unwrap().unwrap().held);
     }
 
     #[tokio::test]
@@ -644,7 +644,7 @@ mod leader_election {
             json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"}),
         )
         .await;
-        assert!(!round.await.unwrap().unwrap());
+        assert!(!round.await.unwrap().unwrap().held);
     }
 }
 
