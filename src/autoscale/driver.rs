@@ -183,6 +183,9 @@ pub struct Autoscaler {
     pub pods: Cache<Pod>,
     pub deployments: Cache<Deployment>,
     pub leader: watch::Receiver<bool>,
+    /// Bounds the API writes in flight across all loops: a thousand services deciding at once
+    /// must not queue the leader Lease's renewal behind a thousand writes.
+    pub writes: tokio::sync::Semaphore,
 }
 
 /// The policy a service scales with: the defaults without a reference, its referenced valid
@@ -280,7 +283,15 @@ impl Autoscaler {
 
         let mut scaled = false;
         if policy.mode == PolicyMode::Active && d.desired != current && *self.leader.borrow() {
-            match patch_replicas(&self.client, &ns, &engine_name(&name), d.desired).await {
+            let patched = self
+                .write(patch_replicas(
+                    &self.client,
+                    &ns,
+                    &engine_name(&name),
+                    d.desired,
+                ))
+                .await;
+            match patched {
                 Ok(()) => {
                     state.last_patch = Some((d.desired, now));
                     state.history.record_scale(now, current, d.desired);
@@ -345,7 +356,10 @@ impl Autoscaler {
         if needs_write(state.last_written.as_ref().map(|(s, _)| s), &status, since)
             && *self.leader.borrow()
         {
-            match write_status(&self.client, &ns, &name, &status).await {
+            match self
+                .write(write_status(&self.client, &ns, &name, &status))
+                .await
+            {
                 Ok(()) => state.last_written = Some((status, now)),
                 Err(e) => {
                     tracing::warn!(service = %name, error = %e, "writing autoscaler status failed")
@@ -356,7 +370,21 @@ impl Autoscaler {
     }
 
     async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
-        publish_event(&self.recorder, isvc, type_, reason, note, "Scale").await;
+        self.write(publish_event(
+            &self.recorder,
+            isvc,
+            type_,
+            reason,
+            note,
+            "Scale",
+        ))
+        .await;
+    }
+
+    /// Runs one API write once a permit is free.
+    async fn write<T>(&self, call: impl std::future::Future<Output = T>) -> T {
+        let _permit = self.writes.acquire().await;
+        call.await
     }
 
     /// Runs one loop per service until `shutdown`; loops start and stop as services come and go.

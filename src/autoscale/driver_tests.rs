@@ -247,6 +247,7 @@ fn fixture(isvc: &InferenceService, replicas: i32, policy: Option<ScalingPolicy>
             pods: Cache::filled(pods.as_reader()),
             deployments: Cache::filled(deployments.as_reader()),
             leader,
+            writes: tokio::sync::Semaphore::new(4),
         },
         api,
         _leader: leader_tx,

@@ -8,6 +8,9 @@
 //! kube-runtime's own `Controller` ever calls `wait_until_ready()`, once per store; everything
 //! of ours waits on [`Cache::synced`].
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use futures::{Stream, StreamExt};
 use kube::Api;
 use kube::runtime::reflector::{self, ReflectHandle, Store};
@@ -92,6 +95,34 @@ where
     )
 }
 
+/// The objects of a shared stream whose `metadata.generation` moved (a spec change, or a
+/// deletion starting): status-only updates pass no further. `store` is the stream's cache, to
+/// forget deleted objects (the stream carries no deletes).
+pub fn spec_changes<K>(
+    changes: impl Stream<Item = Arc<K>>,
+    store: Store<K>,
+) -> impl Stream<Item = Arc<K>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    let mut seen: HashMap<String, i64> = HashMap::new();
+    changes.filter(move |obj| {
+        if seen.len() > 2 * store.len() + 64 {
+            let live: std::collections::HashSet<String> = store
+                .state()
+                .iter()
+                .filter_map(|o| o.meta().uid.clone())
+                .collect();
+            seen.retain(|uid, _| live.contains(uid));
+        }
+        let meta = obj.meta();
+        let generation = meta.generation.unwrap_or_default();
+        let moved =
+            seen.insert(meta.uid.clone().unwrap_or_default(), generation) != Some(generation);
+        std::future::ready(moved)
+    })
+}
+
 /// Drives a reflector's event stream: marks the cache synced at the first `InitDone` (the
 /// reflector has applied it to the store by then) and logs watch errors, which the watcher
 /// retries with backoff.
@@ -155,6 +186,30 @@ mod tests {
         assert!(cache.is_synced());
         drop(events_tx);
         driver.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn only_spec_changes_pass() {
+        let obj = |uid: &str, generation: i64, rv: &str| {
+            let mut c = ConfigMap::default();
+            c.metadata.uid = Some(uid.into());
+            c.metadata.generation = Some(generation);
+            c.metadata.resource_version = Some(rv.into());
+            Arc::new(c)
+        };
+        let (reader, _writer) = reflector::store::<ConfigMap>();
+        let input = vec![
+            obj("a", 1, "1"),
+            obj("a", 1, "2"), // a status write
+            obj("b", 1, "3"),
+            obj("a", 2, "4"), // a spec change
+            obj("a", 2, "5"),
+        ];
+        let passed: Vec<String> = spec_changes(futures::stream::iter(input), reader)
+            .map(|o| o.metadata.resource_version.clone().unwrap())
+            .collect()
+            .await;
+        assert_eq!(passed, ["1", "3", "4"]);
     }
 
     #[tokio::test]

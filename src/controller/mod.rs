@@ -66,6 +66,12 @@ pub struct ControllerArgs {
     /// Timeout of one metrics scrape, in milliseconds.
     #[arg(long, default_value_t = 1000)]
     pub scrape_timeout_ms: u64,
+    /// Most reconciliations running at once, and most autoscaler API writes in flight at once.
+    /// The API server queues all of the controller's requests in one flow, the leader Lease's
+    /// renewals among them: unbounded, a cold start of a thousand services starves the renewal
+    /// and the leader steps down.
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent_reconciles: u16,
 }
 
 pub async fn run(args: ControllerArgs) -> anyhow::Result<()> {
@@ -221,7 +227,15 @@ async fn run_controllers(
         policy_changes.expect("a shared cache has a subscriber"),
     );
     let store = service_cache.store.clone();
-    let isvc_controller = Controller::for_shared_stream(isvc_changes, store.clone());
+    let config = kube::runtime::controller::Config::default()
+        .concurrency(args.max_concurrent_reconciles.max(1));
+    // Status writes (the autoscaler's every few seconds, reconcile's own) change nothing to
+    // reconcile: only spec changes of the service itself trigger it.
+    let isvc_controller = Controller::for_shared_stream(
+        cache::spec_changes(isvc_changes, store.clone()),
+        store.clone(),
+    )
+    .with_config(config.clone());
     let reporter = Reporter {
         controller: "spillway-controller".into(),
         instance: args.identity.clone(),
@@ -276,7 +290,8 @@ async fn run_controllers(
         });
 
     let policy_controller =
-        Controller::for_shared_stream(policy_changes, policy_cache.store.clone());
+        Controller::for_shared_stream(policy_changes, policy_cache.store.clone())
+            .with_config(config);
     let autoscaler = Arc::new(crate::autoscale::driver::Autoscaler {
         client: client.clone(),
         recorder: Recorder::new(
@@ -318,6 +333,7 @@ async fn run_controllers(
         )
         .0,
         leader: leader.clone(),
+        writes: tokio::sync::Semaphore::new(args.max_concurrent_reconciles.max(1).into()),
     });
     let (autoscaler_stop_tx, autoscaler_stop) = watch::channel(false);
     let autoscaler_run = tokio::spawn(autoscaler.run(autoscaler_stop));
