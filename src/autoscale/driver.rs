@@ -292,7 +292,7 @@ impl Autoscaler {
                 ))
                 .await;
             match patched {
-                Ok(()) => {
+                Ok(_) => {
                     state.last_patch = Some((d.desired, now));
                     state.history.record_scale(now, current, d.desired);
                     scaled = true;
@@ -478,13 +478,13 @@ fn with_last_written(isvc: &InferenceService, last: Option<&AutoscalerStatus>) -
 }
 
 /// Sets the engine Deployment's replicas with server-side apply under the autoscaler's field
-/// manager (which alone owns `spec.replicas`).
+/// manager (which alone owns `spec.replicas`); returns the Deployment as written.
 pub async fn patch_replicas(
     client: &Client,
     ns: &str,
     name: &str,
     replicas: i32,
-) -> Result<(), kube::Error> {
+) -> Result<Deployment, kube::Error> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
     let body = serde_json::json!({
         "apiVersion": "apps/v1",
@@ -498,7 +498,6 @@ pub async fn patch_replicas(
         &Patch::Apply(&body),
     )
     .await
-    .map(|_| ())
 }
 
 /// Writes the autoscaler's status fields (server-side apply, its own field manager).

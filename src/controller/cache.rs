@@ -12,9 +12,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kube::Api;
 use kube::runtime::reflector::{self, ReflectHandle, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio::sync::watch;
 
 /// A store and whether its first full list is in.
@@ -52,25 +51,17 @@ impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
     }
 }
 
-/// Starts a cache of `api` for the life of the process. `trim` drops what nobody reads before
-/// it is stored. With `subscribe`, also returns a stream of changed objects for a `Controller`
+/// Starts a cache fed by `events` (a watcher, with backoff) for the life of the process. With
+/// `subscribe`, also returns a stream of changed objects for a `Controller`
 /// (`Controller::for_shared_stream`), so the controller and the autoscaler share one watch and
 /// one store; it carries applies only (deletes are in the store, not in the stream), and it must
 /// be consumed, or the cache waits for it.
 pub fn spawn<K>(
-    api: Api<K>,
-    cfg: watcher::Config,
-    trim: impl FnMut(&mut K) + Send + 'static,
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     subscribe: bool,
 ) -> (Cache<K>, Option<ReflectHandle<K>>)
 where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
     // Enough for a burst of changes while a reconcile pass is busy; beyond it the watch waits.
     const SUBSCRIBER_BUFFER: usize = 1024;
@@ -80,12 +71,8 @@ where
         reflector::store()
     };
     let handle = writer.subscribe();
-    let events = reflector::reflector(
-        writer,
-        watcher::watcher(api, cfg).default_backoff().modify(trim),
-    );
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(track_sync(events, tx));
+    tokio::spawn(track_sync(reflector::reflector(writer, events), tx));
     (
         Cache {
             store: reader,

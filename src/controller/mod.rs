@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod leader;
 pub mod metrics;
+pub mod owned;
 pub mod reconcile;
 pub mod render;
 pub mod render_router;
@@ -26,7 +27,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
@@ -177,56 +178,65 @@ async fn run_controllers(
     leader: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (isvcs, policies, deployments, services, configmaps) = match &args.namespace {
-        Some(ns) => (
-            Api::<InferenceService>::namespaced(client.clone(), ns),
-            Api::<ScalingPolicy>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-            Api::<Service>::namespaced(client.clone(), ns),
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
+    let ns = args.namespace.as_deref();
+    let policies: Api<ScalingPolicy> = owned::api(&client, ns);
     // Owned objects only: a label selector keeps the caches to spillway's objects.
-    let owned = watcher::Config::default().labels(render::MANAGED_SELECTOR);
-    let engine_only = watcher::Config::default().labels(&format!(
-        "{},{}=engine",
-        render::MANAGED_SELECTOR,
-        render::LABEL_COMPONENT
-    ));
-    let (pods, engine_deployments) = match &args.namespace {
-        Some(ns) => (
-            Api::<Pod>::namespaced(client.clone(), ns),
-            Api::<Deployment>::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
+    let labelled = watcher::Config::default().labels(render::MANAGED_SELECTOR);
 
     // One watch and one store of InferenceServices and of ScalingPolicies, shared by the
     // controllers and the autoscaler; managed fields are dropped (nothing reads them).
     let (service_cache, isvc_changes) = cache::spawn(
-        isvcs,
-        watcher::Config::default(),
-        |s: &mut InferenceService| s.managed_fields_mut().clear(),
+        watcher::watcher(
+            owned::api::<InferenceService>(&client, ns),
+            Default::default(),
+        )
+        .default_backoff()
+        .modify(|s: &mut InferenceService| s.managed_fields_mut().clear()),
         true,
     );
     let (policy_cache, policy_changes) = cache::spawn(
-        policies.clone(),
-        watcher::Config::default(),
-        |p: &mut ScalingPolicy| p.managed_fields_mut().clear(),
+        watcher::watcher(policies.clone(), Default::default())
+            .default_backoff()
+            .modify(|p: &mut ScalingPolicy| p.managed_fields_mut().clear()),
         true,
     );
     let (isvc_changes, policy_changes) = (
         isvc_changes.expect("a shared cache has a subscriber"),
         policy_changes.expect("a shared cache has a subscriber"),
     );
+    // Engine and router pods: readiness, IPs, scheduling (for the autoscaler).
+    let (pod_cache, _) = cache::spawn(
+        watcher::watcher(owned::api::<Pod>(&client, ns), labelled.clone())
+            .default_backoff()
+            .modify(|p: &mut Pod| {
+                // Only metadata and status are read; dropping the rest keeps the cache small.
+                p.managed_fields_mut().clear();
+                p.spec = None;
+            }),
+        false,
+    );
+    let owned_objects = owned::OwnedObjects::start(&client, ns);
     let store = service_cache.store.clone();
+
+    // Nothing decides or writes before every cache holds its first list: a pass on half a
+    // cache would read objects as missing.
+    let synced = async {
+        service_cache.synced().await
+            && policy_cache.synced().await
+            && pod_cache.synced().await
+            && owned_objects.synced().await
+    };
+    let mut stopping = shutdown.clone();
+    let mut deposed = leader.clone();
+    tokio::select! {
+        ok = synced => if !ok { anyhow::bail!("a cache stopped before its first list") },
+        _ = stopping.wait_for(|s| *s) => return Ok(()),
+        _ = deposed.wait_for(|l| !*l) => {
+            anyhow::bail!("lost leadership; exiting so this replica can stand for election again")
+        }
+    }
+    tracing::info!("caches synced");
+
     let config = kube::runtime::controller::Config::default()
         .concurrency(args.max_concurrent_reconciles.max(1));
     // Status writes (the autoscaler's every few seconds, reconcile's own) change nothing to
@@ -240,6 +250,7 @@ async fn run_controllers(
         controller: "spillway-controller".into(),
         instance: args.identity.clone(),
     };
+    let deployments = owned_objects.deployments.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -251,6 +262,8 @@ async fn run_controllers(
         leader: leader.clone(),
         failures: Default::default(),
         services: store.clone(),
+        policies: policy_cache.store.clone(),
+        owned: owned_objects,
     });
 
     let stop = |mut rx: watch::Receiver<bool>, mut leader: watch::Receiver<bool>| async move {
@@ -261,10 +274,12 @@ async fn run_controllers(
     };
 
     let mapper_store = store.clone();
+    // Plain watches as triggers: unlike a shared stream they carry deletes, so an owned object
+    // deleted by hand is put back at once.
     let isvc_run = isvc_controller
-        .owns(deployments, owned.clone())
-        .owns(services, owned.clone())
-        .owns(configmaps, owned.clone())
+        .owns(owned::api::<Deployment>(&client, ns), labelled.clone())
+        .owns(owned::api::<Service>(&client, ns), labelled.clone())
+        .owns(owned::api::<ConfigMap>(&client, ns), labelled.clone())
         // A watch of its own: the shared stream carries no deletes, and a deleted policy must
         // reach its services at once (Degraded/PolicyNotFound).
         .watches(
@@ -308,30 +323,8 @@ async fn run_controllers(
         metrics: ctx.metrics.clone(),
         services: service_cache,
         policies: policy_cache,
-        // Engine and router pods: readiness, IPs, scheduling.
-        pods: cache::spawn(
-            pods,
-            owned.clone(),
-            |p: &mut Pod| {
-                // Only metadata and status are read; dropping the rest keeps the cache small.
-                p.managed_fields_mut().clear();
-                p.spec = None;
-            },
-            false,
-        )
-        .0,
-        deployments: cache::spawn(
-            engine_deployments,
-            engine_only,
-            |d: &mut Deployment| {
-                d.managed_fields_mut().clear();
-                if let Some(spec) = d.spec.as_mut() {
-                    spec.template = Default::default();
-                }
-            },
-            false,
-        )
-        .0,
+        pods: pod_cache,
+        deployments,
         leader: leader.clone(),
         writes: tokio::sync::Semaphore::new(args.max_concurrent_reconciles.max(1).into()),
     });

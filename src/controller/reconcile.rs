@@ -13,13 +13,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
+use super::owned::{OwnedObjects, Plan, fingerprint};
 use super::render::{self, FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url};
 use super::render_router::RouterObjects;
 use super::status::{
@@ -81,6 +82,10 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// The InferenceService cache, for counting a policy's users.
     pub services: Store<InferenceService>,
+    /// The ScalingPolicy cache.
+    pub policies: Store<ScalingPolicy>,
+    /// The owned objects as known without asking the API server, and what was last applied.
+    pub owned: OwnedObjects,
 }
 
 /// Requeue delay after `failures` consecutive errors: 1 s doubling to a 5-minute cap.
@@ -222,7 +227,7 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     if let Some(msg) = isvc.spec.over_router_shares() {
         problems.push(Problem::RouterReplicasOverLimit(msg));
     }
-    let policy = resolve_policy(&ctx.client, &ns, &isvc, &mut problems).await?;
+    let policy = resolve_policy(&ctx, &ns, &isvc, &mut problems).await?;
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let engine = if problems
@@ -279,9 +284,11 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     Ok(Action::requeue(RESYNC))
 }
 
-/// The referenced policy, or the built-in defaults with a problem noted.
+/// The referenced policy, or the built-in defaults with a problem noted. A policy missing from
+/// the cache is looked up in the API server before it is called missing (it may have been
+/// created a moment ago, together with the service).
 async fn resolve_policy(
-    client: &Client,
+    ctx: &Context,
     ns: &str,
     isvc: &InferenceService,
     problems: &mut Vec<Problem>,
@@ -289,8 +296,19 @@ async fn resolve_policy(
     let Some(r) = &isvc.spec.scaling_policy_ref else {
         return Ok(ScalingPolicySpec::default());
     };
-    let api: Api<ScalingPolicy> = Api::namespaced(client.clone(), ns);
-    match api.get_opt(&r.name).await? {
+    let cached = ctx
+        .policies
+        .get(&ObjectRef::new(&r.name).within(ns))
+        .map(|p| (*p).clone());
+    let found = match cached {
+        Some(p) => Some(p),
+        None => {
+            Api::<ScalingPolicy>::namespaced(ctx.client.clone(), ns)
+                .get_opt(&r.name)
+                .await?
+        }
+    };
+    match found {
         None => {
             problems.push(Problem::PolicyNotFound(r.name.clone()));
             Ok(ScalingPolicySpec::default())
@@ -367,26 +385,43 @@ async fn ensure_objects(
         .name
         .clone()
         .unwrap_or_default();
-    let engine = match deployments.get_opt(&engine_name).await? {
-        None => {
+    let key = format!("Deployment/{ns}/{engine_name}");
+    let hash = fingerprint(&rendered.engine_deployment);
+    let cached = ctx
+        .owned
+        .deployments
+        .store
+        .get(&ObjectRef::new(&engine_name).within(&ns))
+        .map(|d| (*d).clone());
+    let live = match cached {
+        Some(d) => Some(d),
+        None => deployments.get_opt(&engine_name).await?,
+    };
+    let apply_failed = |source| Error::Apply {
+        kind: "Deployment",
+        name: engine_name.clone(),
+        source,
+    };
+    let is_ours = live
+        .as_ref()
+        .is_some_and(|d| is_owned_by(&d.metadata, isvc));
+    let engine = match ctx
+        .owned
+        .plan(&key, hash, live.as_ref().map(|d| &d.metadata), is_ours)
+    {
+        Plan::Create => {
             // Created by server-side apply like every other object (so fields later removed from
             // the spec are removed from the Deployment too), then replicas set once under the
             // autoscaler's field manager; reconcile's applies never mention replicas.
             apply(&deployments, &rendered.engine_deployment)
                 .await
-                .map_err(|source| Error::Apply {
-                    kind: "Deployment",
-                    name: engine_name.clone(),
-                    source,
-                })?;
+                .map_err(apply_failed)?;
             let initial = policy.initial_replicas();
-            crate::autoscale::driver::patch_replicas(&ctx.client, &ns, &engine_name, initial)
-                .await
-                .map_err(|source| Error::Apply {
-                    kind: "Deployment",
-                    name: engine_name.clone(),
-                    source,
-                })?;
+            let scaled =
+                crate::autoscale::driver::patch_replicas(&ctx.client, &ns, &engine_name, initial)
+                    .await
+                    .map_err(apply_failed)?;
+            ctx.owned.record(key, hash, &scaled.metadata);
             ctx.event(
                 isvc,
                 EventType::Normal,
@@ -399,20 +434,18 @@ async fn ensure_objects(
                 ready: 0,
             })
         }
-        Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
+        Plan::Foreign => {
             problems.push(Problem::ObjectConflict(format!(
                 "Deployment {ns}/{engine_name}"
             )));
             None
         }
-        Some(_) => {
+        Plan::Keep => live.as_ref().map(engine_replicas),
+        Plan::Apply => {
             let applied = apply(&deployments, &rendered.engine_deployment)
                 .await
-                .map_err(|source| Error::Apply {
-                    kind: "Deployment",
-                    name: engine_name.clone(),
-                    source,
-                })?;
+                .map_err(apply_failed)?;
+            ctx.owned.record(key, hash, &applied.metadata);
             Some(engine_replicas(&applied))
         }
     };
@@ -435,7 +468,8 @@ async fn ensure_objects(
     Ok(engine)
 }
 
-/// Applies each object unless one of the same name belongs to someone else.
+/// Applies each object that changed since it was last applied, unless one of the same name
+/// belongs to someone else.
 async fn ensure_owned(
     ctx: &Context,
     isvc: &InferenceService,
@@ -446,18 +480,27 @@ async fn ensure_owned(
     for o in objects {
         let api: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &o.resource);
         let name = o.object.metadata.name.clone().unwrap_or_default();
-        match api.get_opt(&name).await? {
-            Some(existing) if !is_owned_by(&existing.metadata, isvc) => {
+        let key = format!("{}/{ns}/{name}", o.kind);
+        let hash = fingerprint(&o.object);
+        let live = match ctx.owned.cached(o.kind, &ns, &name) {
+            Some(meta) => Some(meta),
+            None => api.get_metadata_opt(&name).await?.map(|m| m.metadata),
+        };
+        let is_ours = live.as_ref().is_some_and(|m| is_owned_by(m, isvc));
+        match ctx.owned.plan(&key, hash, live.as_ref(), is_ours) {
+            Plan::Keep => {}
+            Plan::Foreign => {
                 problems.push(Problem::ObjectConflict(format!("{} {ns}/{name}", o.kind)));
             }
-            _ => {
-                apply(&api, &o.object)
+            Plan::Apply | Plan::Create => {
+                let applied = apply(&api, &o.object)
                     .await
                     .map_err(|source| Error::Apply {
                         kind: o.kind,
                         name: name.clone(),
                         source,
                     })?;
+                ctx.owned.record(key, hash, &applied.metadata);
             }
         }
     }

@@ -48,6 +48,8 @@ fn harness(leader: bool) -> Harness {
         leader: leader_rx,
         failures: Default::default(),
         services: writer.as_reader(),
+        policies: reflector::store::Writer::<ScalingPolicy>::default().as_reader(),
+        owned: super::owned::OwnedObjects::empty(),
     });
     Harness {
         ctx,
@@ -90,6 +92,8 @@ fn deployment_json(isvc: &InferenceService, replicas: i32, ready: i32) -> Value 
     )
     .unwrap();
     d["spec"]["replicas"] = json!(replicas);
+    // Each replica count the autoscaler set was a spec change.
+    d["metadata"]["generation"] = json!(replicas + 1);
     d["status"] = json!({"replicas": replicas, "readyReplicas": ready});
     d
 }
@@ -305,12 +309,15 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
         policy_json("fast", json!({"minReplicas": 2, "maxReplicas": 8})),
     )
     .await;
-    let applied = expect_engine_applied(&mut api, &isvc, 1, 1).await;
-    assert_server_side_apply(&applied);
-    assert!(
-        applied.body["spec"].get("replicas").is_none(),
-        "reconcile must never write replicas"
-    );
+    // The engine Deployment is as pass 1 left it (same rendering, same generation): read, not
+    // written again.
+    api.expect(
+        Method::GET,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::OK,
+        deployment_json(&isvc, 1, 1),
+    )
+    .await;
     expect_services_applied(&mut api, "llama").await;
     let status = api
         .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
@@ -320,6 +327,55 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
     assert_eq!(condition(s, "Degraded")["reason"], "AsExpected");
     assert_eq!(condition(s, "Ready")["status"], "True");
     r.await.unwrap().unwrap();
+    api.done().await;
+}
+
+/// One reconcile pass over an engine Deployment that exists at `generation`, with nothing else
+/// owned, expecting it to be written or not.
+async fn pass_over_engine(
+    ctx: &Arc<Context>,
+    api: &mut ApiServer,
+    isvc: &InferenceService,
+    generation: i64,
+    write: bool,
+) {
+    let path = format!("{NS}/deployments/llama-engine");
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx.clone()));
+    let mut live = deployment_json(isvc, 1, 1);
+    live["metadata"]["generation"] = json!(generation);
+    api.expect(Method::GET, &path, StatusCode::OK, live.clone())
+        .await;
+    if write {
+        let seen = api.expect(Method::PATCH, &path, StatusCode::OK, live).await;
+        assert_server_side_apply(&seen);
+        assert!(
+            seen.body["spec"].get("replicas").is_none(),
+            "never replicas"
+        );
+    }
+    expect_services_applied(api, "llama").await;
+    api.expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), isvc)
+        .await;
+    r.await.unwrap().unwrap();
+}
+
+/// A pass writes an owned object only when the rendering or the object changed since the
+/// last write: a rollout's status updates or the resync cost no write. (`pass_over_engine`
+/// fails on a write it did not expect, or a missing one.)
+#[tokio::test]
+async fn an_object_is_written_again_only_when_it_changed() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    // First sight of an existing Deployment (a restart): applied once.
+    pass_over_engine(&ctx, &mut api, &isvc, 5, true).await;
+    // Unchanged since: not written.
+    pass_over_engine(&ctx, &mut api, &isvc, 5, false).await;
+    // Someone changed its spec (the generation moved): written again.
+    pass_over_engine(&ctx, &mut api, &isvc, 6, true).await;
+    // A new rendering (the service's spec changed): written again.
+    let mut changed = isvc.clone();
+    changed.spec.engine.args = vec!["--max-num-seqs".into(), "32".into()];
+    pass_over_engine(&ctx, &mut api, &changed, 6, true).await;
     api.done().await;
 }
 

@@ -1,0 +1,279 @@
+//! What reconcile knows of the objects it owns without asking the API server: a cache of each
+//! owned kind (metadata only, but for Deployments, whose status the autoscaler and the Ready
+//! condition read), and what it last applied to each object.
+//!
+//! A pass writes an object only when the rendered object changed since reconcile last applied
+//! it, or the object changed since (someone edited it: its generation, or for kinds without
+//! one its resourceVersion, moved). So the passes that follow reconcile's own writes, a
+//! Deployment's rollout or the periodic resync cost no request for objects that are as they
+//! should be. An object missing from the caches is read from the API server before it is
+//! written: the caches hold only objects labelled as spillway's, and one of the same name that
+//! is not spillway's must not be overwritten.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::sync::Mutex;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::core::PartialObjectMeta;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource, ResourceExt};
+
+use super::cache::{self, Cache};
+use super::render::MANAGED_SELECTOR;
+
+type Meta<K> = Cache<PartialObjectMeta<K>>;
+
+pub struct OwnedObjects {
+    /// Every Deployment spillway manages, without pod templates (the autoscaler reads the
+    /// engines' replicas from it too).
+    pub deployments: Cache<Deployment>,
+    services: Meta<Service>,
+    config_maps: Meta<ConfigMap>,
+    service_accounts: Meta<ServiceAccount>,
+    roles: Meta<Role>,
+    role_bindings: Meta<RoleBinding>,
+    pdbs: Meta<PodDisruptionBudget>,
+    /// By "kind/namespace/name": the rendered object's hash and the object's version after
+    /// reconcile applied it.
+    applied: Mutex<HashMap<String, (u64, String)>>,
+}
+
+/// An API of kind `K` in `namespace`, or across all namespaces.
+pub fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn metadata_cache<K>(client: &Client, namespace: Option<&str>) -> Meta<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    // An API of PartialObjectMeta<K> lists and watches metadata only.
+    let events = watcher::watcher(
+        api::<PartialObjectMeta<K>>(client, namespace),
+        watcher::Config::default().labels(MANAGED_SELECTOR),
+    )
+    .default_backoff()
+    .modify(|m: &mut PartialObjectMeta<K>| m.managed_fields_mut().clear());
+    cache::spawn(events, false).0
+}
+
+/// What a pass should do with one owned object.
+#[derive(Debug, PartialEq)]
+pub enum Plan {
+    /// As reconcile last applied it, and unchanged since: nothing to write.
+    Keep,
+    /// Reconcile's own, changed on either side since it was last applied: apply it.
+    Apply,
+    /// Absent: create it (by applying it).
+    Create,
+    /// Someone else's object of the same name: leave it alone.
+    Foreign,
+}
+
+/// The version that moves when someone else changes an object: its generation where it has
+/// one (a status update does not move it), else its resourceVersion.
+fn version(meta: &ObjectMeta) -> String {
+    match meta.generation {
+        Some(g) => format!("g{g}"),
+        None => meta.resource_version.clone().unwrap_or_default(),
+    }
+}
+
+/// A hash of a rendered object, to tell whether it changed since it was last applied.
+pub fn fingerprint(object: &impl serde::Serialize) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    serde_json::to_vec(object)
+        .expect("a rendered object serialises")
+        .hash(&mut h);
+    h.finish()
+}
+
+impl OwnedObjects {
+    pub fn start(client: &Client, namespace: Option<&str>) -> Self {
+        let deployments = watcher::watcher(
+            api::<Deployment>(client, namespace),
+            watcher::Config::default().labels(MANAGED_SELECTOR),
+        )
+        .default_backoff()
+        .modify(|d: &mut Deployment| {
+            d.managed_fields_mut().clear();
+            if let Some(spec) = d.spec.as_mut() {
+                spec.template = Default::default();
+            }
+        });
+        Self {
+            deployments: cache::spawn(deployments, false).0,
+            services: metadata_cache(client, namespace),
+            config_maps: metadata_cache(client, namespace),
+            service_accounts: metadata_cache(client, namespace),
+            roles: metadata_cache(client, namespace),
+            role_bindings: metadata_cache(client, namespace),
+            pdbs: metadata_cache(client, namespace),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Resolves once every cache holds its first full list (`false`: one stopped first).
+    pub async fn synced(&self) -> bool {
+        self.deployments.synced().await
+            && self.services.synced().await
+            && self.config_maps.synced().await
+            && self.service_accounts.synced().await
+            && self.roles.synced().await
+            && self.role_bindings.synced().await
+            && self.pdbs.synced().await
+    }
+
+    /// The cached metadata of the owned object `kind` `ns/name`.
+    pub fn cached(&self, kind: &str, ns: &str, name: &str) -> Option<ObjectMeta> {
+        fn get<K: Resource<DynamicType = ()> + Clone>(
+            c: &Meta<K>,
+            ns: &str,
+            name: &str,
+        ) -> Option<ObjectMeta> {
+            c.store
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|m| m.metadata.clone())
+        }
+        match kind {
+            "Deployment" => self
+                .deployments
+                .store
+                .get(&ObjectRef::new(name).within(ns))
+                .map(|d| d.metadata.clone()),
+            "Service" => get(&self.services, ns, name),
+            "ConfigMap" => get(&self.config_maps, ns, name),
+            "ServiceAccount" => get(&self.service_accounts, ns, name),
+            "Role" => get(&self.roles, ns, name),
+            "RoleBinding" => get(&self.role_bindings, ns, name),
+            "PodDisruptionBudget" => get(&self.pdbs, ns, name),
+            _ => None,
+        }
+    }
+
+    /// What to do with an owned object rendered as `hash`, whose live metadata is `live`
+    /// (`None`: absent). `owned` says whether `live` belongs to the service.
+    pub fn plan(&self, key: &str, hash: u64, live: Option<&ObjectMeta>, owned: bool) -> Plan {
+        let Some(live) = live else {
+            return Plan::Create;
+        };
+        if !owned {
+            return Plan::Foreign;
+        }
+        let applied = self.applied.lock().expect("not poisoned");
+        match applied.get(key) {
+            Some((h, v)) if *h == hash && *v == version(live) => Plan::Keep,
+            _ => Plan::Apply,
+        }
+    }
+
+    /// Remembers that `key` ("Kind/namespace/name") was applied as `hash` and is now at
+    /// `after`.
+    pub fn record(&self, key: String, hash: u64, after: &ObjectMeta) {
+        let mut applied = self.applied.lock().expect("not poisoned");
+        applied.insert(key, (hash, version(after)));
+        // Entries of deleted objects go once the memo is well past what the caches hold.
+        if applied.len() > 2 * self.cached_len() + 64 {
+            applied.retain(|key, _| {
+                let mut parts = key.splitn(3, '/');
+                match (parts.next(), parts.next(), parts.next()) {
+                    (Some(kind), Some(ns), Some(name)) => self.cached(kind, ns, name).is_some(),
+                    _ => false,
+                }
+            });
+        }
+    }
+
+    /// Empty caches, already synced: every object is read from the API server (tests).
+    #[cfg(test)]
+    pub fn empty() -> Self {
+        fn meta<K: Resource<DynamicType = ()> + Clone + 'static>() -> Meta<K> {
+            Cache::filled(kube::runtime::reflector::store().0)
+        }
+        Self {
+            deployments: Cache::filled(kube::runtime::reflector::store().0),
+            services: meta(),
+            config_maps: meta(),
+            service_accounts: meta(),
+            roles: meta(),
+            role_bindings: meta(),
+            pdbs: meta(),
+            applied: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached_len(&self) -> usize {
+        self.deployments.store.len()
+            + self.services.store.len()
+            + self.config_maps.store.len()
+            + self.service_accounts.store.len()
+            + self.roles.store.len()
+            + self.role_bindings.store.len()
+            + self.pdbs.store.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(generation: Option<i64>, rv: &str) -> ObjectMeta {
+        ObjectMeta {
+            generation,
+            resource_version: Some(rv.into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn an_object_is_written_again_only_when_either_side_changed() {
+        let o = OwnedObjects::empty();
+        let key = "Deployment/ml/llama-engine";
+        // Absent: create it. Someone else's: leave it.
+        assert_eq!(o.plan(key, 1, None, true), Plan::Create);
+        assert_eq!(
+            o.plan(key, 1, Some(&meta(Some(1), "10")), false),
+            Plan::Foreign
+        );
+        // Ours but never applied by this process (a restart): apply once.
+        assert_eq!(
+            o.plan(key, 1, Some(&meta(Some(1), "10")), true),
+            Plan::Apply
+        );
+        o.record(key.into(), 1, &meta(Some(2), "11"));
+        // A status update moves the resourceVersion, not the generation: keep.
+        assert_eq!(o.plan(key, 1, Some(&meta(Some(2), "12")), true), Plan::Keep);
+        // Someone edited the spec, or the rendering changed: apply.
+        assert_eq!(
+            o.plan(key, 1, Some(&meta(Some(3), "13")), true),
+            Plan::Apply
+        );
+        assert_eq!(
+            o.plan(key, 2, Some(&meta(Some(2), "12")), true),
+            Plan::Apply
+        );
+        // Kinds without a generation go by resourceVersion.
+        let cm = "ConfigMap/ml/llama-router";
+        o.record(cm.into(), 7, &meta(None, "20"));
+        assert_eq!(o.plan(cm, 7, Some(&meta(None, "20")), true), Plan::Keep);
+        assert_eq!(o.plan(cm, 7, Some(&meta(None, "21")), true), Plan::Apply);
+    }
+}
