@@ -1,19 +1,21 @@
 //! g. GitOps: re-applying the same InferenceService with server-side apply under another
 //! field manager (what `kubectl apply --server-side` or Argo CD does) changes nothing the
 //! controller or the autoscaler owns: no fight, no new engine or router generation, no pod
-//! restarted.
+//! restarted. And drift is repaired: an owned object edited by hand is put back, one deleted by
+//! hand is recreated.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::ensure;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::Value;
 
 use super::{Env, policy, service};
+use crate::support::eventually;
 use crate::support::operator::InferenceService;
 
 const NS: &str = "g-gitops";
@@ -84,7 +86,9 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
 
     let after = fingerprint(env).await?;
     let isvc = api.get("svc").await?;
+    let repaired = drift(env).await;
     ctl.stop().await;
+    repaired?;
     ensure!(
         isvc.metadata.generation == generation,
         "the service's generation moved: {generation:?} -> {:?}",
@@ -106,7 +110,43 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         "the sync left no trace: {managers:?}"
     );
     Ok(format!(
-        "two syncs by another manager: {} deployments and pods unchanged",
+        "two syncs by another manager: {} deployments and pods unchanged; a hand edit and a deletion repaired",
         after.len()
     ))
+}
+
+/// Someone edits the router's ConfigMap and deletes the client Service: both come back.
+async fn drift(env: &Env) -> anyhow::Result<()> {
+    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NS);
+    let rendered = maps.get("svc-router").await?.data;
+    let edit = serde_json::json!({"data": {"router.yaml": "listen: 0.0.0.0:9999\n"}});
+    maps.patch("svc-router", &PatchParams::default(), &Patch::Merge(&edit))
+        .await?;
+    let services: Api<Service> = Api::namespaced(env.client.clone(), NS);
+    services.delete("svc", &Default::default()).await?;
+    eventually(
+        "the edited ConfigMap put back",
+        Duration::from_secs(20),
+        || async {
+            let data = maps
+                .get("svc-router")
+                .await
+                .map_err(|e| e.to_string())?
+                .data;
+            Ok((data == rendered).then_some(()))
+        },
+    )
+    .await?;
+    eventually(
+        "the deleted Service recreated",
+        Duration::from_secs(20),
+        || async {
+            Ok(services
+                .get_opt("svc")
+                .await
+                .map_err(|e| e.to_string())?
+                .map(|_| ()))
+        },
+    )
+    .await
 }
