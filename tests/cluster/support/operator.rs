@@ -173,6 +173,11 @@ impl Controller {
         })
     }
 
+    #[allow(dead_code)] // benches/controller_start.rs
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
     /// SIGKILL: a crashed process or a lost node; its Lease is not released.
     pub async fn kill(&mut self) {
         self.proc.kill().await;

@@ -52,6 +52,12 @@ impl ControlPlane {
         })
     }
 
+    /// The admin's kubeconfig file.
+    #[allow(dead_code)] // benches/controller_start.rs
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
     /// Adds (or updates) a Ready node with `gpus` `nvidia.com/gpu`, labelled `spillway.test/node`.
     pub async fn node(&self, name: &str, gpus: u32) -> anyhow::Result<()> {
         let script = script();

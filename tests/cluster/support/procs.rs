@@ -37,6 +37,11 @@ impl Proc {
         })
     }
 
+    #[allow(dead_code)] // benches/controller_start.rs
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// SIGKILL, at once (a crash, a node lost).
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
