@@ -13,6 +13,8 @@ mod support;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
+
 use support::net;
 use support::plane;
 
@@ -80,21 +82,22 @@ async fn run(filters: Vec<String>) -> ExitCode {
     for s in &selected {
         let t = Instant::now();
         println!("cluster: {} ...", s.0);
-        let out = tokio::time::timeout(Duration::from_secs(300), (s.1)(&env)).await;
+        // A panic fails the scenario, not the run: what it started is still stopped below.
+        let scenario = std::panic::AssertUnwindSafe((s.1)(&env)).catch_unwind();
+        let out = tokio::time::timeout(Duration::from_secs(300), scenario).await;
         let secs = t.elapsed().as_secs_f64();
-        match out {
-            Ok(Ok(summary)) => println!("cluster: ok   {} ({secs:.1}s): {summary}", s.0),
-            Ok(Err(e)) => {
-                failed += 1;
-                println!("cluster: FAIL {} ({secs:.1}s): {e:#}", s.0);
-                env.diagnostics(s.0).await;
+        let failure = match out {
+            Ok(Ok(Ok(summary))) => {
+                println!("cluster: ok   {} ({secs:.1}s): {summary}", s.0);
+                continue;
             }
-            Err(_) => {
-                failed += 1;
-                println!("cluster: FAIL {} ({secs:.1}s): timed out", s.0);
-                env.diagnostics(s.0).await;
-            }
-        }
+            Ok(Ok(Err(e))) => format!("{e:#}"),
+            Ok(Err(_)) => "panicked".to_string(),
+            Err(_) => "timed out".to_string(),
+        };
+        failed += 1;
+        println!("cluster: FAIL {} ({secs:.1}s): {failure}", s.0);
+        env.diagnostics(s.0).await;
     }
     env.down().await;
     println!(
