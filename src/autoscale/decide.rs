@@ -360,57 +360,45 @@ pub fn decide(
     let mut driver = Driver::Steady;
     let mut signal = None;
     let mut reason = String::new();
+    // Each signal's desire, the signal it names (or Steady within tolerance), and why.
+    let candidate = |s: &SignalReading, signal: Driver, why: String| {
+        let named = if s.within_tolerance {
+            Driver::Steady
+        } else {
+            signal
+        };
+        (s.desired, named, why)
+    };
     let mut candidates: Vec<(i32, Driver, String)> = Vec::new();
-    if let Some(q) = &queue {
-        candidates.push((
-            q.desired,
-            if q.within_tolerance {
-                Driver::Steady
-            } else {
-                Driver::QueueDepth
-            },
-            format!(
-                "queue depth {}/{} per replica",
-                fmt_num(q.per_replica),
-                fmt_num(q.target)
-            ),
-        ));
-    }
-    if let Some(g) = &gpu {
-        candidates.push((
-            g.desired,
-            if g.within_tolerance {
-                Driver::Steady
-            } else {
-                Driver::GpuMemory
-            },
-            format!(
-                "GPU memory {:.0}%/{:.0}% per replica",
-                g.per_replica * 100.0,
-                g.target * 100.0
-            ),
-        ));
-    }
-    if let Some(c) = &concurrency {
+    candidates.extend(queue.as_ref().map(|q| {
+        let why = format!(
+            "queue depth {}/{} per replica",
+            fmt_num(q.per_replica),
+            fmt_num(q.target)
+        );
+        candidate(q, Driver::QueueDepth, why)
+    }));
+    candidates.extend(gpu.as_ref().map(|g| {
+        let why = format!(
+            "GPU memory {:.0}%/{:.0}% per replica",
+            g.per_replica * 100.0,
+            g.target * 100.0
+        );
+        candidate(g, Driver::GpuMemory, why)
+    }));
+    candidates.extend(concurrency.as_ref().map(|c| {
         let of_it = if spilled > 0.0 {
             format!(" ({} spilled to providers)", fmt_num(spilled))
         } else {
             String::new()
         };
-        candidates.push((
-            c.desired,
-            if c.within_tolerance {
-                Driver::Steady
-            } else {
-                Driver::Concurrency
-            },
-            format!(
-                "concurrency {}/{} per replica{of_it}",
-                fmt_num(c.per_replica),
-                fmt_num(c.target)
-            ),
-        ));
-    }
+        let why = format!(
+            "concurrency {}/{} per replica{of_it}",
+            fmt_num(c.per_replica),
+            fmt_num(c.target)
+        );
+        candidate(c, Driver::Concurrency, why)
+    }));
     if let Some((d, drv, why)) = candidates.iter().max_by_key(|(d, _, _)| *d).cloned() {
         raw = d;
         driver = drv;

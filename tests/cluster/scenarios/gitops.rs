@@ -66,23 +66,14 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
     let generation = api.get("svc").await?.metadata.generation;
     let before = fingerprint(env).await?;
 
-    // Argo CD syncs the same manifest under its own manager, without forcing conflicts.
+    // Argo CD syncs the same manifest under its own manager, without forcing conflicts, and
+    // repeats the sync.
     let doc: Value = serde_saphyr::from_str(&yaml)?;
-    api.patch(
-        "svc",
-        &PatchParams::apply("argocd-controller"),
-        &Patch::Apply(&doc),
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(3 * INTERVAL)).await;
-    // A second sync, as a GitOps tool repeats it.
-    api.patch(
-        "svc",
-        &PatchParams::apply("argocd-controller"),
-        &Patch::Apply(&doc),
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_secs(3 * INTERVAL)).await;
+    for _ in 0..2 {
+        let sync = PatchParams::apply("argocd-controller");
+        api.patch("svc", &sync, &Patch::Apply(&doc)).await?;
+        tokio::time::sleep(Duration::from_secs(3 * INTERVAL)).await;
+    }
 
     let after = fingerprint(env).await?;
     let isvc = api.get("svc").await?;

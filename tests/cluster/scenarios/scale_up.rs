@@ -219,14 +219,7 @@ async fn spike(env: &Env) -> anyhow::Result<String> {
         ))
     }
     .await;
-    let (ok, failed) = load.stop().await;
-    let summary = result?;
-    ensure!(
-        failed == 0,
-        "{failed} of {} spike requests failed",
-        ok + failed
-    );
-    Ok(summary)
+    load.finish(result).await
 }
 
 async fn overload(env: &Env) -> anyhow::Result<String> {
@@ -249,12 +242,5 @@ async fn overload(env: &Env) -> anyhow::Result<String> {
         ))
     }
     .await;
-    let (ok, failed) = load.stop().await;
-    let summary = result?;
-    ensure!(
-        failed == 0,
-        "{failed} of {} overload requests failed",
-        ok + failed
-    );
-    Ok(summary)
+    load.finish(result).await
 }

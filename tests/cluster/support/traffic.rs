@@ -128,15 +128,17 @@ impl Load {
         }
     }
 
-    /// Stops sending and waits for the requests in flight (each bounded).
-    pub async fn stop(self) -> (u64, u64) {
+    /// Stops sending and waits for the requests in flight (each bounded); then `result`, unless
+    /// some request failed.
+    pub async fn finish(self, result: anyhow::Result<String>) -> anyhow::Result<String> {
         self.stop.store(true, Ordering::Relaxed);
         for w in self.workers {
             let _ = w.await;
         }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-        )
+        let ok = self.ok.load(Ordering::Relaxed);
+        let failed = self.failed.load(Ordering::Relaxed);
+        let summary = result?;
+        anyhow::ensure!(failed == 0, "{failed} of {} requests failed", ok + failed);
+        Ok(summary)
     }
 }
