@@ -79,7 +79,7 @@ fn conditions(d: &Decision, mode: PolicyMode) -> [DesiredCondition; 2] {
             SCALING_ACTIVE,
             true,
             "MetricsAvailable",
-            "scaling on queue depth and GPU memory",
+            "scaling on queue depth, GPU memory and concurrency",
         ),
     };
     let exhausted = match d.exhausted {
