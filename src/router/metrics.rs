@@ -113,7 +113,7 @@ impl Default for RouterMetrics {
         // Its rate and mean give the autoscaler the spilled demand in engine slots.
         registry.register_with_unit(
             "slot_duration",
-            "Time a request held a slot of its destination (an engine's or a provider's concurrency)",
+            "Time an answered request held a slot of its destination (an engine's or a provider's concurrency)",
             Unit::Seconds,
             slot.clone(),
         );

@@ -1337,6 +1337,9 @@ impl Relay {
             shared.metrics.request(lease.dest.label(), outcome);
         }
         dm.duration.observe(self.arrived.elapsed().as_secs_f64());
+        // Answered requests only: an attempt that failed before any answer held no real slot
+        // time, and would count as spilled demand.
+        dm.slot.observe(lease.held_seconds());
         let usage = match self.tap.take() {
             Some(tap) => tap.finish(),
             None => self.filter.as_ref().and_then(UsageChunkFilter::usage),

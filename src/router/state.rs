@@ -1011,8 +1011,8 @@ pub struct Lease {
     shared: Arc<Shared>,
     pub dest: Dest,
     pub bearer: Option<Bearer>,
-    /// When the slot was taken: a provider's breaker judges results by it, and the slot
-    /// duration metric is measured from it.
+    /// When the slot was taken: a provider's breaker judges results by it, and an answered
+    /// request's slot duration is measured from it.
     pub sent_ms: Millis,
 }
 
@@ -1046,14 +1046,16 @@ impl Lease {
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// Seconds since the slot was taken.
+    pub fn held_seconds(&self) -> f64 {
+        self.shared.now_ms().saturating_sub(self.sent_ms).max(0) as f64 / 1000.0
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let m = self.metrics();
-        m.in_flight.dec();
-        let held = self.shared.now_ms().saturating_sub(self.sent_ms).max(0);
-        m.slot.observe(held as f64 / 1000.0);
+        self.metrics().in_flight.dec();
         self.shared.release(&self.dest);
     }
 }

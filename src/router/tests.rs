@@ -580,6 +580,40 @@ async fn a_provider_that_refuses_the_key_is_passed_over_and_its_breaker_opens() 
     .await;
 }
 
+/// The slot histogram the autoscaler turns into spilled demand counts answered requests only:
+/// an attempt a provider refused held no slot worth counting, and would inflate the demand.
+#[tokio::test]
+async fn only_answered_requests_count_in_the_slot_histogram() {
+    bounded(async {
+        let dir = TempDir::new("slots");
+        let (ka, kb) = (dir.file("a", "sk-revoked"), dir.file("b", "sk-b"));
+        let a = provider("a", "sk-a", FaultConfig::default()).await;
+        let b = provider("b", "sk-b", FaultConfig::default()).await;
+        let yaml = format!(
+            "burst:\n  providers:\n{}{}",
+            provider_yaml("a", &a, &ka, ""),
+            provider_yaml("b", &b, &kb, "")
+        );
+        let r = router_with_breaker(&yaml, 100, Duration::from_secs(60)).await;
+        for _ in 0..3 {
+            assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "b-model");
+        }
+        let t = get(r.addr(), "/metrics").await.text();
+        let count = |dest: &str| {
+            sample(
+                &t,
+                &format!("spillway_router_slot_duration_seconds_count{{destination=\"{dest}\"}}"),
+            )
+        };
+        assert_eq!(count("b"), Some(3.0), "{t}");
+        assert!(count("a").is_none_or(|n| n == 0.0), "{t}");
+        r.stop().await;
+        a.stop().await.unwrap();
+        b.stop().await.unwrap();
+    })
+    .await;
+}
+
 /// A half-open breaker's probe whose client walks away once the answer is coming still shows
 /// the provider is back: the breaker closes rather than waiting out another cool-down.
 #[tokio::test]
