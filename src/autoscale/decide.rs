@@ -55,6 +55,9 @@ pub struct Observed {
     /// The demand the routers sent to providers, in local engine slots (requests spilled per
     /// second × seconds a request holds a local slot); `None` when not measured.
     pub spilled: Option<f64>,
+    /// Some ready router's spill could not be measured this tick (its first sample, a failed
+    /// scrape, a restart): `spilled` is scaled up from the others, and nothing scales down.
+    pub spill_incomplete: bool,
     /// When the service was created, for launch over-provisioning.
     pub created_at: Millis,
 }
@@ -473,13 +476,15 @@ pub fn decide(
     let unclamped = raw;
 
     // Missing data is never a reason to scale down; starting pods are not thrown away mid-load.
-    let no_scale_down = !matches!(metrics, MetricsState::Complete) || observed.starting > 0;
+    let no_scale_down = !matches!(metrics, MetricsState::Complete)
+        || observed.starting > 0
+        || observed.spill_incomplete;
     if no_scale_down && raw < current {
         raw = current;
         if driver != Driver::MetricsUnavailable {
             driver = Driver::Stabilized;
             reason = format!(
-                "{reason}; no scale-down while metrics are incomplete or replicas are starting"
+                "{reason}; no scale-down while metrics (or a router's spill) are incomplete or replicas are starting"
             );
         }
     }

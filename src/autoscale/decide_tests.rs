@@ -414,7 +414,7 @@ prop_compose! {
                       starting in 0..4i32, unschedulable in 0..3i32,
                       router in prop::option::of(0.0..500.0f64),
                       spilled in prop::option::of(0.0..500.0f64)) -> Observed {
-        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, created_at: 0 }
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, created_at: 0 }
     }
 }
 
@@ -510,6 +510,29 @@ fn spilled_demand_counts_as_concurrency_in_engine_slots() {
             assert!(d.reason.contains("spilled to providers"), "{}", d.reason);
         }
     }
+}
+
+/// A router whose spill could not be measured (its first sample, a failed scrape) is never
+/// read as having spilled nothing: no scale-down until every router is measured.
+#[test]
+fn an_unmeasured_router_spill_holds_replicas() {
+    let idle = || PodSample {
+        queue_depth: Some(0.0),
+        in_flight: Some(0.0),
+        gpu_memory: Some(0.1),
+    };
+    let mut o = observed(3, vec![idle(); 3]);
+    let d = decide(&policy(), slots(8), &o, &History::default(), 0);
+    assert_eq!(d.desired, 1, "all measured and idle: {}", d.reason);
+    o.spill_incomplete = true;
+    let d = decide(&policy(), slots(8), &o, &History::default(), 0);
+    assert_eq!(
+        (d.desired, d.driver),
+        (3, Driver::Stabilized),
+        "{}",
+        d.reason
+    );
+    assert!(d.reason.contains("spill"), "{}", d.reason);
 }
 
 /// Half-empty engines ask for fewer replicas, but never below what the queue or GPU memory

@@ -137,10 +137,18 @@ pub async fn observe_and_decide(
             signals::spilled_slots(prev, *at, cur, now)
         })
         .collect();
-    state.routers = router
-        .iter()
-        .map(|(pod, s)| ((*pod).clone(), (now, *s)))
-        .collect();
+    // A router whose scrape failed keeps its last sample as the base for its next rate.
+    for (pod, s) in &router {
+        state.routers.insert((*pod).clone(), (now, *s));
+    }
+    state
+        .routers
+        .retain(|pod, _| routers.iter().any(|(p, _)| p == pod));
+    // What the measured routers spilled stands for all of them; until every one is measured
+    // nothing scales down (a router's missing rate is never read as "nothing spilled").
+    let spill_incomplete = spills.len() < routers.len();
+    let spilled = (!spills.is_empty())
+        .then(|| spills.iter().sum::<f64>() * routers.len() as f64 / spills.len() as f64);
     state.cold_start.observe(pods);
     let observed = Observed {
         current_replicas,
@@ -154,7 +162,8 @@ pub async fn observe_and_decide(
             .filter(|p| p.state == PodState::Unschedulable)
             .count() as i32,
         router_queue: (!router.is_empty()).then(|| router.iter().map(|(_, s)| s.queue).sum()),
-        spilled: (!spills.is_empty()).then(|| spills.iter().sum()),
+        spilled,
+        spill_incomplete,
         created_at: isvc
             .metadata
             .creation_timestamp

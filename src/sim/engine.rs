@@ -494,6 +494,7 @@ impl Sim<'_> {
                 let per_second = self.burst_since_tick as f64 * 1000.0 / self.interval_ms as f64;
                 per_second * self.local_hold_ms / self.local_started as f64 / 1000.0
             }),
+            spill_incomplete: false,
             created_at: Millis::MIN / 2,
         }
     }
