@@ -1,5 +1,6 @@
 //! The controller's caches: a reflector per kind, kept by a background task, with a readiness
-//! signal that any number of tasks may wait on.
+//! signal that any number of tasks may wait on, and a listener told of each change once the
+//! store holds it.
 //!
 //! Why not `Store::wait_until_ready()`: in kube-runtime 5 it is a `DelayedInit` over a oneshot
 //! receiver, which keeps one waker, so of several tasks waiting at once only the last to poll is
@@ -7,12 +8,16 @@
 //! (the autoscaler did) may sleep until something unrelated wakes it, minutes later. Here only
 //! kube-runtime's own `Controller` ever calls `wait_until_ready()`, once per store; everything
 //! of ours waits on [`Cache::synced`].
+//!
+//! Why listeners rather than kube-runtime's shared streams (`Writer::subscribe`): those carry
+//! no deletes, hold the watch once their buffer is full and nobody reads, and stall for good
+//! when an object leaves the store between being sent and being read. A listener runs after the
+//! store has applied the change, so a reconcile it triggers reads at least that change.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
-use kube::runtime::reflector::{self, ReflectHandle, Store};
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 
@@ -51,80 +56,102 @@ impl<K: kube::Resource<DynamicType = ()> + Clone + 'static> Cache<K> {
     }
 }
 
-/// Starts a cache fed by `events` (a watcher, with backoff) for the life of the process. With
-/// `subscribe`, also returns a stream of changed objects for a `Controller`
-/// (`Controller::for_shared_stream`), so the controller and the autoscaler share one watch and
-/// one store; it carries applies only (deletes are in the store, not in the stream), and it must
-/// be consumed, or the cache waits for it.
+/// A change a cache's listener hears of, after the store holds it.
+#[derive(Debug)]
+pub enum Change<'a, K> {
+    /// Added, modified, or seen in a (re)list.
+    Applied(&'a K),
+    Deleted(&'a K),
+}
+
+impl<K> Clone for Change<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K> Copy for Change<'_, K> {}
+
+impl<'a, K> Change<'a, K> {
+    pub fn object(&self) -> &'a K {
+        match self {
+            Change::Applied(o) | Change::Deleted(o) => o,
+        }
+    }
+}
+
+/// Starts a cache fed by `events` (a watcher, with backoff) for the life of the process;
+/// `on_change` hears of every change once the store holds it.
 pub fn spawn<K>(
     events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-    subscribe: bool,
-) -> (Cache<K>, Option<ReflectHandle<K>>)
+    on_change: impl FnMut(Change<'_, K>) + Send + 'static,
+) -> Cache<K>
 where
     K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
 {
-    // Enough for a burst of changes while a reconcile pass is busy; beyond it the watch waits.
-    const SUBSCRIBER_BUFFER: usize = 1024;
-    let (reader, writer) = if subscribe {
-        reflector::store_shared(SUBSCRIBER_BUFFER)
-    } else {
-        reflector::store()
-    };
-    let handle = writer.subscribe();
+    let (reader, writer) = reflector::store();
     let (tx, rx) = watch::channel(false);
-    tokio::spawn(track_sync(reflector::reflector(writer, events), tx));
-    (
-        Cache {
-            store: reader,
-            synced: rx,
-        },
-        handle,
-    )
+    tokio::spawn(track_sync(
+        reflector::reflector(writer, events),
+        reader.clone(),
+        tx,
+        on_change,
+    ));
+    Cache {
+        store: reader,
+        synced: rx,
+    }
 }
 
-/// The objects of a shared stream whose `metadata.generation` moved (a spec change, or a
-/// deletion starting): status-only updates pass no further. `store` is the stream's cache, to
-/// forget deleted objects (the stream carries no deletes).
-pub fn spec_changes<K>(
-    changes: impl Stream<Item = Arc<K>>,
-    store: Store<K>,
-) -> impl Stream<Item = Arc<K>>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
-{
-    let mut seen: HashMap<String, i64> = HashMap::new();
-    changes.filter(move |obj| {
-        if seen.len() > 2 * store.len() + 64 {
-            let live: std::collections::HashSet<String> = store
-                .state()
-                .iter()
-                .filter_map(|o| o.meta().uid.clone())
-                .collect();
-            seen.retain(|uid, _| live.contains(uid));
-        }
-        let meta = obj.meta();
-        let generation = meta.generation.unwrap_or_default();
-        let moved =
-            seen.insert(meta.uid.clone().unwrap_or_default(), generation) != Some(generation);
-        std::future::ready(moved)
-    })
-}
-
-/// Drives a reflector's event stream: marks the cache synced at the first `InitDone` (the
-/// reflector has applied it to the store by then) and logs watch errors, which the watcher
-/// retries with backoff.
+/// Drives a reflector's event stream: tells `on_change` of each object the reflector has just
+/// applied to `store` (a (re)list's objects at its end, when the store swaps them in), marks
+/// the cache synced at the first `InitDone`, and logs watch errors, which the watcher retries
+/// with backoff.
 pub async fn track_sync<K>(
     events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>>,
+    store: Store<K>,
     synced: watch::Sender<bool>,
-) {
+    mut on_change: impl FnMut(Change<'_, K>),
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
     let mut events = std::pin::pin!(events);
     while let Some(ev) = events.next().await {
         match ev {
+            Ok(watcher::Event::Apply(o)) => on_change(Change::Applied(&o)),
+            Ok(watcher::Event::Delete(o)) => on_change(Change::Deleted(&o)),
             Ok(watcher::Event::InitDone) => {
+                for o in store.state() {
+                    on_change(Change::Applied(&o));
+                }
                 synced.send_if_modified(|s| !std::mem::replace(s, true));
             }
-            Ok(_) => {}
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
             Err(e) => tracing::warn!(error = %e, "watch error (retrying with backoff)"),
+        }
+    }
+}
+
+/// Each object's last seen `metadata.generation`, to tell spec changes (and a deletion
+/// starting) from status writes.
+#[derive(Default)]
+pub struct Generations(HashMap<String, i64>);
+
+impl Generations {
+    /// Whether `change` is one a reconcile should follow: a new object, a moved generation, or
+    /// a deletion. Status-only updates are not.
+    pub fn moved<K: kube::Resource>(&mut self, change: Change<'_, K>) -> bool {
+        let meta = change.object().meta();
+        let uid = meta.uid.clone().unwrap_or_default();
+        match change {
+            Change::Deleted(_) => {
+                self.0.remove(&uid);
+                true
+            }
+            Change::Applied(_) => {
+                let generation = meta.generation.unwrap_or_default();
+                self.0.insert(uid, generation) != Some(generation)
+            }
         }
     }
 }
@@ -155,7 +182,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!cache.is_synced());
         let (events_tx, events_rx) = futures::channel::mpsc::unbounded();
-        let driver = tokio::spawn(track_sync::<ConfigMap>(events_rx, tx));
+        let driver = tokio::spawn(track_sync::<ConfigMap>(
+            events_rx,
+            cache.store.clone(),
+            tx,
+            |_| {},
+        ));
         events_tx.unbounded_send(Ok(watcher::Event::Init)).unwrap();
         events_tx
             .unbounded_send(Ok(watcher::Event::InitApply(ConfigMap::default())))
@@ -176,27 +208,66 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn only_spec_changes_pass() {
-        let obj = |uid: &str, generation: i64, rv: &str| {
+    async fn listeners_hear_each_change_after_the_store_holds_it() {
+        let obj = |name: &str| {
+            let mut c = ConfigMap::default();
+            c.metadata.name = Some(name.into());
+            c.metadata.namespace = Some("ml".into());
+            c
+        };
+        let (reader, writer) = reflector::store::<ConfigMap>();
+        let events = futures::stream::iter(vec![
+            Ok(watcher::Event::Init),
+            Ok(watcher::Event::InitApply(obj("a"))),
+            Ok(watcher::Event::InitDone),
+            Ok(watcher::Event::Apply(obj("b"))),
+            Ok(watcher::Event::Delete(obj("a"))),
+        ]);
+        let (tx, _rx) = watch::channel(false);
+        let store = reader.clone();
+        let mut heard = Vec::new();
+        track_sync(reflector::reflector(writer, events), reader, tx, |c| {
+            let name = c.object().metadata.name.clone().unwrap();
+            let in_store = store
+                .get(&reflector::ObjectRef::new(&name).within("ml"))
+                .is_some();
+            let what = match c {
+                Change::Applied(_) => "applied",
+                Change::Deleted(_) => "deleted",
+            };
+            heard.push(format!("{what} {name} in store: {in_store}"));
+        })
+        .await;
+        // A list's objects are heard of at its end, once the store holds them.
+        assert_eq!(
+            heard,
+            [
+                "applied a in store: true",
+                "applied b in store: true",
+                "deleted a in store: false"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_spec_changes_and_deletions_move_generations() {
+        let obj = |uid: &str, generation: i64| {
             let mut c = ConfigMap::default();
             c.metadata.uid = Some(uid.into());
             c.metadata.generation = Some(generation);
-            c.metadata.resource_version = Some(rv.into());
-            Arc::new(c)
+            c
         };
-        let (reader, _writer) = reflector::store::<ConfigMap>();
-        let input = vec![
-            obj("a", 1, "1"),
-            obj("a", 1, "2"), // a status write
-            obj("b", 1, "3"),
-            obj("a", 2, "4"), // a spec change
-            obj("a", 2, "5"),
-        ];
-        let passed: Vec<String> = spec_changes(futures::stream::iter(input), reader)
-            .map(|o| o.metadata.resource_version.clone().unwrap())
-            .collect()
-            .await;
-        assert_eq!(passed, ["1", "3", "4"]);
+        let mut g = Generations::default();
+        let (a1, a2, b1) = (obj("a", 1), obj("a", 2), obj("b", 1));
+        assert!(g.moved(Change::Applied(&a1)), "first sight");
+        assert!(!g.moved(Change::Applied(&a1)), "a status write");
+        assert!(g.moved(Change::Applied(&b1)));
+        assert!(g.moved(Change::Applied(&a2)), "a spec change");
+        assert!(g.moved(Change::Deleted(&a2)));
+        assert!(
+            g.moved(Change::Applied(&a2)),
+            "recreated: first sight again"
+        );
     }
 
     #[tokio::test]
@@ -208,7 +279,7 @@ mod tests {
             synced: rx,
         };
         let events = futures::stream::iter(vec![Ok(watcher::Event::<ConfigMap>::Init)]);
-        track_sync(events, tx).await;
+        track_sync(events, cache.store.clone(), tx, |_| {}).await;
         assert!(!cache.synced().await);
     }
 }

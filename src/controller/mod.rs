@@ -21,9 +21,9 @@ use std::sync::atomic::Ordering;
 use anyhow::Context as _;
 use clap::Args;
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
+use futures::channel::mpsc;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
@@ -179,78 +179,87 @@ async fn run_controllers(
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let ns = args.namespace.as_deref();
-    let policies: Api<ScalingPolicy> = owned::api(&client, ns);
     // Owned objects only: a label selector keeps the caches to spillway's objects.
     let labelled = watcher::Config::default().labels(render::MANAGED_SELECTOR);
+    // What to reconcile: services, and policies (for their status). Every trigger comes from a
+    // cache's own events, after the cache holds them, so a pass never reads older data than
+    // what triggered it.
+    let (isvc_tx, isvc_rx) = mpsc::unbounded::<ObjectRef<InferenceService>>();
+    let (policy_tx, policy_rx) = mpsc::unbounded::<ObjectRef<ScalingPolicy>>();
 
-    // One watch and one store of InferenceServices and of ScalingPolicies, shared by the
-    // controllers and the autoscaler; managed fields are dropped (nothing reads them).
-    let (service_cache, isvc_changes) = cache::spawn(
-        watcher::watcher(
-            owned::api::<InferenceService>(&client, ns),
-            Default::default(),
-        )
-        .default_backoff()
-        .modify(|s: &mut InferenceService| s.managed_fields_mut().clear()),
-        true,
-    );
-    let (policy_cache, policy_changes) = cache::spawn(
-        watcher::watcher(policies.clone(), Default::default())
+    // One watch and one store of each kind, shared by reconcile and the autoscaler; managed
+    // fields are dropped (nothing reads them).
+    let service_cache = {
+        let tx = isvc_tx.clone();
+        // Status writes (the autoscaler's every few seconds, reconcile's own) change nothing
+        // to reconcile: only a service's spec changes trigger it.
+        let mut generations = cache::Generations::default();
+        cache::spawn(
+            watcher::watcher(
+                owned::api::<InferenceService>(&client, ns),
+                Default::default(),
+            )
             .default_backoff()
-            .modify(|p: &mut ScalingPolicy| p.managed_fields_mut().clear()),
-        true,
-    );
-    let (isvc_changes, policy_changes) = (
-        isvc_changes.expect("a shared cache has a subscriber"),
-        policy_changes.expect("a shared cache has a subscriber"),
-    );
+            .modify(|s: &mut InferenceService| s.managed_fields_mut().clear()),
+            move |change| {
+                if generations.moved(change)
+                    && let cache::Change::Applied(s) = change
+                {
+                    let _ = tx.unbounded_send(ObjectRef::from_obj(s));
+                }
+            },
+        )
+    };
+    let store = service_cache.store.clone();
+    let policy_cache = {
+        let (tx, services) = (isvc_tx.clone(), store.clone());
+        let mut generations = cache::Generations::default();
+        cache::spawn(
+            watcher::watcher(owned::api::<ScalingPolicy>(&client, ns), Default::default())
+                .default_backoff()
+                .modify(|p: &mut ScalingPolicy| p.managed_fields_mut().clear()),
+            move |change| {
+                if !generations.moved(change) {
+                    return;
+                }
+                let policy = change.object();
+                if let cache::Change::Applied(p) = change {
+                    let _ = policy_tx.unbounded_send(ObjectRef::from_obj(p));
+                }
+                // A new, changed or deleted policy: re-render every service that uses it.
+                let (pns, name) = (policy.namespace(), policy.name_any());
+                for s in services.state() {
+                    if s.namespace() == pns && reconcile::references(&s, &name) {
+                        let _ = tx.unbounded_send(ObjectRef::from_obj(s.as_ref()));
+                    }
+                }
+            },
+        )
+    };
     // Engine and router pods: readiness, IPs, scheduling (for the autoscaler).
-    let (pod_cache, _) = cache::spawn(
-        watcher::watcher(owned::api::<Pod>(&client, ns), labelled.clone())
+    let pod_cache = cache::spawn(
+        watcher::watcher(owned::api::<Pod>(&client, ns), labelled)
             .default_backoff()
             .modify(|p: &mut Pod| {
                 // Only metadata and status are read; dropping the rest keeps the cache small.
                 p.managed_fields_mut().clear();
                 p.spec = None;
             }),
-        false,
+        |_| {},
     );
-    let owned_objects = owned::OwnedObjects::start(&client, ns);
-    let store = service_cache.store.clone();
-
-    // Nothing decides or writes before every cache holds its first list: a pass on half a
-    // cache would read objects as missing.
-    let synced = async {
-        service_cache.synced().await
-            && policy_cache.synced().await
-            && pod_cache.synced().await
-            && owned_objects.synced().await
-    };
-    let mut stopping = shutdown.clone();
-    let mut deposed = leader.clone();
-    tokio::select! {
-        ok = synced => if !ok { anyhow::bail!("a cache stopped before its first list") },
-        _ = stopping.wait_for(|s| *s) => return Ok(()),
-        _ = deposed.wait_for(|l| !*l) => {
-            anyhow::bail!("lost leadership; exiting so this replica can stand for election again")
-        }
-    }
-    tracing::info!("caches synced");
+    let owned_objects = owned::OwnedObjects::start(&client, ns, isvc_tx);
+    let deployments = owned_objects.deployments.clone();
 
     let config = kube::runtime::controller::Config::default()
         .concurrency(args.max_concurrent_reconciles.max(1));
-    // Status writes (the autoscaler's every few seconds, reconcile's own) change nothing to
-    // reconcile: only spec changes of the service itself trigger it.
-    let isvc_controller = Controller::for_shared_stream(
-        cache::spec_changes(isvc_changes, store.clone()),
-        store.clone(),
-    )
-    .with_config(config.clone());
+    // The controllers' own trigger streams stay empty; the caches' listeners feed them.
+    let isvc_controller = Controller::for_shared_stream(futures::stream::pending(), store.clone())
+        .reconcile_on(isvc_rx)
+        .with_config(config.clone());
     let reporter = Reporter {
         controller: "spillway-controller".into(),
         instance: args.identity.clone(),
     };
-    let deployments = owned_objects.deployments.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
@@ -273,29 +282,7 @@ async fn run_controllers(
         }
     };
 
-    let mapper_store = store.clone();
-    // Plain watches as triggers: unlike a shared stream they carry deletes, so an owned object
-    // deleted by hand is put back at once.
     let isvc_run = isvc_controller
-        .owns(owned::api::<Deployment>(&client, ns), labelled.clone())
-        .owns(owned::api::<Service>(&client, ns), labelled.clone())
-        .owns(owned::api::<ConfigMap>(&client, ns), labelled.clone())
-        // A watch of its own: the shared stream carries no deletes, and a deleted policy must
-        // reach its services at once (Degraded/PolicyNotFound).
-        .watches(
-            policies,
-            watcher::Config::default(),
-            move |policy: ScalingPolicy| {
-                let ns = policy.namespace();
-                let name = policy.name_any();
-                mapper_store
-                    .state()
-                    .into_iter()
-                    .filter(|s| s.namespace() == ns && reconcile::references(s, &name))
-                    .map(|s| ObjectRef::from_obj(s.as_ref()))
-                    .collect::<Vec<_>>()
-            },
-        )
         .graceful_shutdown_on(stop(shutdown.clone(), leader.clone()))
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
         .for_each(|res| async move {
@@ -305,7 +292,8 @@ async fn run_controllers(
         });
 
     let policy_controller =
-        Controller::for_shared_stream(policy_changes, policy_cache.store.clone())
+        Controller::for_shared_stream(futures::stream::pending(), policy_cache.store.clone())
+            .reconcile_on(policy_rx)
             .with_config(config);
     let autoscaler = Arc::new(crate::autoscale::driver::Autoscaler {
         client: client.clone(),

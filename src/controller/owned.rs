@@ -24,8 +24,37 @@ use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use super::cache::{self, Cache};
+use super::cache::{self, Cache, Change};
 use super::render::MANAGED_SELECTOR;
+use crate::api::InferenceService;
+
+/// Where a change to an owned object is sent: the owning service, to reconcile.
+pub type Trigger = futures::channel::mpsc::UnboundedSender<ObjectRef<InferenceService>>;
+
+/// The InferenceService that controls `obj`, if one does.
+pub fn owner<K: Resource>(obj: &K) -> Option<ObjectRef<InferenceService>> {
+    let meta = obj.meta();
+    let ns = meta.namespace.as_deref()?;
+    meta.owner_references
+        .as_deref()?
+        .iter()
+        .find(|r| {
+            r.controller == Some(true)
+                && r.kind == "InferenceService"
+                && r.api_version.starts_with(crate::api::GROUP)
+        })
+        .map(|r| ObjectRef::new(&r.name).within(ns))
+}
+
+/// A cache listener that sends the owner of each changed (or deleted) object to `trigger`.
+fn to_owner<K: Resource>(trigger: Trigger) -> impl FnMut(Change<'_, K>) + Send + 'static {
+    move |change| {
+        if let Some(r) = owner(change.object()) {
+            // The receiver goes only when the controllers stop.
+            let _ = trigger.unbounded_send(r);
+        }
+    }
+}
 
 type Meta<K> = Cache<PartialObjectMeta<K>>;
 
@@ -55,7 +84,7 @@ where
     }
 }
 
-fn metadata_cache<K>(client: &Client, namespace: Option<&str>) -> Meta<K>
+fn metadata_cache<K>(client: &Client, namespace: Option<&str>, trigger: Trigger) -> Meta<K>
 where
     K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
         + Clone
@@ -72,7 +101,7 @@ where
     )
     .default_backoff()
     .modify(|m: &mut PartialObjectMeta<K>| m.managed_fields_mut().clear());
-    cache::spawn(events, false).0
+    cache::spawn(events, to_owner(trigger))
 }
 
 /// What a pass should do with one owned object.
@@ -88,13 +117,26 @@ pub enum Plan {
     Foreign,
 }
 
-/// The version that moves when someone else changes an object: its generation where it has
-/// one (a status update does not move it), else its resourceVersion.
+/// The version that moves when someone else changes an object: where it has a generation
+/// (which a status update does not move), the generation and its labels, annotations and
+/// owners; else its resourceVersion.
 fn version(meta: &ObjectMeta) -> String {
     match meta.generation {
-        Some(g) => format!("g{g}"),
+        Some(g) => {
+            let marks = (&meta.labels, &meta.annotations, &meta.owner_references);
+            format!("g{g}-{:x}", fingerprint(&marks))
+        }
         None => meta.resource_version.clone().unwrap_or_default(),
     }
+}
+
+/// An owned object as found: its metadata, and whether a cache had it. Only a cached object
+/// is known to carry spillway's labels (so the caches see its next change), and only a cached
+/// one may be kept without a write.
+#[derive(Clone, Copy)]
+pub struct Found<'a> {
+    pub meta: &'a ObjectMeta,
+    pub cached: bool,
 }
 
 /// A hash of a rendered object, to tell whether it changed since it was last applied.
@@ -107,7 +149,9 @@ pub fn fingerprint(object: &impl serde::Serialize) -> u64 {
 }
 
 impl OwnedObjects {
-    pub fn start(client: &Client, namespace: Option<&str>) -> Self {
+    /// Starts the caches; every change to an owned object (its deletion too) sends its owner to
+    /// `trigger`.
+    pub fn start(client: &Client, namespace: Option<&str>, trigger: Trigger) -> Self {
         let deployments = watcher::watcher(
             api::<Deployment>(client, namespace),
             watcher::Config::default().labels(MANAGED_SELECTOR),
@@ -120,13 +164,13 @@ impl OwnedObjects {
             }
         });
         Self {
-            deployments: cache::spawn(deployments, false).0,
-            services: metadata_cache(client, namespace),
-            config_maps: metadata_cache(client, namespace),
-            service_accounts: metadata_cache(client, namespace),
-            roles: metadata_cache(client, namespace),
-            role_bindings: metadata_cache(client, namespace),
-            pdbs: metadata_cache(client, namespace),
+            deployments: cache::spawn(deployments, to_owner(trigger.clone())),
+            services: metadata_cache(client, namespace, trigger.clone()),
+            config_maps: metadata_cache(client, namespace, trigger.clone()),
+            service_accounts: metadata_cache(client, namespace, trigger.clone()),
+            roles: metadata_cache(client, namespace, trigger.clone()),
+            role_bindings: metadata_cache(client, namespace, trigger.clone()),
+            pdbs: metadata_cache(client, namespace, trigger),
             applied: Mutex::new(HashMap::new()),
         }
     }
@@ -169,9 +213,9 @@ impl OwnedObjects {
         }
     }
 
-    /// What to do with an owned object rendered as `hash`, whose live metadata is `live`
-    /// (`None`: absent). `owned` says whether `live` belongs to the service.
-    pub fn plan(&self, key: &str, hash: u64, live: Option<&ObjectMeta>, owned: bool) -> Plan {
+    /// What to do with an owned object rendered as `hash`, as found (`None`: absent).
+    /// `owned` says whether the found object belongs to the service.
+    pub fn plan(&self, key: &str, hash: u64, live: Option<Found<'_>>, owned: bool) -> Plan {
         let Some(live) = live else {
             return Plan::Create;
         };
@@ -180,9 +224,14 @@ impl OwnedObjects {
         }
         let applied = self.applied.lock().expect("not poisoned");
         match applied.get(key) {
-            Some((h, v)) if *h == hash && *v == version(live) => Plan::Keep,
+            Some((h, v)) if live.cached && *h == hash && *v == version(live.meta) => Plan::Keep,
             _ => Plan::Apply,
         }
+    }
+
+    /// Forgets `key` (reconcile deleted the object).
+    pub fn forget(&self, key: &str) {
+        self.applied.lock().expect("not poisoned").remove(key);
     }
 
     /// Remembers that `key` ("Kind/namespace/name") was applied as `hash` and is now at
@@ -202,14 +251,15 @@ impl OwnedObjects {
         }
     }
 
-    /// Empty caches, already synced: every object is read from the API server (tests).
+    /// Empty caches, already synced, and a writer for the Deployments' (tests).
     #[cfg(test)]
-    pub fn empty() -> Self {
+    pub fn for_tests() -> (Self, kube::runtime::reflector::store::Writer<Deployment>) {
         fn meta<K: Resource<DynamicType = ()> + Clone + 'static>() -> Meta<K> {
             Cache::filled(kube::runtime::reflector::store().0)
         }
-        Self {
-            deployments: Cache::filled(kube::runtime::reflector::store().0),
+        let deployments = kube::runtime::reflector::store::Writer::default();
+        let owned = Self {
+            deployments: Cache::filled(deployments.as_reader()),
             services: meta(),
             config_maps: meta(),
             service_accounts: meta(),
@@ -217,7 +267,8 @@ impl OwnedObjects {
             role_bindings: meta(),
             pdbs: meta(),
             applied: Mutex::new(HashMap::new()),
-        }
+        };
+        (owned, deployments)
     }
 
     fn cached_len(&self) -> usize {
@@ -245,35 +296,44 @@ mod tests {
 
     #[test]
     fn an_object_is_written_again_only_when_either_side_changed() {
-        let o = OwnedObjects::empty();
+        let (o, _) = OwnedObjects::for_tests();
         let key = "Deployment/ml/llama-engine";
+        fn cached(meta: &ObjectMeta) -> Option<Found<'_>> {
+            Some(Found { meta, cached: true })
+        }
+        let (g1, g2, g2_status, g3) = (
+            meta(Some(1), "10"),
+            meta(Some(2), "11"),
+            meta(Some(2), "12"),
+            meta(Some(3), "13"),
+        );
         // Absent: create it. Someone else's: leave it.
         assert_eq!(o.plan(key, 1, None, true), Plan::Create);
-        assert_eq!(
-            o.plan(key, 1, Some(&meta(Some(1), "10")), false),
-            Plan::Foreign
-        );
+        assert_eq!(o.plan(key, 1, cached(&g1), false), Plan::Foreign);
         // Ours but never applied by this process (a restart): apply once.
-        assert_eq!(
-            o.plan(key, 1, Some(&meta(Some(1), "10")), true),
-            Plan::Apply
-        );
-        o.record(key.into(), 1, &meta(Some(2), "11"));
+        assert_eq!(o.plan(key, 1, cached(&g1), true), Plan::Apply);
+        o.record(key.into(), 1, &g2);
         // A status update moves the resourceVersion, not the generation: keep.
-        assert_eq!(o.plan(key, 1, Some(&meta(Some(2), "12")), true), Plan::Keep);
-        // Someone edited the spec, or the rendering changed: apply.
-        assert_eq!(
-            o.plan(key, 1, Some(&meta(Some(3), "13")), true),
-            Plan::Apply
-        );
-        assert_eq!(
-            o.plan(key, 2, Some(&meta(Some(2), "12")), true),
-            Plan::Apply
-        );
+        assert_eq!(o.plan(key, 1, cached(&g2_status), true), Plan::Keep);
+        // Read from the API server (the caches lost it: its labels were edited away): apply.
+        let fetched = Some(Found {
+            meta: &g2_status,
+            cached: false,
+        });
+        assert_eq!(o.plan(key, 1, fetched, true), Plan::Apply);
+        // Someone edited its spec or its labels, or the rendering changed: apply.
+        assert_eq!(o.plan(key, 1, cached(&g3), true), Plan::Apply);
+        let mut relabelled = g2_status.clone();
+        relabelled.labels = Some([("app.kubernetes.io/instance".into(), "x".into())].into());
+        assert_eq!(o.plan(key, 1, cached(&relabelled), true), Plan::Apply);
+        assert_eq!(o.plan(key, 2, cached(&g2_status), true), Plan::Apply);
         // Kinds without a generation go by resourceVersion.
         let cm = "ConfigMap/ml/llama-router";
-        o.record(cm.into(), 7, &meta(None, "20"));
-        assert_eq!(o.plan(cm, 7, Some(&meta(None, "20")), true), Plan::Keep);
-        assert_eq!(o.plan(cm, 7, Some(&meta(None, "21")), true), Plan::Apply);
+        let (v20, v21) = (meta(None, "20"), meta(None, "21"));
+        o.record(cm.into(), 7, &v20);
+        assert_eq!(o.plan(cm, 7, cached(&v20), true), Plan::Keep);
+        assert_eq!(o.plan(cm, 7, cached(&v21), true), Plan::Apply);
+        o.forget(cm);
+        assert_eq!(o.plan(cm, 7, cached(&v20), true), Plan::Apply);
     }
 }

@@ -20,7 +20,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
 use super::metrics::Metrics;
-use super::owned::{OwnedObjects, Plan, fingerprint};
+use super::owned::{Found, OwnedObjects, Plan, fingerprint};
 use super::render::{self, FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url};
 use super::render_router::RouterObjects;
 use super::status::{
@@ -51,6 +51,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether the API server refused to create an object because its namespace is being
+    /// deleted (kube-rs keeps no status causes, so the message tells).
+    pub fn namespace_terminating(&self) -> bool {
+        let api = match self {
+            Error::Kube(kube::Error::Api(e))
+            | Error::Apply {
+                source: kube::Error::Api(e),
+                ..
+            } => e,
+            _ => return false,
+        };
+        api.code == 403 && api.message.contains("because it is being terminated")
+    }
+
     /// A fixed label value for the error counter.
     pub fn metric_reason(&self) -> &'static str {
         match self {
@@ -248,6 +262,12 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
         })?;
         match ensure_objects(&ctx, &isvc, &rendered, &policy, &mut problems).await {
             Ok(engine) => engine,
+            // The namespace is being deleted, and the service with it: recreating what the
+            // namespace deletion removes would fight it (and fail). Nothing to report.
+            Err(e) if e.namespace_terminating() => {
+                tracing::debug!(service = %name, namespace = %ns, "namespace is being deleted; not recreating owned objects");
+                return Ok(Action::await_change());
+            }
             Err(e) => {
                 problems.push(Problem::ApplyFailed(e.to_string()));
                 ctx.event(&isvc, EventType::Warning, "ApplyFailed", e.to_string())
@@ -393,6 +413,7 @@ async fn ensure_objects(
         .store
         .get(&ObjectRef::new(&engine_name).within(&ns))
         .map(|d| (*d).clone());
+    let from_cache = cached.is_some();
     let live = match cached {
         Some(d) => Some(d),
         None => deployments.get_opt(&engine_name).await?,
@@ -405,10 +426,11 @@ async fn ensure_objects(
     let is_ours = live
         .as_ref()
         .is_some_and(|d| is_owned_by(&d.metadata, isvc));
-    let engine = match ctx
-        .owned
-        .plan(&key, hash, live.as_ref().map(|d| &d.metadata), is_ours)
-    {
+    let found = live.as_ref().map(|d| Found {
+        meta: &d.metadata,
+        cached: from_cache,
+    });
+    let engine = match ctx.owned.plan(&key, hash, found, is_ours) {
         Plan::Create => {
             // Created by server-side apply like every other object (so fields later removed from
             // the spec are removed from the Deployment too), then replicas set once under the
@@ -442,9 +464,10 @@ async fn ensure_objects(
         }
         Plan::Keep => live.as_ref().map(engine_replicas),
         Plan::Apply => {
-            let applied = apply(&deployments, &rendered.engine_deployment)
-                .await
-                .map_err(apply_failed)?;
+            // The uid makes the API server refuse the write if the object was replaced since.
+            let mut engine = rendered.engine_deployment.clone();
+            engine.metadata.uid = live.as_ref().and_then(|d| d.metadata.uid.clone());
+            let applied = apply(&deployments, &engine).await.map_err(apply_failed)?;
             ctx.owned.record(key, hash, &applied.metadata);
             Some(engine_replicas(&applied))
         }
@@ -482,24 +505,32 @@ async fn ensure_owned(
         let name = o.object.metadata.name.clone().unwrap_or_default();
         let key = format!("{}/{ns}/{name}", o.kind);
         let hash = fingerprint(&o.object);
-        let live = match ctx.owned.cached(o.kind, &ns, &name) {
+        let cached = ctx.owned.cached(o.kind, &ns, &name);
+        let from_cache = cached.is_some();
+        let live = match cached {
             Some(meta) => Some(meta),
             None => api.get_metadata_opt(&name).await?.map(|m| m.metadata),
         };
         let is_ours = live.as_ref().is_some_and(|m| is_owned_by(m, isvc));
-        match ctx.owned.plan(&key, hash, live.as_ref(), is_ours) {
+        let found = live.as_ref().map(|meta| Found {
+            meta,
+            cached: from_cache,
+        });
+        match ctx.owned.plan(&key, hash, found, is_ours) {
             Plan::Keep => {}
             Plan::Foreign => {
                 problems.push(Problem::ObjectConflict(format!("{} {ns}/{name}", o.kind)));
             }
             Plan::Apply | Plan::Create => {
-                let applied = apply(&api, &o.object)
-                    .await
-                    .map_err(|source| Error::Apply {
-                        kind: o.kind,
-                        name: name.clone(),
-                        source,
-                    })?;
+                // The uid makes the API server refuse the write if the object was replaced
+                // since it was found.
+                let mut object = o.object;
+                object.metadata.uid = live.and_then(|m| m.uid);
+                let applied = apply(&api, &object).await.map_err(|source| Error::Apply {
+                    kind: o.kind,
+                    name: name.clone(),
+                    source,
+                })?;
                 ctx.owned.record(key, hash, &applied.metadata);
             }
         }
@@ -561,6 +592,7 @@ async fn remove_router(ctx: &Context, isvc: &InferenceService, ns: &str) -> Resu
             Err(kube::Error::Api(e)) if e.code == 404 => {}
             Err(e) => return Err(e.into()),
         }
+        ctx.owned.forget(&format!("{}/{ns}/{name}", ar.kind));
     }
     ctx.event(
         isvc,

@@ -24,6 +24,8 @@ struct Harness {
     api: ApiServer,
     _leader: watch::Sender<bool>,
     services: reflector::store::Writer<InferenceService>,
+    /// The owned Deployments' cache (empty unless a test fills it).
+    deployments: reflector::store::Writer<k8s_openapi::api::apps::v1::Deployment>,
 }
 
 fn harness(leader: bool) -> Harness {
@@ -31,6 +33,7 @@ fn harness(leader: bool) -> Harness {
     let client = Client::new(svc, "default");
     let (leader_tx, leader_rx) = watch::channel(leader);
     let writer = reflector::store::Writer::<InferenceService>::default();
+    let (owned, deployments) = super::owned::OwnedObjects::for_tests();
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(
@@ -49,7 +52,7 @@ fn harness(leader: bool) -> Harness {
         failures: Default::default(),
         services: writer.as_reader(),
         policies: reflector::store::Writer::<ScalingPolicy>::default().as_reader(),
-        owned: super::owned::OwnedObjects::empty(),
+        owned,
     });
     Harness {
         ctx,
@@ -59,6 +62,7 @@ fn harness(leader: bool) -> Harness {
         },
         _leader: leader_tx,
         services: writer,
+        deployments,
     }
 }
 
@@ -309,15 +313,12 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
         policy_json("fast", json!({"minReplicas": 2, "maxReplicas": 8})),
     )
     .await;
-    // The engine Deployment is as pass 1 left it (same rendering, same generation): read, not
-    // written again.
-    api.expect(
-        Method::GET,
-        &format!("{NS}/deployments/llama-engine"),
-        StatusCode::OK,
-        deployment_json(&isvc, 1, 1),
-    )
-    .await;
+    let applied = expect_engine_applied(&mut api, &isvc, 1, 1).await;
+    assert_server_side_apply(&applied);
+    assert!(
+        applied.body["spec"].get("replicas").is_none(),
+        "reconcile must never write replicas"
+    );
     expect_services_applied(&mut api, "llama").await;
     let status = api
         .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), &isvc)
@@ -330,31 +331,34 @@ async fn missing_policy_degrades_then_recovers_when_it_appears() {
     api.done().await;
 }
 
-/// One reconcile pass over an engine Deployment that exists at `generation`, with nothing else
-/// owned, expecting it to be written or not.
-async fn pass_over_engine(
-    ctx: &Arc<Context>,
-    api: &mut ApiServer,
-    isvc: &InferenceService,
-    generation: i64,
-    write: bool,
-) {
+/// One reconcile pass over an engine Deployment that the cache holds at `generation`, with
+/// nothing else owned, expecting it to be written or not.
+async fn pass_over_engine(h: &mut Harness, isvc: &InferenceService, generation: i64, write: bool) {
     let path = format!("{NS}/deployments/llama-engine");
-    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), ctx.clone()));
     let mut live = deployment_json(isvc, 1, 1);
     live["metadata"]["generation"] = json!(generation);
-    api.expect(Method::GET, &path, StatusCode::OK, live.clone())
-        .await;
+    live["metadata"]["uid"] = json!("uid-engine");
+    let cached: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(live.clone()).unwrap();
+    h.deployments
+        .apply_watcher_event(&watcher::Event::Apply(cached));
+    let r = tokio::spawn(reconcile(Arc::new(isvc.clone()), h.ctx.clone()));
     if write {
-        let seen = api.expect(Method::PATCH, &path, StatusCode::OK, live).await;
+        let seen = h
+            .api
+            .expect(Method::PATCH, &path, StatusCode::OK, live)
+            .await;
         assert_server_side_apply(&seen);
         assert!(
             seen.body["spec"].get("replicas").is_none(),
             "never replicas"
         );
+        // The write fails if the object was replaced since it was found.
+        assert_eq!(seen.body["metadata"]["uid"], "uid-engine");
     }
-    expect_services_applied(api, "llama").await;
-    api.expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), isvc)
+    expect_services_applied(&mut h.api, "llama").await;
+    h.api
+        .expect_status(&format!("{SPILLWAY}/inferenceservices/llama/status"), isvc)
         .await;
     r.await.unwrap().unwrap();
 }
@@ -364,19 +368,19 @@ async fn pass_over_engine(
 /// fails on a write it did not expect, or a missing one.)
 #[tokio::test]
 async fn an_object_is_written_again_only_when_it_changed() {
-    let Harness { ctx, mut api, .. } = harness(true);
+    let mut h = harness(true);
     let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
     // First sight of an existing Deployment (a restart): applied once.
-    pass_over_engine(&ctx, &mut api, &isvc, 5, true).await;
-    // Unchanged since: not written.
-    pass_over_engine(&ctx, &mut api, &isvc, 5, false).await;
+    pass_over_engine(&mut h, &isvc, 5, true).await;
+    // Unchanged since: not written, not even read.
+    pass_over_engine(&mut h, &isvc, 5, false).await;
     // Someone changed its spec (the generation moved): written again.
-    pass_over_engine(&ctx, &mut api, &isvc, 6, true).await;
+    pass_over_engine(&mut h, &isvc, 6, true).await;
     // A new rendering (the service's spec changed): written again.
     let mut changed = isvc.clone();
     changed.spec.engine.args = vec!["--max-num-seqs".into(), "32".into()];
-    pass_over_engine(&ctx, &mut api, &changed, 6, true).await;
-    api.done().await;
+    pass_over_engine(&mut h, &changed, 6, true).await;
+    h.api.done().await;
 }
 
 #[tokio::test]
@@ -539,6 +543,32 @@ async fn apply_failure_is_reported_and_backs_off() {
         events
             .iter()
             .any(|e| e["reason"] == "ApplyFailed" && e["type"] == "Warning")
+    );
+}
+
+/// Deleting a namespace deletes the owned objects before the service: reconcile must not
+/// fight the deletion by recreating them (the API server refuses anyway), nor report it.
+#[tokio::test]
+async fn a_namespace_being_deleted_is_not_fought() {
+    let Harness { ctx, mut api, .. } = harness(true);
+    let isvc = isvc_from_yaml(&minimal_isvc_yaml("llama"));
+    let r = tokio::spawn(reconcile(Arc::new(isvc), ctx));
+    api.not_found(&format!("{NS}/deployments/llama-engine"))
+        .await;
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+        "message": "deployments.apps \"llama-engine\" is forbidden: unable to create new content in namespace ml because it is being terminated"});
+    api.expect(
+        Method::PATCH,
+        &format!("{NS}/deployments/llama-engine"),
+        StatusCode::FORBIDDEN,
+        refused,
+    )
+    .await;
+    assert_eq!(r.await.unwrap().unwrap(), Action::await_change());
+    let events = api.done().await;
+    assert!(
+        events.is_empty(),
+        "no status write, no Warning: {events:#?}"
     );
 }
 
