@@ -33,10 +33,25 @@ fn unavailable() -> Option<String> {
 }
 
 fn main() -> ExitCode {
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    // Words are scenario filters; libtest's options (and the values of those that take one)
+    // are not.
+    let mut filters: Vec<String> = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        const VALUED: [&str; 6] = [
+            "--test-threads",
+            "--skip",
+            "--color",
+            "--format",
+            "--logfile",
+            "-Z",
+        ];
+        if VALUED.contains(&a.as_str()) {
+            args.next();
+        } else if !a.starts_with('-') {
+            filters.push(a);
+        }
+    }
     // libtest-style listing (cargo test -- --list) must not start a cluster.
     if std::env::args().any(|a| a == "--list") {
         return ExitCode::SUCCESS;
@@ -89,6 +104,7 @@ async fn run(filters: Vec<String>) -> ExitCode {
         let failure = match out {
             Ok(Ok(Ok(summary))) => {
                 println!("cluster: ok   {} ({secs:.1}s): {summary}", s.0);
+                env.finish(s.0).await;
                 continue;
             }
             Ok(Ok(Err(e))) => format!("{e:#}"),
@@ -98,6 +114,7 @@ async fn run(filters: Vec<String>) -> ExitCode {
         failed += 1;
         println!("cluster: FAIL {} ({secs:.1}s): {failure}", s.0);
         env.diagnostics(s.0).await;
+        env.finish(s.0).await;
     }
     env.down().await;
     println!(

@@ -47,6 +47,8 @@ pub struct Env {
 
 impl Env {
     pub async fn up() -> anyhow::Result<Self> {
+        crate::support::plane::remove_leftovers();
+        crate::support::net::remove_leftovers();
         let plane = Arc::new(ControlPlane::up().await?);
         operator::install(&plane.client).await?;
         let work = TempDir::new("tier")?;
@@ -62,6 +64,14 @@ impl Env {
     pub async fn down(self) {
         self.kubelet.shutdown().await;
         // The plane stops when its last handle goes.
+    }
+
+    /// Deletes a scenario's namespace: its pods' processes stop as their pods are deleted, so
+    /// they do not run on through the scenarios after it.
+    pub async fn finish(&self, ns: &str) {
+        let _ = Api::<k8s_openapi::api::core::v1::Namespace>::all(self.client.clone())
+            .delete(ns, &Default::default())
+            .await;
     }
 
     /// A namespace of the scenario's own and a node of the same name with `gpus` GPUs (the

@@ -200,7 +200,20 @@ fn on_pod(inner: &Arc<Inner>, pod: Pod) {
                     stop_process(&p).await;
                 }
             }
-            Err(e) => eprintln!("kubelet: starting pod {name}: {e:#}"),
+            Err(e) => {
+                // A kubelet retries a container that failed to start; so does this, a second
+                // later, with the pod as it is then (unless it is gone).
+                eprintln!("kubelet: starting pod {name}: {e:#} (retrying)");
+                inner.pods.lock().expect("not poisoned").remove(&uid);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let api: Api<Pod> =
+                    Api::namespaced(inner.client.clone(), &pod.namespace().unwrap_or_default());
+                if let Ok(Some(now)) = api.get_opt(&pod.name_any()).await
+                    && now.uid() == Some(uid)
+                {
+                    on_pod(&inner, now);
+                }
+            }
         }
     });
 }

@@ -18,6 +18,37 @@ pub fn available() -> Result<(), String> {
     Ok(())
 }
 
+/// Removes the bridges and pod namespaces of earlier runs whose process is gone (a run killed
+/// before it could clean up); names carry the run's pid: `spw<pid>`, `spw<pid>p<n>`.
+pub fn remove_leftovers() {
+    let dead = |name: &str| {
+        let pid: String = name
+            .strip_prefix("spw")
+            .unwrap_or_default()
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        !pid.is_empty() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    };
+    for ns in run("ip", &["netns", "list"]).unwrap_or_default().lines() {
+        let name = ns.split_whitespace().next().unwrap_or_default();
+        if dead(name) {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+    }
+    for line in run("ip", &["-o", "link", "show"])
+        .unwrap_or_default()
+        .lines()
+    {
+        // "12: spw123: <BROADCAST,...>" or "13: spw123p1h@if2: ..."
+        let name = line.split(": ").nth(1).unwrap_or_default();
+        let name = name.split('@').next().unwrap_or_default();
+        if dead(name) {
+            let _ = run("ip", &["link", "del", name]);
+        }
+    }
+}
+
 /// The bridge: `<prefix>.0.1/16` on the host side; pods get `<prefix>.1.n`.
 pub struct Bridge {
     name: String,
@@ -32,7 +63,7 @@ impl Bridge {
         let Some(x) = (244u8..=254).find(|x| !used.contains(&format!(" 10.{x}."))) else {
             bail!("no free 10.x.0.0/16 subnet for the pod network");
         };
-        let name = format!("spwbr{}", std::process::id() % 100_000);
+        let name = format!("spw{}", std::process::id());
         let _ = run("ip", &["link", "del", &name]);
         run("ip", &["link", "add", &name, "type", "bridge"])?;
         let bridge = Self {

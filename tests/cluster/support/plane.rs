@@ -18,6 +18,28 @@ pub fn script() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/kube/cluster"))
 }
 
+/// Stops the control planes of earlier runs whose process is gone (a run killed before it could
+/// stop them): their folders are `spillway-plane-<pid>` under the temp dir.
+pub fn remove_leftovers() {
+    let script = script();
+    let Ok(dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for d in dirs.flatten() {
+        let name = d.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("spillway-plane-") else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        if let (Some(s), Some(p)) = (script.to_str(), d.path().to_str()) {
+            let _ = run(s, &["down", p]);
+        }
+        let _ = std::fs::remove_dir_all(d.path());
+    }
+}
+
 pub struct ControlPlane {
     dir: TempDir,
     pub client: Client,
