@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod clock;
 pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;

@@ -6,8 +6,7 @@ use std::fmt;
 
 use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules};
 
-/// Milliseconds on the caller's clock (wall clock in the controller, virtual in the simulator).
-pub type Millis = i64;
+use crate::clock::Millis;
 
 /// One ready engine pod's latest numbers; `None` = no fresh value (scrape failed or metric absent).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]

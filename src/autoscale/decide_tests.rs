@@ -4,6 +4,7 @@ use proptest::prelude::*;
 
 use super::decide::*;
 use crate::api::{Launch, MetricsUnavailable, ScalingPolicySpec};
+use crate::clock::Millis;
 
 const S: Millis = 1000;
 

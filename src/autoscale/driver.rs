@@ -16,12 +16,13 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use super::decide::{Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide};
+use super::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use super::observe::{ColdStart, EnginePod, PodState, classify_one};
 use super::scrape::{Scraper, metrics_url};
 use super::signals::{self, RouterSample, SignalSelectors};
 use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
+use crate::clock::Millis;
 use crate::controller::cache::Cache;
 use crate::controller::metrics::Metrics;
 use crate::controller::reconcile::{apply_status, publish_event};

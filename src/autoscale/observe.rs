@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::decide::Millis;
+use crate::clock::Millis;
 
 /// One engine pod, classified.
 #[derive(Clone, Debug, PartialEq)]

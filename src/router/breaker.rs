@@ -4,7 +4,7 @@
 //! half-opened: a long stream that began before an outage says nothing of the provider now.
 //! Pure: the clock is an argument.
 
-use crate::autoscale::decide::Millis;
+use crate::clock::Millis;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BreakerState {

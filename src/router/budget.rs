@@ -5,7 +5,7 @@
 use std::collections::VecDeque;
 
 use crate::api::Pricing;
-use crate::autoscale::decide::Millis;
+use crate::clock::Millis;
 
 const MINUTE: Millis = 60_000;
 const HOUR: Millis = 3_600_000;

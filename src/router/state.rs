@@ -33,7 +33,7 @@ use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabel
 use super::queue::Fifo;
 use super::usage::Usage;
 use crate::api::{BurstMode, Pricing};
-use crate::autoscale::decide::Millis;
+use crate::clock::Millis;
 
 /// How long a local engine whose connection failed before any answer gets no new requests:
 /// least-outstanding would otherwise send it every request first (a dead engine is never busy)

@@ -9,9 +9,8 @@ use serde::Serialize;
 
 use super::trace::Trace;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
-use crate::autoscale::decide::{
-    Decision, History, Millis, Observed, PodSample, SignalsConfigured, decide,
-};
+use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
+use crate::clock::Millis;
 use crate::engine_sim::faults::SplitMix64;
 use crate::router::admission::{Admission, AdmissionInput, BackendLoad, ProviderLoad, admit};
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
