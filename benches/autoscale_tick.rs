@@ -16,9 +16,10 @@ use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use spillway::api::{InferenceService, ScalingPolicySpec};
-use spillway::autoscale::driver::{ServiceState, TickInput, observe_and_decide, patch_replicas};
 use spillway::autoscale::observe::{EnginePod, PodState};
-use spillway::autoscale::scrape::Scraper;
+use spillway::controller::apply::patch_replicas;
+use spillway::controller::autoscaler::{ServiceState, TickInput, observe_and_decide};
+use spillway::controller::scrape::Scraper;
 
 const PAGE: &str = include_str!("../src/autoscale/testdata/vllm.prom");
 /// Every tenth service sees a spike: 40 requests waiting per pod.

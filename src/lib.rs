@@ -1,10 +1,16 @@
 //! spillway: a Kubernetes operator for self-hosted GPU inference.
 //!
-//! Parts of the system, one folder each:
-//! - [`api`]: the `InferenceService` and `ScalingPolicy` custom resources.
-//! - [`autoscale`]: reads engine metrics pages and turns them into scaling signals.
-//! - [`controller`]: reconciles services into owned objects (pure rendering, I/O at the edge).
-//! - [`engine_sim`]: a simulated inference engine for tests, benchmarks and GPU-less demos.
+//! Layers, lowest first; a module imports only from layers below its own:
+//! 1. [`api`]: the `InferenceService` and `ScalingPolicy` custom resources; [`clock`]: the
+//!    millisecond type the pure cores count time in.
+//! 2. Pure cores, plain functions over plain data: [`autoscale`] (metrics pages, pods, the
+//!    scaling decision and its status) and the router's own (`router::admission`, `breaker`,
+//!    `budget`, `usage`, `config`).
+//! 3. Drivers, the I/O around them: [`controller`] (reconcile, the autoscaler loop, leader
+//!    election), [`router`] (the per-service data plane), [`sim`] (the simulator),
+//!    [`engine_sim`] (a simulated engine), [`crdgen`] (the CRDs as YAML).
+//! 4. Process plumbing shared by the subcommands: [`runtime`] (signals, accept) and
+//!    [`telemetry`] (logging).
 
 pub mod api;
 pub mod autoscale;
@@ -19,3 +25,5 @@ pub mod telemetry;
 
 #[cfg(test)]
 mod packaging_tests;
+#[cfg(test)]
+mod test_support;

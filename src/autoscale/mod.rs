@@ -1,14 +1,13 @@
-//! The autoscaler: scrape engine metrics, parse them, `decide()` (pure), act on the decision.
+//! The autoscaler's pure core: engine and router metrics pages parsed ([`promtext`],
+//! [`signals`]), pods classified ([`observe`]), the decision ([`decide`]) and the status it
+//! writes ([`status`]). No I/O: the controller's autoscaler loop (`controller::autoscaler`)
+//! scrapes, calls these, and writes; the simulator calls them too.
 
 pub mod decide;
-pub mod driver;
 pub mod observe;
 pub mod promtext;
-pub mod scrape;
 pub mod signals;
 pub mod status;
 
 #[cfg(test)]
 mod decide_tests;
-#[cfg(test)]
-mod driver_tests;

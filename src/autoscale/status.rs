@@ -243,7 +243,7 @@ mod tests {
     use crate::autoscale::decide::{
         ExhaustedReason, History, Observed, PodSample, SignalsConfigured, decide,
     };
-    use crate::controller::testdata::{isvc_from_yaml, minimal_isvc_yaml};
+    use crate::test_support::{isvc_from_yaml, minimal_isvc_yaml};
 
     fn t(s: i64) -> Time {
         Time(jiff::Timestamp::from_second(s).unwrap())

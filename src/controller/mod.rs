@@ -1,16 +1,20 @@
 //! The operator: reconciles InferenceServices into owned objects and keeps ScalingPolicy
 //! status current. Pure parts: [`render`], [`status`], [`leader::decide`]; the rest is I/O.
 
+pub mod apply;
+pub mod autoscaler;
+#[cfg(test)]
+mod autoscaler_tests;
 pub mod cache;
 pub mod leader;
 pub mod metrics;
+pub mod names;
 pub mod owned;
 pub mod reconcile;
 pub mod render;
-pub mod render_router;
+pub mod scrape;
 pub mod status;
-#[cfg(test)]
-pub(crate) mod testdata;
+
 #[cfg(test)]
 mod tests;
 
@@ -180,7 +184,7 @@ async fn run_controllers(
 ) -> anyhow::Result<()> {
     let ns = args.namespace.as_deref();
     // Owned objects only: a label selector keeps the caches to spillway's objects.
-    let labelled = watcher::Config::default().labels(render::MANAGED_SELECTOR);
+    let labelled = watcher::Config::default().labels(names::MANAGED_SELECTOR);
     // What to reconcile: services, and policies (for their status). Every trigger comes from a
     // cache's own events, after the cache holds them, so a pass never reads older data than
     // what triggered it.
@@ -295,7 +299,7 @@ async fn run_controllers(
         Controller::for_shared_stream(futures::stream::pending(), policy_cache.store.clone())
             .reconcile_on(policy_rx)
             .with_config(config);
-    let autoscaler = Arc::new(crate::autoscale::driver::Autoscaler {
+    let autoscaler = Arc::new(autoscaler::Autoscaler {
         client: client.clone(),
         recorder: Recorder::new(
             client.clone(),
@@ -304,7 +308,7 @@ async fn run_controllers(
                 instance: args.identity.clone(),
             },
         ),
-        scraper: crate::autoscale::scrape::Scraper::new(
+        scraper: scrape::Scraper::new(
             args.max_concurrent_scrapes,
             std::time::Duration::from_millis(args.scrape_timeout_ms),
         ),

@@ -25,7 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::cache::{self, Cache, Change};
-use super::render::MANAGED_SELECTOR;
+use super::names::MANAGED_SELECTOR;
 use crate::api::InferenceService;
 
 /// Where a change to an owned object is sent: the owning service, to reconcile.

@@ -10,19 +10,19 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+use super::apply::{FIELD_MANAGER, apply, apply_status, patch_replicas, publish_event};
 use super::metrics::Metrics;
+use super::names::{engine_name, is_owned_by, router_name, service_url};
 use super::owned::{Found, OwnedObjects, Plan, fingerprint};
-use super::render::{self, FIELD_MANAGER, RenderInput, Rendered, is_owned_by, service_url};
-use super::render_router::RouterObjects;
+use super::render::{self, RenderInput, Rendered, RouterObjects};
 use super::status::{
     EngineReplicas, Problem, current_policy_status, current_reconcile_status, new_problems,
     policy_status, reconcile_status,
@@ -143,51 +143,6 @@ impl Context {
     }
 }
 
-/// Records an Event on a service. Best effort: failing to record one must not fail the caller.
-pub async fn publish_event(
-    recorder: &Recorder,
-    isvc: &InferenceService,
-    type_: EventType,
-    reason: &str,
-    note: String,
-    action: &str,
-) {
-    let ev = Event {
-        type_,
-        reason: reason.into(),
-        note: Some(note),
-        action: action.into(),
-        secondary: None,
-    };
-    if let Err(e) = recorder.publish(&ev, &isvc.object_ref(&())).await {
-        tracing::warn!(error = %e, "publishing an event failed");
-    }
-}
-
-/// Server-side applies `status` (only the fields it holds) under `manager`.
-pub async fn apply_status<K>(
-    api: &Api<K>,
-    name: &str,
-    manager: &str,
-    status: &impl Serialize,
-) -> Result<(), kube::Error>
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug,
-{
-    let body = serde_json::json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        name,
-        &PatchParams::apply(manager).force(),
-        &Patch::Apply(&body),
-    )
-    .await
-    .map(|_| ())
-}
-
 /// Error policy for both controllers: exponential per-object backoff, counted by reason.
 pub fn error_policy<K: Resource<DynamicType = ()>>(
     obj: Arc<K>,
@@ -205,20 +160,6 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     let delay = error_backoff(n);
     tracing::warn!(object = %key(obj.as_ref()), error = %err, failures = n, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
-}
-
-/// The one server-side apply helper: every owned object is written through it.
-pub async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
-where
-    K: Resource + Clone + Serialize + DeserializeOwned + std::fmt::Debug,
-{
-    let name = obj.meta().name.clone().unwrap_or_default();
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(obj),
-    )
-    .await
 }
 
 /// Reconciles one InferenceService.
@@ -250,7 +191,7 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     {
         // Leave objects as they are; just report what exists.
         deployments
-            .get_opt(&render::engine_name(&name))
+            .get_opt(&engine_name(&name))
             .await?
             .filter(|d| is_owned_by(&d.metadata, &isvc))
             .map(|d| engine_replicas(&d))
@@ -274,7 +215,7 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
                     .await;
                 // Report what still serves: a failed PDB or Role must not read as an outage.
                 let engine = deployments
-                    .get_opt(&render::engine_name(&name))
+                    .get_opt(&engine_name(&name))
                     .await
                     .ok()
                     .flatten()
@@ -439,10 +380,9 @@ async fn ensure_objects(
                 .await
                 .map_err(apply_failed)?;
             let initial = policy.initial_replicas();
-            let scaled =
-                crate::autoscale::driver::patch_replicas(&ctx.client, &ns, &engine_name, initial)
-                    .await
-                    .map_err(apply_failed)?;
+            let scaled = patch_replicas(&ctx.client, &ns, &engine_name, initial)
+                .await
+                .map_err(apply_failed)?;
             ctx.owned.record(key, hash, &scaled.metadata);
             ctx.event(
                 isvc,
@@ -568,7 +508,7 @@ async fn check_provider_secrets(
 /// `router.enabled: false`: removes a router this service owned before (Service `<name>` is
 /// pointed back at the engines by the same pass).
 async fn remove_router(ctx: &Context, isvc: &InferenceService, ns: &str) -> Result<(), Error> {
-    let name = super::render_router::router_name(&isvc.name_any());
+    let name = router_name(&isvc.name_any());
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), ns);
     let Some(existing) = deployments.get_opt(&name).await? else {
         return Ok(());

@@ -238,7 +238,7 @@ pub fn current_policy_status(policy: &crate::api::ScalingPolicy) -> Option<Polic
 mod tests {
     use super::*;
     use crate::api::find_condition;
-    use crate::controller::testdata::{isvc_from_yaml, minimal_isvc_yaml};
+    use crate::test_support::{isvc_from_yaml, minimal_isvc_yaml};
 
     fn now(s: i64) -> Time {
         Time(jiff::Timestamp::from_second(s).unwrap())

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 
 use super::metrics::Metrics;
 use super::reconcile::{Context, Settings, reconcile, reconcile_policy};
-use super::testdata::{ApiServer, Seen, isvc_from_yaml, minimal_isvc_yaml};
 use crate::api::{InferenceService, InferenceServiceStatus, ScalingPolicy};
+use crate::test_support::{ApiServer, Seen, isvc_from_yaml, minimal_isvc_yaml};
 
 struct Harness {
     ctx: Arc<Context>,

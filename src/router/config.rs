@@ -297,7 +297,7 @@ fn spend_share(cap: &str, replicas: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::testdata::isvc_from_yaml;
+    use crate::test_support::isvc_from_yaml;
 
     #[test]
     fn the_design_example_parses_with_defaults() {

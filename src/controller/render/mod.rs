@@ -1,46 +1,23 @@
 //! Pure rendering: an InferenceService (and its policy) in, the objects it owns out.
-//! No client, no clock: every function here is a plain function over plain data.
+//! No client, no clock: every function here is a plain function over plain data. The engine's
+//! objects are in `engine`, the router's in [`router`]; this module puts them together.
 
-use std::collections::BTreeMap;
+mod engine;
+pub mod router;
 
-use k8s_openapi::api::apps::v1::{
-    Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment,
-};
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
-};
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+pub use router::RouterObjects;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::render_router::{RouterObjects, render_router};
-use crate::api::{InferenceService, InferenceServiceSpec, ScalingPolicySpec};
+use super::names::{engine_name, labels, selector_labels};
+use crate::api::{InferenceService, ScalingPolicySpec};
 
-/// Server-side apply field manager of everything reconcile writes.
-pub const FIELD_MANAGER: &str = "spillway";
-/// Field manager that owns the engine Deployment's `spec.replicas` (the autoscaler's).
-pub const REPLICAS_FIELD_MANAGER: &str = "spillway-autoscaler";
-
-pub const LABEL_NAME: &str = "app.kubernetes.io/name";
-pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
-pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "spillway";
-/// Selects the owned objects of every service (the controller's watches filter on it).
-pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=spillway";
-
-/// Seconds between startup probes; the failure threshold is sized from `startupTimeoutSeconds`.
-const STARTUP_PERIOD_SECONDS: i32 = 10;
 /// The client Service's port.
 pub const CLIENT_PORT: i32 = 80;
-
-/// Names of the objects a service owns.
-pub fn engine_name(isvc_name: &str) -> String {
-    format!("{isvc_name}-engine")
-}
 
 /// What rendering needs besides the InferenceService itself.
 #[derive(Clone, Debug, PartialEq)]
@@ -82,7 +59,6 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
     let ns = isvc.namespace().ok_or(RenderError::NoNamespace)?;
     let name = isvc.name_any();
     let engine = engine_name(&name);
-    let engine_labels = labels(&name, "engine");
 
     let meta = |obj_name: &str, component: &str| ObjectMeta {
         name: Some(obj_name.to_string()),
@@ -92,54 +68,14 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         ..ObjectMeta::default()
     };
 
-    let engine_deployment = Deployment {
-        metadata: meta(&engine, "engine"),
-        spec: Some(DeploymentSpec {
-            replicas: None,
-            selector: LabelSelector {
-                match_labels: Some(selector_labels(&name, "engine")),
-                ..LabelSelector::default()
-            },
-            // Surge, never go below the ready count: the warm replica must survive a rollout.
-            strategy: Some(DeploymentStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDeployment {
-                    max_surge: Some(IntOrString::Int(1)),
-                    max_unavailable: Some(IntOrString::Int(0)),
-                }),
-            }),
-            // Model load is slow; don't call a rollout stuck before a replica could possibly start.
-            progress_deadline_seconds: Some(
-                isvc.spec.engine.startup_timeout_seconds.saturating_add(600),
-            ),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(engine_labels.clone()),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(engine_pod_spec(&isvc.spec)),
-            },
-            ..DeploymentSpec::default()
-        }),
-        status: None,
-    };
-
-    let engine_service = Service {
-        metadata: meta(&engine, "engine"),
-        spec: Some(ServiceSpec {
-            cluster_ip: Some("None".into()),
-            selector: Some(selector_labels(&name, "engine")),
-            ports: Some(vec![http_port(isvc.spec.engine.port)]),
-            ..ServiceSpec::default()
-        }),
-        status: None,
-    };
+    let engine_deployment = engine::deployment(isvc, meta(&engine, "engine"));
+    let engine_service = engine::service(isvc, meta(&engine, "engine"));
 
     let router = isvc
         .spec
         .router
         .enabled
-        .then(|| render_router(isvc, input.policy, input.router_image, &ns, &owner));
+        .then(|| router::render(isvc, input.policy, input.router_image, &ns, &owner));
     // Both the router and engine containers name their port "http".
     let client_service = Service {
         metadata: meta(&name, "endpoint"),
@@ -169,149 +105,20 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
     })
 }
 
-/// The URL clients call.
-pub fn service_url(name: &str, namespace: &str, cluster_domain: &str) -> String {
-    format!("http://{name}.{namespace}.svc.{cluster_domain}")
-}
-
-fn http_port(port: i32) -> ServicePort {
-    ServicePort {
-        name: Some("http".into()),
-        port,
-        target_port: Some(IntOrString::String("http".into())),
-        protocol: Some("TCP".into()),
-        ..ServicePort::default()
-    }
-}
-
-/// Standard labels on every owned object.
-pub fn labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
-    let mut l = selector_labels(isvc_name, component);
-    l.insert(LABEL_NAME.into(), "spillway".into());
-    l.insert(LABEL_MANAGED_BY.into(), MANAGED_BY.into());
-    l
-}
-
-/// The immutable subset used in selectors (a Deployment's selector can never change).
-pub(crate) fn selector_labels(isvc_name: &str, component: &str) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (LABEL_INSTANCE.to_string(), isvc_name.to_string()),
-        (LABEL_COMPONENT.to_string(), component.to_string()),
-    ])
-}
-
 /// A controller ownerReference, so deleting the service garbage-collects what it owns.
 pub fn owner_reference(isvc: &InferenceService) -> Result<OwnerReference, RenderError> {
     isvc.controller_owner_ref(&()).ok_or(RenderError::NoUid)
 }
 
-/// Whether `meta` carries a controller ownerReference to `owner` (by uid).
-pub fn is_owned_by(meta: &ObjectMeta, owner: &InferenceService) -> bool {
-    let uid = owner.meta().uid.as_deref();
-    meta.owner_references
-        .iter()
-        .flatten()
-        .any(|r| r.controller == Some(true) && Some(r.uid.as_str()) == uid)
-}
-
-fn engine_pod_spec(spec: &InferenceServiceSpec) -> PodSpec {
-    let e = &spec.engine;
-    let probe = |period: i32, failures: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(e.health_path.clone()),
-            port: IntOrString::String("http".into()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(period),
-        failure_threshold: Some(failures),
-        timeout_seconds: Some(5),
-        ..Probe::default()
-    };
-    // The startup probe gives model loading the whole startupTimeoutSeconds before liveness starts.
-    let startup_failures =
-        (e.startup_timeout_seconds + STARTUP_PERIOD_SECONDS - 1) / STARTUP_PERIOD_SECONDS;
-
-    let mut env = vec![EnvVar {
-        name: "SPILLWAY_MODEL_NAME".into(),
-        value: Some(spec.model.name.clone()),
-        ..EnvVar::default()
-    }];
-    if let Some(uri) = &spec.model.uri {
-        env.push(EnvVar {
-            name: "SPILLWAY_MODEL_URI".into(),
-            value: Some(uri.clone()),
-            ..EnvVar::default()
-        });
-    }
-    // User env last: a user-set value of the same name wins.
-    env.retain(|v| !e.env.iter().any(|u| u.name == v.name));
-    env.extend(e.env.iter().cloned());
-
-    let mut limits = BTreeMap::new();
-    let mut requests = BTreeMap::new();
-    if e.gpus > 0 {
-        limits.insert(e.gpu_resource.clone(), Quantity(e.gpus.to_string()));
-    }
-    if let Some(r) = &e.resources {
-        if let Some(cpu) = &r.cpu {
-            requests.insert("cpu".to_string(), cpu.clone());
-        }
-        if let Some(mem) = &r.memory {
-            requests.insert("memory".to_string(), mem.clone());
-            limits.insert("memory".to_string(), mem.clone());
-        }
-    }
-
-    PodSpec {
-        containers: vec![Container {
-            name: "engine".into(),
-            image: Some(e.image.clone()),
-            args: (!e.args.is_empty()).then(|| e.args.clone()),
-            env: Some(env),
-            ports: Some(vec![ContainerPort {
-                name: Some("http".into()),
-                container_port: e.port,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            }]),
-            resources: Some(ResourceRequirements {
-                limits: (!limits.is_empty()).then_some(limits),
-                requests: (!requests.is_empty()).then_some(requests),
-                ..ResourceRequirements::default()
-            }),
-            startup_probe: Some(probe(STARTUP_PERIOD_SECONDS, startup_failures.max(1))),
-            readiness_probe: Some(probe(5, 3)),
-            liveness_probe: Some(probe(10, 6)),
-            volume_mounts: Some(vec![VolumeMount {
-                name: "dshm".into(),
-                mount_path: "/dev/shm".into(),
-                ..VolumeMount::default()
-            }]),
-            ..Container::default()
-        }],
-        // NCCL and PyTorch data loaders need a large shared-memory segment.
-        volumes: Some(vec![Volume {
-            name: "dshm".into(),
-            empty_dir: Some(EmptyDirVolumeSource {
-                medium: Some("Memory".into()),
-                ..EmptyDirVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
-        termination_grace_period_seconds: Some(e.termination_grace_period_seconds.into()),
-        node_selector: (!e.node_selector.is_empty()).then(|| e.node_selector.clone()),
-        tolerations: (!e.tolerations.is_empty()).then(|| e.tolerations.clone()),
-        affinity: e.affinity.clone(),
-        // Service env vars for every Service in the namespace are noise for an engine.
-        enable_service_links: Some(false),
-        ..PodSpec::default()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::testdata::isvc_from_yaml;
+    use crate::controller::names::{
+        LABEL_COMPONENT, LABEL_INSTANCE, LABEL_MANAGED_BY, LABEL_NAME, is_owned_by, service_url,
+    };
+    use crate::test_support::isvc_from_yaml;
+    use k8s_openapi::api::core::v1::Container;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
     const ISVC: &str = r#"
 apiVersion: spillway.dev/v1alpha1

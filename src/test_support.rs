@@ -1,4 +1,4 @@
-//! Shared test fixtures.
+//! What tests across the crate share: API objects from YAML and a scripted mock API server.
 
 use std::time::Duration;
 

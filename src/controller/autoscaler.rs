@@ -1,4 +1,4 @@
-//! The autoscaler's I/O: one loop per service on its own timer (a slow service never delays
+//! The autoscaler loop, the I/O around `autoscale`: one loop per service on its own timer (a slow service never delays
 //! another), scraping the ready engine pods, calling `decide()`, patching replicas under the
 //! autoscaler's field manager, and writing its status fields and Events.
 
@@ -10,25 +10,23 @@ use futures::future::join_all;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 use tokio::sync::watch;
 
-use super::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
-use super::observe::{ColdStart, EnginePod, PodState, classify_one};
+use super::apply::{REPLICAS_FIELD_MANAGER, apply_status, patch_replicas, publish_event};
+use super::cache::Cache;
+use super::metrics::Metrics;
+use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, engine_name};
 use super::scrape::{Scraper, metrics_url};
-use super::signals::{self, RouterSample, SignalSelectors};
-use super::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
+use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
+use crate::autoscale::observe::{ColdStart, EnginePod, PodState, classify_one};
+use crate::autoscale::signals::{self, RouterSample, SignalSelectors};
+use crate::autoscale::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::clock::Millis;
-use crate::controller::cache::Cache;
-use crate::controller::metrics::Metrics;
-use crate::controller::reconcile::{apply_status, publish_event};
-use crate::controller::render::{
-    LABEL_COMPONENT, LABEL_INSTANCE, REPLICAS_FIELD_MANAGER, engine_name,
-};
 use crate::router::config::ROUTER_PORT;
 
 /// What a service's loop remembers between ticks.
@@ -485,29 +483,6 @@ fn with_last_written(isvc: &InferenceService, last: Option<&AutoscalerStatus>) -
         }
     }
     view
-}
-
-/// Sets the engine Deployment's replicas with server-side apply under the autoscaler's field
-/// manager (which alone owns `spec.replicas`); returns the Deployment as written.
-pub async fn patch_replicas(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    replicas: i32,
-) -> Result<Deployment, kube::Error> {
-    let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
-    let body = serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"replicas": replicas},
-    });
-    api.patch(
-        name,
-        &PatchParams::apply(REPLICAS_FIELD_MANAGER).force(),
-        &Patch::Apply(&body),
-    )
-    .await
 }
 
 /// Writes the autoscaler's status fields (server-side apply, its own field manager).

@@ -14,14 +14,14 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::decide::{Driver, MetricsState};
-use super::driver::{Autoscaler, ServiceState, TickInput, observe_and_decide};
-use super::observe::{EnginePod, PodState};
+use super::autoscaler::{Autoscaler, ServiceState, TickInput, observe_and_decide};
 use super::scrape::Scraper;
 use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
+use crate::autoscale::decide::{Driver, MetricsState};
+use crate::autoscale::observe::{EnginePod, PodState};
 use crate::controller::cache::Cache;
 use crate::controller::metrics::Metrics;
-use crate::controller::testdata::{ApiServer, isvc_from_yaml, minimal_isvc_yaml};
+use crate::test_support::{ApiServer, isvc_from_yaml, minimal_isvc_yaml};
 
 fn vllm_page(waiting: u32, running: u32, kv: f64) -> String {
     format!(
@@ -162,10 +162,13 @@ async fn a_spike_on_a_real_engine_sim_is_decided_in_the_same_tick() {
             .fetch(&format!("http://127.0.0.1:{port}/metrics"))
             .await
             .unwrap();
-        waiting = super::signals::extract(&page, &super::signals::selectors(&Default::default()))
-            .unwrap()
-            .queue_depth
-            .unwrap_or(0.0);
+        waiting = crate::autoscale::signals::extract(
+            &page,
+            &crate::autoscale::signals::selectors(&Default::default()),
+        )
+        .unwrap()
+        .queue_depth
+        .unwrap_or(0.0);
         if waiting >= 8.0 {
             break;
         }

@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::render::{labels, selector_labels};
 use crate::api::{InferenceService, ScalingPolicySpec};
+use crate::controller::names::{engine_name, labels, router_name, selector_labels};
 use crate::router::config::{self as router_config, CONFIG_KEY, KEYS_DIR, ROUTER_PORT};
 
 /// Every object of a service's router.
@@ -37,12 +37,8 @@ const CONFIG_DIR: &str = "/etc/spillway/router";
 /// every node's proxy.
 const SHUTDOWN_DELAY_SECONDS: u64 = 5;
 
-pub fn router_name(isvc_name: &str) -> String {
-    format!("{isvc_name}-router")
-}
-
 /// Renders the router objects. `meta` builds owned metadata (name, namespace, labels, owner).
-pub fn render_router(
+pub fn render(
     isvc: &InferenceService,
     policy: &ScalingPolicySpec,
     router_image: &str,
@@ -51,7 +47,7 @@ pub fn render_router(
 ) -> RouterObjects {
     let name = isvc.metadata.name.clone().unwrap_or_default();
     let router = router_name(&name);
-    let engine = super::render::engine_name(&name);
+    let engine = engine_name(&name);
     let meta = || ObjectMeta {
         name: Some(router.clone()),
         namespace: Some(namespace.to_string()),
