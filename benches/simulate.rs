@@ -4,9 +4,9 @@
 
 use std::time::Instant;
 
-use spillway::sim::engine::{ModelParams, simulate};
 use spillway::sim::parse_scenario;
 use spillway::sim::trace::{Shape, ShapeParams, Trace, built_in};
+use spillway::sim::world::{ModelParams, simulate};
 
 fn main() {
     let text = include_str!("../examples/diurnal.yaml");

@@ -26,14 +26,14 @@ pub struct EngineParams {
 
 /// Where an admitted sequence went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Admission {
+pub enum Placement {
     /// Running now, started at this time.
     Running { started: Duration },
     /// Waiting; `position` 0 is next in line.
     Queued { position: usize },
 }
 
-/// Admission refused.
+/// Placement refused.
 #[derive(thiserror::Error, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AdmitError {
     #[error("queue full: {limit} requests already waiting")]
@@ -111,7 +111,7 @@ impl Engine {
         prompt_tokens: u64,
         output_tokens: u64,
         now: Duration,
-    ) -> Result<Admission, AdmitError> {
+    ) -> Result<Placement, AdmitError> {
         if self.running.contains_key(&id) || self.waiting.iter().any(|w| w.id == id) {
             return Err(AdmitError::Duplicate(id));
         }
@@ -124,7 +124,7 @@ impl Engine {
                     started: now,
                 },
             );
-            return Ok(Admission::Running { started: now });
+            return Ok(Placement::Running { started: now });
         }
         if self.waiting.len() >= self.params.max_queue {
             return Err(AdmitError::QueueFull {
@@ -136,7 +136,7 @@ impl Engine {
             prompt_tokens,
             output_tokens,
         });
-        Ok(Admission::Queued {
+        Ok(Placement::Queued {
             position: self.waiting.len() - 1,
         })
     }
@@ -238,14 +238,14 @@ mod tests {
         let mut e = Engine::new(params(2, 2));
         assert_eq!(
             e.admit(1, 10, 5, T0),
-            Ok(Admission::Running { started: T0 })
+            Ok(Placement::Running { started: T0 })
         );
         assert_eq!(
             e.admit(2, 10, 5, T0),
-            Ok(Admission::Running { started: T0 })
+            Ok(Placement::Running { started: T0 })
         );
-        assert_eq!(e.admit(3, 10, 5, T0), Ok(Admission::Queued { position: 0 }));
-        assert_eq!(e.admit(4, 10, 5, T0), Ok(Admission::Queued { position: 1 }));
+        assert_eq!(e.admit(3, 10, 5, T0), Ok(Placement::Queued { position: 0 }));
+        assert_eq!(e.admit(4, 10, 5, T0), Ok(Placement::Queued { position: 1 }));
         assert_eq!(
             e.admit(5, 10, 5, T0),
             Err(AdmitError::QueueFull { limit: 2 })
@@ -279,7 +279,7 @@ mod tests {
         let r = e.release(2, T0);
         assert!(!r.was_running);
         assert!(r.promoted.is_empty());
-        assert_eq!(e.admit(3, 10, 5, T0), Ok(Admission::Queued { position: 0 }));
+        assert_eq!(e.admit(3, 10, 5, T0), Ok(Placement::Queued { position: 0 }));
     }
 
     #[test]

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use super::faults::{self, Fault, SplitMix64};
 use super::metrics::{self, Metrics, Outcome};
-use super::model::{Admission, AdmitError, Engine, SeqId, estimate_prompt_tokens, token_due};
+use super::model::{AdmitError, Engine, Placement, SeqId, estimate_prompt_tokens, token_due};
 use super::openai::{self, InferenceRequest, Kind, Meta, Piece};
 use super::{EngineSimConfig, EngineSimError};
 
@@ -97,8 +97,8 @@ impl Slot {
         let now = shared.now();
         let mut st = shared.lock();
         let (start, waiter) = match st.engine.admit(id, prompt_tokens, output_tokens, now)? {
-            Admission::Running { started } => (Some(started), None),
-            Admission::Queued { .. } => {
+            Placement::Running { started } => (Some(started), None),
+            Placement::Queued { .. } => {
                 let (tx, rx) = oneshot::channel();
                 st.waiters.insert(id, tx);
                 (None, Some(rx))

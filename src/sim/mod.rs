@@ -2,9 +2,9 @@
 //! ScalingPolicy (the YAML you would apply), using the very `decide()` and `admit()` that run in
 //! the cluster, and reports latency, replicas, burst and cost.
 
-pub mod engine;
 pub mod report;
 pub mod trace;
+pub mod world;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,9 +13,9 @@ use anyhow::{Context as _, bail};
 use clap::{Args, ValueEnum};
 
 use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
-use engine::{ModelParams, simulate};
 use report::Run;
 use trace::{Shape, ShapeParams, Trace};
+use world::{ModelParams, simulate};
 
 /// Annotations on the InferenceService that set a scenario's defaults (flags override them), so
 /// an example file carries its own trace. The controller ignores them.

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use plotters::prelude::*;
 
-use super::engine::SimResult;
+use super::world::SimResult;
 
 /// One simulated policy, named.
 pub struct Run {
@@ -196,7 +196,7 @@ pub fn plot_svg(result: &SimResult, title: &str) -> Result<String, String> {
         let (top, bottom) = root.split_vertically(320);
         let tl = &result.timeline;
         let t_max = tl.last().map_or(1.0, |p| p.t_s).max(1.0) / 60.0;
-        let series = |f: fn(&super::engine::TimelinePoint) -> f64| {
+        let series = |f: fn(&super::world::TimelinePoint) -> f64| {
             tl.iter().map(|p| (p.t_s / 60.0, f(p))).collect::<Vec<_>>()
         };
         let r_max = tl

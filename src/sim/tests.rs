@@ -1,7 +1,7 @@
 //! Scenario tests on fixed seeds: the simulator drives the real `decide()` and `admit()`.
 
-use super::engine::{ModelParams, SimResult, simulate};
 use super::trace::{Shape, ShapeParams, built_in};
+use super::world::{ModelParams, SimResult, simulate};
 use super::{Scenario, parse_scenario};
 use crate::api::BurstMode;
 

@@ -1,4 +1,4 @@
-//! The simulation: discrete events, deterministic per seed. Every scaling decision is the real
+//! The simulated world: discrete events, deterministic per seed. Every scaling decision is the real
 //! `autoscale::decide::decide()`, every request goes through the real `router::admission::admit()`
 //! with the real budget; only the engines, the scheduler, cold starts and providers are modelled.
 
