@@ -24,6 +24,4 @@ pub mod sim;
 pub mod telemetry;
 
 #[cfg(test)]
-mod packaging_tests;
-#[cfg(test)]
 mod test_support;

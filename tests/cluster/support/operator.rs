@@ -86,7 +86,7 @@ pub async fn create_namespace(client: &Client, name: &str) -> anyhow::Result<()>
 }
 
 /// The CRDs from `crds/` (Established), and the controller's ServiceAccount and RBAC from
-/// `config/rbac` (the chart's rules; `src/packaging_tests.rs` keeps the two equal).
+/// `config/rbac` (the chart's rules; `tests/packaging.rs` keeps the two equal).
 pub async fn install(client: &Client) -> anyhow::Result<()> {
     for f in ["crds/inferenceservices.yaml", "crds/scalingpolicies.yaml"] {
         apply_yaml(client, &std::fs::read_to_string(repo(f))?, "", TEST_MANAGER).await?;

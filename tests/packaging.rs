@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::rbac::v1::{ClusterRole, PolicyRule, Role};
 use serde_json::Value;
 
-use crate::api::{InferenceService, ScalingPolicy};
-use crate::crdgen;
+use spillway::api::{InferenceService, ScalingPolicy};
+use spillway::crdgen;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -170,14 +170,14 @@ fn rbac_copies_agree_and_are_least_privilege() {
 #[derive(Parser, Debug)]
 struct ControllerCli {
     #[command(flatten)]
-    log: crate::telemetry::LogArgs,
+    log: spillway::telemetry::LogArgs,
     #[command(subcommand)]
     cmd: ControllerCmd,
 }
 
 #[derive(clap::Subcommand, Debug)]
 enum ControllerCmd {
-    Controller(crate::controller::ControllerArgs),
+    Controller(spillway::controller::ControllerArgs),
 }
 
 #[test]
@@ -418,11 +418,11 @@ fn schema_check_catches_the_usual_mistakes() {
 #[derive(Parser, Debug)]
 struct SimCli {
     #[command(flatten)]
-    args: crate::engine_sim::EngineSimArgs,
+    args: spillway::engine_sim::EngineSimArgs,
 }
 
 /// Parses `engine-sim ...` container args with the real CLI.
-fn sim_args(args: &[String], what: &str) -> crate::engine_sim::EngineSimArgs {
+fn sim_args(args: &[String], what: &str) -> spillway::engine_sim::EngineSimArgs {
     assert_eq!(
         args.first().map(String::as_str),
         Some("engine-sim"),
@@ -671,30 +671,30 @@ fn chart_values_schema_and_dashboard_are_sound() {
     let dash: Value =
         serde_json::from_str(&read("charts/spillway/dashboards/spillway.json")).unwrap();
     // Families appear in the exposition once they have a series: record one of each.
-    let metrics = crate::controller::metrics::Metrics::default();
+    let metrics = spillway::controller::metrics::Metrics::default();
     drop(metrics.reconcile_started("inferenceservice"));
     metrics.reconcile_failed("inferenceservice", "api");
     metrics.scrape_observed(0.01, Some("timeout"));
-    let decision = crate::autoscale::decide::decide(
-        &crate::api::ScalingPolicySpec::default(),
-        crate::autoscale::decide::SignalsConfigured::default(),
-        &crate::autoscale::decide::Observed {
+    let decision = spillway::autoscale::decide::decide(
+        &spillway::api::ScalingPolicySpec::default(),
+        spillway::autoscale::decide::SignalsConfigured::default(),
+        &spillway::autoscale::decide::Observed {
             current_replicas: 1,
             ..Default::default()
         },
-        &crate::autoscale::decide::History::default(),
+        &spillway::autoscale::decide::History::default(),
         0,
     );
     metrics.decision_observed("ml", "llama", 1, &decision);
     // And the router's families, each with a series.
-    let router = crate::router::metrics::RouterMetrics::default();
+    let router = spillway::router::metrics::RouterMetrics::default();
     let dest = router.for_destination("together");
     dest.in_flight.inc();
     dest.ttfb.observe(0.1);
     router.request("together", "success");
     router
         .spend
-        .get_or_create(&crate::router::metrics::ProviderLabel {
+        .get_or_create(&spillway::router::metrics::ProviderLabel {
             provider: "together".into(),
         })
         .inc_by(0.1);
