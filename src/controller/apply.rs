@@ -70,9 +70,20 @@ pub async fn publish_event(
         action: action.into(),
         secondary: None,
     };
-    if let Err(e) = recorder.publish(&ev, &isvc.object_ref(&())).await {
-        tracing::warn!(error = %e, "publishing an event failed");
+    match recorder.publish(&ev, &isvc.object_ref(&())).await {
+        Ok(()) => {}
+        // The namespace is going, with the service and its Events.
+        Err(e) if namespace_terminating(&e) => {
+            tracing::debug!(error = %e, "no event: the namespace is being deleted")
+        }
+        Err(e) => tracing::warn!(error = %e, "publishing an event failed"),
     }
+}
+
+/// Whether the API server refused to create an object because its namespace is being deleted
+/// (kube-rs keeps no status causes, so the message tells).
+pub fn namespace_terminating(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(a) if a.code == 403 && a.message.contains("because it is being terminated"))
 }
 
 /// Sets the engine Deployment's replicas with server-side apply under the autoscaler's field
