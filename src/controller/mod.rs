@@ -257,7 +257,7 @@ async fn run_controllers(
     let config = kube::runtime::controller::Config::default()
         .concurrency(args.max_concurrent_reconciles.max(1));
     // The controllers' own trigger streams stay empty; the caches' listeners feed them.
-    let isvc_controller = Controller::for_shared_stream(futures::stream::pending(), store.clone())
+    let isvc_controller = Controller::for_stream(futures::stream::pending(), store.clone())
         .reconcile_on(isvc_rx)
         .with_config(config.clone());
     let reporter = Reporter {
@@ -296,7 +296,7 @@ async fn run_controllers(
         });
 
     let policy_controller =
-        Controller::for_shared_stream(futures::stream::pending(), policy_cache.store.clone())
+        Controller::for_stream(futures::stream::pending(), policy_cache.store.clone())
             .reconcile_on(policy_rx)
             .with_config(config);
     let autoscaler = Arc::new(autoscaler::Autoscaler {

@@ -86,7 +86,7 @@ impl Kubelet {
         Self { inner, watch }
     }
 
-    /// The pods running now, optionally of one namespace.
+    /// The pods of `namespace` running now.
     pub fn pods(&self, namespace: &str) -> Vec<PodInfo> {
         let pods = self.inner.pods.lock().expect("not poisoned");
         let mut out: Vec<PodInfo> = pods
