@@ -159,8 +159,36 @@ async fn explained(env: &Env, name: &str, signal: &str, words: &str) -> anyhow::
     .await
 }
 
+/// Waits until `name` reports `CapacityExhausted=False` and its router has heard so.
+async fn capacity_back(env: &Env, name: &str, router: &str) -> anyhow::Result<()> {
+    eventually(
+        "CapacityExhausted=False",
+        Duration::from_secs(30),
+        || async {
+            let s = isvc(&env.client, NS, name).await?;
+            let c = condition(&s, "CapacityExhausted");
+            Ok(c.is_some_and(|(st, _)| st == "False").then_some(()))
+        },
+    )
+    .await?;
+    eventually(
+        "the router to hear capacity is back",
+        Duration::from_secs(10),
+        || async {
+            let g = metric(router, "spillway_router_capacity_exhausted", &[])
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((g == 0.0).then_some(()))
+        },
+    )
+    .await
+}
+
 async fn spike(env: &Env) -> anyhow::Result<String> {
     let router = router_addr(env, "spike")?;
+    // The service's own cold start counted as exhausted capacity; until the router hears it is
+    // over, it would spill the spike (burst mode CapacityExhausted) instead of queueing it.
+    capacity_back(env, "spike", &router).await?;
     // Two slots on the one engine; five clients of ~2 s requests: three wait in the router.
     let load = Load::start(router.clone(), MODEL, 5, 40);
     let start = Instant::now();
@@ -191,19 +219,7 @@ async fn spike(env: &Env) -> anyhow::Result<String> {
         .await?;
         // More GPUs: the pods schedule and turn ready, capacity is no longer exhausted.
         env.plane.node(NS, 4).await?;
-        eventually("CapacityExhausted=False", Duration::from_secs(30), || async {
-            let s = isvc(&env.client, NS, "spike").await?;
-            let c = condition(&s, "CapacityExhausted");
-            Ok(c.is_some_and(|(st, _)| st == "False").then_some(()))
-        })
-        .await?;
-        eventually("the router to hear capacity is back", Duration::from_secs(10), || async {
-            let g = metric(&router, "spillway_router_capacity_exhausted", &[])
-                .await
-                .map_err(|e| e.to_string())?;
-            Ok((g == 0.0).then_some(()))
-        })
-        .await?;
+        capacity_back(env, "spike", &router).await?;
         // Requests already at the provider finish; after that none is sent there.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let before = spilled(router.clone()).await.map_err(anyhow::Error::msg)?;
