@@ -10,6 +10,9 @@
 # measurements each round is a close pair, so the round-by-round ratios move less with the
 # machine than the medians do.
 #
+# Each measurement also reads the CPU time the target's processes (the router; nginx's master
+# and workers) spent over the measured run, reported as CPU microseconds per request.
+#
 # Needs wrk and nginx (Debian: apt-get install -y wrk nginx). Requests are small and not
 # streamed: POST /v1/completions with max_tokens 1, engine-sim with no artificial delay.
 set -euo pipefail
@@ -94,7 +97,8 @@ http {
 }
 NGINX
 nginx -c "$WORK/nginx.conf" -p "$WORK/nginx" &
-PIDS+=($!)
+NGINX_PID=$!
+PIDS+=($NGINX_PID)
 
 wait_port "$ENGINE_PORT"; wait_port "$ROUTER_PORT"; wait_port "$NGINX_PORT"
 
@@ -111,12 +115,30 @@ done = function(summary, latency, requests)
 end
 LUA
 
-# One measurement: prints "rps p50_us p99_us errors requests".
+# CPU time (user + system, in clock ticks) of a target's processes: nginx's workers count.
+cpu_ticks() {
+  local pids
+  case $1 in
+    direct) return 0 ;;
+    router) pids=$ROUTER_PID ;;
+    nginx) pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | paste -sd' ')" ;;
+  esac
+  for p in $pids; do cat "/proc/$p/stat"; done | awk '{t += $14 + $15} END {print t + 0}'
+}
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
+# One measurement: prints "rps p50_us p99_us errors requests cpu_us_per_request".
 measure() {
-  local port=$1 conns=$2
+  local target=$1 conns=$2 port before after
+  port=$(port_of "$target")
   wrk -t"$THREADS" -c"$conns" -d"$WARMUP" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/completions" >/dev/null
+  before=$(cpu_ticks "$target")
   wrk -t"$THREADS" -c"$conns" -d"$DURATION" -s "$WORK/post.lua" "http://127.0.0.1:$port/v1/completions" \
-    | awk '/^RESULT/ {print $2, $3, $4, $5, $6}'
+    | awk '/^RESULT/ {print $2, $3, $4, $5, $6}' | {
+      read -r r a b e n
+      after=$(cpu_ticks "$target")
+      echo "$r $a $b $e $n $(echo "($after - $before) * $TICK_US / $n" | bc -l)"
+    }
 }
 
 median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
@@ -129,7 +151,7 @@ port_of() {
 }
 
 echo "wrk: $THREADS thread(s), $DURATION per measurement after $WARMUP warm-up, median of $ROUNDS rounds (each round a different order)"
-printf '%-8s %-6s %12s %10s %10s %8s\n' target conns "req/s" "p50 ms" "p99 ms" errors
+printf '%-8s %-6s %12s %10s %10s %12s %8s\n' target conns "req/s" "p50 ms" "p99 ms" "CPU us/req" errors
 TARGETS=(direct router nginx)
 # A run can leave traces for the next (engine-sim's allocator, sockets), so each target must
 # follow each other one as often: a plain rotation keeps the cyclic order and always puts the
@@ -140,22 +162,23 @@ if [[ -n ${PAIRED:-} ]]; then
   ORDERS=("0 1" "1 0")
 fi
 for conns in $LOADS; do
-  declare -A R A B E
+  declare -A R A B C E
   for round in $(seq "$ROUNDS"); do
     for i in ${ORDERS[$(( (round - 1) % ${#ORDERS[@]} ))]}; do
       t=${TARGETS[$i]}
-      read -r r a b errs _n < <(measure "$(port_of "$t")" "$conns")
-      if [[ -n ${VERBOSE:-} ]]; then echo "  round $round $t: $r req/s, p50 $a us, p99 $b us" >&2; fi
-      R[$t]+="$r "; A[$t]+="$a "; B[$t]+="$b "; E[$t]=$(( ${E[$t]:-0} + errs ))
+      read -r r a b errs _n c < <(measure "$t" "$conns")
+      if [[ -n ${VERBOSE:-} ]]; then echo "  round $round $t: $r req/s, p50 $a us, p99 $b us, CPU $c us/req" >&2; fi
+      R[$t]+="$r "; A[$t]+="$a "; B[$t]+="$b "; C[$t]+="$c "; E[$t]=$(( ${E[$t]:-0} + errs ))
     done
   done
-  declare -A rps p50 p99
+  declare -A rps p50 p99 cpu
   for t in "${TARGETS[@]}"; do
     rps[$t]=$(tr ' ' '\n' <<<"${R[$t]}" | grep . | median)
     p50[$t]=$(tr ' ' '\n' <<<"${A[$t]}" | grep . | median)
     p99[$t]=$(tr ' ' '\n' <<<"${B[$t]}" | grep . | median)
-    printf '%-8s %-6s %12.0f %10.3f %10.3f %8s\n' "$t" "$conns" "${rps[$t]}" \
-      "$(echo "${p50[$t]} / 1000" | bc -l)" "$(echo "${p99[$t]} / 1000" | bc -l)" "${E[$t]}"
+    cpu[$t]=$(tr ' ' '\n' <<<"${C[$t]}" | grep . | median)
+    printf '%-8s %-6s %12.0f %10.3f %10.3f %12.1f %8s\n' "$t" "$conns" "${rps[$t]}" \
+      "$(echo "${p50[$t]} / 1000" | bc -l)" "$(echo "${p99[$t]} / 1000" | bc -l)" "${cpu[$t]}" "${E[$t]}"
   done
   for via in router nginx; do
     [[ -n ${p50[direct]:-} ]] || break
@@ -175,8 +198,9 @@ for conns in $LOADS; do
   read -r rr rl < <(paired "${R[router]}" "${R[nginx]}")
   read -r ar al < <(paired "${A[router]}" "${A[nginx]}")
   read -r pr pl < <(paired "${B[router]}" "${B[nginx]}")
-  printf '  router/nginx round by round at %s conns: req/s x%.3f (ahead in %d of %d), p50 x%.3f (lower in %d of %d), p99 x%.3f (lower in %d of %d)\n' \
-    "$conns" "$rr" $(( ROUNDS - rl )) "$ROUNDS" "$ar" "$al" "$ROUNDS" "$pr" "$pl" "$ROUNDS"
-  unset R A B E rps p50 p99
+  read -r cr cl < <(paired "${C[router]}" "${C[nginx]}")
+  printf '  router/nginx round by round at %s conns: req/s x%.3f (ahead in %d of %d), p50 x%.3f (lower in %d of %d), p99 x%.3f (lower in %d of %d), CPU/req x%.3f (lower in %d of %d)\n' \
+    "$conns" "$rr" $(( ROUNDS - rl )) "$ROUNDS" "$ar" "$al" "$ROUNDS" "$pr" "$pl" "$ROUNDS" "$cr" "$cl" "$ROUNDS"
+  unset R A B C E rps p50 p99 cpu
 done
 echo "router RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$ROUTER_PID/status), peak $(awk '/VmHWM/ {print $2, $3}' /proc/$ROUTER_PID/status)"
