@@ -10,15 +10,15 @@ use std::time::Instant;
 
 use futures::FutureExt;
 use spillway::router::config::RouterConfig;
-use spillway::router::sharded::use_shard;
-use spillway::router::state::{Shared, Ticket};
+use spillway::router::fast::sharded::use_shard;
+use spillway::router::state::{RouterState, Ticket};
 
 fn run(threads: usize, per_thread: u64) -> f64 {
     let config = RouterConfig::from_yaml(
         "maxConcurrencyPerBackend: 1000\nqueue: {limit: 1000, timeoutSeconds: 30}\nburst: {mode: Never}",
     )
     .expect("config");
-    let shared = Shared::new(
+    let shared = RouterState::new(
         config,
         vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
         Default::default(),

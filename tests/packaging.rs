@@ -691,7 +691,7 @@ fn chart_values_schema_and_dashboard_are_sound() {
     let dest = router.for_destination("together");
     dest.in_flight.inc();
     dest.ttfb.observe(0.1);
-    router.request("together", "success");
+    router.request("together", spillway::router::outcome::Outcome::Success);
     router
         .spend
         .get_or_create(&spillway::router::metrics::ProviderLabel {

@@ -1,16 +1,27 @@
 //! Pure admission: where one request goes — a local engine, a burst provider, the queue, or a
 //! 503 — given the loads, the burst policy, the budget and the breakers. The router and the
-//! simulator both call [`admit`].
+//! simulator both call [`admit`]. The rules for retries live here too: an engine or provider
+//! a retry failed on looks unavailable to it ([`BackendLoad::excluded`],
+//! [`ProviderLoad::excluded`]), an engine set aside after a failed connection looks full unless
+//! every engine is ([`pick_local`]), and [`QueuePass`] says who in the queue may go where.
 
 use crate::api::BurstMode;
 
 /// One local engine's load.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendLoad {
     /// Requests this router has outstanding on it.
     pub outstanding: u32,
     /// `engine.maxConcurrency`: never exceeded.
     pub limit: u32,
+    /// Given no new requests for a while after a connection to it failed before any answer:
+    /// least-outstanding would otherwise send it every request first (a dead engine is never
+    /// busy). Ignored when every engine is set aside: a failure seen on all of them must not
+    /// hold every request back.
+    pub aside: bool,
+    /// Not for this request: a retry that failed on it, or a waiter behind a retry that was let
+    /// by (see [`QueuePass`]).
+    pub excluded: bool,
 }
 
 /// One provider's load and health.
@@ -20,6 +31,10 @@ pub struct ProviderLoad {
     pub max_concurrency: u32,
     /// The breaker lets a request through (closed, or a half-open probe).
     pub breaker_allows: bool,
+    /// Its API key file is readable and not empty.
+    pub has_key: bool,
+    /// Not for this request: a retry that failed on it.
+    pub excluded: bool,
 }
 
 /// Everything admission looks at.
@@ -77,22 +92,24 @@ impl RejectReason {
     }
 }
 
-/// The local backend with the fewest outstanding requests that is below its limit (ties: the
-/// lowest index, so the choice is deterministic).
+/// The local backend with the fewest outstanding requests that is below its limit, neither
+/// excluded nor set aside (ties: the lowest index, so the choice is deterministic).
 pub fn pick_local(backends: &[BackendLoad]) -> Option<usize> {
+    let all_aside = backends.iter().all(|b| b.aside);
     backends
         .iter()
         .enumerate()
-        .filter(|(_, b)| b.outstanding < b.limit)
+        .filter(|(_, b)| !b.excluded && (all_aside || !b.aside) && b.outstanding < b.limit)
         .min_by_key(|(i, b)| (b.outstanding, *i))
         .map(|(i, _)| i)
 }
 
-/// The first provider, in priority order, with room and a breaker that lets it through.
+/// The first provider, in priority order, with room, a key, a breaker that lets it through,
+/// and not excluded.
 pub fn pick_provider(providers: &[ProviderLoad]) -> Option<usize> {
-    providers
-        .iter()
-        .position(|p| p.breaker_allows && p.in_flight < p.max_concurrency)
+    providers.iter().position(|p| {
+        p.breaker_allows && p.has_key && !p.excluded && p.in_flight < p.max_concurrency
+    })
 }
 
 /// Whether the burst policy allows spilling at all right now.
@@ -139,18 +156,48 @@ pub fn admit(input: &AdmissionInput<'_>) -> Admission {
     Admission::Queue
 }
 
+/// One pass over the queue, head first (FIFO: nobody behind a waiter moves first). The pass
+/// stops at the first waiter that must go on waiting, except for a retry kept away from the
+/// providers it failed on: it lets those behind it by to what it may not take. Once one is let
+/// by, those behind it may take only a provider: a local slot freed meanwhile (taken without
+/// the lock, see `router::fast`) is the skipped retry's, at the pass its release brings.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QueuePass {
+    let_by: bool,
+}
+
+impl QueuePass {
+    /// Whether the waiter about to be decided may take a local engine.
+    pub fn locals_open(&self) -> bool {
+        !self.let_by
+    }
+
+    /// The waiter just decided must go on waiting: whether the pass goes on to the one behind
+    /// it. `kept_from_providers`: it is a retry that may not go back to some provider.
+    pub fn waits(&mut self, kept_from_providers: bool) -> bool {
+        self.let_by |= kept_from_providers;
+        kept_from_providers
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn b(outstanding: u32, limit: u32) -> BackendLoad {
-        BackendLoad { outstanding, limit }
+        BackendLoad {
+            outstanding,
+            limit,
+            ..Default::default()
+        }
     }
     fn p(in_flight: u32, max: u32, ok: bool) -> ProviderLoad {
         ProviderLoad {
             in_flight,
             max_concurrency: max,
             breaker_allows: ok,
+            has_key: true,
+            excluded: false,
         }
     }
 
@@ -262,5 +309,100 @@ mod tests {
         i.backends = &room;
         i.in_queue = true;
         assert_eq!(admit(&i), Admission::Local(0));
+    }
+
+    /// Engines as (outstanding of 4, set aside, excluded), and the one chosen.
+    #[test]
+    fn set_aside_and_excluded_engines_look_full() {
+        let e = |outstanding, aside, excluded| BackendLoad {
+            outstanding,
+            limit: 4,
+            aside,
+            excluded,
+        };
+        let table: &[(&[BackendLoad], Option<usize>)] = &[
+            (&[e(0, true, false), e(3, false, false)], Some(1)),
+            (&[e(0, false, true), e(3, false, false)], Some(1)),
+            (&[e(0, true, false), e(4, false, false)], None),
+            // Every engine set aside: none is.
+            (&[e(2, true, false), e(1, true, false)], Some(1)),
+            // ... but an excluded one stays excluded.
+            (&[e(0, true, true), e(1, true, false)], Some(1)),
+            (&[e(0, false, true), e(0, false, true)], None),
+        ];
+        for (loads, want) in table {
+            assert_eq!(pick_local(loads), *want, "{loads:?}");
+        }
+    }
+
+    /// Providers as (breaker allows, has a key, excluded), all with room, and the one chosen.
+    #[test]
+    fn providers_without_a_key_or_excluded_are_passed_over() {
+        let q = |breaker_allows, has_key, excluded| ProviderLoad {
+            in_flight: 0,
+            max_concurrency: 1,
+            breaker_allows,
+            has_key,
+            excluded,
+        };
+        let table: &[(&[ProviderLoad], Option<usize>)] = &[
+            (&[q(true, true, false)], Some(0)),
+            (&[q(true, false, false), q(true, true, false)], Some(1)),
+            (&[q(true, true, true), q(true, true, false)], Some(1)),
+            (&[q(false, true, false), q(true, true, true)], None),
+        ];
+        for (loads, want) in table {
+            assert_eq!(pick_provider(loads), *want, "{loads:?}");
+        }
+    }
+
+    /// What a waiter could take if allowed: a local slot, a provider, or nothing.
+    #[derive(Clone, Copy, Debug)]
+    enum Could {
+        Local,
+        Provider,
+        Nothing,
+    }
+
+    /// A waiter: whether it is a retry kept from a provider, and what it could take.
+    type Waiter = (bool, Could);
+
+    /// Runs one pass over `waiters`; returns who went, by position.
+    fn pass(waiters: &[Waiter]) -> Vec<usize> {
+        let mut pass = QueuePass::default();
+        let mut went = Vec::new();
+        for (i, &(retry, could)) in waiters.iter().enumerate() {
+            let goes = match could {
+                Could::Local => pass.locals_open(),
+                Could::Provider => true,
+                Could::Nothing => false,
+            };
+            if goes {
+                went.push(i);
+            } else if !pass.waits(retry) {
+                break;
+            }
+        }
+        went
+    }
+
+    #[test]
+    fn a_queue_pass_lets_others_by_a_retry_only_to_providers() {
+        use Could::*;
+        let table: &[(&[Waiter], &[usize])] = &[
+            // FIFO: one that waits holds back everyone behind it.
+            (&[(false, Local), (false, Local)], &[0, 1]),
+            (&[(false, Nothing), (false, Local)], &[]),
+            (&[(false, Nothing), (false, Provider)], &[]),
+            // A retry that waits lets those behind it by, to providers only.
+            (&[(true, Nothing), (false, Provider)], &[1]),
+            (&[(true, Nothing), (false, Local), (false, Provider)], &[]),
+            (&[(true, Nothing), (true, Local), (false, Provider)], &[2]),
+            // A retry that can go goes, and lets nobody by.
+            (&[(true, Local), (false, Local)], &[0, 1]),
+        ];
+        for (waiters, want) in table {
+            assert_eq!(pass(waiters), *want, "{waiters:?}");
+        }
     }
 }

@@ -17,7 +17,7 @@ use kube::{Api, Client};
 
 use super::config::{CONFIG_KEY, ClusterConfig, ConfigError, RouterConfig};
 use super::sources;
-use super::state::Shared;
+use super::state::RouterState;
 use crate::api::{CAPACITY_EXHAUSTED, InferenceService};
 
 /// The label EndpointSlices carry naming their Service.
@@ -86,7 +86,7 @@ pub fn configmap_name(inference_service: &str) -> String {
 }
 
 /// Starts the three watches; they retry with backoff for the life of the process.
-pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
+pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<RouterState>) {
     spawn_endpoints(client.clone(), &cluster, shared.clone());
     spawn_config(client.clone(), &cluster, shared.clone());
     spawn_capacity(client, &cluster, shared);
@@ -96,7 +96,7 @@ pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<Shared>) {
 pub fn spawn_endpoints(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<Shared>,
+    shared: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
     let cfg = watcher::Config::default()
@@ -132,7 +132,7 @@ pub fn spawn_endpoints(
 pub fn spawn_config(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<Shared>,
+    shared: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let cms: Api<ConfigMap> = Api::namespaced(client, &cluster.namespace);
     let name = configmap_name(&cluster.inference_service);
@@ -162,7 +162,7 @@ pub fn spawn_config(
 pub fn spawn_capacity(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<Shared>,
+    shared: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let isvcs: Api<InferenceService> = Api::namespaced(client, &cluster.namespace);
     let cfg =
@@ -337,7 +337,7 @@ mod tests {
     async fn endpoint_slices_watched_through_the_api_become_backends() {
         let (svc, mut handle) = tower_test::mock::pair();
         let client = Client::new(svc, "ml");
-        let shared = Shared::new(
+        let shared = RouterState::new(
             RouterConfig::from_yaml("{}").unwrap(),
             vec!["1.1.1.1:1".into()],
             Default::default(),
@@ -383,7 +383,7 @@ mod tests {
     async fn the_capacity_state_is_watched_through_the_api() {
         let (svc, mut handle) = tower_test::mock::pair();
         let client = Client::new(svc, "ml");
-        let shared = Shared::new(
+        let shared = RouterState::new(
             RouterConfig::from_yaml("{}").unwrap(),
             vec![],
             Default::default(),
@@ -403,7 +403,7 @@ mod tests {
             "metadata": {"resourceVersion": "1"}, "items": [isvc("True", "1")],
         });
         let modified = serde_json::json!({"type": "MODIFIED", "object": isvc("False", "2")});
-        let metric = |s: &Shared| {
+        let metric = |s: &RouterState| {
             s.metrics
                 .render()
                 .lines()

@@ -8,14 +8,13 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
-use super::sharded;
+use super::fast::sharded;
+use super::outcome::Outcome;
 
 /// The destination label of requests served by a local engine.
 pub const LOCAL: &str = "local";
 /// The destination label of requests answered by the router itself (rejected, too large, ...).
 pub const NONE: &str = "none";
-/// The outcome of a 2xx answer.
-pub const SUCCESS: &str = "success";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -196,17 +195,18 @@ impl RouterMetrics {
                 .requests
                 .get_or_create(&RequestLabels {
                     destination: destination.to_string(),
-                    outcome: SUCCESS,
+                    outcome: Outcome::Success.label(),
                 })
                 .clone(),
         }
     }
 
-    pub fn request(&self, destination: &str, outcome: &'static str) {
+    /// Counts a request that ended with `outcome`.
+    pub fn request(&self, destination: &str, outcome: Outcome) {
         self.requests
             .get_or_create(&RequestLabels {
                 destination: destination.to_string(),
-                outcome,
+                outcome: outcome.label(),
             })
             .inc();
     }

@@ -1,26 +1,53 @@
 //! The per-service router: the data plane that spills over to external providers when GPU
 //! capacity is exhausted.
-//!
-//! - Pure: [`admission`] (every per-request decision), [`breaker`], [`budget`], [`usage`],
-//!   [`queue`], and the conversions in [`cluster`].
-//! - Live state: [`state`] (backends, providers, queue, leases) around `admit()`.
-//! - I/O: [`server`] (hyper proxy), [`sources`] (config and key files), [`cluster`] (watches).
 
+// Pure: every decision, over plain data.
+/// Where one request goes, and the retry and queue rules.
 pub mod admission;
+/// A provider's circuit breaker.
 pub mod breaker;
+/// The burst budget: requests per minute and spend per hour.
 pub mod budget;
-pub mod cluster;
+/// The router's config file (`router.yaml`).
 pub mod config;
-pub mod keys;
-pub mod metrics;
+/// How a request ended: its metric label and its OpenAI error.
+pub mod outcome;
+/// The FIFO of waiting requests.
 pub mod queue;
-pub mod server;
-pub mod sharded;
-pub mod sources;
-pub mod state;
-pub mod timer;
-pub mod upstream;
+/// Usage read from provider answers as they pass.
 pub mod usage;
+
+// Live state around the pure cores.
+/// The lock-free local path and per-thread metrics, fenced in with their invariants.
+pub mod fast;
+/// Provider API keys read from files.
+pub mod keys;
+/// Prometheus metrics.
+pub mod metrics;
+/// Engines, providers, budget and queue behind one lock, and leases on them.
+pub mod state;
+
+// I/O.
+/// A serving thread's pool and clients.
+mod app;
+/// EndpointSlices, the ConfigMap and the service's status watched in a cluster.
+pub mod cluster;
+/// Finishing in-flight requests at shutdown.
+mod drain;
+/// HTTP/1.1 to local engines.
+pub mod engine;
+/// Accepting connections and spreading them over the threads.
+mod listen;
+/// A completion's way upstream, with the retry policy.
+mod proxy;
+/// The answer's way back to the client.
+mod relay;
+/// The route table.
+mod routes;
+/// Starting and stopping the server and its threads.
+pub mod server;
+/// Config and key files watched for changes.
+pub mod sources;
 
 #[cfg(test)]
 mod tests;
@@ -119,7 +146,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     });
     let server = RouterServer::start_threads(opts, threads)
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
-    let shared = server.shared().clone();
+    let shared = server.state().clone();
     let every = Duration::from_millis(args.reload_interval_ms.max(50));
     sources::spawn_key_refresh(shared.clone(), every);
     match &cluster {

@@ -8,10 +8,10 @@ use std::time::{Duration, SystemTime};
 use super::config::RouterConfig;
 use super::metrics::OutcomeLabel;
 use super::server::standalone_backends;
-use super::state::Shared;
+use super::state::RouterState;
 
 /// Applies a config and counts the reload.
-pub fn apply(shared: &Arc<Shared>, config: RouterConfig, backends: Option<Vec<String>>) {
+pub fn apply(shared: &Arc<RouterState>, config: RouterConfig, backends: Option<Vec<String>>) {
     shared
         .metrics
         .config_reloads
@@ -24,7 +24,7 @@ pub fn apply(shared: &Arc<Shared>, config: RouterConfig, backends: Option<Vec<St
 }
 
 /// Counts a config that did not parse or validate; the previous one stays.
-pub fn invalid(shared: &Shared, source: &str, e: &dyn std::fmt::Display) {
+pub fn invalid(shared: &RouterState, source: &str, e: &dyn std::fmt::Display) {
     tracing::error!(source, error = %e, "router config rejected; keeping the previous one");
     shared
         .metrics
@@ -40,7 +40,7 @@ fn stamp(path: &str) -> Option<(SystemTime, u64)> {
 
 /// Polls the config file; in standalone mode its `backends` (plus `extra`) are the backends.
 pub fn spawn_config_watch(
-    shared: Arc<Shared>,
+    shared: Arc<RouterState>,
     path: String,
     extra_backends: Vec<String>,
     manage_backends: bool,
@@ -71,7 +71,7 @@ pub fn spawn_config_watch(
 }
 
 /// Re-reads provider key files every `every`.
-pub fn spawn_key_refresh(shared: Arc<Shared>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_key_refresh(shared: Arc<RouterState>, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -456,17 +456,17 @@ async fn mode_capacity_exhausted_follows_the_published_state() {
         let reply = post(r.addr(), chat(1, false)).await;
         assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
         // A longer timeout; a queued request spills as soon as exhaustion is published.
-        let mut cfg = r.shared().config().as_ref().clone();
+        let mut cfg = r.state().config().as_ref().clone();
         cfg.queue.timeout_seconds = 20;
-        r.shared().set_config(cfg);
+        r.state().set_config(cfg);
         let a = r.addr();
         let queued = tokio::spawn(async move { post(a, chat(1, false)).await });
         wait_metrics(&r, |t| sample(t, "spillway_router_queue_length") == Some(1.0)).await;
-        r.shared().set_capacity_exhausted(true);
+        r.state().set_capacity_exhausted(true);
         assert_eq!(served_by(&queued.await.unwrap()), "p-model");
         assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
         // Withdrawn again: new requests wait for a local slot.
-        r.shared().set_capacity_exhausted(false);
+        r.state().set_capacity_exhausted(false);
         let a = r.addr();
         let queued = tokio::spawn(async move { post(a, chat(1, false)).await });
         wait_metrics(&r, |t| sample(t, "spillway_router_queue_length") == Some(1.0)).await;
@@ -614,7 +614,7 @@ async fn a_probe_whose_client_leaves_mid_answer_still_closes_the_breaker() {
         // The provider comes back under the same name, keeping its breaker.
         let p = provider("p", "sk-p", FaultConfig::default()).await;
         let cfg = RouterConfig::from_yaml(&with_url(format!("{}/v1", p.base_url()))).unwrap();
-        r.shared().set_config(cfg);
+        r.state().set_config(cfg);
         tokio::time::sleep(Duration::from_millis(3100)).await;
         // The probe: its client reads the first chunk and goes.
         let mut probe = hold_stream(r.addr(), 2000).await.into_body();
@@ -651,7 +651,7 @@ async fn a_connection_failure_before_any_response_is_retried_elsewhere() {
             assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "local");
         }
         // Only a dead engine left: a 502 with a JSON error, never silence.
-        r.shared().set_backends(vec![dead.to_string()]);
+        r.state().set_backends(vec![dead.to_string()]);
         let reply = post(r.addr(), chat(1, false)).await;
         assert_eq!(reply.status, StatusCode::BAD_GATEWAY);
         assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
@@ -927,7 +927,7 @@ async fn in_a_cold_start_a_request_whose_provider_failed_waits_for_the_first_eng
         until_accepted(&accepted, 1).await;
         until_queued(&r, 1.0).await;
         let live = engine(1, 50.0).await;
-        r.shared().set_backends(vec![live.addr().to_string()]);
+        r.state().set_backends(vec![live.addr().to_string()]);
         assert_eq!(served_by(&waiting.await.unwrap()), "local");
         task.abort();
         r.stop().await;
@@ -1098,7 +1098,7 @@ async fn a_config_reload_during_a_stream_does_not_cut_it() {
         );
         let r = router(&std::fs::read_to_string(&path).unwrap(), vec![]).await;
         let watch = super::sources::spawn_config_watch(
-            r.shared().clone(),
+            r.state().clone(),
             path.clone(),
             vec![],
             true,
@@ -1114,7 +1114,7 @@ async fn a_config_reload_during_a_stream_does_not_cut_it() {
         )
         .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while r.shared().config().queue.timeout_seconds != 7 {
+        while r.state().config().queue.timeout_seconds != 7 {
             assert!(Instant::now() < deadline, "config never reloaded");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1131,7 +1131,7 @@ async fn a_config_reload_during_a_stream_does_not_cut_it() {
             ) == Some(1.0)
         })
         .await;
-        assert_eq!(r.shared().config().max_concurrency_per_backend, 1);
+        assert_eq!(r.state().config().max_concurrency_per_backend, 1);
         watch.abort();
         r.stop().await;
         local.stop().await.unwrap();
@@ -1191,7 +1191,7 @@ async fn the_provider_key_reaches_the_provider_and_never_the_logs_or_metrics() {
         assert!(s.contains("[DONE]"));
         let metrics = get(r.addr(), "/metrics").await.text();
         assert!(!metrics.contains(secret));
-        assert!(!format!("{:?}", r.shared().config()).contains(secret));
+        assert!(!format!("{:?}", r.state().config()).contains(secret));
         r.stop().await;
         p.stop().await.unwrap();
     })
@@ -1225,7 +1225,7 @@ async fn a_rotated_key_file_applies_without_a_restart() {
             reply.text()
         );
         std::fs::write(&key, "sk-new\n").unwrap();
-        r.shared().refresh_keys();
+        r.state().refresh_keys();
         assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
         r.stop().await;
         p.stop().await.unwrap();
@@ -1342,7 +1342,7 @@ async fn closing_fails_readiness_at_once_and_serves_new_connections_through_the_
     bounded(async {
         let local = engine(4, 1000.0).await;
         let r = router("{}", vec![local.addr().to_string()]).await;
-        let (addr, shared) = (r.addr(), r.shared().clone());
+        let (addr, shared) = (r.addr(), r.state().clone());
         let (cut, cut_rx) = tokio::sync::oneshot::channel::<()>();
         let closing = tokio::spawn(r.close(Duration::from_secs(20), async {
             let _ = cut_rx.await;
@@ -1383,7 +1383,7 @@ async fn in_a_cluster_it_starts_unready_and_without_engines() {
             "{}",
             ready.text()
         );
-        assert!(r.shared().backends().is_empty());
+        assert!(r.state().backends().is_empty());
         r.stop().await;
     })
     .await;
@@ -1398,11 +1398,11 @@ async fn models_health_and_metrics_are_answered_locally() {
         assert_eq!(get(r.addr(), "/healthz").await.status, StatusCode::OK);
         assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
         // In a cluster, not ready until the engine endpoints have been listed once.
-        r.shared().set_synced(false);
+        r.state().set_synced(false);
         let unready = get(r.addr(), "/readyz").await;
         assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(unready.text().contains("engine endpoints"));
-        r.shared().set_synced(true);
+        r.state().set_synced(true);
         assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
         let t = get(r.addr(), "/metrics").await.text();
         assert!(t.contains("spillway_router_queue_length 0"), "{t}");

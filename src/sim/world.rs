@@ -268,6 +268,7 @@ impl Sim<'_> {
             self.backends_buf.push(BackendLoad {
                 outstanding: self.pods[i as usize].outstanding,
                 limit: self.limit,
+                ..Default::default()
             });
         }
         self.providers_buf.clear();
@@ -276,6 +277,8 @@ impl Sim<'_> {
                 in_flight: p.in_flight,
                 max_concurrency: p.max,
                 breaker_allows: true,
+                has_key: true,
+                excluded: false,
             });
         }
         let budget_allows = self.budget.allows(self.now);

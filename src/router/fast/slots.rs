@@ -1,0 +1,237 @@
+//! Local engine slots taken without the routing lock (invariants 1-4 in [`super`]).
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+use crate::clock::Millis;
+use crate::router::admission::{BackendLoad, local_first};
+
+/// A local engine.
+#[derive(Debug)]
+// `outstanding` first: it then shares a cache line with the `Arc`'s own count, which every
+// lease touches anyway.
+#[repr(C)]
+pub struct Backend {
+    /// Requests holding a slot on this engine (leases own one each).
+    outstanding: AtomicU32,
+    /// Set aside until then (ms on the router's clock) after a failed connection; 0 if not.
+    aside_until: AtomicI64,
+    /// `host:port`.
+    pub addr: String,
+    /// Parsed once, with the `Host` header it makes; `None` for an address that is no URI
+    /// authority (fails like a dead engine).
+    pub authority: Option<(http::uri::Authority, http::HeaderValue)>,
+}
+
+impl Backend {
+    pub fn new(addr: String) -> Self {
+        Self {
+            outstanding: AtomicU32::new(0),
+            aside_until: AtomicI64::new(0),
+            authority: addr.parse().ok().and_then(|x: http::uri::Authority| {
+                Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
+            }),
+            addr,
+        }
+    }
+
+    pub fn outstanding(&self) -> u32 {
+        self.outstanding.load(Ordering::SeqCst)
+    }
+
+    /// Whether set aside at `now`; the clock is read only for an engine that was.
+    pub fn aside(&self, now: impl Fn() -> Millis) -> bool {
+        let until = self.aside_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now() < until {
+            return true;
+        }
+        // Back: later requests need not read the clock for it.
+        let _ = self
+            .aside_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
+    }
+
+    /// Sets it aside until `until`; returns until when it was set aside before (0: not).
+    pub fn set_aside_until(&self, until: Millis) -> Millis {
+        self.aside_until.swap(until, Ordering::Relaxed)
+    }
+
+    /// Its load as admission sees it; `excluded`: not for this request.
+    pub fn load(&self, limit: u32, now: impl Fn() -> Millis, excluded: bool) -> BackendLoad {
+        BackendLoad {
+            outstanding: self.outstanding(),
+            limit,
+            aside: self.aside(now),
+            excluded,
+        }
+    }
+
+    /// Takes a slot if the engine is below `limit`; a lost race with another thread reads the
+    /// new count and tries again.
+    pub fn try_take(&self, limit: u32) -> bool {
+        self.outstanding
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Frees a slot without looking at the queue: only [`LocalPath::release`] and tests.
+    pub(crate) fn free_slot(&self) {
+        self.outstanding.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Read on every request and written rarely, so on cache lines of their own (not the `Arc`'s
+/// count nor the lock's).
+#[repr(align(128))]
+#[derive(Debug)]
+pub struct LocalPath {
+    /// The queue's length, published under the lock with every change to it.
+    queued: AtomicUsize,
+    /// Which backend list and limit are current; a thread whose copy is older copies again.
+    view: AtomicU64,
+}
+
+/// View ids are unique in the process (from 1; a thread starts with none), so a thread's copy
+/// never matches another router's.
+static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
+
+/// A serving thread's copy of the backend list.
+struct View {
+    id: u64,
+    limit: u32,
+    backends: Vec<Arc<Backend>>,
+    loads: Vec<BackendLoad>,
+}
+
+thread_local! {
+    static VIEW: RefCell<View> = const {
+        RefCell::new(View {
+            id: 0,
+            limit: 0,
+            backends: Vec::new(),
+            loads: Vec::new(),
+        })
+    };
+}
+
+impl Default for LocalPath {
+    fn default() -> Self {
+        Self {
+            queued: AtomicUsize::new(0),
+            view: AtomicU64::new(NEXT_VIEW.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+}
+
+impl LocalPath {
+    /// Under the routing lock, whenever the backend list or the limit changes.
+    pub fn backends_changed(&self) {
+        let id = NEXT_VIEW.fetch_add(1, Ordering::Relaxed);
+        self.view.store(id, Ordering::SeqCst);
+    }
+
+    /// Under the routing lock, whenever the queue's length changes.
+    pub fn queue_changed(&self, len: usize) {
+        self.queued.store(len, Ordering::SeqCst);
+    }
+
+    /// Frees `b`'s slot; whether anyone waits, and so the queue must be pumped.
+    pub fn release(&self, b: &Backend) -> bool {
+        b.free_slot();
+        self.queued.load(Ordering::SeqCst) != 0
+    }
+
+    /// A local slot without the lock, when nobody waits and an engine has room. `current`
+    /// copies the backend list under the lock into this thread's, and returns the limit.
+    pub fn take(
+        &self,
+        current: impl FnOnce(&mut Vec<Arc<Backend>>) -> u32,
+        now: impl Fn() -> Millis,
+    ) -> Option<Arc<Backend>> {
+        VIEW.with(|v| {
+            let v = &mut *v.borrow_mut();
+            let id = self.view.load(Ordering::SeqCst);
+            if v.id != id {
+                v.limit = current(&mut v.backends);
+                v.id = id;
+            }
+            loop {
+                // Read again on every try: a request that queued meanwhile goes first.
+                let queued = self.queued.load(Ordering::SeqCst);
+                let queued = u32::try_from(queued).unwrap_or(u32::MAX);
+                let limit = v.limit;
+                v.loads.clear();
+                v.loads
+                    .extend(v.backends.iter().map(|b| b.load(limit, &now, false)));
+                let b = &v.backends[local_first(&v.loads, queued, false)?];
+                if b.try_take(limit) {
+                    return Some(b.clone());
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_set_aside_engine_is_back_when_its_time_is_up() {
+        let b = Backend::new("a:1".into());
+        assert!(!b.aside(|| panic!("the clock is read for an engine never set aside")));
+        assert_eq!(b.set_aside_until(1_000), 0);
+        assert!(b.aside(|| 999));
+        assert!(!b.aside(|| 1_000));
+        assert!(
+            !b.aside(|| panic!("the clock is read once it is back")),
+            "cleared once over"
+        );
+    }
+
+    #[test]
+    fn a_slot_is_never_taken_past_the_limit() {
+        let b = Backend::new("a:1".into());
+        assert!(b.try_take(2) && b.try_take(2));
+        assert!(!b.try_take(2));
+        let path = LocalPath::default();
+        assert!(!path.release(&b), "nobody waits");
+        path.queue_changed(1);
+        assert!(path.release(&b), "a waiter is seen");
+        assert_eq!(b.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_stale_copy_is_refreshed_and_a_queue_stops_the_lock_free_path() {
+        let path = LocalPath::default();
+        let list = vec![Arc::new(Backend::new("a:1".into()))];
+        fn copy(l: &[Arc<Backend>]) -> impl FnOnce(&mut Vec<Arc<Backend>>) -> u32 + '_ {
+            move |v| {
+                v.clear();
+                v.extend_from_slice(l);
+                1
+            }
+        }
+        let got = path.take(copy(&list), || 0).expect("room");
+        assert_eq!(got.addr, "a:1");
+        // The copy is current: not asked for again, and the one slot is taken.
+        assert!(path.take(|_| panic!("copied again"), || 0).is_none());
+        path.release(&got);
+        path.queue_changed(1);
+        assert!(
+            path.take(|_| panic!("copied again"), || 0).is_none(),
+            "overtook"
+        );
+        path.queue_changed(0);
+        let other = vec![Arc::new(Backend::new("b:1".into()))];
+        path.backends_changed();
+        assert_eq!(path.take(copy(&other), || 0).expect("room").addr, "b:1");
+    }
+}

@@ -1,0 +1,193 @@
+//! What the routing lock guards: config, engines, providers, budget and the FIFO queue, so
+//! every decision sees one consistent picture. Every decision is [`admit`]'s, and who in the
+//! queue may go where is [`QueuePass`]'s; this only gathers their input and carries out the
+//! answer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use super::backends::{Dest, Excluded, ProviderSlot};
+use super::lease::Ticket;
+use crate::clock::Millis;
+use crate::router::admission::{
+    Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, RejectReason, admit,
+};
+use crate::router::budget::BudgetTracker;
+use crate::router::config::RouterConfig;
+use crate::router::fast::Backend;
+use crate::router::keys::Bearer;
+use crate::router::queue::Fifo;
+
+/// A request in the queue: where its ticket goes, and where it must not (the providers a
+/// retry failed on; never engines, which are set aside instead).
+pub(super) struct Waiting {
+    pub tx: oneshot::Sender<Ticket>,
+    pub excluded: Excluded,
+}
+
+/// Where a granted request goes (with the provider's key), or why it is refused.
+pub(super) enum Decided {
+    Go(Dest, Option<Bearer>),
+    Reject(RejectReason),
+}
+
+/// One request being decided.
+pub(super) struct Ask<'a> {
+    /// How long it has waited since it arrived.
+    pub waited_ms: u64,
+    /// Already in the queue (or a retry that keeps its place), rather than new.
+    pub in_queue: bool,
+    /// Requests waiting ahead of it.
+    pub queued: u32,
+    pub excluded: &'a Excluded,
+    /// It may take a local engine (see [`QueuePass`]).
+    pub locals_open: bool,
+}
+
+pub(super) struct Routing {
+    pub config: Arc<RouterConfig>,
+    pub backends: Vec<Arc<Backend>>,
+    /// Removed backends that something still holds (a lease, a thread's copy of the list): not
+    /// chosen, but a backend that comes back keeps its count so it is not overloaded.
+    pub draining: Vec<Arc<Backend>>,
+    pub providers: Vec<ProviderSlot>,
+    /// Providers a reload removed, by name, with requests still on them: one that comes back
+    /// takes up its count again, so it is not sent more than its limit.
+    pub retired: Vec<(String, u32)>,
+    pub budget: BudgetTracker,
+    pub queue: Fifo<Waiting>,
+    pub capacity_exhausted: bool,
+    /// Queue ids; only requests that wait take one.
+    pub next_id: u64,
+    /// The drain has run out: nothing more may wait (see `RouterState::refuse_waiting`).
+    pub refusing: bool,
+    scratch_b: Vec<BackendLoad>,
+    scratch_p: Vec<ProviderLoad>,
+}
+
+impl Routing {
+    pub fn new(config: RouterConfig, providers: Vec<ProviderSlot>, budget: BudgetTracker) -> Self {
+        Self {
+            config: Arc::new(config),
+            backends: Vec::new(),
+            draining: Vec::new(),
+            providers,
+            retired: Vec::new(),
+            budget,
+            queue: Fifo::default(),
+            capacity_exhausted: false,
+            next_id: 0,
+            refusing: false,
+            scratch_b: Vec::new(),
+            scratch_p: Vec::new(),
+        }
+    }
+
+    fn decide(&mut self, now: Millis, ask: &Ask<'_>) -> Admission {
+        let limit = self.config.max_concurrency_per_backend;
+        let mut bl = std::mem::take(&mut self.scratch_b);
+        let mut pl = std::mem::take(&mut self.scratch_p);
+        bl.clear();
+        pl.clear();
+        let ex = ask.excluded;
+        bl.extend(self.backends.iter().map(|b| {
+            let excluded = !ask.locals_open || ex.locals.contains(&b.addr);
+            b.load(limit, || now, excluded)
+        }));
+        pl.extend(self.providers.iter().map(|p| ProviderLoad {
+            in_flight: p.in_flight,
+            max_concurrency: p.p.max_concurrency,
+            breaker_allows: p.breaker.allows(now),
+            has_key: p.key.usable(),
+            excluded: ex.providers.contains(&p.p.name),
+        }));
+        let cfg = &self.config;
+        let a = admit(&AdmissionInput {
+            backends: &bl,
+            providers: &pl,
+            mode: cfg.burst.mode,
+            capacity_exhausted: self.capacity_exhausted,
+            budget_allows: self.budget.allows(now),
+            queued: ask.queued,
+            queue_limit: cfg.queue.limit,
+            waited_ms: ask.waited_ms,
+            max_queue_wait_ms: cfg.burst.max_queue_wait_milliseconds,
+            queue_timeout_ms: u64::from(cfg.queue.timeout_seconds) * 1000,
+            in_queue: ask.in_queue,
+        });
+        self.scratch_b = bl;
+        self.scratch_p = pl;
+        a
+    }
+
+    /// Decides and takes the slot chosen: `None` means the request waits. A local slot taken
+    /// meanwhile by a lock-free request only means deciding again on the new counts.
+    pub fn grant(&mut self, now: Millis, ask: &Ask<'_>) -> Option<Decided> {
+        loop {
+            return match self.decide(now, ask) {
+                Admission::Local(i) => {
+                    let b = &self.backends[i];
+                    if !b.try_take(self.config.max_concurrency_per_backend) {
+                        continue;
+                    }
+                    Some(Decided::Go(Dest::Local(b.clone()), None))
+                }
+                Admission::Provider(i) => {
+                    let p = &mut self.providers[i];
+                    p.in_flight += 1;
+                    p.breaker.on_send(now);
+                    // Requests per minute count at send, so concurrent spills see each other.
+                    self.budget.record_request(now);
+                    Some(Decided::Go(
+                        Dest::Provider(p.p.clone()),
+                        p.key.bearer().cloned(),
+                    ))
+                }
+                Admission::Reject(r) => Some(Decided::Reject(r)),
+                Admission::Queue => None,
+            };
+        }
+    }
+
+    /// Decides the waiters in one [`QueuePass`]; those that may go leave the queue for `out`.
+    pub fn pump(
+        &mut self,
+        now: Millis,
+        at: Instant,
+        out: &mut Vec<(oneshot::Sender<Ticket>, Decided)>,
+    ) {
+        let mut i = 0;
+        let mut pass = QueuePass::default();
+        while let Some(w) = self.queue.get_mut(i) {
+            let waited_ms = at.saturating_duration_since(w.since).as_millis() as u64;
+            // Taken out for the decision and put back if it waits on: no clone under the lock.
+            let excluded = std::mem::take(&mut w.item.excluded);
+            let ask = Ask {
+                waited_ms,
+                in_queue: true,
+                queued: (self.queue.len() - 1) as u32,
+                excluded: &excluded,
+                locals_open: pass.locals_open(),
+            };
+            match self.grant(now, &ask) {
+                Some(d) => {
+                    if let Some(w) = self.queue.remove_at(i) {
+                        out.push((w.item.tx, d));
+                    }
+                }
+                None => {
+                    let retry = !excluded.is_empty();
+                    if let Some(w) = self.queue.get_mut(i) {
+                        w.item.excluded = excluded;
+                    }
+                    if !pass.waits(retry) {
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+        }
+    }
+}
