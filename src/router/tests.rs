@@ -723,6 +723,42 @@ async fn an_engine_whose_connection_failed_gets_no_new_requests_for_a_while() {
     .await;
 }
 
+/// Engines that each read a whole request and then close without an answer, as an engine the
+/// request itself crashes would: a prompt that kills engines must not take down three.
+#[tokio::test]
+async fn a_request_engines_die_on_is_retried_on_one_more_engine_only() {
+    bounded(async {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let read = Arc::new(AtomicUsize::new(0));
+        let mut engines = Vec::new();
+        let mut tasks = Vec::new();
+        for _ in 0..3 {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            engines.push(l.local_addr().unwrap().to_string());
+            let read = read.clone();
+            tasks.push(tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    // The router sends a small request in one write.
+                    let mut buf = [0u8; 8192];
+                    if s.read(&mut buf).await.is_ok_and(|n| n > 0) {
+                        read.fetch_add(1, SeqCst);
+                    }
+                }
+            }));
+        }
+        let r = router("burst: {mode: Never}\n", engines).await;
+        let reply = post(r.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+        assert_eq!(read.load(SeqCst), 2, "engines that got the request");
+        for t in tasks {
+            t.abort();
+        }
+        r.stop().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_lone_failing_engine_is_tried_once_then_answered_502() {
     bounded(async {

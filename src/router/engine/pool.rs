@@ -531,6 +531,47 @@ mod tests {
         .await
     }
 
+    /// A reused connection that failed after the engine began to answer (here a `100 Continue`
+    /// and then a close) is not the idle-close race: the engine read the request and may be
+    /// working on it, so the pool does not send it again.
+    #[tokio::test]
+    async fn a_request_the_engine_began_to_answer_is_not_sent_again() {
+        bounded(async {
+            let (l, key) = listen().await;
+            let (accepted, requests) =
+                (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+            let (a, r) = (accepted.clone(), requests.clone());
+            let server = tokio::spawn(async move {
+                while let Ok((mut s, _)) = l.accept().await {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    let r = r.clone();
+                    tokio::spawn(async move {
+                        if read_request(&mut s).await.is_some() {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            s.write_all(ok).await.unwrap();
+                        }
+                        if read_request(&mut s).await.is_some() {
+                            r.fetch_add(1, Ordering::SeqCst);
+                            s.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await.unwrap();
+                        }
+                    });
+                }
+            });
+            let pool = pool();
+            assert_eq!(read(pool.send(&key, &get()).await.unwrap()).await, "ok");
+            let Err(e) = pool.send(&key, &get()).await else {
+                panic!("an engine that closed mid-answer answered");
+            };
+            assert!(matches!(e.error, UpstreamError::Closed), "{e:?}");
+            assert!(e.delivered, "the whole request was written");
+            assert_eq!(requests.load(Ordering::SeqCst), 2, "sent again");
+            assert_eq!(accepted.load(Ordering::SeqCst), 1);
+            server.abort();
+        })
+        .await
+    }
+
     /// An engine that refuses a large body from its head alone and reads no further; `close`
     /// then closes the connection (with the body unread: a reset), otherwise it holds it open.
     #[tokio::test]
