@@ -296,25 +296,20 @@ mod tests {
                 })
                 .into_future(),
         );
-        let get = |path: &'static str| async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
-            let mut buf = String::new();
-            s.read_to_string(&mut buf).await.unwrap();
-            buf
+        let status = |path: &'static str| async move {
+            crate::test_support::net::get(addr, path)
+                .await
+                .status
+                .as_u16()
         };
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 503"));
+        assert_eq!(status("/healthz").await, 503);
         health.alive.store(true, Ordering::Relaxed);
-        assert!(get("/healthz").await.starts_with("HTTP/1.1 200"));
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        assert_eq!(status("/healthz").await, 200);
+        assert_eq!(status("/readyz").await, 503);
         health.ready.store(true, Ordering::Relaxed);
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        assert!(get("/metrics").await.contains("spillway_controller_leader"));
+        assert_eq!(status("/readyz").await, 200);
+        let text = crate::test_support::net::get(addr, "/metrics").await.text();
+        assert!(text.contains("spillway_controller_leader"), "{text}");
         tx.send(()).unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(5), server)
             .await

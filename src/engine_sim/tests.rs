@@ -5,22 +5,17 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, Method, Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper::body::{Bytes, Incoming};
-use hyper_util::rt::TokioIo;
+use http::{Method, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use super::*;
 
-const TEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(TEST_TIMEOUT, f)
-        .await
-        .expect("test exceeded its time bound")
-}
+use crate::test_support::net::{
+    Reply, bounded, get, post_json, try_call, try_open, wait_for_metrics,
+};
 
 /// A fast engine: no prefill, 1000 tokens/s.
 fn fast() -> EngineSimConfig {
@@ -33,118 +28,18 @@ fn fast() -> EngineSimConfig {
     }
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-/// Sends one request on a fresh connection. `Err` means no HTTP response (e.g. a dropped
-/// connection).
-async fn open(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Result<hyper::Response<Incoming>, String> {
-    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "127.0.0.1");
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = req
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .map_err(|e| e.to_string())?;
-    sender.send_request(req).await.map_err(|e| e.to_string())
-}
-
-async fn call(
-    addr: SocketAddr,
-    method: Method,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<Value>,
-) -> Result<Reply, String> {
-    let resp = open(addr, method, path, headers, body).await?;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = resp
-        .into_body()
-        .collect()
-        .await
-        .map_err(|e| e.to_string())?
-        .to_bytes();
-    Ok(Reply {
-        status,
-        headers,
-        body,
-    })
-}
-
-async fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
-    call(addr, Method::POST, path, &[], Some(body))
-        .await
-        .expect("no response")
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Reply {
-    call(addr, Method::GET, path, &[], None)
-        .await
-        .expect("no response")
-}
-
 fn chat(max_tokens: u64, stream: bool) -> Value {
     json!({"model": "m1", "messages": [{"role": "user", "content": "abcdefgh"}], "max_tokens": max_tokens, "stream": stream})
 }
 
 /// The value of the first sample whose line starts with `prefix` (name plus labels).
 fn sample(metrics: &str, prefix: &str) -> f64 {
-    metrics
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    crate::test_support::net::sample(metrics, prefix)
         .unwrap_or_else(|| panic!("no sample {prefix:?} in:\n{metrics}"))
 }
 
 async fn metrics_text(addr: SocketAddr) -> String {
     get(addr, "/metrics").await.text()
-}
-
-/// Polls /metrics until `pred` holds; returns the text that satisfied it.
-async fn wait_for_metrics(addr: SocketAddr, what: &str, pred: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let t = metrics_text(addr).await;
-        if pred(&t) {
-            return t;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}; last:\n{t}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 const WAITING: &str = "vllm:num_requests_waiting{";
@@ -200,9 +95,9 @@ async fn queueing_is_visible_in_metrics_while_requests_wait() {
         // Five requests of 10 tokens at 20/s: two run for ~0.5 s while three wait.
         let reqs: Vec<_> = (0..5)
             .map(|_| {
-                tokio::spawn(
-                    async move { post(addr, "/v1/chat/completions", chat(10, false)).await },
-                )
+                tokio::spawn(async move {
+                    post_json(addr, "/v1/chat/completions", chat(10, false)).await
+                })
             })
             .collect();
         let t = wait_for_metrics(addr, "3 waiting, 2 running", |t| {
@@ -245,7 +140,7 @@ async fn concurrency_limit_is_exact() {
         let reqs: Vec<_> = (0..12)
             .map(|_| {
                 tokio::spawn(async move {
-                    let resp = open(
+                    let resp = try_open(
                         addr,
                         Method::POST,
                         "/v1/chat/completions",
@@ -290,7 +185,7 @@ async fn streamed_chunks_arrive_incrementally_with_usage_last() {
         };
         let srv = EngineSimServer::start(cfg).await.unwrap();
         let sent = Instant::now();
-        let resp = open(
+        let resp = try_open(
             srv.addr(),
             Method::POST,
             "/v1/chat/completions",
@@ -352,7 +247,7 @@ async fn usage_counts_prompt_chars_and_capped_output() {
             {"role": "system", "content": "abcdefgh"},
             {"role": "user", "content": [{"type": "text", "text": "ijkl"}]},
         ]});
-        let r = post(addr, "/v1/chat/completions", body).await;
+        let r = post_json(addr, "/v1/chat/completions", body).await;
         assert_eq!(r.status, StatusCode::OK);
         let v = r.json();
         assert_eq!(
@@ -370,7 +265,7 @@ async fn usage_counts_prompt_chars_and_capped_output() {
         );
 
         // No max_tokens: the default (4) and a natural stop.
-        let r = post(
+        let r = post_json(
             addr,
             "/v1/completions",
             json!({"model": "m1", "prompt": "abcde"}),
@@ -385,7 +280,7 @@ async fn usage_counts_prompt_chars_and_capped_output() {
         assert_eq!(v["choices"][0]["finish_reason"], "stop");
 
         // Above --max-output-tokens: capped.
-        let r = post(
+        let r = post_json(
             addr,
             "/v1/completions",
             json!({"prompt": "abcd", "max_tokens": 100}),
@@ -403,7 +298,7 @@ async fn usage_counts_prompt_chars_and_capped_output() {
         let stream = |include_usage: bool| async move {
             let body = json!({"prompt": "abcd", "max_tokens": 3, "stream": true,
                 "stream_options": {"include_usage": include_usage}});
-            let resp = open(addr, Method::POST, "/v1/completions", &[], Some(body));
+            let resp = try_open(addr, Method::POST, "/v1/completions", &[], Some(body));
             read_sse(resp.await.unwrap()).await
         };
         let events = stream(true).await;
@@ -443,14 +338,14 @@ async fn api_key_is_required_and_never_echoed() {
         let good = format!("Bearer {KEY}");
         let chat_path = "/v1/chat/completions";
 
-        let r = call(addr, Method::POST, chat_path, &[], Some(chat(1, false)))
+        let r = try_call(addr, Method::POST, chat_path, &[], Some(chat(1, false)))
             .await
             .unwrap();
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
         assert_eq!(r.json()["error"]["code"], "invalid_api_key");
         assert!(r.json()["error"]["message"].is_string());
 
-        let r = call(
+        let r = try_call(
             addr,
             Method::POST,
             chat_path,
@@ -462,7 +357,7 @@ async fn api_key_is_required_and_never_echoed() {
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
         assert!(!r.text().contains("sk-wrong") && !r.text().contains(KEY));
         // Not a bearer token.
-        let r = call(
+        let r = try_call(
             addr,
             Method::POST,
             chat_path,
@@ -473,7 +368,7 @@ async fn api_key_is_required_and_never_echoed() {
         .unwrap();
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
-        let r = call(
+        let r = try_call(
             addr,
             Method::POST,
             chat_path,
@@ -488,7 +383,7 @@ async fn api_key_is_required_and_never_echoed() {
             get(addr, "/v1/models").await.status,
             StatusCode::UNAUTHORIZED
         );
-        let r = call(
+        let r = try_call(
             addr,
             Method::GET,
             "/v1/models",
@@ -517,12 +412,12 @@ async fn other_models_get_404_and_unknown_routes_get_openai_errors() {
     bounded(async {
         let srv = EngineSimServer::start(fast()).await.unwrap();
         let addr = srv.addr();
-        let r = post(addr, "/v1/chat/completions", json!({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]})).await;
+        let r = post_json(addr, "/v1/chat/completions", json!({"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]})).await;
         assert_eq!(r.status, StatusCode::NOT_FOUND);
         assert_eq!(r.json()["error"]["code"], "model_not_found");
         assert_eq!(r.json()["error"]["type"], "invalid_request_error");
 
-        let r = post(addr, "/v1/chat/completions", chat(1, false)).await;
+        let r = post_json(addr, "/v1/chat/completions", chat(1, false)).await;
         assert_eq!(r.status, StatusCode::OK);
         assert_eq!(r.json()["model"], "m1");
 
@@ -534,10 +429,10 @@ async fn other_models_get_404_and_unknown_routes_get_openai_errors() {
         assert!(r.json()["error"]["message"].is_string());
         assert_eq!(get(addr, "/v1/chat/completions").await.status, StatusCode::METHOD_NOT_ALLOWED);
 
-        let r = call(addr, Method::POST, "/v1/chat/completions", &[], None).await.unwrap();
+        let r = try_call(addr, Method::POST, "/v1/chat/completions", &[], None).await.unwrap();
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         assert_eq!(r.json()["error"]["type"], "invalid_request_error");
-        let r = post(addr, "/v1/chat/completions", chat(0, false)).await;
+        let r = post_json(addr, "/v1/chat/completions", chat(0, false)).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST);
         srv.stop().await.unwrap();
     })
@@ -554,11 +449,11 @@ async fn oversized_bodies_get_413() {
         let srv = EngineSimServer::start(cfg).await.unwrap();
         let big =
             json!({"model": "m1", "messages": [{"role": "user", "content": "x".repeat(4096)}]});
-        let r = post(srv.addr(), "/v1/chat/completions", big).await;
+        let r = post_json(srv.addr(), "/v1/chat/completions", big).await;
         assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(r.json()["error"]["code"], "request_too_large");
         assert_eq!(
-            post(srv.addr(), "/v1/chat/completions", chat(1, false))
+            post_json(srv.addr(), "/v1/chat/completions", chat(1, false))
                 .await
                 .status,
             StatusCode::OK
@@ -574,7 +469,7 @@ async fn statuses(cfg: EngineSimConfig, n: usize) -> (Vec<Option<Reply>>, String
     let mut out = Vec::new();
     for _ in 0..n {
         out.push(
-            call(
+            try_call(
                 srv.addr(),
                 Method::POST,
                 "/v1/chat/completions",
@@ -674,7 +569,7 @@ async fn extra_latency_delays_responses() {
         let srv = EngineSimServer::start(cfg).await.unwrap();
         let t0 = Instant::now();
         assert_eq!(
-            post(srv.addr(), "/v1/chat/completions", chat(1, false))
+            post_json(srv.addr(), "/v1/chat/completions", chat(1, false))
                 .await
                 .status,
             StatusCode::OK
@@ -698,16 +593,16 @@ async fn full_queue_answers_503() {
         let addr = srv.addr();
         let reqs: Vec<_> = (0..3)
             .map(|_| {
-                tokio::spawn(
-                    async move { post(addr, "/v1/chat/completions", chat(10, false)).await },
-                )
+                tokio::spawn(async move {
+                    post_json(addr, "/v1/chat/completions", chat(10, false)).await
+                })
             })
             .collect();
         wait_for_metrics(addr, "1 running, 2 waiting", |t| {
             sample(t, RUNNING) == 1.0 && sample(t, WAITING) == 2.0
         })
         .await;
-        let r = post(addr, "/v1/chat/completions", chat(10, false)).await;
+        let r = post_json(addr, "/v1/chat/completions", chat(10, false)).await;
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.json()["error"]["code"], "queue_full");
         assert_eq!(r.headers["retry-after"], "1");
@@ -739,7 +634,7 @@ async fn client_going_away_frees_its_slot() {
         let srv = EngineSimServer::start(cfg).await.unwrap();
         let addr = srv.addr();
         // 100 tokens at 10/s would hold the only slot for 10 s.
-        let resp = open(
+        let resp = try_open(
             addr,
             Method::POST,
             "/v1/chat/completions",
@@ -758,7 +653,7 @@ async fn client_going_away_frees_its_slot() {
         );
         let t0 = Instant::now();
         assert_eq!(
-            post(addr, "/v1/chat/completions", chat(1, false))
+            post_json(addr, "/v1/chat/completions", chat(1, false))
                 .await
                 .status,
             StatusCode::OK
@@ -784,7 +679,7 @@ async fn shutdown_finishes_running_and_queued_requests_then_refuses_connections(
             let _ = stop_rx.await;
         }));
 
-        let running = open(
+        let running = try_open(
             addr,
             Method::POST,
             "/v1/chat/completions",
@@ -794,7 +689,9 @@ async fn shutdown_finishes_running_and_queued_requests_then_refuses_connections(
         .await
         .unwrap();
         let queued =
-            tokio::spawn(async move { post(addr, "/v1/chat/completions", chat(8, false)).await });
+            tokio::spawn(
+                async move { post_json(addr, "/v1/chat/completions", chat(8, false)).await },
+            );
         wait_for_metrics(addr, "one waiting", |t| sample(t, WAITING) == 1.0).await;
         stop_tx.send(()).unwrap();
 
@@ -884,7 +781,7 @@ async fn same_seed_gives_same_text() {
             let srv = EngineSimServer::start(EngineSimConfig { seed, ..fast() })
                 .await
                 .unwrap();
-            let r = post(srv.addr(), "/v1/chat/completions", chat(8, false)).await;
+            let r = post_json(srv.addr(), "/v1/chat/completions", chat(8, false)).await;
             texts.push(
                 r.json()["choices"][0]["message"]["content"]
                     .as_str()

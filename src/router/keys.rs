@@ -85,9 +85,8 @@ mod tests {
 
     #[test]
     fn missing_files_and_rotation() {
-        let dir = std::env::temp_dir().join(format!("spillway-keys-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("p");
+        let dir = crate::test_support::net::TempDir::new("keys");
+        let path = dir.0.join("p");
         let p = path.to_str().unwrap();
         assert_eq!(read_key(None), KeyState::NotNeeded);
         assert_eq!(read_key(Some(p)), KeyState::Missing);
@@ -102,6 +101,5 @@ mod tests {
             read_key(Some(p)).bearer().unwrap().header(),
             &HeaderValue::from_static("Bearer k2")
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -521,7 +521,7 @@ mod tests {
     use std::cell::RefCell;
     use std::sync::atomic::AtomicU32;
 
-    fn shared(limit: u32, backends: &[&str]) -> Arc<RouterState> {
+    fn state(limit: u32, backends: &[&str]) -> Arc<RouterState> {
         RouterState::new(
             config(limit),
             backends.iter().map(|b| b.to_string()).collect(),
@@ -566,7 +566,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lowered_limit_applies_to_requests_that_take_no_lock() {
-        let s = shared(3, &["a:1"]);
+        let s = state(3, &["a:1"]);
         let _held = now(&s).expect("room");
         s.set_config(config(1));
         assert!(now(&s).is_none(), "a second request over a limit of 1");
@@ -574,7 +574,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_changed_backend_list_applies_to_requests_that_take_no_lock() {
-        let s = shared(1, &["a:1"]);
+        let s = state(1, &["a:1"]);
         drop(now(&s).expect("room"));
         s.set_backends(vec!["b:1".into()]);
         assert_eq!(addr(&now(&s).expect("room")), "b:1");
@@ -582,7 +582,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_backend_that_comes_back_keeps_its_count() {
-        let s = shared(1, &["a:1"]);
+        let s = state(1, &["a:1"]);
         let held = now(&s).expect("room");
         s.set_backends(vec!["b:1".into()]);
         s.set_backends(vec!["a:1".into(), "b:1".into()]);
@@ -621,17 +621,8 @@ mod tests {
     /// not replace the new file's key.
     #[tokio::test]
     async fn a_key_read_from_a_replaced_file_is_not_applied() {
-        let dir = std::env::temp_dir().join(format!(
-            "spillway-state-replaced-key-{}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let file = |n: &str, key: &str| {
-            let p = dir.join(n);
-            std::fs::write(&p, key).unwrap();
-            p.display().to_string()
-        };
-        let (old, new) = (file("old", "sk-old"), file("new", "sk-new"));
+        let dir = crate::test_support::net::TempDir::new("replaced-key");
+        let (old, new) = (dir.file("old", "sk-old"), dir.file("new", "sk-new"));
         let with = |key_file: &str| {
             RouterConfig::from_yaml(&format!(
                 "burst:\n  maxQueueWaitMilliseconds: 0\n  providers: [{{name: p, \
@@ -646,13 +637,12 @@ mod tests {
         let l = now(&s).expect("a spill");
         let bearer = l.bearer.as_ref().expect("a key").header().clone();
         assert_eq!(bearer, "Bearer sk-new");
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// Once the drain has run out, a request that would wait is answered at once.
     #[tokio::test]
     async fn after_the_drain_nothing_more_waits() {
-        let s = shared(1, &["a:1"]);
+        let s = state(1, &["a:1"]);
         let _held = now(&s).expect("room");
         s.refuse_waiting();
         let t = s.acquire().now_or_never().expect("decided at once");
@@ -665,7 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_free_slot_goes_to_the_waiter_not_to_a_newcomer() {
-        let s = shared(1, &["a:1"]);
+        let s = state(1, &["a:1"]);
         let held = now(&s).expect("room");
         let waiter = tokio::spawn({
             let s = s.clone();
@@ -691,7 +681,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_slot_freed_while_a_request_is_about_to_queue_is_not_lost() {
-        let s = shared(1, &["a:1"]);
+        let s = state(1, &["a:1"]);
         let held = now(&s).expect("room");
         // Freed after the request saw every engine full, before it is in the queue: the release
         // sees an empty queue and wakes nobody.
@@ -709,7 +699,7 @@ mod tests {
     #[test]
     fn concurrent_requests_never_exceed_the_limit_nor_strand_a_waiter() {
         const LIMIT: u32 = 2;
-        let s = shared(LIMIT, &["a:1", "b:1"]);
+        let s = state(LIMIT, &["a:1", "b:1"]);
         let held: Arc<[AtomicU32; 2]> = Arc::default();
         let deadline = Instant::now() + Duration::from_secs(30);
         let threads: Vec<_> = (0..6)

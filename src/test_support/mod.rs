@@ -1,4 +1,7 @@
-//! What tests across the crate share: API objects from YAML and a scripted mock API server.
+//! What tests across the crate share: API objects from YAML, a scripted mock API server, and
+//! HTTP helpers for real servers on 127.0.0.1 ([`net`]).
+
+pub mod net;
 
 use std::time::Duration;
 
