@@ -10,4 +10,4 @@ pub mod signals;
 pub mod status;
 
 #[cfg(test)]
-mod decide_tests;
+mod tests;

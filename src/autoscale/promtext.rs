@@ -413,6 +413,3 @@ fn next_label(text: &str, i: usize) -> Result<(Option<Label<'_>>, usize), ParseE
         i,
     ))
 }
-
-#[cfg(test)]
-mod tests;

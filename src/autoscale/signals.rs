@@ -374,6 +374,3 @@ pub fn spilled_slots(
     };
     Some(sent / seconds * hold)
 }
-
-#[cfg(test)]
-mod tests;

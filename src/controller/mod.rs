@@ -3,8 +3,6 @@
 
 pub mod apply;
 pub mod autoscaler;
-#[cfg(test)]
-mod autoscaler_tests;
 pub mod cache;
 pub mod leader;
 pub mod metrics;

@@ -1,5 +1,8 @@
-use super::*;
+//! Engine and router metrics pages read into signals, per preset and selector.
+
+use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 use crate::autoscale::promtext::ParseErrorKind;
+use crate::autoscale::signals::*;
 use std::collections::BTreeMap;
 
 const VLLM_PAGE: &str = include_str!("../testdata/vllm.prom");

@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 
-use super::decide::*;
 use crate::api::{Launch, MetricsUnavailable, ScalingPolicySpec};
+use crate::autoscale::decide::*;
 use crate::clock::Millis;
 
 const S: Millis = 1000;

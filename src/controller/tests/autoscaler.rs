@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use super::autoscaler::{Autoscaler, ServiceState, TickInput, observe_and_decide};
-use super::scrape::Scraper;
 use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
 use crate::autoscale::decide::{Driver, MetricsState};
 use crate::autoscale::observe::{EnginePod, PodState};
+use crate::controller::autoscaler::{Autoscaler, ServiceState, TickInput, observe_and_decide};
 use crate::controller::cache::Cache;
 use crate::controller::metrics::Metrics;
+use crate::controller::scrape::Scraper;
 use crate::test_support::{ApiServer, isvc_from_yaml, minimal_isvc_yaml};
 
 fn vllm_page(waiting: u32, running: u32, kv: f64) -> String {

@@ -1,47 +1,6 @@
-//! Scenario tests on fixed seeds: the simulator drives the real `decide()` and `admit()`.
+//! The example scenarios: spikes with and without burst, quotas, oscillation, two policies.
 
-use super::trace::{Shape, ShapeParams, built_in};
-use super::world::{ModelParams, SimResult, simulate};
-use super::{Scenario, parse_scenario};
-use crate::api::BurstMode;
-
-fn scenario(file: &str) -> Scenario {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples")
-        .join(file);
-    let text = std::fs::read_to_string(&path).unwrap();
-    parse_scenario(&[(file.to_string(), text)]).unwrap()
-}
-
-fn spike(minutes: usize) -> super::trace::Trace {
-    built_in(
-        Shape::Spike,
-        &ShapeParams {
-            duration_s: minutes * 60,
-            rps: 8.0,
-            peak: 4.0,
-            spike_s: 30 * 60,
-        },
-    )
-}
-
-fn params(cold: f64) -> ModelParams {
-    ModelParams {
-        cold_start_s: (cold, cold),
-        seed: 7,
-        ..ModelParams::default()
-    }
-}
-
-/// Every request has exactly one outcome.
-fn assert_nothing_lost(r: &SimResult) {
-    let providers: u64 = r.outcomes.by_provider.iter().map(|(_, n)| n).sum();
-    assert_eq!(
-        r.outcomes.local + providers + r.outcomes.rejected,
-        r.outcomes.total
-    );
-    assert!(r.outcomes.total > 0);
-}
+use super::*;
 
 #[test]
 fn spike_with_burst_covers_the_cold_start() {
@@ -151,7 +110,7 @@ fn stabilisation_bounds_scale_events_on_an_oscillating_trace() {
     let rps: Vec<f64> = (0..3600)
         .map(|t| if (t / 60) % 2 == 0 { 32.0 } else { 8.0 })
         .collect();
-    let trace = super::trace::Trace {
+    let trace = crate::sim::trace::Trace {
         name: "oscillating".into(),
         rps,
     };
@@ -159,36 +118,6 @@ fn stabilisation_bounds_scale_events_on_an_oscillating_trace() {
     assert_nothing_lost(&r);
     // Without the 300 s scale-down window this flaps every minute (~60 events).
     assert!(r.scale_events <= 12, "{} scale events", r.scale_events);
-}
-
-#[test]
-fn replicas_never_below_one_and_runs_are_deterministic() {
-    let s = scenario("cold-start.yaml");
-    let (_, policy) = &s.policies[0];
-    let trace = built_in(
-        Shape::Ramp,
-        &ShapeParams {
-            duration_s: 1800,
-            rps: 0.2,
-            peak: 10.0,
-            spike_s: 0,
-        },
-    );
-    let a = simulate(&s.service, policy, &trace, &params(300.0));
-    let b = simulate(&s.service, policy, &trace, &params(300.0));
-    assert_eq!(a, b, "same seed, same run");
-    assert!(a.min_replicas_seen >= 1);
-    assert!(a.timeline.iter().all(|t| t.desired >= 1));
-    let c = simulate(
-        &s.service,
-        policy,
-        &trace,
-        &ModelParams {
-            seed: 8,
-            ..params(300.0)
-        },
-    );
-    assert_ne!(a.outcomes, c.outcomes, "another seed, another run");
 }
 
 #[test]
@@ -208,15 +137,15 @@ fn two_policies_are_simulated_side_by_side() {
             spike_s: 0,
         },
     );
-    let runs: Vec<super::report::Run> = s
+    let runs: Vec<crate::sim::report::Run> = s
         .policies
         .iter()
-        .map(|(n, p)| super::report::Run {
+        .map(|(n, p)| crate::sim::report::Run {
             policy: n.clone(),
             result: simulate(&s.service, p, &trace, &params(200.0)),
         })
         .collect();
-    let table = super::report::table(&runs, 2000);
+    let table = crate::sim::report::table(&runs, 2000);
     assert!(table.lines().next().unwrap().contains("latency-critical") && table.contains("batch"));
     assert!(table.contains("TTFT p50 / p95 / p99") && table.contains("vs all-managed"));
     // Both policies saw exactly the same requests.
@@ -230,48 +159,8 @@ fn two_policies_are_simulated_side_by_side() {
             .iter()
             .all(|(_, n)| *n == 0)
     );
-    let svg = super::report::plot_svg(&runs[0].result, "t").unwrap();
+    let svg = crate::sim::report::plot_svg(&runs[0].result, "t").unwrap();
     assert!(svg.starts_with("<svg") && svg.contains("polyline"));
-    let csv = super::report::timeline_csv(&runs[0].result);
+    let csv = crate::sim::report::timeline_csv(&runs[0].result);
     assert_eq!(csv.lines().count(), runs[0].result.timeline.len() + 1);
-}
-
-#[test]
-fn bad_scenarios_are_clear_errors() {
-    let err = parse_scenario(&[("x.yaml".into(), "kind: Deployment\n".into())]).unwrap_err();
-    assert!(
-        err.to_string().contains("unexpected document kind"),
-        "{err}"
-    );
-    let err = parse_scenario(&[(
-        "x.yaml".into(),
-        "apiVersion: spillway.dev/v1alpha1\nkind: ScalingPolicy\nmetadata: {name: p}\nspec: {minReplicas: 3, maxReplicas: 1}\n".into(),
-    )])
-    .unwrap_err();
-    assert!(
-        format!("{err:#}").contains("maxReplicas (1) must be >= minReplicas (3)"),
-        "{err:#}"
-    );
-    let err = parse_scenario(&[(
-        "x.yaml".into(),
-        "apiVersion: v1\nkind: ScalingPolicy\nmetadata: {name: p}\nspec: {}\n".into(),
-    )])
-    .unwrap_err();
-    assert!(err.to_string().contains("no InferenceService"), "{err}");
-}
-
-#[test]
-fn arrivals_follow_the_trace_rate() {
-    let s = scenario("quickstart.yaml");
-    let trace = super::trace::Trace {
-        name: "flat".into(),
-        rps: vec![100.0; 600],
-    };
-    let r = simulate(&s.service, &s.policies[0].1, &trace, &params(180.0));
-    // 60,000 expected; a Poisson count's standard deviation is ~245.
-    let n = r.outcomes.total as f64;
-    assert!(
-        (n - 60_000.0).abs() < 1_500.0,
-        "{n} arrivals for 60,000 expected"
-    );
 }

@@ -1,5 +1,8 @@
-use super::*;
+//! The Prometheus text parser: samples, escapes, errors, and properties over any input.
+
+use crate::autoscale::promtext::*;
 use proptest::prelude::*;
+use std::borrow::Cow;
 
 const VLLM_PAGE: &str = include_str!("../testdata/vllm.prom");
 

@@ -1,0 +1,6 @@
+//! The autoscaler's pure core, one file per part: one table of cases per rule of `decide()`
+//! with property tests for its invariants, and the metrics-page parsers.
+
+mod decide;
+mod promtext;
+mod signals;
