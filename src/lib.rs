@@ -5,7 +5,7 @@
 //!    millisecond type the pure cores count time in.
 //! 2. Pure cores, plain functions over plain data: [`autoscale`] (metrics pages, pods, the
 //!    scaling decision and its status) and the router's own (`router::admission`, `breaker`,
-//!    `budget`, `usage`, `config`).
+//!    `budget`, `usage`, `config`, `outcome`, and the HTTP/1.1 framing in `router::engine`).
 //! 3. Drivers, the I/O around them: [`controller`] (reconcile, the autoscaler loop, leader
 //!    election), [`router`] (the per-service data plane), [`sim`] (the simulator),
 //!    [`engine_sim`] (a simulated engine), [`crdgen`] (the CRDs as YAML).

@@ -12,7 +12,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::engine::EnginePool;
-use super::server::RouterOptions;
 use super::state::RouterState;
 
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -20,6 +19,15 @@ type PlainClient = Client<HttpConnector, Full<Bytes>>;
 type TlsClient = Client<HttpsConnector, Full<Bytes>>;
 
 const IDLE_POOL_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The request limits every thread applies (from `RouterOptions`).
+#[derive(Clone, Debug)]
+pub(super) struct Limits {
+    pub max_body_bytes: usize,
+    /// Served model name for `/v1/models` when the config does not name one.
+    pub model: Option<String>,
+    pub engine_timeout: Duration,
+}
 
 pub(super) struct App {
     pub state: Arc<RouterState>,
@@ -66,16 +74,17 @@ fn clients() -> (PlainClient, Option<TlsClient>) {
 }
 
 impl App {
-    pub fn new(state: Arc<RouterState>, opts: &RouterOptions, open: Arc<AtomicUsize>) -> Arc<Self> {
+    /// Starts the thread's pool and clients (inside its runtime).
+    pub fn new(state: Arc<RouterState>, limits: Limits, open: Arc<AtomicUsize>) -> Arc<Self> {
         let (plain, tls) = clients();
         Arc::new(App {
             state,
             engines: EnginePool::start(),
             plain,
             tls,
-            max_body_bytes: opts.max_body_bytes,
-            model: opts.model.clone(),
-            engine_timeout: opts.engine_timeout,
+            max_body_bytes: limits.max_body_bytes,
+            model: limits.model,
+            engine_timeout: limits.engine_timeout,
             open,
         })
     }

@@ -86,37 +86,37 @@ pub fn configmap_name(inference_service: &str) -> String {
 }
 
 /// Starts the three watches; they retry with backoff for the life of the process.
-pub fn spawn(client: Client, cluster: ClusterConfig, shared: Arc<RouterState>) {
-    spawn_endpoints(client.clone(), &cluster, shared.clone());
-    spawn_config(client.clone(), &cluster, shared.clone());
-    spawn_capacity(client, &cluster, shared);
+pub fn spawn(client: Client, cluster: ClusterConfig, state: Arc<RouterState>) {
+    spawn_endpoints(client.clone(), &cluster, state.clone());
+    spawn_config(client.clone(), &cluster, state.clone());
+    spawn_capacity(client, &cluster, state);
 }
 
 /// Backends from the engine Service's EndpointSlices.
 pub fn spawn_endpoints(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<RouterState>,
+    state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
     let cfg = watcher::Config::default()
         .labels(&format!("{SERVICE_NAME_LABEL}={}", cluster.engine_service));
     let (reader, writer) = reflector::store();
     let port = cluster.engine_port;
-    shared.set_synced(false);
+    state.set_synced(false);
     tokio::spawn(
         reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
             move |ev| {
                 match ev {
                     // Recomputed from the whole store: deletions and relists included.
                     Ok(e @ (Event::Apply(_) | Event::Delete(_) | Event::InitDone)) => {
-                        let state = reader.state();
-                        let b = backends_from_slices(state.iter().map(|a| a.as_ref()), port);
+                        let stored = reader.state();
+                        let b = backends_from_slices(stored.iter().map(|a| a.as_ref()), port);
                         tracing::debug!(backends = b.len(), "engine endpoints changed");
-                        shared.set_backends(b);
-                        if matches!(e, Event::InitDone) && !shared.synced() {
+                        state.set_backends(b);
+                        if matches!(e, Event::InitDone) && !state.synced() {
                             tracing::info!("engine endpoints listed; ready");
-                            shared.set_synced(true);
+                            state.set_synced(true);
                         }
                     }
                     Ok(_) => {}
@@ -132,7 +132,7 @@ pub fn spawn_endpoints(
 pub fn spawn_config(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<RouterState>,
+    state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let cms: Api<ConfigMap> = Api::namespaced(client, &cluster.namespace);
     let name = configmap_name(&cluster.inference_service);
@@ -147,9 +147,9 @@ pub fn spawn_config(
                         Ok(c) => {
                             // Backends in a cluster come from EndpointSlices, not the file.
                             tracing::info!(configmap = %name, "router config applied");
-                            sources::apply(&shared, c, None);
+                            sources::apply(&state, c, None);
                         }
-                        Err(e) => sources::invalid(&shared, &name, &e),
+                        Err(e) => sources::invalid(&state, &name, &e),
                     },
                     Err(e) => tracing::warn!(error = %e, "ConfigMap watch error (retrying)"),
                 }
@@ -162,7 +162,7 @@ pub fn spawn_config(
 pub fn spawn_capacity(
     client: Client,
     cluster: &ClusterConfig,
-    shared: Arc<RouterState>,
+    state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let isvcs: Api<InferenceService> = Api::namespaced(client, &cluster.namespace);
     let cfg =
@@ -173,7 +173,7 @@ pub fn spawn_capacity(
             .applied_objects()
             .for_each(move |isvc| {
                 match isvc {
-                    Ok(i) => shared.set_capacity_exhausted(capacity_exhausted(&i)),
+                    Ok(i) => state.set_capacity_exhausted(capacity_exhausted(&i)),
                     Err(e) => {
                         tracing::warn!(error = %e, "InferenceService watch error (retrying)")
                     }
@@ -337,13 +337,13 @@ mod tests {
     async fn endpoint_slices_watched_through_the_api_become_backends() {
         let (svc, mut handle) = tower_test::mock::pair();
         let client = Client::new(svc, "ml");
-        let shared = RouterState::new(
+        let state = RouterState::new(
             RouterConfig::from_yaml("{}").unwrap(),
             vec!["1.1.1.1:1".into()],
             Default::default(),
         );
-        let task = spawn_endpoints(client, &test_cluster(), shared.clone());
-        assert!(!shared.synced(), "ready before the endpoints were listed");
+        let task = spawn_endpoints(client, &test_cluster(), state.clone());
+        assert!(!state.synced(), "ready before the endpoints were listed");
         let slice = |ips: &[&str], rv: &str| {
             serde_json::json!({
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -372,10 +372,10 @@ mod tests {
             "{queries:?}"
         );
         wait_until("both endpoints are backends", || {
-            shared.backends() == ["10.0.0.1:8000", "10.0.0.2:8000"]
+            state.backends() == ["10.0.0.1:8000", "10.0.0.2:8000"]
         })
         .await;
-        assert!(shared.synced());
+        assert!(state.synced());
         task.abort();
     }
 
@@ -383,12 +383,12 @@ mod tests {
     async fn the_capacity_state_is_watched_through_the_api() {
         let (svc, mut handle) = tower_test::mock::pair();
         let client = Client::new(svc, "ml");
-        let shared = RouterState::new(
+        let state = RouterState::new(
             RouterConfig::from_yaml("{}").unwrap(),
             vec![],
             Default::default(),
         );
-        let task = spawn_capacity(client, &test_cluster(), shared.clone());
+        let task = spawn_capacity(client, &test_cluster(), state.clone());
         let isvc = |exhausted: &str, rv: &str| {
             serde_json::json!({
                 "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
@@ -422,7 +422,7 @@ mod tests {
                 .all(|q| q.contains("fieldSelector=metadata.name%3Dllama")),
             "{queries:?}"
         );
-        wait_until("exhausted from the list", || metric(&shared)).await;
+        wait_until("exhausted from the list", || metric(&state)).await;
         // The re-watch after the empty watch response carries the change.
         let (_, send) = handle.next_request().await.unwrap();
         send.send_response(
@@ -432,7 +432,7 @@ mod tests {
                 ))
                 .unwrap(),
         );
-        wait_until("no longer exhausted", || !metric(&shared)).await;
+        wait_until("no longer exhausted", || !metric(&state)).await;
         task.abort();
     }
 }

@@ -146,20 +146,20 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     });
     let server = RouterServer::start_threads(opts, threads)
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
-    let shared = server.state().clone();
+    let state = server.state().clone();
     let every = Duration::from_millis(args.reload_interval_ms.max(50));
-    sources::spawn_key_refresh(shared.clone(), every);
+    sources::spawn_key_refresh(state.clone(), every);
     match &cluster {
         Some(c) => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
-            cluster::spawn(client, c.clone(), shared.clone());
+            cluster::spawn(client, c.clone(), state.clone());
         }
         None => {
             if let Some(path) = &args.config {
                 sources::spawn_config_watch(
-                    shared.clone(),
+                    state.clone(),
                     path.clone(),
                     args.backends.clone(),
                     true,
@@ -168,10 +168,10 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             }
         }
     }
-    let cfg = shared.config();
+    let cfg = state.config();
     tracing::info!(
         addr = %server.addr(),
-        backends = shared.backends().len(),
+        backends = state.backends().len(),
         providers = cfg.burst.providers.len(),
         mode = ?cfg.burst.mode,
         cluster = cluster.is_some(),

@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::app::App;
+use super::app::{App, Limits};
 use super::config::RouterConfig;
 use super::listen::{Source, Spread, bind, serve};
 use super::state::{BreakerSettings, RouterState};
@@ -55,6 +55,16 @@ impl Default for RouterOptions {
     }
 }
 
+impl RouterOptions {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            model: self.model.clone(),
+            engine_timeout: self.engine_timeout,
+        }
+    }
+}
+
 /// The local backends of a standalone router: the config's plus the command line's.
 pub fn standalone_backends(config: &RouterConfig, extra: &[String]) -> Vec<String> {
     let mut all = config.backends.clone();
@@ -68,10 +78,10 @@ fn state_for(opts: &RouterOptions) -> Arc<RouterState> {
     } else {
         standalone_backends(&opts.config, &opts.extra_backends)
     };
-    let shared = RouterState::new(opts.config.clone(), backends, opts.breaker);
-    shared.set_synced(!opts.in_cluster);
-    shared.set_capacity_exhausted(opts.capacity_exhausted);
-    shared
+    let state = RouterState::new(opts.config.clone(), backends, opts.breaker);
+    state.set_synced(!opts.in_cluster);
+    state.set_capacity_exhausted(opts.capacity_exhausted);
+    state
 }
 
 enum Worker {
@@ -82,7 +92,7 @@ enum Worker {
 /// A running router. Dropping it stops the server.
 pub struct RouterServer {
     addr: SocketAddr,
-    shared: Arc<RouterState>,
+    state: Arc<RouterState>,
     /// Open client connections per serving thread.
     open: Vec<Arc<AtomicUsize>>,
     stop: watch::Sender<bool>,
@@ -98,9 +108,9 @@ impl RouterServer {
     /// Serves on an already bound listener, in the current runtime.
     pub fn start_on(opts: RouterOptions, listener: TcpListener) -> std::io::Result<Self> {
         let addr = listener.local_addr()?;
-        let shared = state_for(&opts);
+        let state = state_for(&opts);
         let open = Arc::new(AtomicUsize::new(0));
-        let app = App::new(shared.clone(), &opts, open.clone());
+        let app = App::new(state.clone(), opts.limits(), open.clone());
         let (stop, rx) = watch::channel(false);
         let task = tokio::spawn(serve(
             app,
@@ -110,7 +120,7 @@ impl RouterServer {
         ));
         Ok(Self {
             addr,
-            shared,
+            state,
             open: vec![open],
             stop,
             workers: vec![Worker::Task(task)],
@@ -134,7 +144,7 @@ impl RouterServer {
             })?;
         let listener = bind(addr)?;
         let addr = listener.local_addr()?;
-        let shared = state_for(&opts);
+        let state = state_for(&opts);
         let (stop, rx) = watch::channel(false);
         let threads = threads.max(1);
         let open: Vec<Arc<AtomicUsize>> = (0..threads).map(|_| Arc::default()).collect();
@@ -152,7 +162,7 @@ impl RouterServer {
         let mut workers = Vec::new();
         for (i, source) in sources.into_iter().enumerate() {
             let (ready_tx, ready_rx) = std::sync::mpsc::channel::<std::io::Result<()>>();
-            let (shared, opts, rx) = (shared.clone(), opts.clone(), rx.clone());
+            let (state, opts, rx) = (state.clone(), opts.clone(), rx.clone());
             let (counter, spread) = (open[i].clone(), spread.take());
             let h = std::thread::Builder::new()
                 .name(format!("router-{i}"))
@@ -180,7 +190,7 @@ impl RouterServer {
                             other => other,
                         };
                         let _ = ready_tx.send(Ok(()));
-                        let app = App::new(shared, &opts, counter);
+                        let app = App::new(state, opts.limits(), counter);
                         serve(app, source, opts.drain_timeout, stopped(rx)).await;
                     });
                 })?;
@@ -191,7 +201,7 @@ impl RouterServer {
         }
         Ok(Self {
             addr,
-            shared,
+            state,
             open,
             stop,
             workers,
@@ -212,14 +222,14 @@ impl RouterServer {
 
     /// The live state: config, backends and capacity setters for sources and tests.
     pub fn state(&self) -> &Arc<RouterState> {
-        &self.shared
+        &self.state
     }
 
     /// Shuts down as a pod should: readiness fails at once, new connections are still served
     /// for `delay` (Services send them until their endpoints drop the pod) unless `cut_short`
     /// ends first, then [`Self::stop`].
     pub async fn close(self, delay: Duration, cut_short: impl Future<Output = ()>) {
-        self.shared.set_closing();
+        self.state.set_closing();
         if !delay.is_zero() {
             tracing::info!(
                 ?delay,

@@ -11,22 +11,22 @@ use super::server::standalone_backends;
 use super::state::RouterState;
 
 /// Applies a config and counts the reload.
-pub fn apply(shared: &Arc<RouterState>, config: RouterConfig, backends: Option<Vec<String>>) {
-    shared
+pub fn apply(state: &Arc<RouterState>, config: RouterConfig, backends: Option<Vec<String>>) {
+    state
         .metrics
         .config_reloads
         .get_or_create(&OutcomeLabel { outcome: "applied" })
         .inc();
-    shared.set_config(config);
+    state.set_config(config);
     if let Some(b) = backends {
-        shared.set_backends(b);
+        state.set_backends(b);
     }
 }
 
 /// Counts a config that did not parse or validate; the previous one stays.
-pub fn invalid(shared: &RouterState, source: &str, e: &dyn std::fmt::Display) {
+pub fn invalid(state: &RouterState, source: &str, e: &dyn std::fmt::Display) {
     tracing::error!(source, error = %e, "router config rejected; keeping the previous one");
-    shared
+    state
         .metrics
         .config_reloads
         .get_or_create(&OutcomeLabel { outcome: "invalid" })
@@ -40,7 +40,7 @@ fn stamp(path: &str) -> Option<(SystemTime, u64)> {
 
 /// Polls the config file; in standalone mode its `backends` (plus `extra`) are the backends.
 pub fn spawn_config_watch(
-    shared: Arc<RouterState>,
+    state: Arc<RouterState>,
     path: String,
     extra_backends: Vec<String>,
     manage_backends: bool,
@@ -62,22 +62,22 @@ pub fn spawn_config_watch(
                     let backends =
                         manage_backends.then(|| standalone_backends(&cfg, &extra_backends));
                     tracing::info!(path, "router config reloaded");
-                    apply(&shared, cfg, backends);
+                    apply(&state, cfg, backends);
                 }
-                Err(e) => invalid(&shared, &path, &e),
+                Err(e) => invalid(&state, &path, &e),
             }
         }
     })
 }
 
 /// Re-reads provider key files every `every`.
-pub fn spawn_key_refresh(shared: Arc<RouterState>, every: Duration) -> tokio::task::JoinHandle<()> {
+pub fn spawn_key_refresh(state: Arc<RouterState>, every: Duration) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let s = shared.clone();
+            let s = state.clone();
             // File reads block; keep them off the request workers' hot path.
             let _ = tokio::task::spawn_blocking(move || s.refresh_keys()).await;
         }

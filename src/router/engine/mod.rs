@@ -1,7 +1,7 @@
 //! Keep-alive HTTP/1.1 to local engines, spoken on the socket inside the task of the request
-//! that holds the connection, as nginx's upstream module does. hyper's client passes every
-//! request, answer and body chunk through channels to a connection dispatcher, which was a third
-//! of the router's work on a short completion; an engine's answer needs only a head parser
+//! that holds the connection, as nginx's upstream module does: hyper's client passes every
+//! request, answer and body chunk through channels to a connection dispatcher, a large share of
+//! the router's work on a short completion, while an engine's answer needs only a head parser
 //! (httparse) and the three HTTP/1.1 framings (RFC 9112 §6.3).
 //!
 //! - [`framing`]: the pure part: a request encoded once, a response head parsed, bodies framed.

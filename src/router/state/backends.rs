@@ -129,15 +129,15 @@ pub(super) fn provider_slots(
         .collect()
 }
 
-/// Replaces `current` with `fresh` (providers of a new config): each keeps the load and breaker
-/// of the one of its name before, or of a retired one still serving requests; providers left
-/// out with requests on them are retired with their count.
+/// Replaces `current` with `configured` (the providers of a new config): each keeps the load
+/// and breaker of the one of its name before, or of a retired one still serving requests;
+/// providers left out with requests on them are retired with their count.
 pub(super) fn carry_over_providers(
     current: &mut Vec<ProviderSlot>,
     retired: &mut Vec<(String, u32)>,
-    mut fresh: Vec<ProviderSlot>,
+    mut configured: Vec<ProviderSlot>,
 ) {
-    for slot in &mut fresh {
+    for slot in &mut configured {
         if let Some(old) = current.iter().find(|o| o.p.name == slot.p.name) {
             slot.in_flight = old.in_flight;
             slot.breaker = old.breaker.clone();
@@ -145,7 +145,7 @@ pub(super) fn carry_over_providers(
             slot.in_flight = retired.swap_remove(i).1;
         }
     }
-    let old = std::mem::replace(current, fresh);
+    let old = std::mem::replace(current, configured);
     retired.extend(
         old.into_iter()
             .filter(|o| o.in_flight > 0 && !current.iter().any(|n| n.p.name == o.p.name))

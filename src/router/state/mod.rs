@@ -121,11 +121,11 @@ impl RouterState {
     /// keep their history; requests in flight are untouched.
     pub fn set_config(self: &Arc<Self>, config: RouterConfig) {
         let (rpm, spend) = budget_limits(&config);
-        let fresh = provider_slots(&config, self.breaker, &self.metrics);
+        let configured = provider_slots(&config, self.breaker, &self.metrics);
         {
             let mut routing = self.lock();
             let r = &mut *routing;
-            carry_over_providers(&mut r.providers, &mut r.retired, fresh);
+            carry_over_providers(&mut r.providers, &mut r.retired, configured);
             r.budget.max_requests_per_minute = rpm;
             r.budget.max_spend_per_hour = spend;
             r.config = Arc::new(config);
