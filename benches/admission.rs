@@ -18,7 +18,7 @@ fn run(threads: usize, per_thread: u64) -> f64 {
         "maxConcurrencyPerBackend: 1000\nqueue: {limit: 1000, timeoutSeconds: 30}\nburst: {mode: Never}",
     )
     .expect("config");
-    let shared = RouterState::new(
+    let state = RouterState::new(
         config,
         vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
         Default::default(),
@@ -26,7 +26,7 @@ fn run(threads: usize, per_thread: u64) -> f64 {
     let start = Arc::new(std::sync::Barrier::new(threads));
     let workers: Vec<_> = (0..threads)
         .map(|i| {
-            let (shared, start) = (shared.clone(), start.clone());
+            let (state, start) = (state.clone(), start.clone());
             std::thread::spawn(move || {
                 // As each serving thread does: its own shard of the per-request metrics.
                 use_shard(i);
@@ -35,11 +35,13 @@ fn run(threads: usize, per_thread: u64) -> f64 {
                     .build()
                     .expect("runtime");
                 let _guard = rt.enter();
+                // As the proxy does: the request's class first, then its slot.
+                let class = state.classify(None).expect("the implicit class");
                 start.wait();
                 let t = Instant::now();
                 for _ in 0..per_thread {
                     // Far below the limit: every request is admitted at once.
-                    match shared.acquire().now_or_never() {
+                    match state.acquire(&class).now_or_never() {
                         Some(Ticket::Go(lease)) => drop(std::hint::black_box(lease)),
                         _ => panic!("a request was not admitted at once"),
                     }

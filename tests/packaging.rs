@@ -691,14 +691,19 @@ fn chart_values_schema_and_dashboard_are_sound() {
     let dest = router.for_destination("together");
     dest.in_flight.inc();
     dest.ttfb.observe(0.1);
-    router.request("together", spillway::router::outcome::Outcome::Success);
+    router.request(
+        "together",
+        "standard",
+        spillway::router::outcome::Outcome::Success,
+    );
+    router.queued("standard").set(1);
     router
         .spend
         .get_or_create(&spillway::router::metrics::ProviderLabel {
             provider: "together".into(),
         })
         .inc_by(0.1);
-    router.queue_length.set(1);
+
     let exported = metrics.encode() + &router.render();
     let re = regex::Regex::new(r"spillway_[a-z_]+").unwrap();
     let mut seen = BTreeSet::new();

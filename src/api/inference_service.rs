@@ -11,7 +11,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{conditions_schema, preserve_unknown_object};
+use super::{RequestClasses, conditions_schema, preserve_unknown_object};
 
 /// A model served by the organisation's own inference engine on autoscaled GPU replicas,
 /// behind one stable OpenAI-compatible endpoint that bursts to external providers when
@@ -64,6 +64,7 @@ use super::{conditions_schema, preserve_unknown_object};
 #[x_kube(validation = Rule::new("!has(self.burst) || size(self.burst.providers) == 0 || self.router.enabled").message("burst providers need the router: set router.enabled to true"))]
 #[x_kube(validation = Rule::new("!self.router.enabled || self.router.replicas <= self.engine.maxConcurrency").message(ROUTER_SHARE_ENGINE))]
 #[x_kube(validation = Rule::new("!has(self.burst) || !self.router.enabled || self.burst.providers.all(p, p.maxConcurrency >= self.router.replicas)").message(ROUTER_SHARE_PROVIDER))]
+#[x_kube(validation = Rule::new("!has(self.requestClasses) || self.requestClasses.classes.all(c, !has(c.providers) || c.providers.all(p, has(self.burst) && self.burst.providers.exists(q, q.name == p)))").message("a request class may only name burst providers of this service"))]
 pub struct InferenceServiceSpec {
     /// The model clients ask for.
     pub model: ModelSpec,
@@ -78,6 +79,11 @@ pub struct InferenceServiceSpec {
     /// External OpenAI-compatible providers that take overflow traffic.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub burst: Option<BurstSpec>,
+    /// Request classes, named by clients in the `x-spillway-class` header: which requests may
+    /// never leave the cluster, which go first in the queue, and which providers may take them.
+    /// Without them every request bursts as the ScalingPolicy says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_classes: Option<RequestClasses>,
 }
 
 /// The model to serve.
@@ -610,6 +616,11 @@ impl InferenceServiceSpec {
                     ));
                 }
             }
+        }
+        if let Some(classes) = &self.request_classes {
+            let providers = self.burst.as_ref().map_or(&[][..], |b| &b.providers[..]);
+            let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+            errs.extend(classes.problems(&names));
         }
         if errs.is_empty() {
             Ok(())

@@ -2,10 +2,12 @@
 
 mod conditions;
 mod inference_service;
+mod request_classes;
 mod scaling_policy;
 
 pub use conditions::*;
 pub use inference_service::*;
+pub use request_classes::*;
 pub use scaling_policy::*;
 
 use schemars::{Schema, SchemaGenerator, json_schema};

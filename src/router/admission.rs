@@ -48,8 +48,12 @@ pub struct AdmissionInput<'a> {
     pub capacity_exhausted: bool,
     /// Both budget caps (requests per minute, spend per hour) have room.
     pub budget_allows: bool,
-    /// Requests already waiting in this router's queue (not counting this one).
+    /// Requests waiting in this router's queue that go before this one (higher priority, or
+    /// the same and earlier): a local slot goes to them first.
     pub queued: u32,
+    /// Requests waiting in the queue that count against its limit: all of them for a new
+    /// request, whatever their class; for a retry, those ahead of it.
+    pub queue_len: u32,
     pub queue_limit: u32,
     /// How long this request has waited so far.
     pub waited_ms: u64,
@@ -150,7 +154,7 @@ pub fn admit(input: &AdmissionInput<'_>) -> Admission {
         }
         return Admission::Queue;
     }
-    if input.queued >= input.queue_limit {
+    if input.queue_len >= input.queue_limit {
         return Admission::Reject(RejectReason::QueueFull);
     }
     Admission::Queue
@@ -209,6 +213,7 @@ mod tests {
             capacity_exhausted: false,
             budget_allows: true,
             queued: 0,
+            queue_len: 0,
             queue_limit: 10,
             waited_ms: 0,
             max_queue_wait_ms: 0,
@@ -302,9 +307,15 @@ mod tests {
         // A slot is free but 3 requests wait: the newcomer queues behind them.
         assert_eq!(admit(&i), Admission::Queue);
         i.queued = 10;
+        i.queue_len = 10;
         let full = [b(1, 1)];
         i.backends = &full;
         assert_eq!(admit(&i), Admission::Reject(RejectReason::QueueFull));
+        // Of a higher priority, nobody is ahead of it; the limit holds all the same.
+        i.queued = 0;
+        assert_eq!(admit(&i), Admission::Reject(RejectReason::QueueFull));
+        i.queue_len = 9;
+        assert_eq!(admit(&i), Admission::Queue);
         // The head of the queue takes a freed slot.
         i.backends = &room;
         i.in_queue = true;

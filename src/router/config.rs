@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{BurstMode, InferenceService, Pricing, ScalingPolicySpec};
+use crate::api::{BurstMode, InferenceService, Pricing, RequestClasses, ScalingPolicySpec};
 
 /// ConfigMap key holding the config.
 pub const CONFIG_KEY: &str = "router.yaml";
@@ -29,6 +29,10 @@ pub struct RouterConfig {
     pub queue: QueueConfig,
     #[serde(default)]
     pub burst: BurstConfig,
+    /// The service's request classes (see `InferenceService.spec.requestClasses`); without
+    /// them every request is of one class that bursts as `burst.mode` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_classes: Option<RequestClasses>,
     /// Where this router runs in a cluster (absent standalone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
@@ -187,6 +191,15 @@ impl RouterConfig {
                 ));
             }
         }
+        if let Some(classes) = &self.request_classes {
+            let providers: Vec<&str> = self
+                .burst
+                .providers
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect();
+            errs.extend(classes.problems(&providers));
+        }
         if let Some(s) = self
             .burst
             .budget
@@ -255,6 +268,7 @@ pub fn render(
                     .map(|s| spend_share(s, replicas)),
             }),
         },
+        request_classes: spec.request_classes.clone(),
         cluster: Some(ClusterConfig {
             namespace: isvc.metadata.namespace.clone().unwrap_or_default(),
             inference_service: isvc.metadata.name.clone().unwrap_or_default(),

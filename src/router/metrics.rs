@@ -19,7 +19,14 @@ pub const NONE: &str = "none";
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub destination: String,
+    /// A declared request class (or `none` for a request refused before it had one).
+    pub class: String,
     pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -42,8 +49,9 @@ pub struct RouterMetrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, sharded::Counter>,
     pub in_flight: Family<DestinationLabel, sharded::Gauge>,
-    /// Exported as `spillway_router_queue_length` (`autoscale::signals::ROUTER_QUEUE_METRIC`).
-    pub queue_length: Gauge,
+    /// Exported as `spillway_router_queue_length` (`autoscale::signals::ROUTER_QUEUE_METRIC`),
+    /// by class; the autoscaler sums them.
+    pub queue_length: Family<ClassLabel, Gauge>,
     pub duration: Family<DestinationLabel, sharded::Histogram>,
     pub ttfb: Family<DestinationLabel, sharded::Histogram>,
     /// Exported as `spillway_router_slot_duration_seconds`
@@ -68,7 +76,7 @@ impl Default for RouterMetrics {
         let mut registry = Registry::with_prefix("spillway_router");
         let requests = Family::<RequestLabels, sharded::Counter>::default();
         let in_flight = Family::<DestinationLabel, sharded::Gauge>::default();
-        let queue_length = Gauge::default();
+        let queue_length = Family::<ClassLabel, Gauge>::default();
         // 0.1 ms .. ~10 min: proxy overhead at the bottom, long streams at the top.
         let buckets = || sharded::Histogram::exponential(0.0001, 2.5);
         let duration =
@@ -84,7 +92,7 @@ impl Default for RouterMetrics {
         let engine_set_asides = Counter::default();
         registry.register(
             "requests",
-            "Requests answered, by destination (local or provider name) and outcome",
+            "Requests answered, by destination (local or provider name), request class and outcome",
             requests.clone(),
         );
         registry.register(
@@ -94,7 +102,7 @@ impl Default for RouterMetrics {
         );
         registry.register(
             "queue_length",
-            "Requests waiting for a local engine slot",
+            "Requests waiting for a local engine slot, by request class",
             queue_length.clone(),
         );
         registry.register_with_unit(
@@ -171,15 +179,17 @@ impl Default for RouterMetrics {
 }
 
 /// One destination's metric handles, resolved once: the per-request path then does no label
-/// hashing or allocation.
+/// hashing or allocation for them.
 #[derive(Clone, Debug)]
 pub struct DestMetrics {
     pub in_flight: sharded::Gauge,
     pub duration: sharded::Histogram,
     pub ttfb: sharded::Histogram,
     pub slot: sharded::Histogram,
-    pub success: sharded::Counter,
 }
+
+/// The class label of requests that ended before they had a class (an unknown class).
+pub const NO_CLASS: &str = "none";
 
 impl RouterMetrics {
     pub fn for_destination(&self, destination: &str) -> DestMetrics {
@@ -191,24 +201,27 @@ impl RouterMetrics {
             duration: self.duration.get_or_create(&d).clone(),
             ttfb: self.ttfb.get_or_create(&d).clone(),
             slot: self.slot.get_or_create(&d).clone(),
-            success: self
-                .requests
-                .get_or_create(&RequestLabels {
-                    destination: destination.to_string(),
-                    outcome: Outcome::Success.label(),
-                })
-                .clone(),
         }
     }
 
-    /// Counts a request that ended with `outcome`.
-    pub fn request(&self, destination: &str, outcome: Outcome) {
+    /// Counts a request of `class` that ended with `outcome`.
+    pub fn request(&self, destination: &str, class: &str, outcome: Outcome) {
         self.requests
             .get_or_create(&RequestLabels {
                 destination: destination.to_string(),
+                class: class.to_string(),
                 outcome: outcome.label(),
             })
             .inc();
+    }
+
+    /// The queue-length gauge of `class`.
+    pub fn queued(&self, class: &str) -> Gauge {
+        self.queue_length
+            .get_or_create(&ClassLabel {
+                class: class.to_string(),
+            })
+            .clone()
     }
 
     pub fn render(&self) -> String {
@@ -226,9 +239,12 @@ mod tests {
     #[test]
     fn the_queue_gauge_has_the_name_the_autoscaler_reads() {
         let m = RouterMetrics::default();
-        m.queue_length.set(3);
+        m.queued("batch").set(3);
         let text = m.render();
-        let want = format!("{} 3", crate::autoscale::signals::ROUTER_QUEUE_METRIC);
+        let want = format!(
+            "{}{{class=\"batch\"}} 3",
+            crate::autoscale::signals::ROUTER_QUEUE_METRIC
+        );
         assert!(text.lines().any(|l| l == want), "{text}");
     }
 }

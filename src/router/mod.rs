@@ -8,6 +8,8 @@ pub mod admission;
 pub mod breaker;
 /// The burst budget: requests per minute and spend per hour.
 pub mod budget;
+/// Request classes: a request's class resolved from its header, and what it may do.
+pub mod classes;
 /// The router's config file (`router.yaml`).
 pub mod config;
 /// How a request ended: its metric label and its OpenAI error.

@@ -30,6 +30,8 @@ pub enum Outcome {
     BadRequest,
     /// The request body is over `--max-body-bytes`.
     TooLarge,
+    /// The `x-spillway-class` header names no class of the service.
+    UnknownClass,
     /// Refused before any upstream saw it.
     Rejected(RejectReason),
 }
@@ -46,6 +48,7 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::BadRequest => "bad_request",
             Outcome::TooLarge => "too_large",
+            Outcome::UnknownClass => "unknown_class",
             Outcome::Rejected(r) => r.as_str(),
         }
     }
@@ -78,6 +81,7 @@ impl Outcome {
             Outcome::Timeout => (StatusCode::GATEWAY_TIMEOUT, SERVER, "upstream_timeout"),
             Outcome::BadRequest => (StatusCode::BAD_REQUEST, INVALID, "bad_request"),
             Outcome::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, INVALID, "request_too_large"),
+            Outcome::UnknownClass => (StatusCode::BAD_REQUEST, INVALID, "unknown_request_class"),
             Outcome::Rejected(r) => (StatusCode::SERVICE_UNAVAILABLE, SERVER, r.as_str()),
         })
     }
@@ -183,6 +187,13 @@ mod tests {
                 413,
                 "invalid_request_error",
                 "request_too_large",
+            ),
+            (
+                Outcome::UnknownClass,
+                "unknown_class",
+                400,
+                "invalid_request_error",
+                "unknown_request_class",
             ),
             (
                 Outcome::Rejected(RejectReason::QueueFull),

@@ -12,12 +12,15 @@ use std::sync::Arc;
 
 use super::admission::RejectReason;
 use super::app::App;
+use super::classes::Class;
 use super::engine::EngineFailure;
 use super::engine::Outgoing;
 use super::metrics;
+use super::metrics::NO_CLASS;
 use super::outcome::{Outcome, answer, reject_message};
 use super::relay::{HOP_BY_HOP, RouterBody, Stall, Upstream, read_to_end, relay};
 use super::state::{Dest, Excluded, Lease, Ticket};
+use crate::api::CLASS_HEADER;
 
 /// Attempts per request when connections fail before any response.
 const MAX_ATTEMPTS: usize = 3;
@@ -57,15 +60,22 @@ fn chain(e: &dyn std::error::Error) -> String {
 pub(super) async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
-    let body = match read_body(app, &parts, body).await {
+    let header = parts.headers.get(CLASS_HEADER).map(HeaderValue::as_bytes);
+    let class = match app.state.classify(header) {
+        Ok(c) => c,
+        Err(msg) => {
+            return fail(app, metrics::NONE, NO_CLASS, Outcome::UnknownClass, &msg);
+        }
+    };
+    let body = match read_body(app, &parts, body, &class).await {
         Ok(b) => b,
         Err(answer) => return answer,
     };
-    let mut lease = match app.state.acquire().await {
+    let mut lease = match app.state.acquire(&class).await {
         Ticket::Go(l) => l,
-        Ticket::Reject(r) => return rejected(app, r),
+        Ticket::Reject(r) => return rejected(app, r, &class),
     };
-    let mut tries = Tries::new(arrived);
+    let mut tries = Tries::new(arrived, class);
     loop {
         let failure = match send(app, &lease, &parts, &body).await {
             // Nothing has reached the client yet, and the provider's body may quote the key.
@@ -85,6 +95,7 @@ async fn read_body(
     app: &App,
     parts: &http::request::Parts,
     mut body: Incoming,
+    class: &Class,
 ) -> Result<Bytes, Response<RouterBody>> {
     let declared = parts
         .headers
@@ -92,14 +103,15 @@ async fn read_body(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > app.max_body_bytes as u64) {
-        return Err(too_large(app));
+        return Err(too_large(app, class));
     }
     match read_to_end(&mut body, app.max_body_bytes, |_| {}).await {
         Ok(Some(b)) => Ok(b),
-        Ok(None) => Err(too_large(app)),
+        Ok(None) => Err(too_large(app, class)),
         Err(e) => Err(fail(
             app,
             metrics::NONE,
+            &class.name,
             Outcome::BadRequest,
             &format!("reading request body: {e}"),
         )),
@@ -109,6 +121,8 @@ async fn read_body(
 /// What a request has been through.
 struct Tries {
     arrived: Instant,
+    /// Its class, resolved at arrival, for every attempt.
+    class: Class,
     /// Attempts so far, this one included.
     attempts: usize,
     /// Failures after an engine may have taken the whole request.
@@ -118,9 +132,10 @@ struct Tries {
 }
 
 impl Tries {
-    fn new(arrived: Instant) -> Self {
+    fn new(arrived: Instant, class: Class) -> Self {
         Self {
             arrived,
+            class,
             attempts: 1,
             delivered: 0,
             excluded: Excluded::default(),
@@ -161,16 +176,34 @@ async fn retry(
                 app.state.provider_result(&p.name, false, lease.sent_ms);
             }
             let msg = "upstream did not answer in time";
-            return Err(fail(app, dest.label(), Outcome::Timeout, msg));
+            return Err(fail(
+                app,
+                dest.label(),
+                &tries.class.name,
+                Outcome::Timeout,
+                msg,
+            ));
         }
         SendError::BadBody(_) => {
             let msg = failure.to_string();
-            return Err(fail(app, dest.label(), Outcome::BadRequest, &msg));
+            return Err(fail(
+                app,
+                dest.label(),
+                &tries.class.name,
+                Outcome::BadRequest,
+                &msg,
+            ));
         }
         SendError::NoTls => {
             tracing::error!(destination = dest.label(), error = %failure, "cannot reach provider");
             let msg = failure.to_string();
-            return Err(fail(app, dest.label(), Outcome::UpstreamUnavailable, &msg));
+            return Err(fail(
+                app,
+                dest.label(),
+                &tries.class.name,
+                Outcome::UpstreamUnavailable,
+                &msg,
+            ));
         }
     }
     let (dest, sent) = (dest.clone(), lease.sent_ms);
@@ -196,14 +229,17 @@ async fn retry(
     drop(lease);
     let next = if tries.may_retry() {
         let queued = tries.excluded.providers_only();
-        match app.state.retry_now(tries.arrived, &tries.excluded) {
+        match app
+            .state
+            .retry_now(tries.arrived, &tries.excluded, &tries.class)
+        {
             Some(l) => Some(l),
             // Nothing else has room now: wait for it in its place by arrival, if anything else
             // could ever take it.
-            None if may_queue && app.state.serves_beyond(&queued) => {
-                match app.state.requeue(tries.arrived, queued).await {
+            None if may_queue && app.state.serves_beyond(&queued, &tries.class) => {
+                match app.state.requeue(tries.arrived, queued, &tries.class).await {
                     Ticket::Go(l) => Some(l),
-                    Ticket::Reject(r) => return Err(rejected(app, r)),
+                    Ticket::Reject(r) => return Err(rejected(app, r, &tries.class)),
                 }
             }
             None => None,
@@ -221,24 +257,38 @@ async fn retry(
                 SendError::Refused(_) => "the provider refused the router's credentials",
                 _ => "upstream connection failed before a response",
             };
-            Err(fail(app, dest.label(), Outcome::UpstreamUnavailable, msg))
+            Err(fail(
+                app,
+                dest.label(),
+                &tries.class.name,
+                Outcome::UpstreamUnavailable,
+                msg,
+            ))
         }
     }
 }
 
-/// The router's own answer for a request that ends here, counted under `destination`.
-fn fail(app: &App, destination: &str, outcome: Outcome, message: &str) -> Response<RouterBody> {
-    app.state.metrics.request(destination, outcome);
+/// The router's own answer for a request that ends here, counted under `destination` and
+/// `class`.
+fn fail(
+    app: &App,
+    destination: &str,
+    class: &str,
+    outcome: Outcome,
+    message: &str,
+) -> Response<RouterBody> {
+    app.state.metrics.request(destination, class, outcome);
     answer(outcome, message)
 }
 
-fn too_large(app: &App) -> Response<RouterBody> {
+fn too_large(app: &App, class: &Class) -> Response<RouterBody> {
     let msg = format!("request body exceeds {} bytes", app.max_body_bytes);
-    fail(app, metrics::NONE, Outcome::TooLarge, &msg)
+    fail(app, metrics::NONE, &class.name, Outcome::TooLarge, &msg)
 }
 
-fn rejected(app: &App, r: RejectReason) -> Response<RouterBody> {
-    fail(app, metrics::NONE, Outcome::Rejected(r), reject_message(r))
+fn rejected(app: &App, r: RejectReason, class: &Class) -> Response<RouterBody> {
+    let o = Outcome::Rejected(r);
+    fail(app, metrics::NONE, &class.name, o, reject_message(r))
 }
 
 /// Whether a client's header goes upstream. `Host` and `Content-Length` come from the new

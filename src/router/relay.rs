@@ -382,11 +382,9 @@ impl Relay {
         };
         let state = lease.state();
         let dm = lease.metrics();
-        if outcome == Outcome::Success {
-            dm.success.inc();
-        } else {
-            state.metrics.request(lease.dest.label(), outcome);
-        }
+        state
+            .metrics
+            .request(lease.dest.label(), &lease.class.name, outcome);
         dm.duration.observe(self.arrived.elapsed().as_secs_f64());
         // Answered requests only: an attempt that failed before any answer held no real slot
         // time, and would count as spilled demand.

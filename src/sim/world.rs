@@ -289,6 +289,7 @@ impl Sim<'_> {
             capacity_exhausted: self.exhausted,
             budget_allows,
             queued,
+            queue_len: queued,
             queue_limit: self.queue_limit,
             waited_ms,
             max_queue_wait_ms: self.max_queue_wait_ms,

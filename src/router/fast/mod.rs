@@ -15,12 +15,13 @@
 //!    ([`LocalPath::release`]). Both are sequentially consistent, so one of the two always sees
 //!    the other. (An engine back from being set aside frees no slot: the state pumps the queue
 //!    on a timer for it.)
-//! 4. **A thread's copy of the backend list is never older than its id says.** The id is read
-//!    before the list is copied, and published after the list changed, under the lock.
+//! 4. **A thread's copy of the backend list and request classes is never older than its id
+//!    says.** The id is read before the copy is made, and published after a change, under the
+//!    lock.
 //! 5. **Metrics add up.** Each serving thread counts in cache lines of its own ([`sharded`]);
 //!    a scrape sums them. A gauge's shards may go negative; their sum does not.
 
 pub mod sharded;
 mod slots;
 
-pub use slots::{Backend, LocalPath};
+pub use slots::{Backend, LocalPath, View};

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use crate::clock::Millis;
 use crate::router::admission::{BackendLoad, local_first};
+use crate::router::classes::{Class, Classes};
 
 /// A local engine.
 #[derive(Debug)]
@@ -102,11 +103,13 @@ pub struct LocalPath {
 /// never matches another router's.
 static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
 
-/// A serving thread's copy of the backend list.
-struct View {
+/// What a serving thread reads on every request, copied from the routing state when it
+/// changes: the backend list, the limit and the request classes.
+pub struct View {
     id: u64,
-    limit: u32,
-    backends: Vec<Arc<Backend>>,
+    pub limit: u32,
+    pub backends: Vec<Arc<Backend>>,
+    pub classes: Option<Arc<Classes>>,
     loads: Vec<BackendLoad>,
 }
 
@@ -116,6 +119,7 @@ thread_local! {
             id: 0,
             limit: 0,
             backends: Vec::new(),
+            classes: None,
             loads: Vec::new(),
         })
     };
@@ -148,20 +152,40 @@ impl LocalPath {
         self.queued.load(Ordering::SeqCst) != 0
     }
 
-    /// A local slot without the lock, when nobody waits and an engine has room. `current`
-    /// copies the backend list under the lock into this thread's, and returns the limit.
-    pub fn take(
-        &self,
-        current: impl FnOnce(&mut Vec<Arc<Backend>>) -> u32,
-        now: impl Fn() -> Millis,
-    ) -> Option<Arc<Backend>> {
+    /// This thread's view, copied again by `current` (under the lock) when it is stale.
+    fn with_view<R>(&self, current: impl FnOnce(&mut View), f: impl FnOnce(&mut View) -> R) -> R {
         VIEW.with(|v| {
             let v = &mut *v.borrow_mut();
             let id = self.view.load(Ordering::SeqCst);
             if v.id != id {
-                v.limit = current(&mut v.backends);
+                current(v);
                 v.id = id;
             }
+            f(v)
+        })
+    }
+
+    /// The class a request's `x-spillway-class` header names, resolved without the lock (see
+    /// `Classes::resolve`).
+    pub fn classify(
+        &self,
+        current: impl FnOnce(&mut View),
+        header: Option<&[u8]>,
+    ) -> Result<Class, String> {
+        self.with_view(current, |v| {
+            v.classes
+                .get_or_insert_with(Default::default)
+                .resolve(header)
+        })
+    }
+
+    /// A local slot without the lock, when nobody waits and an engine has room.
+    pub fn take(
+        &self,
+        current: impl FnOnce(&mut View),
+        now: impl Fn() -> Millis,
+    ) -> Option<Arc<Backend>> {
+        self.with_view(current, |v| {
             loop {
                 // Read again on every try: a request that queued meanwhile goes first.
                 let queued = self.queued.load(Ordering::SeqCst);
@@ -212,11 +236,11 @@ mod tests {
     fn a_stale_copy_is_refreshed_and_a_queue_stops_the_lock_free_path() {
         let path = LocalPath::default();
         let list = vec![Arc::new(Backend::new("a:1".into()))];
-        fn copy(l: &[Arc<Backend>]) -> impl FnOnce(&mut Vec<Arc<Backend>>) -> u32 + '_ {
+        fn copy(l: &[Arc<Backend>]) -> impl FnOnce(&mut View) + '_ {
             move |v| {
-                v.clear();
-                v.extend_from_slice(l);
-                1
+                v.backends.clear();
+                v.backends.extend_from_slice(l);
+                v.limit = 1;
             }
         }
         let got = path.take(copy(&list), || 0).expect("room");

@@ -7,6 +7,7 @@ use super::RouterState;
 use super::backends::Dest;
 use crate::clock::Millis;
 use crate::router::admission::RejectReason;
+use crate::router::classes::Class;
 use crate::router::keys::Bearer;
 use crate::router::metrics::DestMetrics;
 
@@ -22,6 +23,8 @@ pub struct Lease {
     state: Arc<RouterState>,
     pub dest: Dest,
     pub bearer: Option<Bearer>,
+    /// The request's class.
+    pub class: Class,
     /// When the slot was taken: a provider's breaker judges results by it, and an answered
     /// request's slot duration is measured from it.
     pub sent_ms: Millis,
@@ -34,12 +37,18 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    pub(super) fn new(state: Arc<RouterState>, dest: Dest, bearer: Option<Bearer>) -> Self {
+    pub(super) fn new(
+        state: Arc<RouterState>,
+        dest: Dest,
+        bearer: Option<Bearer>,
+        class: Class,
+    ) -> Self {
         let sent_ms = state.now_ms();
         let lease = Self {
             state,
             dest,
             bearer,
+            class,
             sent_ms,
         };
         lease.metrics().in_flight.inc();
@@ -80,7 +89,7 @@ pub(super) struct QueueGuard<'a> {
 impl Drop for QueueGuard<'_> {
     fn drop(&mut self) {
         let mut routing = self.state.lock();
-        if routing.queue.remove(self.id).is_some() {
+        if routing.remove(self.id).is_some() {
             self.state.queue_changed(&routing);
         }
     }

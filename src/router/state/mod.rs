@@ -24,8 +24,9 @@ use routing::{Ask, Decided, Routing, Waiting};
 use super::admission::RejectReason;
 use super::breaker::BreakerState;
 use super::budget::{BudgetTracker, cost};
+use super::classes::{Class, Classes};
 use super::config::RouterConfig;
-use super::fast::{Backend, LocalPath};
+use super::fast::{Backend, LocalPath, View};
 use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::usage::Usage;
@@ -74,6 +75,7 @@ impl RouterState {
                 config,
                 providers,
                 BudgetTracker::new(rpm, spend),
+                metrics.queue_length.clone(),
             )),
             local_metrics: metrics.for_destination(metrics::LOCAL),
             metrics,
@@ -92,21 +94,26 @@ impl RouterState {
 
     /// Called under the lock whenever the queue changes.
     fn queue_changed(&self, routing: &Routing) {
-        let n = routing.queue.len();
-        self.fast.queue_changed(n);
-        self.metrics.queue_length.set(n as i64);
+        self.fast.queue_changed(routing.queue.len());
+    }
+
+    /// Copies what every request reads into a serving thread's view (see `router::fast`).
+    fn copy_view(&self, v: &mut View) {
+        let routing = self.lock();
+        v.backends.clone_from(&routing.backends);
+        v.limit = routing.config.max_concurrency_per_backend;
+        v.classes = Some(routing.classes.clone());
     }
 
     /// A local slot without the lock, when nobody waits and an engine has room.
     fn take_local(&self) -> Option<Arc<Backend>> {
-        self.fast.take(
-            |copy| {
-                let routing = self.lock();
-                copy.clone_from(&routing.backends);
-                routing.config.max_concurrency_per_backend
-            },
-            || self.now_ms(),
-        )
+        self.fast.take(|v| self.copy_view(v), || self.now_ms())
+    }
+
+    /// The request class a request's `x-spillway-class` header names (the default class when
+    /// it names none), or the message for the client when it names none of them.
+    pub fn classify(&self, header: Option<&[u8]>) -> Result<Class, String> {
+        self.fast.classify(|v| self.copy_view(v), header)
     }
 
     fn now_ms(&self) -> Millis {
@@ -128,6 +135,7 @@ impl RouterState {
             carry_over_providers(&mut r.providers, &mut r.retired, configured);
             r.budget.max_requests_per_minute = rpm;
             r.budget.max_spend_per_hour = spend;
+            r.set_classes(Classes::new(config.request_classes.as_ref()));
             r.config = Arc::new(config);
             self.fast.backends_changed();
         }
@@ -231,27 +239,38 @@ impl RouterState {
 
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out.
-    pub async fn acquire(self: &Arc<Self>) -> Ticket {
+    pub async fn acquire(self: &Arc<Self>, class: &Class) -> Ticket {
         if let Some(b) = self.take_local() {
-            return Ticket::Go(Lease::new(self.clone(), Dest::Local(b), None));
+            return Ticket::Go(Lease::new(
+                self.clone(),
+                Dest::Local(b),
+                None,
+                class.clone(),
+            ));
         }
-        self.enqueue(Instant::now(), Excluded::default()).await
+        self.enqueue(Instant::now(), Excluded::default(), class, false)
+            .await
     }
 
     /// [`Self::acquire`] for a retry that found no room after its connection failed: it keeps
     /// its arrival time, so it waits in the queue ahead of later requests and its spill wait
     /// and queue timeout count from when it arrived, not from the retry; and it is never
     /// handed a destination in `excluded`.
-    pub async fn requeue(self: &Arc<Self>, arrived: Instant, excluded: Excluded) -> Ticket {
+    pub async fn requeue(
+        self: &Arc<Self>,
+        arrived: Instant,
+        excluded: Excluded,
+        class: &Class,
+    ) -> Ticket {
         // A `QueuePass` lets others by such a waiter only for what it may not take: providers.
         debug_assert!(excluded.locals.is_empty());
-        self.enqueue(arrived, excluded).await
+        self.enqueue(arrived, excluded, class, true).await
     }
 
     /// Whether an engine or a provider outside `excluded` could take a request: otherwise a
     /// retry that queued would only wait for its timeout. With no engine listed yet (a cold
     /// start), one may come, as for a new request.
-    pub fn serves_beyond(&self, excluded: &Excluded) -> bool {
+    pub fn serves_beyond(&self, excluded: &Excluded, class: &Class) -> bool {
         let routing = self.lock();
         routing.backends.is_empty()
             || routing
@@ -262,24 +281,39 @@ impl RouterState {
                 && routing
                     .providers
                     .iter()
-                    .any(|p| !excluded.providers.contains(&p.p.name)))
+                    .any(|p| !excluded.providers.contains(&p.p.name) && class.may_use(&p.p.name)))
     }
 
-    /// Decides under the lock, or queues by `since` until a decision comes.
-    async fn enqueue(self: &Arc<Self>, since: Instant, excluded: Excluded) -> Ticket {
+    /// Decides under the lock, or queues by `since` until a decision comes; `retry`: a request
+    /// that already arrived once (see [`Self::requeue`]).
+    async fn enqueue(
+        self: &Arc<Self>,
+        since: Instant,
+        excluded: Excluded,
+        class: &Class,
+        retry: bool,
+    ) -> Ticket {
         let mut out = Vec::new();
         let decided = {
             let mut routing = self.lock();
             let now = self.now_ms();
-            // Those that arrived earlier: all of them for a new request. A retry is neither held
-            // back nor refused as over the limit for requests that came after it.
-            let queued = routing.queue.ahead_of(since) as u32;
+            // Those that go first: of a higher priority, or of its own and arrived earlier. A
+            // new request counts every waiter against the queue's limit; a retry is neither
+            // held back nor refused as over the limit for requests that came after it.
+            let queued = routing.queue.ahead_of(since, class.priority) as u32;
+            let queue_len = if retry {
+                queued
+            } else {
+                routing.queue.len() as u32
+            };
             let waited = since.elapsed().as_millis() as u64;
             let ask = Ask {
                 waited_ms: waited,
                 in_queue: false,
                 queued,
+                queue_len,
                 excluded: &excluded,
+                class,
                 locals_open: true,
             };
             match routing.grant(now, &ask) {
@@ -292,7 +326,16 @@ impl RouterState {
                     let id = routing.next_id;
                     routing.next_id += 1;
                     let (tx, rx) = oneshot::channel();
-                    routing.queue.push(id, since, Waiting { tx, excluded });
+                    let class = class.clone();
+                    routing.push(
+                        id,
+                        since,
+                        Waiting {
+                            tx,
+                            excluded,
+                            class,
+                        },
+                    );
                     self.queue_changed(&routing);
                     // A slot freed after the decision above, while the queue still looked
                     // empty, woke nobody: decide the head again now that the queue shows.
@@ -304,8 +347,8 @@ impl RouterState {
         };
         self.send_all(out);
         match decided {
-            Ok(d) => self.ticket(d),
-            Err((id, rx)) => self.wait(id, since, rx).await,
+            Ok(d) => self.ticket(d, class.clone()),
+            Err((id, rx)) => self.wait(id, since, rx, class).await,
         }
     }
 
@@ -314,6 +357,7 @@ impl RouterState {
         id: u64,
         since: Instant,
         mut rx: oneshot::Receiver<Ticket>,
+        class: &Class,
     ) -> Ticket {
         // Leaves the queue if the client goes away while waiting.
         let _guard = QueueGuard { state: self, id };
@@ -323,7 +367,7 @@ impl RouterState {
                 (
                     Duration::from_millis(routing.config.burst.max_queue_wait_milliseconds),
                     Duration::from_secs(u64::from(routing.config.queue.timeout_seconds)),
-                    !routing.providers.is_empty(),
+                    !routing.providers.is_empty() && !class.never_burst,
                 )
             };
             let now = Instant::now();
@@ -342,7 +386,7 @@ impl RouterState {
                     if Instant::now() >= since + timeout {
                         let removed = {
                             let mut routing = self.lock();
-                            let r = routing.queue.remove(id).is_some();
+                            let r = routing.remove(id).is_some();
                             self.queue_changed(&routing);
                             r
                         };
@@ -366,7 +410,7 @@ impl RouterState {
         {
             let mut routing = self.lock();
             routing.refusing = true;
-            while let Some(w) = routing.queue.remove_at(0) {
+            while let Some(w) = routing.remove_at(0) {
                 refused.push(w.item.tx);
             }
             self.queue_changed(&routing);
@@ -378,20 +422,30 @@ impl RouterState {
 
     /// Another destination with room now for a retry (it keeps its arrival time for the spill
     /// wait, and is not held back by later requests); `None` when nothing has room.
-    pub fn retry_now(self: &Arc<Self>, arrived: Instant, excluded: &Excluded) -> Option<Lease> {
+    pub fn retry_now(
+        self: &Arc<Self>,
+        arrived: Instant,
+        excluded: &Excluded,
+        class: &Class,
+    ) -> Option<Lease> {
         let d = {
             let mut routing = self.lock();
+            let queued = routing.queue.len() as u32;
             let ask = Ask {
                 waited_ms: arrived.elapsed().as_millis() as u64,
                 in_queue: true,
-                queued: routing.queue.len() as u32,
+                queued,
+                queue_len: queued,
                 excluded,
+                class,
                 locals_open: true,
             };
             routing.grant(self.now_ms(), &ask)
         };
         match d {
-            Some(Decided::Go(dest, key)) => Some(Lease::new(self.clone(), dest, key)),
+            Some(Decided::Go(dest, key)) => {
+                Some(Lease::new(self.clone(), dest, key, class.clone()))
+            }
             _ => None,
         }
     }
@@ -463,9 +517,9 @@ impl RouterState {
             .inc_by(spent);
     }
 
-    fn ticket(self: &Arc<Self>, d: Decided) -> Ticket {
+    fn ticket(self: &Arc<Self>, d: Decided, class: Class) -> Ticket {
         match d {
-            Decided::Go(dest, key) => Ticket::Go(Lease::new(self.clone(), dest, key)),
+            Decided::Go(dest, key) => Ticket::Go(Lease::new(self.clone(), dest, key, class)),
             Decided::Reject(r) => Ticket::Reject(r),
         }
     }
@@ -485,9 +539,9 @@ impl RouterState {
     }
 
     /// Outside the lock: a waiter that went away drops its lease here, which takes the lock.
-    fn send_all(self: &Arc<Self>, out: Vec<(oneshot::Sender<Ticket>, Decided)>) {
-        for (tx, d) in out {
-            let _ = tx.send(self.ticket(d));
+    fn send_all(self: &Arc<Self>, out: Vec<(oneshot::Sender<Ticket>, Decided, Class)>) {
+        for (tx, d, class) in out {
+            let _ = tx.send(self.ticket(d, class));
         }
     }
 
@@ -521,6 +575,11 @@ mod tests {
     use std::cell::RefCell;
     use std::sync::atomic::AtomicU32;
 
+    /// The one class of a service that declares none.
+    fn any() -> Class {
+        Classes::default().resolve(None).unwrap()
+    }
+
     fn state(limit: u32, backends: &[&str]) -> Arc<RouterState> {
         RouterState::new(
             config(limit),
@@ -551,7 +610,7 @@ mod tests {
 
     /// A lease granted without waiting, or `None` when the request would wait.
     fn now(s: &Arc<RouterState>) -> Option<Lease> {
-        match s.acquire().now_or_never()? {
+        match s.acquire(&any()).now_or_never()? {
             Ticket::Go(l) => Some(l),
             Ticket::Reject(r) => panic!("rejected: {r:?}"),
         }
@@ -645,7 +704,7 @@ mod tests {
         let s = state(1, &["a:1"]);
         let _held = now(&s).expect("room");
         s.refuse_waiting();
-        let t = s.acquire().now_or_never().expect("decided at once");
+        let t = s.acquire(&any()).now_or_never().expect("decided at once");
         assert!(
             matches!(t, Ticket::Reject(RejectReason::ShuttingDown)),
             "{t:?}"
@@ -659,7 +718,7 @@ mod tests {
         let held = now(&s).expect("room");
         let waiter = tokio::spawn({
             let s = s.clone();
-            async move { s.acquire().await }
+            async move { s.acquire(&any()).await }
         });
         while s.queued() == 0 {
             tokio::task::yield_now().await;
@@ -712,7 +771,8 @@ mod tests {
                         .unwrap();
                     rt.block_on(async {
                         for _ in 0..3000 {
-                            let t = tokio::time::timeout_at(deadline.into(), s.acquire()).await;
+                            let t =
+                                tokio::time::timeout_at(deadline.into(), s.acquire(&any())).await;
                             let Ticket::Go(l) = t.expect("a waiter was left behind") else {
                                 panic!("rejected")
                             };

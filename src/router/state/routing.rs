@@ -10,21 +10,27 @@ use tokio::sync::oneshot;
 
 use super::backends::{Dest, Excluded, ProviderSlot};
 use super::lease::Ticket;
+use crate::api::BurstMode;
 use crate::clock::Millis;
 use crate::router::admission::{
     Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, RejectReason, admit,
 };
 use crate::router::budget::BudgetTracker;
+use crate::router::classes::{Class, Classes};
 use crate::router::config::RouterConfig;
 use crate::router::fast::Backend;
 use crate::router::keys::Bearer;
-use crate::router::queue::Fifo;
+use crate::router::metrics::ClassLabel;
+use crate::router::queue::{Fifo, Waiter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 
 /// A request in the queue: where its ticket goes, and where it must not (the providers a
 /// retry failed on; never engines, which are set aside instead).
 pub(super) struct Waiting {
     pub tx: oneshot::Sender<Ticket>,
     pub excluded: Excluded,
+    pub class: Class,
 }
 
 /// Where a granted request goes (with the provider's key), or why it is refused.
@@ -41,7 +47,10 @@ pub(super) struct Ask<'a> {
     pub in_queue: bool,
     /// Requests waiting ahead of it.
     pub queued: u32,
+    /// Requests waiting that count against the queue's limit (see `AdmissionInput`).
+    pub queue_len: u32,
     pub excluded: &'a Excluded,
+    pub class: &'a Class,
     /// It may take a local engine (see [`QueuePass`]).
     pub locals_open: bool,
 }
@@ -59,6 +68,10 @@ pub(super) struct Routing {
     pub budget: BudgetTracker,
     pub queue: Fifo<Waiting>,
     pub capacity_exhausted: bool,
+    /// The config's request classes.
+    pub classes: Arc<Classes>,
+    /// Requests waiting, by class (the router's `queue_length` metric).
+    queued_by_class: Family<ClassLabel, Gauge>,
     /// Queue ids; only requests that wait take one.
     pub next_id: u64,
     /// The drain has run out: nothing more may wait (see `RouterState::refuse_waiting`).
@@ -68,8 +81,16 @@ pub(super) struct Routing {
 }
 
 impl Routing {
-    pub fn new(config: RouterConfig, providers: Vec<ProviderSlot>, budget: BudgetTracker) -> Self {
-        Self {
+    pub fn new(
+        config: RouterConfig,
+        providers: Vec<ProviderSlot>,
+        budget: BudgetTracker,
+        queued_by_class: Family<ClassLabel, Gauge>,
+    ) -> Self {
+        let classes = Arc::new(Classes::new(config.request_classes.as_ref()));
+        let routing = Self {
+            queued_by_class,
+            classes,
             config: Arc::new(config),
             backends: Vec::new(),
             draining: Vec::new(),
@@ -82,6 +103,24 @@ impl Routing {
             refusing: false,
             scratch_b: Vec::new(),
             scratch_p: Vec::new(),
+        };
+        routing.show_classes();
+        routing
+    }
+
+    /// Takes up the classes of a (new) config: each has its queue gauge from the start, at 0
+    /// while none of its requests waits (the autoscaler reads the gauge as the router's sign of
+    /// life).
+    pub fn set_classes(&mut self, classes: Classes) {
+        self.classes = Arc::new(classes);
+        self.show_classes();
+    }
+
+    fn show_classes(&self) {
+        for name in self.classes.names() {
+            let _ = self.queued_by_class.get_or_create(&ClassLabel {
+                class: name.to_string(),
+            });
         }
     }
 
@@ -91,7 +130,7 @@ impl Routing {
         let mut pl = std::mem::take(&mut self.scratch_p);
         bl.clear();
         pl.clear();
-        let ex = ask.excluded;
+        let (ex, class) = (ask.excluded, ask.class);
         bl.extend(self.backends.iter().map(|b| {
             let excluded = !ask.locals_open || ex.locals.contains(&b.addr);
             b.load(limit, || now, excluded)
@@ -101,16 +140,22 @@ impl Routing {
             max_concurrency: p.p.max_concurrency,
             breaker_allows: p.breaker.allows(now),
             has_key: p.key.usable(),
-            excluded: ex.providers.contains(&p.p.name),
+            excluded: ex.providers.contains(&p.p.name) || !class.may_use(&p.p.name),
         }));
         let cfg = &self.config;
         let a = admit(&AdmissionInput {
             backends: &bl,
             providers: &pl,
-            mode: cfg.burst.mode,
+            // Checked here as well as per provider: a class that never bursts never waits to.
+            mode: if class.never_burst {
+                BurstMode::Never
+            } else {
+                cfg.burst.mode
+            },
             capacity_exhausted: self.capacity_exhausted,
             budget_allows: self.budget.allows(now),
             queued: ask.queued,
+            queue_len: ask.queue_len,
             queue_limit: cfg.queue.limit,
             waited_ms: ask.waited_ms,
             max_queue_wait_ms: cfg.burst.max_queue_wait_milliseconds,
@@ -156,7 +201,7 @@ impl Routing {
         &mut self,
         now: Millis,
         at: Instant,
-        out: &mut Vec<(oneshot::Sender<Ticket>, Decided)>,
+        out: &mut Vec<(oneshot::Sender<Ticket>, Decided, Class)>,
     ) {
         let mut i = 0;
         let mut pass = QueuePass::default();
@@ -164,30 +209,67 @@ impl Routing {
             let waited_ms = at.saturating_duration_since(w.since).as_millis() as u64;
             // Taken out for the decision and put back if it waits on: no clone under the lock.
             let excluded = std::mem::take(&mut w.item.excluded);
+            let class = w.item.class.clone();
+            let queued = (self.queue.len() - 1) as u32;
             let ask = Ask {
                 waited_ms,
                 in_queue: true,
-                queued: (self.queue.len() - 1) as u32,
+                queued,
+                queue_len: queued,
                 excluded: &excluded,
+                class: &class,
                 locals_open: pass.locals_open(),
             };
             match self.grant(now, &ask) {
                 Some(d) => {
-                    if let Some(w) = self.queue.remove_at(i) {
-                        out.push((w.item.tx, d));
+                    if let Some(w) = self.remove_at(i) {
+                        out.push((w.item.tx, d, class));
                     }
                 }
                 None => {
-                    let retry = !excluded.is_empty();
+                    let kept = !excluded.is_empty() || class.kept_from_providers();
                     if let Some(w) = self.queue.get_mut(i) {
                         w.item.excluded = excluded;
                     }
-                    if !pass.waits(retry) {
+                    if !pass.waits(kept) {
                         break;
                     }
                     i += 1;
                 }
             }
         }
+    }
+
+    /// Puts a request in the queue, in its place by priority and arrival.
+    pub fn push(&mut self, id: u64, since: Instant, w: Waiting) {
+        self.gauge(&w.class).inc();
+        let priority = w.class.priority;
+        self.queue.push(id, since, priority, w);
+    }
+
+    /// Takes the `i`-th waiter out of the queue.
+    pub fn remove_at(&mut self, i: usize) -> Option<Waiter<Waiting>> {
+        let w = self.queue.remove_at(i)?;
+        self.metrics_left(&w);
+        Some(w)
+    }
+
+    /// Takes waiter `id` out of the queue; `None` when it already left.
+    pub fn remove(&mut self, id: u64) -> Option<Waiter<Waiting>> {
+        let w = self.queue.remove(id)?;
+        self.metrics_left(&w);
+        Some(w)
+    }
+
+    fn metrics_left(&self, w: &Waiter<Waiting>) {
+        self.gauge(&w.item.class).dec();
+    }
+
+    fn gauge(&self, class: &Class) -> Gauge {
+        self.queued_by_class
+            .get_or_create(&ClassLabel {
+                class: class.name.clone(),
+            })
+            .clone()
     }
 }

@@ -43,7 +43,7 @@ async fn provider_500s_open_its_breaker_and_the_next_provider_takes_over() {
         assert_eq!(
             sample(
                 &t,
-                "spillway_router_requests_total{destination=\"a\",outcome=\"upstream_error\"}"
+                "spillway_router_requests_total{destination=\"a\",class=\"default\",outcome=\"upstream_error\"}"
             ),
             Some(3.0)
         );
@@ -144,7 +144,7 @@ async fn a_probe_whose_client_leaves_mid_answer_still_closes_the_breaker() {
         probe.frame().await.unwrap().unwrap();
         drop(probe);
         wait_metrics(&r, |t| {
-            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"cancelled\"} 1")
+            t.contains("spillway_router_requests_total{destination=\"p\",class=\"default\",outcome=\"cancelled\"} 1")
         })
         .await;
         // Closed: the next request goes to it at once, not after another 3 s.

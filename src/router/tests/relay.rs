@@ -159,7 +159,7 @@ async fn the_last_line_the_usage_filter_held_is_not_lost_to_trailers() {
         assert_eq!(read_all(resp).await, format!("{KEPT_EVENT}data: [DONE]"));
         // And the answer counts as complete, not as one the client walked away from.
         wait_metrics(&r, |t| {
-            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"success\"} 1")
+            t.contains("spillway_router_requests_total{destination=\"p\",class=\"default\",outcome=\"success\"} 1")
         })
         .await;
         server.abort();
@@ -188,7 +188,7 @@ async fn an_engine_that_stalls_mid_answer_is_cut_off_after_the_engine_timeout() 
         assert!(started.elapsed() >= Duration::from_secs(1), "cut off early");
         let m = wait_metrics(&r, |t| {
             t.contains(
-                "spillway_router_requests_total{destination=\"local\",outcome=\"aborted\"} 1",
+                "spillway_router_requests_total{destination=\"local\",class=\"default\",outcome=\"aborted\"} 1",
             )
         })
         .await;
@@ -245,7 +245,7 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
             assert!(started.elapsed() >= Duration::from_secs(1), "cut off early");
         }
         let m = wait_metrics(&r, |t| {
-            t.contains("spillway_router_requests_total{destination=\"p\",outcome=\"aborted\"} 2")
+            t.contains("spillway_router_requests_total{destination=\"p\",class=\"default\",outcome=\"aborted\"} 2")
         })
         .await;
         assert!(m.contains("spillway_router_in_flight{destination=\"p\"} 0"), "{m}");

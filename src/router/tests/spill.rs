@@ -108,7 +108,7 @@ async fn spill_starts_exactly_when_every_engine_is_full_and_stops_when_room_retu
         assert_eq!(
             sample(
                 &t,
-                "spillway_router_requests_total{destination=\"p\",outcome=\"success\"}"
+                "spillway_router_requests_total{destination=\"p\",class=\"default\",outcome=\"success\"}"
             ),
             Some(2.0),
             "{t}"

@@ -66,7 +66,10 @@ async fn models_health_and_metrics_are_answered_locally() {
         r.state().set_synced(true);
         assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
         let t = get(r.addr(), "/metrics").await.text();
-        assert!(t.contains("spillway_router_queue_length 0"), "{t}");
+        assert!(
+            t.contains("spillway_router_queue_length{class=\"default\"} 0"),
+            "{t}"
+        );
         let nf = get(r.addr(), "/v1/embeddings").await;
         assert_eq!(nf.status, StatusCode::NOT_FOUND);
         assert!(nf.json()["error"]["message"].is_string());
