@@ -10,6 +10,7 @@
 
 mod breaker;
 mod budget;
+mod classes;
 mod drain;
 mod queue;
 mod relay;
@@ -160,8 +161,14 @@ fn served_by(r: &Reply) -> String {
 
 /// Until at least `n` requests are in the queue.
 async fn until_queued(r: &RouterServer, n: f64) {
-    wait_metrics(r, |t| {
-        sample(t, "spillway_router_queue_length").is_some_and(|v| v >= n)
-    })
-    .await;
+    wait_metrics(r, |t| queued(t) >= n).await;
+}
+
+/// Requests waiting, of every class.
+fn queued(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_router_queue_length"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
