@@ -353,6 +353,18 @@ burst:
             "{e}"
         );
         assert!(RouterConfig::from_yaml("queue: [").is_err());
+        let classes = RouterConfig::from_yaml(
+            "requestClasses:\n  defaultClass: x\n  classes:\n  - {name: a, burst: Never}\n  - {name: a, providers: [nope]}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for want in [
+            "\"a\" is not unique",
+            "provider \"nope\"",
+            "\"x\" is not one",
+        ] {
+            assert!(classes.contains(want), "{classes} lacks {want}");
+        }
     }
 
     #[test]
@@ -371,6 +383,11 @@ spec:
     - {name: together, url: "https://api.together.xyz/v1", model: turbo, apiKeySecretRef: {name: together-key, key: api-key},
        pricing: {inputPerMillionTokens: 0.18, outputPerMillionTokens: 0.18}}
     budget: {maxRequestsPerMinute: 600, maxSpendPerHour: "5.00"}
+  requestClasses:
+    defaultClass: restricted
+    classes:
+    - {name: restricted, burst: Never, priority: 100}
+    - {name: opt-in, providers: [together]}
 "#,
         );
         let mut policy = ScalingPolicySpec::default();
@@ -387,6 +404,8 @@ spec:
         assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
         assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
         assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
+        // The classes as declared: the router enforces them.
+        assert_eq!(cfg.request_classes, isvc.spec.request_classes);
         let p = &cfg.burst.providers[0];
         assert_eq!(
             p.api_key_file.as_deref(),
