@@ -72,6 +72,10 @@ pub struct SimulateArgs {
     /// Provider time to first token, milliseconds.
     #[arg(long)]
     pub provider_ttft_ms: Option<u64>,
+    /// The request class mix, as `CLASS=SHARE,...` over the service's `requestClasses` (e.g.
+    /// `restricted=0.3,standard=0.7`); default: every request of the default class.
+    #[arg(long)]
+    pub classes: Option<String>,
     /// Summary format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -288,7 +292,32 @@ pub fn settings(
     if params.tokens_per_second <= 0.0 || params.output_tokens == 0 {
         bail!("tokens per second and output tokens must be positive");
     }
-    Ok((trace, params))
+    let classes = class_mix(&setting(args.classes.clone(), &ann, "classes", ""), service)?;
+    Ok((trace, ModelParams { classes, ..params }))
+}
+
+/// Parses `CLASS=SHARE,...`: each class one of the service's, each share positive.
+fn class_mix(text: &str, service: &InferenceService) -> anyhow::Result<Vec<(String, f64)>> {
+    let known = crate::router::classes::Classes::new(service.spec.request_classes.as_ref());
+    let mut mix: Vec<(String, f64)> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let Some((name, share)) = part.split_once('=') else {
+            bail!("invalid class mix {part:?} (want CLASS=SHARE, e.g. restricted=0.3)");
+        };
+        let name = name.trim();
+        known
+            .resolve(Some(name.as_bytes()))
+            .map_err(|e| anyhow::anyhow!("--classes: {e}"))?;
+        let share: f64 = number("class share", share)?;
+        if !(share > 0.0 && share.is_finite()) {
+            bail!("class {name:?}: share must be positive");
+        }
+        if mix.iter().any(|(n, _)| n == name) {
+            bail!("class {name:?} is in the mix twice");
+        }
+        mix.push((name.to_string(), share));
+    }
+    Ok(mix)
 }
 
 /// `NAME.ext` for one policy, `NAME-POLICY.ext` when several are compared.

@@ -53,6 +53,29 @@ pub fn table(runs: &[Run], slo_ms: u64) -> String {
     row("  rejected (503)", &|r| {
         pct(r.outcomes.rejected, r.outcomes.total)
     });
+    // Per class, when there is more than one.
+    let classes: Vec<String> = runs
+        .first()
+        .map(|r| r.result.classes.iter().map(|c| c.class.clone()).collect())
+        .unwrap_or_default();
+    if classes.len() > 1 {
+        for (i, name) in classes.iter().enumerate() {
+            row(&format!("class {name}"), &|r| {
+                r.classes.get(i).map_or("n/a".into(), |c| {
+                    let share = |n: u64| n as f64 * 100.0 / c.total.max(1) as f64;
+                    format!(
+                        "{} req: {:.1}% local, {:.1}% burst, {:.1}% rejected; TTFT p50/p95 {}/{} ms",
+                        c.total,
+                        share(c.local),
+                        share(c.burst),
+                        share(c.rejected),
+                        c.ttft_p50_ms,
+                        c.ttft_p95_ms
+                    )
+                })
+            });
+        }
+    }
     row("TTFT p50 / p95 / p99", &|r| {
         format!(
             "{} / {} / {} ms",

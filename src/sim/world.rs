@@ -8,12 +8,16 @@ use std::collections::{BinaryHeap, VecDeque};
 use serde::Serialize;
 
 use super::trace::Trace;
+use crate::api::BurstMode;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use crate::clock::Millis;
 use crate::engine_sim::faults::SplitMix64;
-use crate::router::admission::{Admission, AdmissionInput, BackendLoad, ProviderLoad, admit};
+use crate::router::admission::{
+    Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, admit,
+};
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
+use crate::router::classes::{Class, Classes};
 
 /// The parts of the world the simulator models, with defaults close to a real GPU service.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -40,6 +44,9 @@ pub struct ModelParams {
     /// Time-to-first-token objective, milliseconds.
     pub slo_ms: u64,
     pub seed: u64,
+    /// The request class mix: each class's share of requests (shares sum to 1); empty: every
+    /// request of the service's default class.
+    pub classes: Vec<(String, f64)>,
 }
 
 impl Default for ModelParams {
@@ -56,6 +63,7 @@ impl Default for ModelParams {
             gpu_hour_price: 2.5,
             slo_ms: 2000,
             seed: 1,
+            classes: Vec::new(),
         }
     }
 }
@@ -75,6 +83,19 @@ pub struct TimelinePoint {
     pub offered_rps: f64,
 }
 
+/// One request class's requests, by where they went, and their time to first token.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClassOutcome {
+    pub class: String,
+    pub total: u64,
+    pub local: u64,
+    pub burst: u64,
+    pub rejected: u64,
+    pub ttft_p50_ms: u64,
+    pub ttft_p95_ms: u64,
+}
+
 /// Requests by where they went.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -89,6 +110,8 @@ pub struct Outcomes {
 #[serde(rename_all = "camelCase")]
 pub struct SimResult {
     pub outcomes: Outcomes,
+    /// Per request class, in the mix's order.
+    pub classes: Vec<ClassOutcome>,
     /// Time to first token percentiles over served requests, milliseconds.
     pub ttft_p50_ms: u64,
     pub ttft_p95_ms: u64,
@@ -152,6 +175,16 @@ struct Queued {
     arrival: Millis,
     prompt: u32,
     output: u32,
+    /// Index into the class mix.
+    class: usize,
+}
+
+/// One class of the mix: its rules, its cumulative share, and what became of its requests.
+struct MixClass {
+    rule: Class,
+    upto: f64,
+    outcome: ClassOutcome,
+    ttft: Histogram,
 }
 
 struct Provider {
@@ -214,6 +247,9 @@ struct Sim<'a> {
     rng: SplitMix64,
     /// Cold starts: a separate stream, so scaling differently never shifts the arrivals.
     cold_rng: SplitMix64,
+    /// Classes: a stream of their own, so a different mix never shifts the arrivals.
+    class_rng: SplitMix64,
+    mix: Vec<MixClass>,
     pods: Vec<Pod>,
     ready: Vec<u32>,
     desired: i32,
@@ -262,13 +298,17 @@ impl Sim<'_> {
         (self.uniform(0.5, 1.5) * mean as f64).round().max(1.0) as u32
     }
 
-    fn admission(&mut self, in_queue: bool, queued: u32, waited_ms: u64) -> Admission {
+    /// Admission for a request of class `class` (as the router asks it): `queued` waiters go
+    /// before it and `queue_len` count against the limit.
+    fn admission(&mut self, ask: Ask) -> Admission {
+        let rule = self.mix[ask.class].rule.clone();
         self.backends_buf.clear();
         for &i in &self.ready {
             self.backends_buf.push(BackendLoad {
                 outstanding: self.pods[i as usize].outstanding,
                 limit: self.limit,
-                ..Default::default()
+                aside: false,
+                excluded: !ask.locals_open,
             });
         }
         self.providers_buf.clear();
@@ -278,18 +318,24 @@ impl Sim<'_> {
                 max_concurrency: p.max,
                 breaker_allows: true,
                 has_key: true,
-                excluded: false,
+                excluded: !rule.may_use(&p.name),
             });
         }
         let budget_allows = self.budget.allows(self.now);
+        let (in_queue, queued, queue_len, waited_ms) =
+            (ask.in_queue, ask.queued, ask.queue_len, ask.waited_ms);
         admit(&AdmissionInput {
             backends: &self.backends_buf,
             providers: &self.providers_buf,
-            mode: self.policy.burst.mode,
+            mode: if rule.never_burst {
+                BurstMode::Never
+            } else {
+                self.policy.burst.mode
+            },
             capacity_exhausted: self.exhausted,
             budget_allows,
             queued,
-            queue_len: queued,
+            queue_len,
             queue_limit: self.queue_limit,
             waited_ms,
             max_queue_wait_ms: self.max_queue_wait_ms,
@@ -301,6 +347,21 @@ impl Sim<'_> {
     /// Starts a request where admission sent it; returns false if it must wait.
     fn dispatch(&mut self, a: Admission, req: Queued) -> bool {
         let waited = self.now - req.arrival;
+        let class = &mut self.mix[req.class];
+        match a {
+            Admission::Local(_) => {
+                class.outcome.local += 1;
+                class.ttft.record(waited + self.params.prefill_ms as Millis);
+            }
+            Admission::Provider(_) => {
+                class.outcome.burst += 1;
+                class
+                    .ttft
+                    .record(waited + self.params.provider_ttft_ms as Millis);
+            }
+            Admission::Reject(_) => class.outcome.rejected += 1,
+            Admission::Queue => {}
+        }
         match a {
             Admission::Local(i) => {
                 let pod = self.ready[i];
@@ -346,16 +407,42 @@ impl Sim<'_> {
         }
     }
 
+    fn priority(&self, req: &Queued) -> i32 {
+        self.mix[req.class].rule.priority
+    }
+
     fn arrive(&mut self) {
+        let u = self.class_rng.next_f64();
+        let class = self
+            .mix
+            .iter()
+            .position(|c| u < c.upto)
+            .unwrap_or(self.mix.len() - 1);
         let req = Queued {
             arrival: self.now,
             prompt: self.draw_tokens(self.params.prompt_tokens),
             output: self.draw_tokens(self.params.output_tokens),
+            class,
         };
         self.outcomes.total += 1;
-        let a = self.admission(false, self.queue.len() as u32, 0);
+        self.mix[class].outcome.total += 1;
+        // Those of its priority or higher go before it: it waits behind them.
+        let p = self.priority(&req);
+        let ahead = self
+            .queue
+            .iter()
+            .position(|w| self.priority(w) < p)
+            .unwrap_or(self.queue.len());
+        let a = self.admission(Ask {
+            class,
+            in_queue: false,
+            queued: ahead as u32,
+            queue_len: self.queue.len() as u32,
+            waited_ms: 0,
+            locals_open: true,
+        });
         if !self.dispatch(a, req) {
-            self.queue.push_back(req);
+            self.queue.insert(ahead, req);
             if self.max_queue_wait_ms > 0 {
                 self.push(self.now + self.max_queue_wait_ms as Millis, Ev::QueueCheck);
             }
@@ -363,15 +450,29 @@ impl Sim<'_> {
         }
     }
 
-    /// FIFO: only the head is re-evaluated, until it has to keep waiting.
+    /// One `QueuePass`, as the router makes it: head first, until one has to keep waiting
+    /// (one kept from providers by its class lets those behind it by, to providers only).
     fn serve_queue(&mut self) {
-        while let Some(&head) = self.queue.front() {
-            let waited = (self.now - head.arrival).max(0) as u64;
-            let a = self.admission(true, self.queue.len() as u32 - 1, waited);
-            if !self.dispatch(a, head) {
+        let mut pass = QueuePass::default();
+        let mut i = 0;
+        while let Some(&w) = self.queue.get(i) {
+            let waited = (self.now - w.arrival).max(0) as u64;
+            let queued = self.queue.len() as u32 - 1;
+            let a = self.admission(Ask {
+                class: w.class,
+                in_queue: true,
+                queued,
+                queue_len: queued,
+                waited_ms: waited,
+                locals_open: pass.locals_open(),
+            });
+            if self.dispatch(a, w) {
+                self.queue.remove(i);
+            } else if pass.waits(self.mix[w.class].rule.kept_from_providers()) {
+                i += 1;
+            } else {
                 break;
             }
-            self.queue.pop_front();
         }
     }
 
@@ -527,6 +628,47 @@ impl Sim<'_> {
     }
 }
 
+/// One request's admission question.
+#[derive(Clone, Copy, Debug)]
+struct Ask {
+    class: usize,
+    in_queue: bool,
+    queued: u32,
+    queue_len: u32,
+    waited_ms: u64,
+    locals_open: bool,
+}
+
+/// The class mix over the service's classes (unknown names are the caller's to refuse; see
+/// `sim::settings`).
+fn mix(classes: &Classes, shares: &[(String, f64)]) -> Vec<MixClass> {
+    let picked: Vec<(Class, f64)> = if shares.is_empty() {
+        vec![(classes.resolve(None).expect("the default class"), 1.0)]
+    } else {
+        shares
+            .iter()
+            .filter_map(|(n, s)| Some((classes.resolve(Some(n.as_bytes())).ok()?, *s)))
+            .collect()
+    };
+    let total: f64 = picked.iter().map(|(_, s)| s).sum();
+    let mut upto = 0.0;
+    picked
+        .into_iter()
+        .map(|(rule, share)| {
+            upto += share / total;
+            MixClass {
+                outcome: ClassOutcome {
+                    class: rule.name.clone(),
+                    ..ClassOutcome::default()
+                },
+                rule,
+                upto,
+                ttft: Histogram::new(),
+            }
+        })
+        .collect()
+}
+
 /// Runs one simulation.
 pub fn simulate(
     isvc: &InferenceService,
@@ -564,6 +706,11 @@ pub fn simulate(
         heap: BinaryHeap::new(),
         rng: SplitMix64::new(params.seed),
         cold_rng: SplitMix64::new(params.seed ^ 0x5eed_c01d_5747_7a27),
+        class_rng: SplitMix64::new(params.seed ^ 0xc1a5_5e5d_0b5e_ed01),
+        mix: mix(
+            &Classes::new(spec.request_classes.as_ref()),
+            &params.classes,
+        ),
         pods: Vec::new(),
         ready: Vec::new(),
         desired: start_replicas,
@@ -724,7 +871,17 @@ pub fn simulate(
         .iter()
         .map(|p| (p.name.clone(), p.served))
         .collect();
+    let classes = sim
+        .mix
+        .iter()
+        .map(|c| ClassOutcome {
+            ttft_p50_ms: c.ttft.percentile(0.50),
+            ttft_p95_ms: c.ttft.percentile(0.95),
+            ..c.outcome.clone()
+        })
+        .collect();
     SimResult {
+        classes,
         ttft_p50_ms: sim.ttft.percentile(0.50),
         ttft_p95_ms: sim.ttft.percentile(0.95),
         ttft_p99_ms: sim.ttft.percentile(0.99),

@@ -1,5 +1,6 @@
 //! Scenario tests on fixed seeds: the simulator drives the real `decide()` and `admit()`.
 
+mod classes;
 mod inputs;
 mod scenarios;
 
@@ -44,4 +45,14 @@ fn assert_nothing_lost(r: &SimResult) {
         r.outcomes.total
     );
     assert!(r.outcomes.total > 0);
+}
+
+/// The simulator's flags as given on a command line with a file and nothing else.
+fn default_args() -> crate::sim::SimulateArgs {
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: crate::sim::SimulateArgs,
+    }
+    <Cli as clap::Parser>::parse_from(["simulate", "examples/classes.yaml"]).args
 }
