@@ -2,7 +2,9 @@
 //! at once to a fast provider, each scale up within two intervals with an Event and a
 //! `status.decisions` entry naming the signal. The spike's new pod finds no free GPU:
 //! `CapacityExhausted=True/Unschedulable`, and its router (burst mode `CapacityExhausted`)
-//! spills; once the node has GPUs the pod runs and the spilling stops.
+//! spills; once the node has GPUs the pod runs and the spilling stops. Meanwhile a request of
+//! its `restricted` class (burst `Never`, declared in the InferenceService, carried to the
+//! router in its ConfigMap) is served by the engine, never the provider.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +14,7 @@ use tokio::process::Command;
 use super::{Env, MODEL, policy, service};
 use crate::support::operator::{condition, engine_replicas, events, isvc};
 use crate::support::procs::{Proc, spillway_bin};
-use crate::support::traffic::{Load, metric};
+use crate::support::traffic::{Load, metric, request_with};
 use crate::support::{eventually, free_port};
 
 const NS: &str = "b-scale-up";
@@ -57,8 +59,18 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         ),
     )
     .await?;
-    env.apply(NS, &service("spike", NS, "spike", 2, &burst(provider.1)))
-        .await?;
+    let classes = "  requestClasses:\n    defaultClass: standard\n    classes:\n    - {name: restricted, burst: Never, priority: 100}\n    - {name: standard}\n";
+    env.apply(
+        NS,
+        &service(
+            "spike",
+            NS,
+            "spike",
+            2,
+            &format!("{}{classes}", burst(provider.1)),
+        ),
+    )
+    .await?;
     env.apply(
         NS,
         &service(
@@ -217,6 +229,28 @@ async fn spike(env: &Env) -> anyhow::Result<String> {
             Ok((n > 0.0).then_some(n))
         })
         .await?;
+        // While the router spills, a restricted request waits for the engine (ahead of the
+        // standard ones waiting) and never reaches the provider.
+        let body = format!(
+            r#"{{"model": "{MODEL}", "messages": [{{"role": "user", "content": "hi"}}], "max_tokens": 4}}"#
+        );
+        let (status, answer) = request_with(
+            &router,
+            "POST",
+            "/v1/chat/completions",
+            &[("x-spillway-class", "restricted")],
+            Some(&body),
+            Duration::from_secs(25),
+        )
+        .await?;
+        ensure!(status == 200, "the restricted request got {status}: {answer}");
+        ensure!(
+            !answer.contains("provider-model"),
+            "the restricted request was served by the provider: {answer}"
+        );
+        let out = metric(&router, REQUESTS, &[("destination", "fake"), ("class", "restricted")])
+            .await?;
+        ensure!(out == 0.0, "{out} restricted requests reached the provider");
         // More GPUs: the pods schedule and turn ready, capacity is no longer exhausted.
         env.plane.node(NS, 4).await?;
         capacity_back(env, "spike", &router).await?;
@@ -230,7 +264,7 @@ async fn spike(env: &Env) -> anyhow::Result<String> {
         ensure!(after == before, "still spilling: {before} -> {after} provider requests");
         ensure!(served > 0, "no request was served while checking the spill stopped");
         Ok(format!(
-            "spike: scaled up in {:.1}s (QueueDepth), spilled {first}+ while Unschedulable, none in 4 s once scheduled ({served} served locally)",
+            "spike: scaled up in {:.1}s (QueueDepth), spilled {first}+ while Unschedulable (a restricted request served by the engine meanwhile), none in 4 s once scheduled ({served} served locally)",
             took.as_secs_f64()
         ))
     }

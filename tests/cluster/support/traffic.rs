@@ -19,6 +19,18 @@ pub async fn request(
     body: Option<&str>,
     limit: Duration,
 ) -> anyhow::Result<(u16, String)> {
+    request_with(addr, method, path, &[], body, limit).await
+}
+
+/// [`request`] with extra headers.
+pub async fn request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+    limit: Duration,
+) -> anyhow::Result<(u16, String)> {
     let go = async {
         let stream = tokio::net::TcpStream::connect(addr).await?;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -29,6 +41,9 @@ pub async fn request(
             .header("host", addr);
         if body.is_some() {
             req = req.header("content-type", "application/json");
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
         }
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default().to_string())))?;
         let resp = send.send_request(req).await?;
