@@ -292,12 +292,14 @@ fn rejected(app: &App, r: RejectReason, class: &Class) -> Response<RouterBody> {
 }
 
 /// Whether a client's header goes upstream. `Host` and `Content-Length` come from the new
-/// request, and `Expect` was answered here (the body is read before anything is sent).
+/// request, `Expect` was answered here (the body is read before anything is sent), and the
+/// request class is the router's to act on, not an upstream's to see.
 fn forwarded(k: &HeaderName, provider: bool) -> bool {
     if HOP_BY_HOP.contains(k)
         || k == header::HOST
         || k == header::CONTENT_LENGTH
         || k == header::EXPECT
+        || k.as_str() == CLASS_HEADER
     {
         return false;
     }
@@ -459,7 +461,7 @@ mod tests {
     }
 
     #[test]
-    fn client_credentials_and_hop_headers_stay_behind() {
+    fn client_credentials_hop_headers_and_the_class_stay_behind() {
         let mut from = HeaderMap::new();
         from.insert(
             header::AUTHORIZATION,
@@ -468,6 +470,7 @@ mod tests {
         from.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         from.insert(header::HOST, HeaderValue::from_static("router"));
         from.insert("x-request-id", HeaderValue::from_static("r1"));
+        from.insert(CLASS_HEADER, HeaderValue::from_static("restricted"));
         let mut local = HeaderMap::new();
         forward_headers(&from, &mut local, false);
         assert_eq!(local.len(), 2, "{local:?}");
