@@ -65,31 +65,83 @@ async fn until_class_queued(r: &RouterServer, class: &str) {
     wait_metrics(r, |t| sample(t, &series).is_some_and(|v| v >= 1.0)).await;
 }
 
+/// One engine of one slot (held busy by a stream), provider `p`, and a router with the
+/// classes of [`with_classes`] over them.
+struct Busy {
+    live: EngineSimServer,
+    p: EngineSimServer,
+    r: RouterServer,
+    held: Option<hyper::Response<Incoming>>,
+    dir: TempDir,
+}
+
+impl Busy {
+    async fn new(tag: &str, spill_ms: u64, timeout_s: u32, p: EngineSimServer) -> Self {
+        Self::with_breaker(tag, spill_ms, timeout_s, p, None).await
+    }
+
+    async fn with_breaker(
+        tag: &str,
+        spill_ms: u64,
+        timeout_s: u32,
+        p: EngineSimServer,
+        breaker: Option<(u32, Duration)>,
+    ) -> Self {
+        let dir = TempDir::new(tag);
+        let live = engine(1, 50.0).await;
+        let engines = vec![live.addr().to_string()];
+        let r = router_with_classes(engines, &p, &dir, spill_ms, timeout_s, breaker).await;
+        let held = Some(hold_stream(r.addr(), 1000).await);
+        Self {
+            live,
+            p,
+            r,
+            held,
+            dir,
+        }
+    }
+
+    /// A request of `class`, sent once the engine is busy; wait for it to be queued.
+    fn send(&self, class: &'static str) -> tokio::task::JoinHandle<Reply> {
+        let addr = self.r.addr();
+        tokio::spawn(async move { post_as(addr, class, chat(1, false)).await })
+    }
+
+    /// Frees the engine.
+    fn free(&mut self) {
+        self.held = None;
+    }
+
+    async fn stop(mut self) {
+        self.free();
+        self.r.stop().await;
+        self.live.stop().await.unwrap();
+        self.p.stop().await.unwrap();
+    }
+}
+
+/// A provider with no faults.
+async fn healthy() -> EngineSimServer {
+    provider("p", "sk-p", FaultConfig::default()).await
+}
+
 /// First admission and the spill wait: the engine is full and the provider has room, yet the
 /// restricted request waits for the engine, while a standard one spills past it at once.
 #[tokio::test]
 async fn a_restricted_request_waits_for_a_local_slot_while_others_spill() {
     bounded(async {
-        let dir = TempDir::new("class-first");
-        let live = engine(1, 50.0).await;
-        let p = provider("p", "sk-p", FaultConfig::default()).await;
-        let r = router_with_classes(vec![live.addr().to_string()], &p, &dir, 0, 20, None).await;
-        let held = hold_stream(r.addr(), 1000).await;
-        let addr = r.addr();
-        let restricted =
-            tokio::spawn(async move { post_as(addr, "restricted", chat(1, false)).await });
-        until_class_queued(&r, "restricted").await;
+        let mut b = Busy::new("class-first", 0, 20, healthy().await).await;
+        let restricted = b.send("restricted");
+        until_class_queued(&b.r, "restricted").await;
         // Past the spill wait (0 ms) and behind the restricted one: spills all the same.
-        assert_eq!(served_by(&post(r.addr(), chat(1, false)).await), "p-model");
-        drop(held);
+        assert_eq!(served_by(&post(b.r.addr(), chat(1, false)).await), "p-model");
+        b.free();
         assert_eq!(served_by(&restricted.await.unwrap()), "local");
-        assert_eq!(answered_by(&p).await, 1.0, "only the standard request");
-        let t = get(r.addr(), "/metrics").await.text();
+        assert_eq!(answered_by(&b.p).await, 1.0, "only the standard request");
+        let t = get(b.r.addr(), "/metrics").await.text();
         let local = "spillway_router_requests_total{destination=\"local\",class=\"restricted\",outcome=\"success\"} 1";
         assert!(t.contains(local), "{t}");
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        b.stop().await;
     })
     .await;
 }
@@ -99,12 +151,8 @@ async fn a_restricted_request_waits_for_a_local_slot_while_others_spill() {
 #[tokio::test]
 async fn a_restricted_request_is_answered_503_at_its_queue_timeout() {
     bounded(async {
-        let dir = TempDir::new("class-timeout");
-        let live = engine(1, 50.0).await;
-        let p = provider("p", "sk-p", FaultConfig::default()).await;
-        let r = router_with_classes(vec![live.addr().to_string()], &p, &dir, 0, 1, None).await;
-        let held = hold_stream(r.addr(), 1000).await;
-        let reply = post_as(r.addr(), "restricted", chat(1, false)).await;
+        let b = Busy::new("class-timeout", 0, 1, healthy().await).await;
+        let reply = b.send("restricted").await.unwrap();
         assert_eq!(
             reply.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -113,11 +161,8 @@ async fn a_restricted_request_is_answered_503_at_its_queue_timeout() {
         );
         assert_eq!(reply.json()["error"]["code"], "queue_timeout");
         assert!(reply.headers.contains_key(header::RETRY_AFTER));
-        assert_eq!(answered_by(&p).await, 0.0);
-        drop(held);
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        assert_eq!(answered_by(&b.p).await, 0.0);
+        b.stop().await;
     })
     .await;
 }
@@ -187,21 +232,19 @@ async fn a_restricted_request_whose_engine_failed_is_not_retried_at_a_provider()
 #[tokio::test]
 async fn a_half_open_breaker_never_probes_with_a_restricted_request() {
     bounded(async {
-        let dir = TempDir::new("class-breaker");
-        let live = engine(1, 50.0).await;
         let faults = FaultConfig {
             fail_rate: 1.0,
             ..Default::default()
         };
         let p = provider("p", "sk-p", faults).await;
         let breaker = Some((1, Duration::from_millis(200)));
-        let r = router_with_classes(vec![live.addr().to_string()], &p, &dir, 0, 2, breaker).await;
-        let held = hold_stream(r.addr(), 1000).await;
+        let b = Busy::with_breaker("class-breaker", 0, 2, p, breaker).await;
         // A standard request fails at the provider: its breaker opens for 200 ms.
-        let failed = post(r.addr(), chat(1, false)).await;
+        let failed = post(b.r.addr(), chat(1, false)).await;
         assert!(failed.status.is_server_error(), "{}", failed.text());
-        assert_eq!(answered_by(&p).await, 1.0);
-        let reply = post_as(r.addr(), "restricted", chat(1, false)).await;
+        assert_eq!(answered_by(&b.p).await, 1.0);
+        // It waits past the half-opening for its 2 s timeout.
+        let reply = b.send("restricted").await.unwrap();
         assert_eq!(
             reply.status,
             StatusCode::SERVICE_UNAVAILABLE,
@@ -209,14 +252,11 @@ async fn a_half_open_breaker_never_probes_with_a_restricted_request() {
             reply.text()
         );
         assert_eq!(
-            answered_by(&p).await,
+            answered_by(&b.p).await,
             1.0,
             "a restricted request probed the provider"
         );
-        drop(held);
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        b.stop().await;
     })
     .await;
 }
@@ -226,32 +266,24 @@ async fn a_half_open_breaker_never_probes_with_a_restricted_request() {
 #[tokio::test]
 async fn a_reload_mid_request_does_not_let_a_restricted_request_out() {
     bounded(async {
-        let dir = TempDir::new("class-reload");
-        let live = engine(1, 50.0).await;
-        let p = provider("p", "sk-p", FaultConfig::default()).await;
-        let r = router_with_classes(vec![live.addr().to_string()], &p, &dir, 0, 20, None).await;
-        let held = hold_stream(r.addr(), 1000).await;
-        let addr = r.addr();
-        let restricted =
-            tokio::spawn(async move { post_as(addr, "restricted", chat(1, false)).await });
-        until_class_queued(&r, "restricted").await;
-        let key = dir.file("p", "sk-p");
+        let mut b = Busy::new("class-reload", 0, 20, healthy().await).await;
+        let restricted = b.send("restricted");
+        until_class_queued(&b.r, "restricted").await;
+        let key = b.dir.file("p", "sk-p");
         let plain = format!(
             "maxConcurrencyPerBackend: 1\nqueue: {{limit: 10, timeoutSeconds: 20}}\n\
              burst:\n  mode: Saturated\n  maxQueueWaitMilliseconds: 0\n  providers:\n{}",
-            provider_yaml("p", &p, &key, "")
+            provider_yaml("p", &b.p, &key, "")
         );
-        r.state()
+        b.r.state()
             .set_config(RouterConfig::from_yaml(&plain).unwrap());
         // Long enough for several spill re-checks (every 200 ms).
         tokio::time::sleep(Duration::from_millis(700)).await;
-        assert_eq!(answered_by(&p).await, 0.0, "the reload let it burst");
-        drop(held);
+        assert_eq!(answered_by(&b.p).await, 0.0, "the reload let it burst");
+        b.free();
         assert_eq!(served_by(&restricted.await.unwrap()), "local");
-        assert_eq!(answered_by(&p).await, 0.0);
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        assert_eq!(answered_by(&b.p).await, 0.0);
+        b.stop().await;
     })
     .await;
 }
@@ -261,24 +293,20 @@ async fn a_reload_mid_request_does_not_let_a_restricted_request_out() {
 #[tokio::test]
 async fn an_unknown_class_is_a_400_that_lists_the_classes() {
     bounded(async {
-        let dir = TempDir::new("class-unknown");
-        let live = engine(1, 200.0).await;
-        let p = provider("p", "sk-p", FaultConfig::default()).await;
-        let r = router_with_classes(vec![live.addr().to_string()], &p, &dir, 0, 20, None).await;
-        let reply = post_as(r.addr(), "restricetd", chat(1, false)).await;
+        let b = Busy::new("class-unknown", 0, 20, healthy().await).await;
+        let reply = post_as(b.r.addr(), "restricetd", chat(1, false)).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{}", reply.text());
         let e = &reply.json()["error"];
         assert_eq!(e["code"], "unknown_request_class");
         let msg = e["message"].as_str().unwrap();
         assert!(msg.contains("restricted, standard, batch"), "{msg}");
-        assert_eq!(engine_running(&live).await, 0.0);
-        assert_eq!(answered_by(&p).await, 0.0);
-        let t = get(r.addr(), "/metrics").await.text();
+        // The engine runs only the held stream; the provider saw nothing.
+        assert_eq!(engine_running(&b.live).await, 1.0);
+        assert_eq!(answered_by(&b.p).await, 0.0);
+        let t = get(b.r.addr(), "/metrics").await.text();
         let counted = "spillway_router_requests_total{destination=\"none\",class=\"none\",outcome=\"unknown_class\"} 1";
         assert!(t.contains(counted), "{t}");
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        b.stop().await;
     })
     .await;
 }
@@ -295,25 +323,17 @@ fn served_number(r: &Reply) -> u64 {
 #[tokio::test]
 async fn the_queue_serves_higher_priorities_first_then_by_arrival() {
     bounded(async {
-        let dir = TempDir::new("class-priority");
-        let live = engine(1, 200.0).await;
-        let p = provider("p", "sk-p", FaultConfig::default()).await;
         // Nobody spills within the test.
-        let r =
-            router_with_classes(vec![live.addr().to_string()], &p, &dir, 60_000, 20, None).await;
-        let held = hold_stream(r.addr(), 1000).await;
-        let addr = r.addr();
+        let mut b = Busy::new("class-priority", 60_000, 20, healthy().await).await;
         let mut waiting = Vec::new();
         for (i, class) in ["batch", "batch", "restricted", "standard"]
             .into_iter()
             .enumerate()
         {
-            waiting.push(tokio::spawn(async move {
-                post_as(addr, class, chat(1, false)).await
-            }));
-            until_queued(&r, (i + 1) as f64).await;
+            waiting.push(b.send(class));
+            until_queued(&b.r, (i + 1) as f64).await;
         }
-        drop(held);
+        b.free();
         let mut order = Vec::new();
         for w in waiting {
             order.push(served_number(&w.await.unwrap()));
@@ -321,9 +341,7 @@ async fn the_queue_serves_higher_priorities_first_then_by_arrival() {
         // Served: restricted, standard, then the two batch requests in arrival order.
         let (b1, b2, rs, st) = (order[0], order[1], order[2], order[3]);
         assert!(rs < st && st < b1 && b1 < b2, "served as {order:?}");
-        r.stop().await;
-        live.stop().await.unwrap();
-        p.stop().await.unwrap();
+        b.stop().await;
     })
     .await;
 }
