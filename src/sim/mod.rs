@@ -76,6 +76,17 @@ pub struct SimulateArgs {
     /// `restricted=0.3,standard=0.7`); default: every request of the default class.
     #[arg(long)]
     pub classes: Option<String>,
+    /// Routers to model one by one (default: the routers as one). With more than one, each
+    /// policy runs twice: routers with fixed shares of every engine, and routers sharing one
+    /// view of them.
+    #[arg(long)]
+    pub routers: Option<u32>,
+    /// The share of requests reaching the busiest router (default: even).
+    #[arg(long)]
+    pub router_skew: Option<f64>,
+    /// How often routers with a shared view tell each other their counts, in milliseconds.
+    #[arg(long)]
+    pub exchange_ms: Option<u64>,
     /// Summary format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -293,7 +304,46 @@ pub fn settings(
         bail!("tokens per second and output tokens must be positive");
     }
     let classes = class_mix(&setting(args.classes.clone(), &ann, "classes", ""), service)?;
-    Ok((trace, ModelParams { classes, ..params }))
+    let routers: u32 = number(
+        "routers",
+        &setting(args.routers.map(|v| v.to_string()), &ann, "routers", "1"),
+    )?;
+    let router_skew = match setting(
+        args.router_skew.map(|v| v.to_string()),
+        &ann,
+        "router-skew",
+        "",
+    )
+    .as_str()
+    {
+        "" => None,
+        s => Some(number::<f64>("router skew", s)?),
+    };
+    if routers == 0 || routers > 64 {
+        bail!("--routers must be in 1..=64");
+    }
+    if router_skew.is_some_and(|s| !(s > 0.0 && s <= 1.0)) {
+        bail!("--router-skew is the busiest router's share of requests, in (0, 1]");
+    }
+    let exchange_ms: u64 = number(
+        "exchange interval",
+        &setting(
+            args.exchange_ms.map(|v| v.to_string()),
+            &ann,
+            "exchange-ms",
+            &d.exchange_ms.to_string(),
+        ),
+    )?;
+    Ok((
+        trace,
+        ModelParams {
+            classes,
+            routers,
+            router_skew,
+            exchange_ms: exchange_ms.max(1),
+            ..params
+        },
+    ))
 }
 
 /// Parses `CLASS=SHARE,...`: each class one of the service's, each share positive.
@@ -350,14 +400,29 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<()> {
     let scenario = parse_scenario(&texts)?;
     let (trace, params) = settings(&args, &scenario.service)?;
     let name = scenario.service.metadata.name.clone().unwrap_or_default();
-    let several = scenario.policies.len() > 1;
+    let several = scenario.policies.len() > 1 || params.routers > 1;
     let started = std::time::Instant::now();
+    // Several routers: each policy with fixed shares, then with one shared view.
+    let views: &[(bool, &str)] = if params.routers > 1 {
+        &[(false, ", fixed shares"), (true, ", shared view")]
+    } else {
+        &[(false, "")]
+    };
+    let (service, base, trace_ref) = (&scenario.service, &params, &trace);
     let runs: Vec<Run> = scenario
         .policies
         .iter()
-        .map(|(policy_name, policy)| Run {
-            policy: policy_name.clone(),
-            result: simulate(&scenario.service, policy, &trace, &params),
+        .flat_map(|(policy_name, policy)| {
+            views.iter().map(move |&(shared_view, label)| {
+                let p = ModelParams {
+                    shared_view,
+                    ..base.clone()
+                };
+                Run {
+                    policy: format!("{policy_name}{label}"),
+                    result: simulate(service, policy, trace_ref, &p),
+                }
+            })
         })
         .collect();
     let elapsed = started.elapsed();

@@ -85,6 +85,14 @@ pub fn table(runs: &[Run], slo_ms: u64) -> String {
     row(&format!("within SLO ({slo_ms} ms)"), &|r| {
         format!("{:.2}%", r.slo_attainment * 100.0)
     });
+    if runs.iter().any(|r| r.result.routers > 1) {
+        row("spilled with a local slot free", &|r| {
+            pct(r.spilled_with_local_free, r.outcomes.total)
+        });
+        row("engine peak concurrency", &|r| {
+            r.engine_peak_concurrency.to_string()
+        });
+    }
     row("replicas peak / mean", &|r| {
         format!("{} / {:.1}", r.peak_replicas, r.mean_replicas)
     });

@@ -47,6 +47,17 @@ pub struct ModelParams {
     /// The request class mix: each class's share of requests (shares sum to 1); empty: every
     /// request of the service's default class.
     pub classes: Vec<(String, f64)>,
+    /// Routers modelled one by one; 1 models the routers as one (the whole limits, the
+    /// queue limit times `router.replicas`).
+    pub routers: u32,
+    /// The share of requests reaching the busiest router (the others split the rest evenly);
+    /// `None`: even.
+    pub router_skew: Option<f64>,
+    /// Whether routers admit against the whole engine limit, knowing each other's in-flight
+    /// counts as of their last exchange (every `exchange_ms`), rather than each against a
+    /// fixed share of it.
+    pub shared_view: bool,
+    pub exchange_ms: u64,
 }
 
 impl Default for ModelParams {
@@ -64,6 +75,10 @@ impl Default for ModelParams {
             slo_ms: 2000,
             seed: 1,
             classes: Vec::new(),
+            routers: 1,
+            router_skew: None,
+            shared_view: false,
+            exchange_ms: 50,
         }
     }
 }
@@ -134,6 +149,12 @@ pub struct SimResult {
     pub exhausted_ticks: u32,
     pub max_requests_per_minute_to_providers: usize,
     pub max_spend_per_hour: f64,
+    /// Routers modelled (see [`ModelParams::routers`]).
+    pub routers: u32,
+    /// Requests sent to a provider while some ready engine had a free slot.
+    pub spilled_with_local_free: u64,
+    /// The most requests any one engine ran at once (its limit is `engine.maxConcurrency`).
+    pub engine_peak_concurrency: u32,
     #[serde(skip)]
     pub timeline: Vec<TimelinePoint>,
 }
@@ -157,6 +178,7 @@ struct Pod {
 enum Ev {
     LocalDone {
         pod: u32,
+        router: u32,
     },
     /// `cost` in micro-units of currency (exact arithmetic in the heap key).
     ProviderDone {
@@ -167,6 +189,8 @@ enum Ev {
         pod: u32,
     },
     QueueCheck,
+    /// Routers tell each other their in-flight counts (shared view).
+    Exchange,
     Tick,
 }
 
@@ -177,6 +201,17 @@ struct Queued {
     output: u32,
     /// Index into the class mix.
     class: usize,
+    /// The router it reached.
+    router: usize,
+}
+
+/// One router of several: its queue, its own requests on each pod, and (shared view) the
+/// others' as of the last exchange.
+#[derive(Default)]
+struct RouterSim {
+    queue: VecDeque<Queued>,
+    own: Vec<u32>,
+    seen: Vec<u32>,
 }
 
 /// One class of the mix: its rules, its cumulative share, and what became of its requests.
@@ -249,11 +284,17 @@ struct Sim<'a> {
     cold_rng: SplitMix64,
     /// Classes: a stream of their own, so a different mix never shifts the arrivals.
     class_rng: SplitMix64,
+    /// Which router a request reaches: a stream of its own too.
+    router_rng: SplitMix64,
+    routers: Vec<RouterSim>,
+    /// A router's limit on one engine when the routers keep fixed shares.
+    share: u32,
+    spilled_with_local_free: u64,
+    engine_peak: u32,
     mix: Vec<MixClass>,
     pods: Vec<Pod>,
     ready: Vec<u32>,
     desired: i32,
-    queue: VecDeque<Queued>,
     providers: Vec<Provider>,
     budget: BudgetTracker,
     history: History,
@@ -288,6 +329,24 @@ impl Sim<'_> {
         self.ready = (0..self.pods.len() as u32)
             .filter(|&i| self.pods[i as usize].state == PodState::Ready)
             .collect();
+        // Pods are only ever added: each router counts on every one.
+        for r in &mut self.routers {
+            r.own.resize(self.pods.len(), 0);
+            r.seen.resize(self.pods.len(), 0);
+        }
+    }
+
+    /// Each router hears the others' in-flight counts (shared view).
+    fn exchange(&mut self) {
+        let pods = self.pods.len();
+        let totals: Vec<u32> = (0..pods)
+            .map(|i| self.routers.iter().map(|r| r.own[i]).sum())
+            .collect();
+        for r in &mut self.routers {
+            for ((seen, own), total) in r.seen.iter_mut().zip(&r.own).zip(&totals) {
+                *seen = total - own;
+            }
+        }
     }
 
     fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
@@ -303,10 +362,20 @@ impl Sim<'_> {
     fn admission(&mut self, ask: Ask) -> Admission {
         let rule = self.mix[ask.class].rule.clone();
         self.backends_buf.clear();
+        let router = &self.routers[ask.router];
         for &i in &self.ready {
+            let i = i as usize;
+            // As this router sees the engine.
+            let (outstanding, limit) = if self.routers.len() == 1 {
+                (self.pods[i].outstanding, self.limit)
+            } else if self.params.shared_view {
+                (router.own[i] + router.seen[i], self.limit)
+            } else {
+                (router.own[i], self.share)
+            };
             self.backends_buf.push(BackendLoad {
-                outstanding: self.pods[i as usize].outstanding,
-                limit: self.limit,
+                outstanding,
+                limit,
                 aside: false,
                 excluded: !ask.locals_open,
             });
@@ -366,9 +435,15 @@ impl Sim<'_> {
             Admission::Local(i) => {
                 let pod = self.ready[i];
                 self.pods[pod as usize].outstanding += 1;
+                self.routers[req.router].own[pod as usize] += 1;
+                self.engine_peak = self.engine_peak.max(self.pods[pod as usize].outstanding);
                 let service = self.params.prefill_ms as f64
                     + req.output as f64 * 1000.0 / self.params.tokens_per_second;
-                self.push(self.now + service.round() as Millis, Ev::LocalDone { pod });
+                let router = req.router as u32;
+                self.push(
+                    self.now + service.round() as Millis,
+                    Ev::LocalDone { pod, router },
+                );
                 self.local_hold_ms += service.round();
                 self.local_started += 1;
                 self.ttft.record(waited + self.params.prefill_ms as Millis);
@@ -376,6 +451,14 @@ impl Sim<'_> {
                 true
             }
             Admission::Provider(i) => {
+                let limit = self.limit;
+                if self
+                    .ready
+                    .iter()
+                    .any(|&r| self.pods[r as usize].outstanding < limit)
+                {
+                    self.spilled_with_local_free += 1;
+                }
                 let p = &mut self.providers[i];
                 p.in_flight += 1;
                 p.served += 1;
@@ -418,31 +501,34 @@ impl Sim<'_> {
             .iter()
             .position(|c| u < c.upto)
             .unwrap_or(self.mix.len() - 1);
+        let router = self.pick_router();
         let req = Queued {
             arrival: self.now,
             prompt: self.draw_tokens(self.params.prompt_tokens),
             output: self.draw_tokens(self.params.output_tokens),
             class,
+            router,
         };
         self.outcomes.total += 1;
         self.mix[class].outcome.total += 1;
         // Those of its priority or higher go before it: it waits behind them.
         let p = self.priority(&req);
-        let ahead = self
-            .queue
+        let queue = &self.routers[router].queue;
+        let ahead = queue
             .iter()
             .position(|w| self.priority(w) < p)
-            .unwrap_or(self.queue.len());
+            .unwrap_or(queue.len());
         let a = self.admission(Ask {
             class,
+            router,
             in_queue: false,
             queued: ahead as u32,
-            queue_len: self.queue.len() as u32,
+            queue_len: queue.len() as u32,
             waited_ms: 0,
             locals_open: true,
         });
         if !self.dispatch(a, req) {
-            self.queue.insert(ahead, req);
+            self.routers[router].queue.insert(ahead, req);
             if self.max_queue_wait_ms > 0 {
                 self.push(self.now + self.max_queue_wait_ms as Millis, Ev::QueueCheck);
             }
@@ -450,16 +536,44 @@ impl Sim<'_> {
         }
     }
 
-    /// One `QueuePass`, as the router makes it: head first, until one has to keep waiting
-    /// (one kept from providers by its class lets those behind it by, to providers only).
-    fn serve_queue(&mut self) {
+    /// The router a new request reaches: the busiest gets `router_skew` of them.
+    fn pick_router(&mut self) -> usize {
+        let n = self.routers.len();
+        if n == 1 {
+            return 0;
+        }
+        let skew = self.params.router_skew.unwrap_or(1.0 / n as f64);
+        let u = self.router_rng.next_f64();
+        if u < skew {
+            return 0;
+        }
+        let rest = (u - skew) / (1.0 - skew).max(f64::MIN_POSITIVE);
+        (1 + (rest * (n - 1) as f64) as usize).min(n - 1)
+    }
+
+    /// Every router's queue.
+    fn serve_queues(&mut self) {
+        for r in 0..self.routers.len() {
+            self.serve_queue(r);
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.routers.iter().map(|r| r.queue.len()).sum()
+    }
+
+    /// One `QueuePass` of router `router`, as the router makes it: head first, until one has
+    /// to keep waiting (one kept from providers by its class lets those behind it by, to
+    /// providers only).
+    fn serve_queue(&mut self, router: usize) {
         let mut pass = QueuePass::default();
         let mut i = 0;
-        while let Some(&w) = self.queue.get(i) {
+        while let Some(&w) = self.routers[router].queue.get(i) {
             let waited = (self.now - w.arrival).max(0) as u64;
-            let queued = self.queue.len() as u32 - 1;
+            let queued = self.routers[router].queue.len() as u32 - 1;
             let a = self.admission(Ask {
                 class: w.class,
+                router,
                 in_queue: true,
                 queued,
                 queue_len: queued,
@@ -467,7 +581,7 @@ impl Sim<'_> {
                 locals_open: pass.locals_open(),
             });
             if self.dispatch(a, w) {
-                self.queue.remove(i);
+                self.routers[router].queue.remove(i);
             } else if pass.waits(self.mix[w.class].rule.kept_from_providers()) {
                 i += 1;
             } else {
@@ -592,7 +706,7 @@ impl Sim<'_> {
             ready,
             starting: count(|s| matches!(s, PodState::Starting { .. })),
             unschedulable: count(|s| *s == PodState::Unschedulable),
-            router_queue: Some(self.queue.len() as f64),
+            router_queue: Some(self.queued() as f64),
             // What went to providers this interval, in local slots (as the driver measures it).
             spilled: (self.local_started > 0).then(|| {
                 let per_second = self.burst_since_tick as f64 * 1000.0 / self.interval_ms as f64;
@@ -622,7 +736,7 @@ impl Sim<'_> {
             self.desired = d.desired;
             self.reconcile_pods();
             // New capacity or a freed quota may let waiting requests in.
-            self.serve_queue();
+            self.serve_queues();
         }
         d
     }
@@ -632,6 +746,7 @@ impl Sim<'_> {
 #[derive(Clone, Copy, Debug)]
 struct Ask {
     class: usize,
+    router: usize,
     in_queue: bool,
     queued: u32,
     queue_len: u32,
@@ -698,6 +813,8 @@ pub fn simulate(
         .and_then(|s| parse_spend(s).ok());
     let interval_ms = policy.interval_seconds.max(1) as Millis * 1000;
     let start_replicas = policy.min_replicas.max(1);
+    let routers = params.routers.max(1) as usize;
+    let limit = spec.engine.max_concurrency.max(1) as u32;
     let mut sim = Sim {
         policy,
         params,
@@ -711,10 +828,18 @@ pub fn simulate(
             &Classes::new(spec.request_classes.as_ref()),
             &params.classes,
         ),
+        router_rng: SplitMix64::new(params.seed ^ 0x0bad_5eed_0f0f_1e55),
+        routers: (0..routers).map(|_| RouterSim::default()).collect(),
+        share: if routers > 1 {
+            (limit / routers as u32).max(1)
+        } else {
+            limit
+        },
+        spilled_with_local_free: 0,
+        engine_peak: 0,
         pods: Vec::new(),
         ready: Vec::new(),
         desired: start_replicas,
-        queue: VecDeque::new(),
         providers,
         budget: BudgetTracker::new(
             budget_cfg
@@ -724,10 +849,13 @@ pub fn simulate(
         ),
         history: History::default(),
         exhausted: false,
-        limit: spec.engine.max_concurrency.max(1) as u32,
-        // One logical router standing for all router replicas.
-        queue_limit: (spec.router.queue_limit.max(0) as u32)
-            .saturating_mul(spec.router.replicas.max(1) as u32),
+        limit,
+        // One logical router stands for all router replicas; or each has its own queue.
+        queue_limit: (spec.router.queue_limit.max(0) as u32).saturating_mul(if routers > 1 {
+            1
+        } else {
+            spec.router.replicas.max(1) as u32
+        }),
         queue_timeout_ms: spec.router.queue_timeout_seconds.max(1) as u64 * 1000,
         max_queue_wait_ms: policy.burst.max_queue_wait_milliseconds.max(0) as u64,
         ttft: Histogram::new(),
@@ -757,6 +885,10 @@ pub fn simulate(
     }
     sim.rebuild_ready();
     sim.push(0, Ev::Tick);
+    let exchange_ms = params.exchange_ms.max(1) as Millis;
+    if routers > 1 && params.shared_view {
+        sim.push(exchange_ms, Ev::Exchange);
+    }
 
     let end_ms = trace.duration_s() as Millis * 1000;
     let mut arrival_clock = 0.0f64;
@@ -783,13 +915,14 @@ pub fn simulate(
         let Reverse((t, _, ev)) = sim.heap.pop().expect("peeked");
         sim.now = t;
         match ev {
-            Ev::LocalDone { pod } => {
+            Ev::LocalDone { pod, router } => {
                 let p = &mut sim.pods[pod as usize];
                 p.outstanding -= 1;
                 if p.state == PodState::Draining && p.outstanding == 0 {
                     p.state = PodState::Gone;
                 }
-                sim.serve_queue();
+                sim.routers[router as usize].own[pod as usize] -= 1;
+                sim.serve_queues();
             }
             Ev::ProviderDone {
                 provider,
@@ -802,16 +935,23 @@ pub fn simulate(
                 sim.max_spend_hour_seen = sim
                     .max_spend_hour_seen
                     .max(sim.budget.spend_last_hour(sim.now));
-                sim.serve_queue();
+                sim.serve_queues();
             }
             Ev::PodReady { pod } => {
                 if sim.pods[pod as usize].state == (PodState::Starting { ready_at: t }) {
                     sim.pods[pod as usize].state = PodState::Ready;
                     sim.rebuild_ready();
-                    sim.serve_queue();
+                    sim.serve_queues();
                 }
             }
-            Ev::QueueCheck => sim.serve_queue(),
+            Ev::QueueCheck => sim.serve_queues(),
+            Ev::Exchange => {
+                sim.exchange();
+                sim.serve_queues();
+                if sim.now <= end_ms {
+                    sim.push(sim.now + exchange_ms, Ev::Exchange);
+                }
+            }
             Ev::Tick => {
                 if sim.now > end_ms {
                     continue; // the trace is over: let in-flight work finish, decide no more
@@ -840,7 +980,7 @@ pub fn simulate(
                     ready: sim.ready.len() as u32,
                     starting: count(|s| matches!(s, PodState::Starting { .. })),
                     unschedulable: count(|s| *s == PodState::Unschedulable),
-                    queue: sim.queue.len() as u32,
+                    queue: sim.queued() as u32,
                     local_in_flight: sim.pods.iter().map(|p| p.outstanding).sum(),
                     burst_rps: sim.burst_since_tick as f64 * 1000.0 / interval_ms as f64,
                     rejected: sim.rejected_total,
@@ -908,6 +1048,9 @@ pub fn simulate(
         exhausted_ticks,
         max_requests_per_minute_to_providers: sim.max_rpm_seen,
         max_spend_per_hour: sim.max_spend_hour_seen,
+        routers: routers as u32,
+        spilled_with_local_free: sim.spilled_with_local_free,
+        engine_peak_concurrency: sim.engine_peak,
         timeline,
         outcomes: Outcomes {
             total: served + outcomes.rejected,

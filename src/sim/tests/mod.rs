@@ -2,6 +2,7 @@
 
 mod classes;
 mod inputs;
+mod routers;
 mod scenarios;
 
 use crate::api::BurstMode;
