@@ -160,11 +160,13 @@ pub fn admit(input: &AdmissionInput<'_>) -> Admission {
     Admission::Queue
 }
 
-/// One pass over the queue, head first (FIFO: nobody behind a waiter moves first). The pass
-/// stops at the first waiter that must go on waiting, except for a retry kept away from the
-/// providers it failed on: it lets those behind it by to what it may not take. Once one is let
-/// by, those behind it may take only a provider: a local slot freed meanwhile (taken without
-/// the lock, see `router::fast`) is the skipped retry's, at the pass its release brings.
+/// One pass over the queue, head first (nobody behind a waiter moves first). The pass stops at
+/// the first waiter that must go on waiting, except for one that waits for a reason of its own:
+/// a retry kept from the providers it failed on, a request class kept from some providers, or
+/// a spill wait not yet over while someone behind it (of a lower priority) has waited longer.
+/// It lets those behind it by to what it may not take yet. Once one is let by, those behind it
+/// may take only a provider: a local slot freed meanwhile (taken without the lock, see
+/// `router::fast`) is the skipped waiter's, at the pass its release brings.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QueuePass {
     let_by: bool,
@@ -177,10 +179,10 @@ impl QueuePass {
     }
 
     /// The waiter just decided must go on waiting: whether the pass goes on to the one behind
-    /// it. `kept_from_providers`: it is a retry that may not go back to some provider.
-    pub fn waits(&mut self, kept_from_providers: bool) -> bool {
-        self.let_by |= kept_from_providers;
-        kept_from_providers
+    /// it. `own_reason`: it waits for a reason of its own (see [`QueuePass`]).
+    pub fn waits(&mut self, own_reason: bool) -> bool {
+        self.let_by |= own_reason;
+        own_reason
     }
 }
 

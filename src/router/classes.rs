@@ -85,6 +85,22 @@ impl Classes {
         Self { rules, default }
     }
 
+    /// The class named `name`, if this config has one.
+    pub fn get(&self, name: &str) -> Option<&Class> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Whether a request of `class` (as it arrived) may burst now, and to `provider` when one
+    /// is named: a reload since may have tightened its class, never loosened it.
+    pub fn allows(&self, class: &ClassRule, provider: Option<&str>) -> bool {
+        let now = self.get(&class.name);
+        let allowed = |r: &ClassRule| match provider {
+            Some(p) => r.may_use(p),
+            None => !r.never_burst,
+        };
+        allowed(class) && now.is_none_or(|r| allowed(r))
+    }
+
     /// Every class's name.
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().map(|r| r.name.as_str())

@@ -62,6 +62,11 @@ impl<T> Fifo<T> {
         );
     }
 
+    /// When the waiter that has waited longest arrived.
+    pub fn oldest_since(&self) -> Option<Instant> {
+        self.items.iter().map(|w| w.since).min()
+    }
+
     /// The `i`-th waiter from the head.
     pub fn get(&self, i: usize) -> Option<&Waiter<T>> {
         self.items.get(i)

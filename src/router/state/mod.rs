@@ -278,10 +278,10 @@ impl RouterState {
                 .iter()
                 .any(|b| !excluded.locals.contains(&b.addr))
             || (routing.config.burst.mode != BurstMode::Never
-                && routing
-                    .providers
-                    .iter()
-                    .any(|p| !excluded.providers.contains(&p.p.name) && class.may_use(&p.p.name)))
+                && routing.providers.iter().any(|p| {
+                    !excluded.providers.contains(&p.p.name)
+                        && routing.classes.allows(class, Some(&p.p.name))
+                }))
     }
 
     /// Decides under the lock, or queues by `since` until a decision comes; `retry`: a request

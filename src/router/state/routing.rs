@@ -140,14 +140,15 @@ impl Routing {
             max_concurrency: p.p.max_concurrency,
             breaker_allows: p.breaker.allows(now),
             has_key: p.key.usable(),
-            excluded: ex.providers.contains(&p.p.name) || !class.may_use(&p.p.name),
+            excluded: ex.providers.contains(&p.p.name)
+                || !self.classes.allows(class, Some(&p.p.name)),
         }));
         let cfg = &self.config;
         let a = admit(&AdmissionInput {
             backends: &bl,
             providers: &pl,
             // Checked here as well as per provider: a class that never bursts never waits to.
-            mode: if class.never_burst {
+            mode: if !self.classes.allows(class, None) {
                 BurstMode::Never
             } else {
                 cfg.burst.mode
@@ -205,6 +206,13 @@ impl Routing {
     ) {
         let mut i = 0;
         let mut pass = QueuePass::default();
+        let spill_wait = self.config.burst.max_queue_wait_milliseconds;
+        // Someone has waited past the spill wait: a younger waiter ahead of it (of a higher
+        // priority) must not hold it back from the providers.
+        let someone_may_spill = self
+            .queue
+            .oldest_since()
+            .is_some_and(|s| at.saturating_duration_since(s).as_millis() as u64 >= spill_wait);
         while let Some(w) = self.queue.get_mut(i) {
             let waited_ms = at.saturating_duration_since(w.since).as_millis() as u64;
             // Taken out for the decision and put back if it waits on: no clone under the lock.
@@ -227,7 +235,9 @@ impl Routing {
                     }
                 }
                 None => {
-                    let kept = !excluded.is_empty() || class.kept_from_providers();
+                    let kept = !excluded.is_empty()
+                        || class.kept_from_providers()
+                        || (someone_may_spill && waited_ms < spill_wait);
                     if let Some(w) = self.queue.get_mut(i) {
                         w.item.excluded = excluded;
                     }

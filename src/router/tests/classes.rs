@@ -422,3 +422,62 @@ async fn a_class_spills_only_to_its_providers() {
     })
     .await;
 }
+
+/// A younger request of a higher priority waiting out its spill wait at the head does not
+/// hold back an older one behind it whose spill wait is over: that one spills, rather than
+/// wait for its timeout while standard requests keep arriving.
+#[tokio::test]
+async fn an_old_batch_request_spills_past_younger_standard_ones() {
+    bounded(async {
+        let b = Busy::new("class-starve", 1000, 4, healthy().await).await;
+        let batch = b.send("batch");
+        until_class_queued(&b.r, "batch").await;
+        // A standard request every 250 ms for 5 s (past the batch request's 4 s timeout): one
+        // younger than its 1 s spill wait always heads the queue.
+        let mut standard = Vec::new();
+        for _ in 0..20 {
+            standard.push(b.send("standard"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        let reply = batch.await.unwrap();
+        assert_eq!(served_by(&reply), "p-model", "{}", reply.text());
+        for s in standard {
+            assert_eq!(served_by(&s.await.unwrap()), "p-model");
+        }
+        b.stop().await;
+    })
+    .await;
+}
+
+/// A reload that makes a class stricter holds for its requests already waiting.
+#[tokio::test]
+async fn a_reload_that_tightens_a_class_holds_for_requests_already_waiting() {
+    bounded(async {
+        let mut b = Busy::new("class-tighten", 1000, 20, healthy().await).await;
+        let standard = b.send("standard");
+        until_class_queued(&b.r, "standard").await;
+        let key = b.dir.file("p", "sk-p");
+        let stricter = with_classes(&format!(
+            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 10, timeoutSeconds: 20}}\n\
+             burst:\n  mode: Saturated\n  maxQueueWaitMilliseconds: 1000\n  providers:\n{}",
+            provider_yaml("p", &b.p, &key, "")
+        ))
+        .replace(
+            "{name: standard, burst: Policy, priority: 50}",
+            "{name: standard, burst: Never, priority: 50}",
+        );
+        b.r.state()
+            .set_config(RouterConfig::from_yaml(&stricter).unwrap());
+        // Past its 1 s spill wait, with several re-checks.
+        tokio::time::sleep(Duration::from_millis(1600)).await;
+        assert_eq!(
+            answered_by(&b.p).await,
+            0.0,
+            "it burst after its class was tightened"
+        );
+        b.free();
+        assert_eq!(served_by(&standard.await.unwrap()), "local");
+        b.stop().await;
+    })
+    .await;
+}
