@@ -349,6 +349,13 @@ mod tests {
                 Some("request class names must be unique"),
             ),
             (
+                "a class named none",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
+                    "requestClasses": {"defaultClass": "none", "classes": [{"name": "none"}]}})),
+                Some("request class name none is reserved"),
+            ),
+            (
                 "default class not listed",
                 "InferenceService",
                 isvc(json!({"model": {"name": "m"}, "engine": engine,

@@ -12,6 +12,9 @@ pub const CLASS_HEADER: &str = "x-spillway-class";
 /// The one class of a service that declares none: it bursts as the ScalingPolicy says.
 pub const IMPLICIT_CLASS: &str = "default";
 
+/// Not a class name: the router's metrics label requests refused before they had a class so.
+pub const NO_CLASS: &str = "none";
+
 /// The service's request classes.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -29,6 +32,7 @@ pub struct RequestClasses {
 /// One request class.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.name != 'none'").message("request class name none is reserved (metrics label requests without a class so)"))]
 pub struct RequestClass {
     /// The name clients send in the `x-spillway-class` header (a DNS label).
     #[schemars(
@@ -75,6 +79,9 @@ impl RequestClasses {
         for c in &self.classes {
             if !seen.insert(c.name.as_str()) {
                 errs.push(format!("request class name {:?} is not unique", c.name));
+            }
+            if c.name == NO_CLASS {
+                errs.push(format!("request class name {NO_CLASS:?} is reserved"));
             }
             for p in c.providers.iter().flatten() {
                 if !providers.contains(&p.as_str()) {

@@ -189,7 +189,7 @@ pub struct DestMetrics {
 }
 
 /// The class label of requests that ended before they had a class (an unknown class).
-pub const NO_CLASS: &str = "none";
+pub use crate::api::NO_CLASS;
 
 impl RouterMetrics {
     pub fn for_destination(&self, destination: &str) -> DestMetrics {
