@@ -14,7 +14,7 @@ use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsCo
 use crate::clock::Millis;
 use crate::engine_sim::faults::SplitMix64;
 use crate::router::admission::{
-    Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, admit,
+    Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, RejectReason, admit,
 };
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
 use crate::router::classes::{Class, Classes};
@@ -566,6 +566,11 @@ impl Sim<'_> {
     /// to keep waiting (one kept from providers by its class lets those behind it by, to
     /// providers only).
     fn serve_queue(&mut self, router: usize) {
+        let spill_wait = self.max_queue_wait_ms;
+        let someone_may_spill = self.routers[router]
+            .queue
+            .iter()
+            .any(|w| (self.now - w.arrival).max(0) as u64 >= spill_wait);
         let mut pass = QueuePass::default();
         let mut i = 0;
         while let Some(&w) = self.routers[router].queue.get(i) {
@@ -580,13 +585,28 @@ impl Sim<'_> {
                 waited_ms: waited,
                 locals_open: pass.locals_open(),
             });
+            let own_reason = self.mix[w.class].rule.kept_from_providers()
+                || (someone_may_spill && waited < spill_wait);
             if self.dispatch(a, w) {
                 self.routers[router].queue.remove(i);
-            } else if pass.waits(self.mix[w.class].rule.kept_from_providers()) {
+            } else if pass.waits(own_reason) {
                 i += 1;
             } else {
                 break;
             }
+        }
+        // Each waiter times out on its own, wherever it stands in the queue (as the router's
+        // do, after a pass of their own).
+        let timeout = self.queue_timeout_ms as Millis;
+        let (now, queue) = (self.now, &mut self.routers[router].queue);
+        let expired: Vec<Queued> = queue
+            .iter()
+            .filter(|w| now - w.arrival >= timeout)
+            .copied()
+            .collect();
+        queue.retain(|w| now - w.arrival < timeout);
+        for w in expired {
+            self.dispatch(Admission::Reject(RejectReason::QueueTimeout), w);
         }
     }
 
