@@ -85,7 +85,15 @@ async fn the_provider_key_reaches_the_provider_and_never_the_logs_or_metrics() {
         let dir = TempDir::new("key");
         let key = dir.file("p", &format!("{secret}\n"));
         let dead_key = dir.file("down", secret);
-        let dead = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        // Closes every connection at once; held by the test, so no other test can take its
+        // port (as one could a port merely bound and let go).
+        let closing = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dead = closing.local_addr().unwrap();
+        let closer = tokio::spawn(async move {
+            while let Ok((s, _)) = closing.accept().await {
+                drop(s);
+            }
+        });
         let p = provider("p", secret, FaultConfig::default()).await;
         // A dead provider first, so failures get logged too.
         let yaml = format!(
@@ -108,6 +116,7 @@ async fn the_provider_key_reaches_the_provider_and_never_the_logs_or_metrics() {
         let metrics = get(r.addr(), "/metrics").await.text();
         assert!(!metrics.contains(secret));
         assert!(!format!("{:?}", r.state().config()).contains(secret));
+        closer.abort();
         r.stop().await;
         p.stop().await.unwrap();
     })
