@@ -14,6 +14,8 @@ pub mod classes;
 pub mod config;
 /// How a request ended: its metric label and its OpenAI error.
 pub mod outcome;
+/// The routers' shared view of an engine's load, and its fallback to fixed shares.
+pub mod peers;
 /// The FIFO of waiting requests.
 pub mod queue;
 /// Usage read from provider answers as they pass.

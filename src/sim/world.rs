@@ -18,6 +18,7 @@ use crate::router::admission::{
 };
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
 use crate::router::classes::{Class, Classes};
+use crate::router::peers::{self, PeerCount};
 
 /// The parts of the world the simulator models, with defaults close to a real GPU service.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -205,13 +206,13 @@ struct Queued {
     router: usize,
 }
 
-/// One router of several: its queue, its own requests on each pod, and (shared view) the
-/// others' as of the last exchange.
+/// One router of several: its queue, its own requests on each pod, and (shared view) what
+/// each peer said of its own at the last exchange (`None`: nothing yet, for a new pod).
 #[derive(Default)]
 struct RouterSim {
     queue: VecDeque<Queued>,
     own: Vec<u32>,
-    seen: Vec<u32>,
+    heard: Vec<Vec<Option<PeerCount>>>,
 }
 
 /// One class of the mix: its rules, its cumulative share, and what became of its requests.
@@ -330,21 +331,25 @@ impl Sim<'_> {
             .filter(|&i| self.pods[i as usize].state == PodState::Ready)
             .collect();
         // Pods are only ever added: each router counts on every one.
+        let peers = self.routers.len() - 1;
         for r in &mut self.routers {
             r.own.resize(self.pods.len(), 0);
-            r.seen.resize(self.pods.len(), 0);
+            r.heard.resize(self.pods.len(), vec![None; peers]);
         }
     }
 
     /// Each router hears the others' in-flight counts (shared view).
     fn exchange(&mut self) {
-        let pods = self.pods.len();
-        let totals: Vec<u32> = (0..pods)
-            .map(|i| self.routers.iter().map(|r| r.own[i]).sum())
-            .collect();
-        for r in &mut self.routers {
-            for ((seen, own), total) in r.seen.iter_mut().zip(&r.own).zip(&totals) {
-                *seen = total - own;
+        let counts: Vec<Vec<u32>> = self.routers.iter().map(|r| r.own.clone()).collect();
+        for (me, r) in self.routers.iter_mut().enumerate() {
+            for (pod, heard) in r.heard.iter_mut().enumerate() {
+                let peers = counts.iter().enumerate().filter(|(j, _)| *j != me);
+                for (slot, (_, c)) in heard.iter_mut().zip(peers) {
+                    *slot = Some(PeerCount {
+                        in_flight: c[pod],
+                        heard_ms: self.now,
+                    });
+                }
             }
         }
     }
@@ -369,7 +374,18 @@ impl Sim<'_> {
             let (outstanding, limit) = if self.routers.len() == 1 {
                 (self.pods[i].outstanding, self.limit)
             } else if self.params.shared_view {
-                (router.own[i] + router.seen[i], self.limit)
+                let n = self.routers.len() as u32;
+                // Three exchanges missed make a peer silent.
+                let stale_after = 3 * self.params.exchange_ms.max(1) as Millis;
+                let seen = peers::counted(
+                    self.limit,
+                    n,
+                    router.own[i],
+                    &router.heard[i],
+                    self.now,
+                    stale_after,
+                );
+                (seen, self.limit)
             } else {
                 (router.own[i], self.share)
             };
@@ -851,7 +867,7 @@ pub fn simulate(
         router_rng: SplitMix64::new(params.seed ^ 0x0bad_5eed_0f0f_1e55),
         routers: (0..routers).map(|_| RouterSim::default()).collect(),
         share: if routers > 1 {
-            (limit / routers as u32).max(1)
+            peers::fixed_share(limit, routers as u32)
         } else {
             limit
         },
