@@ -170,17 +170,34 @@ pub fn admit(input: &AdmissionInput<'_>) -> Admission {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct QueuePass {
     let_by: bool,
+    /// `maxQueueWaitMilliseconds`.
+    spill_wait_ms: u64,
+    /// Some waiter has waited that long already.
+    someone_may_spill: bool,
 }
 
 impl QueuePass {
+    /// A pass over a queue whose longest waiter has waited `oldest_waited_ms`, with a spill
+    /// wait of `spill_wait_ms`.
+    pub fn new(spill_wait_ms: u64, oldest_waited_ms: u64) -> Self {
+        Self {
+            let_by: false,
+            spill_wait_ms,
+            someone_may_spill: oldest_waited_ms >= spill_wait_ms,
+        }
+    }
+
     /// Whether the waiter about to be decided may take a local engine.
     pub fn locals_open(&self) -> bool {
         !self.let_by
     }
 
-    /// The waiter just decided must go on waiting: whether the pass goes on to the one behind
-    /// it. `own_reason`: it waits for a reason of its own (see [`QueuePass`]).
-    pub fn waits(&mut self, own_reason: bool) -> bool {
+    /// The waiter just decided, after `waited_ms`, must go on waiting: whether the pass goes on
+    /// to the one behind it. `kept_from_providers`: a retry or its class keeps it from some
+    /// provider (see [`QueuePass`]).
+    pub fn waits(&mut self, waited_ms: u64, kept_from_providers: bool) -> bool {
+        let own_reason =
+            kept_from_providers || (self.someone_may_spill && waited_ms < self.spill_wait_ms);
         self.let_by |= own_reason;
         own_reason
     }
@@ -392,7 +409,7 @@ mod tests {
             };
             if goes {
                 went.push(i);
-            } else if !pass.waits(retry) {
+            } else if !pass.waits(0, retry) {
                 break;
             }
         }
@@ -416,6 +433,29 @@ mod tests {
         ];
         for (waiters, want) in table {
             assert_eq!(pass(waiters), *want, "{waiters:?}");
+        }
+    }
+
+    /// A waiter still within its spill wait lets those behind it by only while someone has
+    /// waited past it (with priorities, the head need not be the longest waiter).
+    #[test]
+    fn a_waiter_within_its_spill_wait_lets_others_by_only_when_one_may_spill() {
+        // (spill wait, longest wait in the queue, this waiter's wait, kept) → goes on.
+        let table = [
+            (1000, 1500, 200, false, true),
+            (1000, 900, 200, false, false),
+            (1000, 1500, 1200, false, false),
+            (0, 0, 0, false, false),
+            (1000, 900, 200, true, true),
+        ];
+        for (spill, oldest, waited, kept, want) in table {
+            let mut pass = QueuePass::new(spill, oldest);
+            assert_eq!(
+                pass.waits(waited, kept),
+                want,
+                "{spill} {oldest} {waited} {kept}"
+            );
+            assert_eq!(pass.locals_open(), !want);
         }
     }
 }

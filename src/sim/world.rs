@@ -582,12 +582,13 @@ impl Sim<'_> {
     /// to keep waiting (one kept from providers by its class lets those behind it by, to
     /// providers only).
     fn serve_queue(&mut self, router: usize) {
-        let spill_wait = self.max_queue_wait_ms;
-        let someone_may_spill = self.routers[router]
+        let oldest_waited = self.routers[router]
             .queue
             .iter()
-            .any(|w| (self.now - w.arrival).max(0) as u64 >= spill_wait);
-        let mut pass = QueuePass::default();
+            .map(|w| (self.now - w.arrival).max(0) as u64)
+            .max()
+            .unwrap_or(0);
+        let mut pass = QueuePass::new(self.max_queue_wait_ms, oldest_waited);
         let mut i = 0;
         while let Some(&w) = self.routers[router].queue.get(i) {
             let waited = (self.now - w.arrival).max(0) as u64;
@@ -601,11 +602,10 @@ impl Sim<'_> {
                 waited_ms: waited,
                 locals_open: pass.locals_open(),
             });
-            let own_reason = self.mix[w.class].rule.kept_from_providers()
-                || (someone_may_spill && waited < spill_wait);
+            let kept = self.mix[w.class].rule.kept_from_providers();
             if self.dispatch(a, w) {
                 self.routers[router].queue.remove(i);
-            } else if pass.waits(own_reason) {
+            } else if pass.waits(waited, kept) {
                 i += 1;
             } else {
                 break;

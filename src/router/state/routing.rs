@@ -205,14 +205,11 @@ impl Routing {
         out: &mut Vec<(oneshot::Sender<Ticket>, Decided, Class)>,
     ) {
         let mut i = 0;
-        let mut pass = QueuePass::default();
-        let spill_wait = self.config.burst.max_queue_wait_milliseconds;
-        // Someone has waited past the spill wait: a younger waiter ahead of it (of a higher
-        // priority) must not hold it back from the providers.
-        let someone_may_spill = self
+        let oldest_waited = self
             .queue
             .oldest_since()
-            .is_some_and(|s| at.saturating_duration_since(s).as_millis() as u64 >= spill_wait);
+            .map_or(0, |s| at.saturating_duration_since(s).as_millis() as u64);
+        let mut pass = QueuePass::new(self.config.burst.max_queue_wait_milliseconds, oldest_waited);
         while let Some(w) = self.queue.get_mut(i) {
             let waited_ms = at.saturating_duration_since(w.since).as_millis() as u64;
             // Taken out for the decision and put back if it waits on: no clone under the lock.
@@ -235,13 +232,11 @@ impl Routing {
                     }
                 }
                 None => {
-                    let kept = !excluded.is_empty()
-                        || class.kept_from_providers()
-                        || (someone_may_spill && waited_ms < spill_wait);
+                    let kept = !excluded.is_empty() || class.kept_from_providers();
                     if let Some(w) = self.queue.get_mut(i) {
                         w.item.excluded = excluded;
                     }
-                    if !pass.waits(kept) {
+                    if !pass.waits(waited_ms, kept) {
                         break;
                     }
                     i += 1;
