@@ -10,6 +10,12 @@
 
 use crate::clock::Millis;
 
+pub mod ledger;
+pub mod wire;
+
+pub use ledger::{AHEAD, Ledger, Room};
+pub use wire::{Counts, Report};
+
 /// What one peer last said of its requests on one engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerCount {

@@ -1,0 +1,235 @@
+//! What one router knows of its peers, and how much of each shared limit it may use (pure: the
+//! clock is an argument, reports are plain values).
+//!
+//! The rule, for one shared limit `L` (an engine's slots, a provider's concurrency, requests per
+//! minute) over `N` routers:
+//!
+//! - **room** = `L` minus what the peers use: a peer heard within `stale_after` counts what it
+//!   last reported; a peer not heard from counts the larger of its last report and
+//!   [`silent_peer`]; a router expected but not listed counts [`silent_peer`].
+//! - **cap** = the room, and no more than [`AHEAD`] above the lowest count this router reported
+//!   since the last report every fresh peer acknowledged (no fresh peer: the room alone).
+//!
+//! So a router's count runs at most `AHEAD` ahead of what any fresh peer believes of it, and
+//! the routers together run at most `L + (N - 1) × AHEAD`: whoever admitted last saw every
+//! other router within `AHEAD` of its real count. A router that hears nobody is held to its
+//! fixed share by the silent counts, whatever it hears back.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::silent_peer;
+use super::wire::{Counts, Report};
+use crate::clock::Millis;
+
+/// How far a router's count on a shared limit may run ahead of what its fresh peers have
+/// acknowledged: the overshoot each other router can add (see the module's bound).
+pub const AHEAD: u32 = 1;
+
+/// Reports kept to look acknowledgements up in; an older acknowledgement counts as none.
+const HISTORY: usize = 128;
+
+/// What this router may use of one shared limit now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Room {
+    /// Its own count must stay below this to take one more.
+    pub cap: u32,
+    /// What the view leaves it (`cap` <= `room`): a slot between the two comes with the next
+    /// acknowledgement, so a request waits for it rather than spilling.
+    pub room: u32,
+}
+
+#[derive(Clone, Debug)]
+struct Heard {
+    name: String,
+    boot: u64,
+    seq: u64,
+    at: Millis,
+    counts: Counts,
+    /// The last report of ours it heard (`None`: none of this boot).
+    acked: Option<u64>,
+}
+
+/// One router's view of its peers.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    name: String,
+    boot: u64,
+    seq: u64,
+    /// How many routers the service runs (`router.replicas`).
+    routers: u32,
+    stale_after: Millis,
+    /// What it sent, by seq (oldest first).
+    sent: VecDeque<(u64, Counts)>,
+    /// By address (`host:port`); `None`: listed, never heard.
+    peers: BTreeMap<String, Option<Heard>>,
+}
+
+impl Ledger {
+    /// `boot` tells this process from an earlier one of the same name (a restart).
+    pub fn new(name: String, boot: u64, routers: u32, stale_after: Millis) -> Self {
+        Self {
+            name,
+            boot,
+            seq: 0,
+            routers: routers.max(1),
+            stale_after,
+            sent: VecDeque::new(),
+            peers: BTreeMap::new(),
+        }
+    }
+
+    pub fn set_routers(&mut self, routers: u32, stale_after: Millis) {
+        self.routers = routers.max(1);
+        self.stale_after = stale_after;
+    }
+
+    /// The peers' addresses now: those still listed keep what was heard of them.
+    pub fn set_peers(&mut self, addrs: &[String]) {
+        self.peers.retain(|a, _| addrs.contains(a));
+        for a in addrs {
+            self.peers.entry(a.clone()).or_insert(None);
+        }
+    }
+
+    pub fn peer_addrs(&self) -> impl Iterator<Item = &str> {
+        self.peers.keys().map(String::as_str)
+    }
+
+    /// The routers counted: as configured, or more while more are listed (a rollout's surge).
+    pub fn routers(&self) -> u32 {
+        self.routers.max(self.peers.len() as u32 + 1)
+    }
+
+    /// The report to send now of this router's `counts`, acknowledging what it heard.
+    pub fn report(&mut self, counts: Counts) -> Report {
+        self.seq += 1;
+        self.sent.push_back((self.seq, counts.clone()));
+        if self.sent.len() > HISTORY {
+            self.sent.pop_front();
+        }
+        let acks = self
+            .peers
+            .values()
+            .flatten()
+            .map(|h| (h.name.clone(), [h.boot, h.seq]))
+            .collect();
+        Report {
+            from: self.name.clone(),
+            boot: self.boot,
+            seq: self.seq,
+            counts,
+            acks,
+        }
+    }
+
+    /// Takes in a report that came from `addr`. `None`: not from a listed peer, or older than
+    /// one already heard (ignored). `Some(moved)`: whether its counts changed, so that it waits
+    /// for an acknowledgement to go on.
+    pub fn hear(&mut self, addr: &str, r: Report, now: Millis) -> Option<bool> {
+        let slot = self.peers.get_mut(addr)?;
+        if let Some(h) = slot
+            && h.boot == r.boot
+            && h.seq >= r.seq
+        {
+            return None;
+        }
+        let moved = slot
+            .as_ref()
+            .is_none_or(|h| h.boot != r.boot || h.counts != r.counts);
+        let acked = r
+            .acks
+            .get(&self.name)
+            .and_then(|&[boot, seq]| (boot == self.boot).then_some(seq));
+        *slot = Some(Heard {
+            name: r.from,
+            boot: r.boot,
+            seq: r.seq,
+            at: now,
+            counts: r.counts,
+            acked,
+        });
+        Some(moved)
+    }
+
+    fn fresh(&self, h: &Heard, now: Millis) -> bool {
+        now - h.at <= self.stale_after
+    }
+
+    /// The lowest count of `key` this router reported since `seq` (0 when that report is no
+    /// longer kept): what a peer that acknowledged `seq` believes of it, at the least.
+    fn reported_since(&self, seq: u64, key: &str) -> u32 {
+        match self.sent.front() {
+            Some((first, _)) if *first <= seq => self
+                .sent
+                .iter()
+                .filter(|(s, _)| *s >= seq)
+                .map(|(_, c)| c.slot(key))
+                .min()
+                .unwrap_or(0),
+            _ => 0,
+        }
+    }
+
+    /// What this router may use now of the shared limit `key` of `limit` in all.
+    pub fn room(&self, key: &str, limit: u32, now: Millis) -> Room {
+        let n = self.routers();
+        let silent = silent_peer(limit, n);
+        let missing = n - 1 - self.peers.len() as u32;
+        let mut others = missing.saturating_mul(silent);
+        let mut acked = u32::MAX;
+        for h in self.peers.values() {
+            let used = match h {
+                Some(h) if self.fresh(h, now) => {
+                    let seen = h.acked.map_or(0, |seq| self.reported_since(seq, key));
+                    acked = acked.min(seen);
+                    h.counts.slot(key)
+                }
+                Some(h) => h.counts.slot(key).max(silent),
+                None => silent,
+            };
+            others = others.saturating_add(used);
+        }
+        let room = limit.saturating_sub(others);
+        Room {
+            cap: room.min(acked.saturating_add(AHEAD)),
+            room,
+        }
+    }
+
+    /// What the peers have spent of a shared spend cap, counted as [`Self::room`] counts
+    /// slots (a silent peer: the larger of its last report and its even share of `cap`).
+    pub fn others_spend(&self, cap: f64, now: Millis) -> f64 {
+        let n = self.routers();
+        let share = cap / f64::from(n);
+        let missing = n - 1 - self.peers.len() as u32;
+        let mut spent = f64::from(missing) * share;
+        for h in self.peers.values() {
+            spent += match h {
+                Some(h) if self.fresh(h, now) => h.counts.spend,
+                Some(h) => h.counts.spend.max(share),
+                None => share,
+            };
+        }
+        spent
+    }
+
+    /// Each listed peer by address, with its name once heard and how long ago it was heard.
+    pub fn ages(&self, now: Millis) -> Vec<(String, Option<(String, Millis)>)> {
+        self.peers
+            .iter()
+            .map(|(a, h)| (a.clone(), h.as_ref().map(|h| (h.name.clone(), now - h.at))))
+            .collect()
+    }
+
+    /// Whether every listed peer was heard within the staleness bound.
+    pub fn all_fresh(&self, now: Millis) -> bool {
+        self.peers.len() as u32 + 1 >= self.routers
+            && self
+                .peers
+                .values()
+                .all(|h| h.as_ref().is_some_and(|h| self.fresh(h, now)))
+    }
+}
+
+#[cfg(test)]
+mod tests;
