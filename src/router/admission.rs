@@ -12,8 +12,13 @@ use crate::api::BurstMode;
 pub struct BackendLoad {
     /// Requests this router has outstanding on it.
     pub outstanding: u32,
-    /// `engine.maxConcurrency`: never exceeded.
+    /// This router's cap on it: `engine.maxConcurrency`, or what its peers leave it. Never
+    /// exceeded.
     pub limit: u32,
+    /// What the routers' shared view leaves this router (at least `limit`): a slot between
+    /// `limit` and `room` comes with the peers' next acknowledgement (`router::peers`), so a
+    /// request waits for it rather than spilling.
+    pub room: u32,
     /// Given no new requests for a while after a connection to it failed before any answer:
     /// least-outstanding would otherwise send it every request first (a dead engine is never
     /// busy). Ignored when every engine is set aside: a failure seen on all of them must not
@@ -96,16 +101,27 @@ impl RejectReason {
     }
 }
 
-/// The local backend with the fewest outstanding requests that is below its limit, neither
-/// excluded nor set aside (ties: the lowest index, so the choice is deterministic).
-pub fn pick_local(backends: &[BackendLoad]) -> Option<usize> {
+/// The backends a request may use: neither excluded nor set aside (unless every one is).
+fn usable(backends: &[BackendLoad]) -> impl Iterator<Item = (usize, &BackendLoad)> {
     let all_aside = backends.iter().all(|b| b.aside);
     backends
         .iter()
         .enumerate()
-        .filter(|(_, b)| !b.excluded && (all_aside || !b.aside) && b.outstanding < b.limit)
+        .filter(move |(_, b)| !b.excluded && (all_aside || !b.aside))
+}
+
+/// The local backend with the fewest outstanding requests that is below its limit, neither
+/// excluded nor set aside (ties: the lowest index, so the choice is deterministic).
+pub fn pick_local(backends: &[BackendLoad]) -> Option<usize> {
+    usable(backends)
+        .filter(|(_, b)| b.outstanding < b.limit)
         .min_by_key(|(i, b)| (b.outstanding, *i))
         .map(|(i, _)| i)
+}
+
+/// Whether the routers' shared view shows a slot free on a backend this request may use.
+pub fn local_room(backends: &[BackendLoad]) -> bool {
+    usable(backends).any(|(_, b)| b.outstanding < b.room.max(b.limit))
 }
 
 /// The first provider, in priority order, with room, a key, a breaker that lets it through,
@@ -141,7 +157,9 @@ pub fn admit(input: &AdmissionInput<'_>) -> Admission {
     if let Some(i) = local_first(input.backends, input.queued, input.in_queue) {
         return Admission::Local(i);
     }
+    // A slot the shared view shows free comes with the peers' next acknowledgement: wait.
     if input.waited_ms >= input.max_queue_wait_ms
+        && !local_room(input.backends)
         && burst_allowed(input.mode, input.capacity_exhausted)
         && input.budget_allows
         && let Some(p) = pick_provider(input.providers)
@@ -341,12 +359,42 @@ mod tests {
         assert_eq!(admit(&i), Admission::Local(0));
     }
 
+    /// A slot the routers' shared view shows free, beyond this router's cap for now, is waited
+    /// for: no spill, however long the request has waited already.
+    #[test]
+    fn a_slot_the_shared_view_shows_free_is_waited_for_not_spilled_past() {
+        let providers = [p(0, 2, true)];
+        let held = |outstanding, room, excluded| BackendLoad {
+            outstanding,
+            limit: 2,
+            room,
+            excluded,
+            ..Default::default()
+        };
+        let cases: &[(BackendLoad, Admission)] = &[
+            (held(2, 4, false), Admission::Queue),
+            (held(1, 4, false), Admission::Local(0)),
+            // The view is full too: spill.
+            (held(2, 2, false), Admission::Provider(0)),
+            // A retry kept from that engine does not wait for it.
+            (held(2, 4, true), Admission::Provider(0)),
+        ];
+        for (load, want) in cases {
+            let loads = [*load];
+            let mut i = input(&loads, &providers);
+            i.in_queue = true;
+            i.waited_ms = 10_000;
+            assert_eq!(admit(&i), *want, "{load:?}");
+        }
+    }
+
     /// Engines as (outstanding of 4, set aside, excluded), and the one chosen.
     #[test]
     fn set_aside_and_excluded_engines_look_full() {
         let e = |outstanding, aside, excluded| BackendLoad {
             outstanding,
             limit: 4,
+            room: 4,
             aside,
             excluded,
         };

@@ -75,11 +75,15 @@ impl BudgetTracker {
 
     /// Whether one more request may go to a provider now.
     pub fn allows(&mut self, now: Millis) -> bool {
+        self.allows_shared(now, self.max_requests_per_minute, 0.0)
+    }
+
+    /// [`Self::allows`] for one of several routers sharing the caps: this one may send
+    /// `rpm_cap` a minute, and the others have spent `others_spend` this hour.
+    pub fn allows_shared(&mut self, now: Millis, rpm_cap: Option<u32>, others_spend: f64) -> bool {
         self.prune(now);
-        let rpm_ok = self
-            .max_requests_per_minute
-            .is_none_or(|m| self.requests.len() < m as usize);
-        let spend = self.spend_total;
+        let rpm_ok = rpm_cap.is_none_or(|m| self.requests.len() < m as usize);
+        let spend = self.spend_total + others_spend;
         let spend_ok = self.max_spend_per_hour.is_none_or(|m| spend < m);
         rpm_ok && spend_ok
     }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::reflector;
 use kube::runtime::watcher::{self, Event};
@@ -31,11 +31,12 @@ pub enum ClusterError {
     Config(#[from] ConfigError),
 }
 
-/// `host:port` of every ready endpoint, sorted and without duplicates. An endpoint whose
-/// readiness is unknown counts as ready (the API's documented reading); FQDN slices are skipped.
-pub fn backends_from_slices<'a>(
+/// `host:port` of every endpoint `keep` keeps, sorted and without duplicates (FQDN slices are
+/// skipped).
+fn addresses<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     port: u16,
+    keep: impl Fn(&Endpoint) -> bool + Copy,
 ) -> Vec<String> {
     let mut out: Vec<String> = slices
         .into_iter()
@@ -44,7 +45,7 @@ pub fn backends_from_slices<'a>(
             let v6 = s.address_type == "IPv6";
             s.endpoints
                 .iter()
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .filter(move |e| keep(e))
                 .flat_map(move |e| {
                     e.addresses.iter().map(move |a| {
                         if v6 {
@@ -59,6 +60,30 @@ pub fn backends_from_slices<'a>(
     out.sort();
     out.dedup();
     out
+}
+
+/// `host:port` of every ready endpoint, sorted and without duplicates. An endpoint whose
+/// readiness is unknown counts as ready (the API's documented reading).
+pub fn backends_from_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: u16,
+) -> Vec<String> {
+    addresses(slices, port, |e| {
+        e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true)
+    })
+}
+
+/// The peer routers' report addresses: every router pod listed but this one (`own`, its pod
+/// name), ready or not. A router starting or draining still has requests on the engines, so
+/// it counts as long as it is listed.
+pub fn peers_from_slices<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: u16,
+    own: &str,
+) -> Vec<String> {
+    addresses(slices, port, |e| {
+        e.target_ref.as_ref().and_then(|r| r.name.as_deref()) != Some(own)
+    })
 }
 
 /// Whether the controller reports capacity exhausted (`CapacityExhausted=True`).
@@ -98,12 +123,56 @@ pub fn spawn_endpoints(
     cluster: &ClusterConfig,
     state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
-    let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
-    let cfg = watcher::Config::default()
-        .labels(&format!("{SERVICE_NAME_LABEL}={}", cluster.engine_service));
-    let (reader, writer) = reflector::store();
     let port = cluster.engine_port;
     state.set_synced(false);
+    watch_slices(
+        client,
+        cluster,
+        &cluster.engine_service,
+        move |slices, listed| {
+            let b = backends_from_slices(slices, port);
+            tracing::debug!(backends = b.len(), "engine endpoints changed");
+            state.set_backends(b);
+            if listed && !state.synced() {
+                tracing::info!("engine endpoints listed; ready");
+                state.set_synced(true);
+            }
+        },
+    )
+}
+
+/// Peer routers from the client Service's EndpointSlices (the routers behind it), but this
+/// one (`own`, its pod name); reports go to their `port`.
+pub fn spawn_peers(
+    client: Client,
+    cluster: &ClusterConfig,
+    state: Arc<RouterState>,
+    own: String,
+    port: u16,
+) -> tokio::task::JoinHandle<()> {
+    watch_slices(
+        client,
+        cluster,
+        &cluster.router_service,
+        move |slices, _| {
+            let peers = peers_from_slices(slices, port, &own);
+            tracing::debug!(peers = peers.len(), "peer routers changed");
+            state.set_peers(&peers);
+        },
+    )
+}
+
+/// Calls `changed` with every EndpointSlice of `service` whenever one changes, and whether
+/// they have been listed once.
+fn watch_slices(
+    client: Client,
+    cluster: &ClusterConfig,
+    service: &str,
+    changed: impl Fn(&mut dyn Iterator<Item = &EndpointSlice>, bool) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
+    let cfg = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let (reader, writer) = reflector::store();
     tokio::spawn(
         reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
             move |ev| {
@@ -111,13 +180,10 @@ pub fn spawn_endpoints(
                     // Recomputed from the whole store: deletions and relists included.
                     Ok(e @ (Event::Apply(_) | Event::Delete(_) | Event::InitDone)) => {
                         let stored = reader.state();
-                        let b = backends_from_slices(stored.iter().map(|a| a.as_ref()), port);
-                        tracing::debug!(backends = b.len(), "engine endpoints changed");
-                        state.set_backends(b);
-                        if matches!(e, Event::InitDone) && !state.synced() {
-                            tracing::info!("engine endpoints listed; ready");
-                            state.set_synced(true);
-                        }
+                        changed(
+                            &mut stored.iter().map(|a| a.as_ref()),
+                            matches!(e, Event::InitDone),
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "EndpointSlice watch error (retrying)"),
@@ -321,6 +387,7 @@ mod tests {
             inference_service: "llama".into(),
             engine_service: "llama-engine".into(),
             engine_port: 8000,
+            router_service: "llama".into(),
             model: "m".into(),
         }
     }

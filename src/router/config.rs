@@ -12,6 +12,8 @@ pub const CONFIG_KEY: &str = "router.yaml";
 pub const KEYS_DIR: &str = "/etc/spillway/keys";
 /// Port the router listens on in a cluster.
 pub const ROUTER_PORT: u16 = 8080;
+/// UDP port routers exchange their counts on (`peers.port`).
+pub const PEER_PORT: u16 = 8081;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -22,9 +24,15 @@ pub struct RouterConfig {
     /// Static engine addresses (`host:port`); in a cluster they come from EndpointSlices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<String>,
-    /// `engine.maxConcurrency`: requests one engine gets at once from one router.
+    /// `engine.maxConcurrency`: requests one engine gets at once from all routers together
+    /// (each router's part: see `peers`).
     #[serde(default = "default_concurrency")]
     pub max_concurrency_per_backend: u32,
+    /// The service's other routers, with which this one shares every limit that holds across
+    /// them (engine slots, provider concurrency, the budget). Absent: this router is alone and
+    /// uses every limit whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peers: Option<PeersConfig>,
     #[serde(default)]
     pub queue: QueueConfig,
     #[serde(default)]
@@ -36,6 +44,27 @@ pub struct RouterConfig {
     /// Where this router runs in a cluster (absent standalone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+}
+
+/// How a router finds and hears its peers (see `router::peers`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PeersConfig {
+    /// How many routers the service runs: until it has heard them, a router counts each
+    /// as using its even share of every limit.
+    pub replicas: u32,
+    /// UDP port the routers send their reports to (and this one listens on, at the listen
+    /// address's IP).
+    #[serde(default = "default_peer_port")]
+    pub port: u16,
+    /// Static peers (`host:port`) for a router run by hand; in a cluster they are the router
+    /// pods the client Service's EndpointSlices list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<String>,
+    /// A peer not heard from for this long counts as using its even share (or what it last
+    /// reported, if more).
+    #[serde(default = "default_stale_after")]
+    pub stale_after_milliseconds: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -98,6 +127,9 @@ pub struct ClusterConfig {
     pub inference_service: String,
     pub engine_service: String,
     pub engine_port: u16,
+    /// The Service in front of the routers: its EndpointSlices list this router's peers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub router_service: String,
     /// The model name clients send (for `/v1/models`).
     pub model: String,
 }
@@ -124,6 +156,12 @@ impl Default for BurstConfig {
 
 fn default_listen() -> String {
     format!("127.0.0.1:{ROUTER_PORT}")
+}
+fn default_peer_port() -> u16 {
+    PEER_PORT
+}
+fn default_stale_after() -> u64 {
+    500
 }
 fn default_concurrency() -> u32 {
     64
@@ -172,6 +210,14 @@ impl RouterConfig {
         let mut errs = Vec::new();
         if self.max_concurrency_per_backend == 0 {
             errs.push("maxConcurrencyPerBackend must be >= 1".to_string());
+        }
+        if let Some(p) = &self.peers {
+            if p.replicas == 0 {
+                errs.push("peers.replicas must be >= 1".to_string());
+            }
+            if p.stale_after_milliseconds == 0 {
+                errs.push("peers.staleAfterMilliseconds must be >= 1".to_string());
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.burst.providers {
@@ -226,14 +272,18 @@ pub fn render(
 ) -> RouterConfig {
     let spec = &isvc.spec;
     let burst = spec.burst.as_ref();
-    // Each router replica gets an equal share of every limit that holds across them all (an
-    // engine's slots, a provider's concurrency, the budget), so together they stay within it.
-    let replicas = spec.router.replicas.max(1);
-    let share = |n: i32| (n.max(1) / replicas).max(1) as u32;
+    // Every limit is the service's whole: the routers share them through their peers.
+    let whole = |n: i32| n.max(1) as u32;
     RouterConfig {
         listen: format!("0.0.0.0:{ROUTER_PORT}"),
         backends: Vec::new(),
-        max_concurrency_per_backend: share(spec.engine.max_concurrency),
+        max_concurrency_per_backend: whole(spec.engine.max_concurrency),
+        peers: Some(PeersConfig {
+            replicas: whole(spec.router.replicas),
+            port: PEER_PORT,
+            addresses: Vec::new(),
+            stale_after_milliseconds: default_stale_after(),
+        }),
         queue: QueueConfig {
             limit: spec.router.queue_limit.max(0) as u32,
             timeout_seconds: spec.router.queue_timeout_seconds.max(1) as u32,
@@ -250,7 +300,7 @@ pub fn render(
                             url: p.url.clone(),
                             model: p.model.clone(),
                             api_key_file: Some(format!("{KEYS_DIR}/{}", key_path(p))),
-                            max_concurrency: share(p.max_concurrency),
+                            max_concurrency: whole(p.max_concurrency),
                             timeout_seconds: p.timeout_seconds.max(1) as u32,
                             pricing: p.pricing.clone(),
                         })
@@ -259,13 +309,8 @@ pub fn render(
                 .unwrap_or_default(),
             budget: burst.and_then(|b| b.budget.as_ref()).map(|b| BudgetConfig {
                 // 0 stays 0: no spill at all.
-                max_requests_per_minute: b
-                    .max_requests_per_minute
-                    .map(|m| if m > 0 { share(m) } else { 0 }),
-                max_spend_per_hour: b
-                    .max_spend_per_hour
-                    .as_deref()
-                    .map(|s| spend_share(s, replicas)),
+                max_requests_per_minute: b.max_requests_per_minute.map(|m| m.max(0) as u32),
+                max_spend_per_hour: b.max_spend_per_hour.clone(),
             }),
         },
         request_classes: spec.request_classes.clone(),
@@ -274,6 +319,7 @@ pub fn render(
             inference_service: isvc.metadata.name.clone().unwrap_or_default(),
             engine_service: engine_service.to_string(),
             engine_port: spec.engine.port.clamp(1, 65535) as u16,
+            router_service: isvc.metadata.name.clone().unwrap_or_default(),
             model: spec.model.name.clone(),
         }),
     }
@@ -293,19 +339,6 @@ pub fn key_path(p: &crate::api::Provider) -> String {
             (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
         });
     format!("{}/{digest:016x}", p.name)
-}
-
-/// One router replica's share of a spend cap, rounded down to the micro-unit so that the shares
-/// never add up to more than the cap; a cap that is not a number passes as it is.
-fn spend_share(cap: &str, replicas: i32) -> String {
-    match super::budget::parse_spend(cap) {
-        Ok(v) => {
-            let micros = (v * 1e6).round() as u64 / replicas.max(1) as u64;
-            let s = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
-            s.trim_end_matches('0').trim_end_matches('.').to_string()
-        }
-        Err(_) => cap.to_string(),
-    }
 }
 
 #[cfg(test)]
@@ -394,13 +427,15 @@ spec:
         policy.burst.mode = BurstMode::CapacityExhausted;
         policy.burst.max_queue_wait_milliseconds = 250;
         let cfg = render(&isvc, &policy, "llama-engine");
-        // Limits that hold across routers are shared by the default 2 replicas: the engine's
-        // maxConcurrency 8, the provider's default 64 and the budget.
-        assert_eq!(cfg.max_concurrency_per_backend, 4);
-        assert_eq!(cfg.burst.providers[0].max_concurrency, 32);
+        // Limits that hold across routers are whole (the engine's maxConcurrency 8, the
+        // provider's default 64, the budget): the default 2 replicas share them as peers.
+        assert_eq!(cfg.max_concurrency_per_backend, 8);
+        assert_eq!(cfg.burst.providers[0].max_concurrency, 64);
         let budget = cfg.burst.budget.as_ref().unwrap();
-        assert_eq!(budget.max_requests_per_minute, Some(300));
-        assert_eq!(budget.max_spend_per_hour.as_deref(), Some("2.5"));
+        assert_eq!(budget.max_requests_per_minute, Some(600));
+        assert_eq!(budget.max_spend_per_hour.as_deref(), Some("5.00"));
+        let peers = cfg.peers.as_ref().unwrap();
+        assert_eq!((peers.replicas, peers.port), (2, PEER_PORT));
         assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
         assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
         assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
@@ -431,6 +466,7 @@ spec:
             (c.engine_service.as_str(), c.engine_port),
             ("llama-engine", 8001)
         );
+        assert_eq!(c.router_service, "llama");
         // What lands in the ConfigMap names the Secret's file, never a key.
         let yaml = serde_saphyr::to_string(&cfg).unwrap();
         assert!(
@@ -438,14 +474,5 @@ spec:
             "{yaml}"
         );
         assert_eq!(RouterConfig::from_yaml(&yaml).unwrap(), cfg);
-    }
-
-    #[test]
-    fn a_spend_share_never_adds_up_to_more_than_the_cap() {
-        assert_eq!(spend_share("5.00", 2), "2.5");
-        assert_eq!(spend_share("5", 3), "1.666666");
-        assert_eq!(spend_share("0.000001", 2), "0");
-        assert_eq!(spend_share("7", 1), "7");
-        assert_eq!(spend_share("lots", 2), "lots");
     }
 }

@@ -64,6 +64,40 @@ pub struct RouterMetrics {
     pub capacity_exhausted: Gauge,
     pub config_reloads: Family<OutcomeLabel, Counter>,
     pub engine_set_asides: Counter,
+    /// Requests sent to a provider while the peers' last reports showed a local slot free
+    /// (only while a peer is silent: with fresh reports such a request waits for the slot).
+    pub spilled_with_local_room: Counter,
+    /// Seconds since each peer router (by address) was last heard; +Inf: never.
+    pub peer_report_age: Family<PeerLabel, Gauge<f64, AtomicU64>>,
+    /// The peers `peer_report_age` shows, to drop those no longer listed.
+    peers_shown: std::sync::Mutex<Vec<PeerLabel>>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub peer: String,
+}
+
+impl RouterMetrics {
+    /// Publishes each peer's report age (by address; `None`: never heard) and drops peers no
+    /// longer listed.
+    pub fn set_peer_ages(&self, ages: &[(String, Option<(String, i64)>)]) {
+        let listed: Vec<PeerLabel> = ages
+            .iter()
+            .map(|(a, _)| PeerLabel { peer: a.clone() })
+            .collect();
+        for (label, (_, heard)) in listed.iter().zip(ages) {
+            let age = heard
+                .as_ref()
+                .map_or(f64::INFINITY, |(_, ms)| *ms as f64 / 1000.0);
+            self.peer_report_age.get_or_create(label).set(age);
+        }
+        let mut shown = self.peers_shown.lock().unwrap_or_else(|e| e.into_inner());
+        for gone in shown.iter().filter(|l| !listed.contains(l)) {
+            self.peer_report_age.remove(gone);
+        }
+        *shown = listed;
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -90,6 +124,19 @@ impl Default for RouterMetrics {
         let capacity_exhausted = Gauge::default();
         let config_reloads = Family::<OutcomeLabel, Counter>::default();
         let engine_set_asides = Counter::default();
+        let spilled_with_local_room = Counter::default();
+        let peer_report_age = Family::<PeerLabel, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "spilled_with_local_room",
+            "Requests sent to a provider while the peer routers' last reports showed a local engine slot free",
+            spilled_with_local_room.clone(),
+        );
+        registry.register_with_unit(
+            "peer_report_age",
+            "Time since each peer router of this service was last heard (+Inf: never)",
+            Unit::Seconds,
+            peer_report_age.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by destination (local or provider name), request class and outcome",
@@ -174,6 +221,9 @@ impl Default for RouterMetrics {
             capacity_exhausted,
             config_reloads,
             engine_set_asides,
+            spilled_with_local_room,
+            peer_report_age,
+            peers_shown: Default::default(),
         }
     }
 }

@@ -40,6 +40,8 @@ pub mod cluster;
 mod drain;
 /// HTTP/1.1 to local engines.
 pub mod engine;
+/// The exchange of reports with the service's other routers.
+pub mod exchange;
 /// Accepting connections and spreading them over the threads.
 mod listen;
 /// A completion's way upstream, with the retry policy.
@@ -152,13 +154,15 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("listening on {listen}: {e}"))?;
     let state = server.state().clone();
     let every = Duration::from_millis(args.reload_interval_ms.max(50));
+    let mut peering = None;
     sources::spawn_key_refresh(state.clone(), every);
     match &cluster {
         Some(c) => {
             let client = kube::Client::try_default()
                 .await
                 .map_err(|e| anyhow::anyhow!("connecting to the Kubernetes API: {e}"))?;
-            cluster::spawn(client, c.clone(), state.clone());
+            cluster::spawn(client.clone(), c.clone(), state.clone());
+            peering = Some(client);
         }
         None => {
             if let Some(path) = &args.config {
@@ -172,6 +176,7 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let _exchange = share_limits(&state, server.addr(), cluster.as_ref(), peering);
     let cfg = state.config();
     tracing::info!(
         addr = %server.addr(),
@@ -187,6 +192,39 @@ pub async fn run(args: RouterArgs) -> anyhow::Result<()> {
     server.close(delay, shutdown_signal()).await;
     tracing::info!("router stopped");
     Ok(())
+}
+
+/// With a `peers` section, shares every limit with the service's other routers: reports on
+/// UDP `peers.port` at the listen address's IP, peers from the config or (in a cluster) the
+/// client Service's EndpointSlices. A port that cannot be bound leaves the router on its fixed
+/// share.
+fn share_limits(
+    state: &std::sync::Arc<state::RouterState>,
+    listen: std::net::SocketAddr,
+    cluster: Option<&config::ClusterConfig>,
+    client: Option<kube::Client>,
+) -> Option<exchange::Exchange> {
+    let peers = state.config().peers.clone()?;
+    let name = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| listen.to_string());
+    let at = std::net::SocketAddr::new(listen.ip(), peers.port);
+    let ex = match std::net::UdpSocket::bind(at)
+        .and_then(|s| exchange::start(state, s, name.clone(), &peers.addresses))
+    {
+        Ok(ex) => Some(ex),
+        Err(e) => {
+            tracing::error!(%at, error = %e, "cannot exchange reports with peer routers: keeping to the fixed share");
+            exchange::join(state, name.clone());
+            None
+        }
+    };
+    if let (Some(c), Some(client)) = (cluster, client)
+        && !c.router_service.is_empty()
+    {
+        cluster::spawn_peers(client, c, state.clone(), name, peers.port);
+    }
+    ex
 }
 
 /// Serving threads when `--threads` is not given. A pod without a CPU limit sees every CPU of

@@ -392,6 +392,7 @@ impl Sim<'_> {
             self.backends_buf.push(BackendLoad {
                 outstanding,
                 limit,
+                room: limit,
                 aside: false,
                 excluded: !ask.locals_open,
             });

@@ -5,9 +5,10 @@
 //!
 //! Invariants, stated once:
 //!
-//! 1. **No engine holds more than its limit.** A local slot is taken only by a compare-and-swap
-//!    on the engine's count that fails at the limit ([`Backend::try_take`]), with or without
-//!    the routing lock.
+//! 1. **No engine holds more than this router's cap on it.** A local slot is taken only by a
+//!    compare-and-swap on the engine's count that fails at the cap ([`Backend::try_take`]),
+//!    with or without the routing lock. The cap is `maxConcurrency`, or what the router's
+//!    peers leave it (`router::peers`).
 //! 2. **Nobody overtakes the queue.** A request takes a slot without the lock only while the
 //!    published queue length is 0, read again before every try.
 //! 3. **No waiter is forgotten.** A request that queues publishes the queue length and then

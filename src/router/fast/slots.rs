@@ -16,6 +16,12 @@ use crate::router::classes::{Class, Classes};
 pub struct Backend {
     /// Requests holding a slot on this engine (leases own one each).
     outstanding: AtomicU32,
+    /// What this router may have on it: `maxConcurrency`, or less while its peers use some
+    /// (see `router::peers`). Set under the routing lock.
+    cap: AtomicU32,
+    /// What the shared view leaves this router (at least `cap`): a slot between the two is
+    /// waited for, not spilled past.
+    room: AtomicU32,
     /// Set aside until then (ms on the router's clock) after a failed connection; 0 if not.
     aside_until: AtomicI64,
     /// `host:port`.
@@ -29,6 +35,8 @@ impl Backend {
     pub fn new(addr: String) -> Self {
         Self {
             outstanding: AtomicU32::new(0),
+            cap: AtomicU32::new(0),
+            room: AtomicU32::new(0),
             aside_until: AtomicI64::new(0),
             authority: addr.parse().ok().and_then(|x: http::uri::Authority| {
                 Some((x.clone(), http::HeaderValue::from_str(x.as_str()).ok()?))
@@ -62,22 +70,34 @@ impl Backend {
         self.aside_until.swap(until, Ordering::Relaxed)
     }
 
+    /// Sets what this router may have on it (under the routing lock).
+    pub fn set_limits(&self, cap: u32, room: u32) {
+        self.room.store(room.max(cap), Ordering::SeqCst);
+        self.cap.store(cap, Ordering::SeqCst);
+    }
+
+    pub fn cap(&self) -> u32 {
+        self.cap.load(Ordering::SeqCst)
+    }
+
     /// Its load as admission sees it; `excluded`: not for this request.
-    pub fn load(&self, limit: u32, now: impl Fn() -> Millis, excluded: bool) -> BackendLoad {
+    pub fn load(&self, now: impl Fn() -> Millis, excluded: bool) -> BackendLoad {
         BackendLoad {
             outstanding: self.outstanding(),
-            limit,
+            limit: self.cap(),
+            room: self.room.load(Ordering::Relaxed),
             aside: self.aside(now),
             excluded,
         }
     }
 
-    /// Takes a slot if the engine is below `limit`; a lost race with another thread reads the
+    /// Takes a slot if the engine is below its cap; a lost race with another thread reads the
     /// new count and tries again.
-    pub fn try_take(&self, limit: u32) -> bool {
+    pub fn try_take(&self) -> bool {
+        let cap = self.cap();
         self.outstanding
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < limit).then_some(n + 1)
+                (n < cap).then_some(n + 1)
             })
             .is_ok()
     }
@@ -95,7 +115,7 @@ impl Backend {
 pub struct LocalPath {
     /// The queue's length, published under the lock with every change to it.
     queued: AtomicUsize,
-    /// Which backend list and limit are current; a thread whose copy is older copies again.
+    /// Which backend list is current; a thread whose copy is older copies again.
     view: AtomicU64,
 }
 
@@ -104,10 +124,9 @@ pub struct LocalPath {
 static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
 
 /// What a serving thread reads on every request, copied from the routing state when it
-/// changes: the backend list, the limit and the request classes.
+/// changes: the backend list and the request classes.
 pub struct View {
     id: u64,
-    pub limit: u32,
     pub backends: Vec<Arc<Backend>>,
     pub classes: Option<Arc<Classes>>,
     loads: Vec<BackendLoad>,
@@ -117,7 +136,6 @@ thread_local! {
     static VIEW: RefCell<View> = const {
         RefCell::new(View {
             id: 0,
-            limit: 0,
             backends: Vec::new(),
             classes: None,
             loads: Vec::new(),
@@ -135,7 +153,7 @@ impl Default for LocalPath {
 }
 
 impl LocalPath {
-    /// Under the routing lock, whenever the backend list or the limit changes.
+    /// Under the routing lock, whenever the backend list changes.
     pub fn backends_changed(&self) {
         let id = NEXT_VIEW.fetch_add(1, Ordering::Relaxed);
         self.view.store(id, Ordering::SeqCst);
@@ -190,12 +208,11 @@ impl LocalPath {
                 // Read again on every try: a request that queued meanwhile goes first.
                 let queued = self.queued.load(Ordering::SeqCst);
                 let queued = u32::try_from(queued).unwrap_or(u32::MAX);
-                let limit = v.limit;
                 v.loads.clear();
                 v.loads
-                    .extend(v.backends.iter().map(|b| b.load(limit, &now, false)));
+                    .extend(v.backends.iter().map(|b| b.load(&now, false)));
                 let b = &v.backends[local_first(&v.loads, queued, false)?];
-                if b.try_take(limit) {
+                if b.try_take() {
                     return Some(b.clone());
                 }
             }
@@ -223,8 +240,10 @@ mod tests {
     #[test]
     fn a_slot_is_never_taken_past_the_limit() {
         let b = Backend::new("a:1".into());
-        assert!(b.try_take(2) && b.try_take(2));
-        assert!(!b.try_take(2));
+        assert!(!b.try_take(), "no cap set yet");
+        b.set_limits(2, 2);
+        assert!(b.try_take() && b.try_take());
+        assert!(!b.try_take());
         let path = LocalPath::default();
         assert!(!path.release(&b), "nobody waits");
         path.queue_changed(1);
@@ -235,12 +254,16 @@ mod tests {
     #[test]
     fn a_stale_copy_is_refreshed_and_a_queue_stops_the_lock_free_path() {
         let path = LocalPath::default();
-        let list = vec![Arc::new(Backend::new("a:1".into()))];
+        let one = |addr: &str| {
+            let b = Backend::new(addr.into());
+            b.set_limits(1, 1);
+            Arc::new(b)
+        };
+        let list = vec![one("a:1")];
         fn copy(l: &[Arc<Backend>]) -> impl FnOnce(&mut View) + '_ {
             move |v| {
                 v.backends.clear();
                 v.backends.extend_from_slice(l);
-                v.limit = 1;
             }
         }
         let got = path.take(copy(&list), || 0).expect("room");
@@ -254,7 +277,7 @@ mod tests {
             "overtook"
         );
         path.queue_changed(0);
-        let other = vec![Arc::new(Backend::new("b:1".into()))];
+        let other = vec![one("b:1")];
         path.backends_changed();
         assert_eq!(path.take(copy(&other), || 0).expect("room").addr, "b:1");
     }

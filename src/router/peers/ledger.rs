@@ -196,6 +196,16 @@ impl Ledger {
         }
     }
 
+    /// What the peers last reported of `key`, silent or not: what the view shows, before
+    /// the fallback for silence.
+    pub fn reported(&self, key: &str) -> u32 {
+        self.peers
+            .values()
+            .flatten()
+            .map(|h| h.counts.slot(key))
+            .fold(0, u32::saturating_add)
+    }
+
     /// What the peers have spent of a shared spend cap, counted as [`Self::room`] counts
     /// slots (a silent peer: the larger of its last report and its even share of `cap`).
     pub fn others_spend(&self, cap: f64, now: Millis) -> f64 {

@@ -107,6 +107,8 @@ impl Excluded {
 pub(super) struct ProviderSlot {
     pub p: Arc<Provider>,
     pub in_flight: u32,
+    /// What this router may have on it: `maxConcurrency`, or what its peers leave it.
+    pub cap: u32,
     pub breaker: CircuitBreaker,
     pub key: KeyState,
 }
@@ -124,6 +126,7 @@ pub(super) fn provider_slots(
             key: read_key(p.api_key_file.as_deref()),
             p: Arc::new(Provider::new(p, m)),
             in_flight: 0,
+            cap: p.max_concurrency,
             breaker: CircuitBreaker::new(breaker.failures, breaker.open.as_millis() as Millis),
         })
         .collect()

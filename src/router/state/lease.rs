@@ -52,6 +52,7 @@ impl Lease {
             sent_ms,
         };
         lease.metrics().in_flight.inc();
+        lease.state.counts_changed();
         lease
     }
 

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 
 pub use backends::{BreakerSettings, Dest, Excluded, Provider};
 pub use lease::{Lease, Ticket};
@@ -29,6 +29,7 @@ use super::config::RouterConfig;
 use super::fast::{Backend, LocalPath, View};
 use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
+use super::peers::{Ledger, Report};
 use super::usage::Usage;
 use crate::api::BurstMode;
 use crate::clock::Millis;
@@ -55,6 +56,10 @@ pub struct RouterState {
     synced: AtomicBool,
     /// Shutdown has begun: readiness fails while requests are still served.
     closing: AtomicBool,
+    /// Runs with peers: a change of its own counts wakes the exchange.
+    peered: AtomicBool,
+    /// Wakes the exchange to report (see `router::exchange`).
+    report_due: Notify,
 }
 
 impl std::fmt::Debug for RouterState {
@@ -76,12 +81,15 @@ impl RouterState {
                 providers,
                 BudgetTracker::new(rpm, spend),
                 metrics.queue_length.clone(),
+                metrics.spilled_with_local_room.clone(),
             )),
             local_metrics: metrics.for_destination(metrics::LOCAL),
             metrics,
             breaker,
             synced: AtomicBool::new(true),
             closing: AtomicBool::new(false),
+            peered: AtomicBool::new(false),
+            report_due: Notify::new(),
         });
         state.set_backends(backends);
         state
@@ -101,7 +109,6 @@ impl RouterState {
     fn copy_view(&self, v: &mut View) {
         let routing = self.lock();
         v.backends.clone_from(&routing.backends);
-        v.limit = routing.config.max_concurrency_per_backend;
         v.classes = Some(routing.classes.clone());
     }
 
@@ -136,7 +143,11 @@ impl RouterState {
             r.budget.max_requests_per_minute = rpm;
             r.budget.max_spend_per_hour = spend;
             r.set_classes(Classes::new(config.request_classes.as_ref()));
+            if let (Some(l), Some(p)) = (&mut r.peers, &config.peers) {
+                l.set_routers(p.replicas, p.stale_after_milliseconds as Millis);
+            }
             r.config = Arc::new(config);
+            r.refresh_caps(self.now_ms());
             self.fast.backends_changed();
         }
         self.pump();
@@ -153,6 +164,7 @@ impl RouterState {
             self.metrics.backends.set(next.len() as i64);
             r.backends = next;
             r.draining = draining;
+            r.refresh_caps(self.now_ms());
             self.fast.backends_changed();
         }
         self.pump();
@@ -546,6 +558,7 @@ impl RouterState {
     }
 
     fn release(self: &Arc<Self>, dest: &Dest) {
+        self.counts_changed();
         match dest {
             Dest::Local(b) => {
                 if self.fast.release(b) {
@@ -559,6 +572,88 @@ impl RouterState {
                 drop(routing);
                 self.pump();
             }
+        }
+    }
+
+    /// Shares every limit with the service's other routers from now on (see
+    /// `router::exchange`); until it hears them, each counts as using its even share.
+    pub fn join_peers(self: &Arc<Self>, ledger: Ledger) {
+        {
+            let mut routing = self.lock();
+            routing.peers = Some(ledger);
+            routing.refresh_caps(self.now_ms());
+        }
+        self.peered.store(true, Ordering::Relaxed);
+        self.pump();
+    }
+
+    /// The peers' addresses now (`host:port`).
+    pub fn set_peers(self: &Arc<Self>, addrs: &[String]) {
+        {
+            let mut routing = self.lock();
+            let now = self.now_ms();
+            let r = &mut *routing;
+            let Some(l) = &mut r.peers else { return };
+            l.set_peers(addrs);
+            r.refresh_caps(now);
+        }
+        self.pump();
+    }
+
+    /// This router's report to its peers now, and where it goes.
+    pub fn peer_report(&self) -> Option<(Report, Vec<String>)> {
+        let mut routing = self.lock();
+        let now = self.now_ms();
+        let counts = routing.counts(now);
+        let r = &mut *routing;
+        let l = r.peers.as_mut()?;
+        let report = l.report(counts);
+        let to = l.peer_addrs().map(str::to_string).collect();
+        // Counts sent may be acknowledged: caps change only when acknowledgements come.
+        Some((report, to))
+    }
+
+    /// Takes in a peer's report (see `Ledger::hear`): whether to answer it soon.
+    pub fn peer_heard(self: &Arc<Self>, addr: &str, report: Report) -> bool {
+        let moved = {
+            let mut routing = self.lock();
+            let now = self.now_ms();
+            let r = &mut *routing;
+            let Some(l) = &mut r.peers else { return false };
+            let moved = l.hear(addr, report, now);
+            if moved.is_some() {
+                r.refresh_caps(now);
+            }
+            moved == Some(true)
+        };
+        self.pump();
+        moved
+    }
+
+    /// On the exchange's heartbeat: caps follow peers falling silent, and their report ages
+    /// are published.
+    pub fn peer_tick(self: &Arc<Self>) {
+        let ages = {
+            let mut routing = self.lock();
+            let now = self.now_ms();
+            routing.refresh_caps(now);
+            routing.peers.as_ref().map(|l| l.ages(now))
+        };
+        if let Some(ages) = ages {
+            self.metrics.set_peer_ages(&ages);
+        }
+        self.pump();
+    }
+
+    /// What the exchange waits on between reports.
+    pub fn report_due(&self) -> &Notify {
+        &self.report_due
+    }
+
+    /// This router's counts changed: its peers are told soon.
+    fn counts_changed(&self) {
+        if self.peered.load(Ordering::Relaxed) {
+            self.report_due.notify_one();
         }
     }
 

@@ -21,7 +21,10 @@ use crate::router::config::RouterConfig;
 use crate::router::fast::Backend;
 use crate::router::keys::Bearer;
 use crate::router::metrics::ClassLabel;
+use crate::router::peers::wire::{RPM, engine_key, provider_key};
+use crate::router::peers::{Counts, Ledger, Room};
 use crate::router::queue::{Fifo, Waiter};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 
@@ -72,10 +75,18 @@ pub(super) struct Routing {
     pub classes: Arc<Classes>,
     /// Requests waiting, by class (the router's `queue_length` metric).
     queued_by_class: Family<ClassLabel, Gauge>,
+    /// The router's `spilled_with_local_room` metric.
+    spilled_with_room: Counter,
     /// Queue ids; only requests that wait take one.
     pub next_id: u64,
     /// The drain has run out: nothing more may wait (see `RouterState::refuse_waiting`).
     pub refusing: bool,
+    /// What this router knows of the service's other routers, when it runs with peers.
+    pub peers: Option<Ledger>,
+    /// This router's part of the requests-per-minute cap (all of it without peers).
+    rpm_cap: Option<u32>,
+    /// What the other routers spent this hour, as far as this one counts it.
+    others_spend: f64,
     scratch_b: Vec<BackendLoad>,
     scratch_p: Vec<ProviderLoad>,
 }
@@ -86,10 +97,12 @@ impl Routing {
         providers: Vec<ProviderSlot>,
         budget: BudgetTracker,
         queued_by_class: Family<ClassLabel, Gauge>,
+        spilled_with_room: Counter,
     ) -> Self {
         let classes = Arc::new(Classes::new(config.request_classes.as_ref()));
         let routing = Self {
             queued_by_class,
+            spilled_with_room,
             classes,
             config: Arc::new(config),
             backends: Vec::new(),
@@ -101,6 +114,9 @@ impl Routing {
             capacity_exhausted: false,
             next_id: 0,
             refusing: false,
+            peers: None,
+            rpm_cap: None,
+            others_spend: 0.0,
             scratch_b: Vec::new(),
             scratch_p: Vec::new(),
         };
@@ -124,8 +140,78 @@ impl Routing {
         }
     }
 
-    fn decide(&mut self, now: Millis, ask: &Ask<'_>) -> Admission {
+    /// What this router may use of a shared limit: all of it, or what its peers leave it.
+    fn room(&self, key: &str, limit: u32, now: Millis) -> Room {
+        match &self.peers {
+            Some(l) => l.room(key, limit, now),
+            None => Room {
+                cap: limit,
+                room: limit,
+            },
+        }
+    }
+
+    /// Sets every cap from the config and, with peers, what they leave this router. Called
+    /// whenever either changes (and on the exchange's heartbeat, as peers fall silent).
+    pub fn refresh_caps(&mut self, now: Millis) {
         let limit = self.config.max_concurrency_per_backend;
+        for b in self.backends.iter().chain(&self.draining) {
+            let r = self.room(&engine_key(&b.addr), limit, now);
+            b.set_limits(r.cap, r.room);
+        }
+        let caps: Vec<u32> = self
+            .providers
+            .iter()
+            .map(|p| {
+                self.room(&provider_key(&p.p.name), p.p.max_concurrency, now)
+                    .cap
+            })
+            .collect();
+        for (p, cap) in self.providers.iter_mut().zip(caps) {
+            p.cap = cap;
+        }
+        self.rpm_cap = self
+            .budget
+            .max_requests_per_minute
+            .map(|m| self.room(RPM, m, now).cap);
+        self.others_spend = match (&self.peers, self.budget.max_spend_per_hour) {
+            (Some(l), Some(cap)) => l.others_spend(cap, now),
+            _ => 0.0,
+        };
+    }
+
+    /// This router's use of every shared limit, for its report to its peers.
+    pub fn counts(&mut self, now: Millis) -> Counts {
+        let mut c = Counts::default();
+        for b in self.backends.iter().chain(&self.draining) {
+            c.set(engine_key(&b.addr), b.outstanding());
+        }
+        for p in &self.providers {
+            c.set(provider_key(&p.p.name), p.in_flight);
+        }
+        for (name, n) in &self.retired {
+            c.set(provider_key(name), *n);
+        }
+        c.set(
+            RPM.to_string(),
+            self.budget.requests_last_minute(now) as u32,
+        );
+        c.spend = self.budget.spend_last_hour(now);
+        c
+    }
+
+    /// Whether an engine this request may use had a slot free by the peers' last reports, at
+    /// a spill (with fresh reports it waits instead: only silent peers make this happen).
+    fn spill_with_room(&self, ex: &Excluded) -> bool {
+        let Some(l) = &self.peers else { return false };
+        let limit = self.config.max_concurrency_per_backend;
+        self.backends.iter().any(|b| {
+            !ex.locals.contains(&b.addr)
+                && b.outstanding() + l.reported(&engine_key(&b.addr)) < limit
+        })
+    }
+
+    fn decide(&mut self, now: Millis, ask: &Ask<'_>) -> Admission {
         let mut bl = std::mem::take(&mut self.scratch_b);
         let mut pl = std::mem::take(&mut self.scratch_p);
         bl.clear();
@@ -133,11 +219,11 @@ impl Routing {
         let (ex, class) = (ask.excluded, ask.class);
         bl.extend(self.backends.iter().map(|b| {
             let excluded = !ask.locals_open || ex.locals.contains(&b.addr);
-            b.load(limit, || now, excluded)
+            b.load(|| now, excluded)
         }));
         pl.extend(self.providers.iter().map(|p| ProviderLoad {
             in_flight: p.in_flight,
-            max_concurrency: p.p.max_concurrency,
+            max_concurrency: p.cap,
             breaker_allows: p.breaker.allows(now),
             has_key: p.key.usable(),
             excluded: ex.providers.contains(&p.p.name)
@@ -154,7 +240,9 @@ impl Routing {
                 cfg.burst.mode
             },
             capacity_exhausted: self.capacity_exhausted,
-            budget_allows: self.budget.allows(now),
+            budget_allows: self
+                .budget
+                .allows_shared(now, self.rpm_cap, self.others_spend),
             queued: ask.queued,
             queue_len: ask.queue_len,
             queue_limit: cfg.queue.limit,
@@ -175,12 +263,15 @@ impl Routing {
             return match self.decide(now, ask) {
                 Admission::Local(i) => {
                     let b = &self.backends[i];
-                    if !b.try_take(self.config.max_concurrency_per_backend) {
+                    if !b.try_take() {
                         continue;
                     }
                     Some(Decided::Go(Dest::Local(b.clone()), None))
                 }
                 Admission::Provider(i) => {
+                    if self.spill_with_room(ask.excluded) {
+                        self.spilled_with_room.inc();
+                    }
                     let p = &mut self.providers[i];
                     p.in_flight += 1;
                     p.breaker.on_send(now);

@@ -1,0 +1,246 @@
+//! Two routers in front of one engine, sharing its limit through their exchange (UDP on
+//! 127.0.0.1): all of it for the busy one, never more than the stated bound together, and the
+//! fixed share when a peer falls silent.
+
+use std::net::UdpSocket;
+
+use super::*;
+use crate::router::exchange::{self, Exchange};
+use crate::router::peers::AHEAD;
+
+const PEERS: &str = "peers: {replicas: 2, staleAfterMilliseconds: 300}\n";
+
+struct Pair {
+    a: RouterServer,
+    b: RouterServer,
+    ex_a: Option<Exchange>,
+    ex_b: Option<Exchange>,
+    udp_b: SocketAddr,
+    udp_a: SocketAddr,
+}
+
+/// Routers `a` and `b` with config `yaml` (plus `PEERS`) in front of `engine`, each listing
+/// the other as its peer, once each has heard the other.
+async fn pair(yaml: &str, engine: &EngineSimServer) -> Pair {
+    let yaml = format!("{yaml}{PEERS}");
+    let (sa, sb) = (udp(), udp());
+    let (udp_a, udp_b) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
+    let a = router(&yaml, vec![engine.addr().to_string()]).await;
+    let b = router(&yaml, vec![engine.addr().to_string()]).await;
+    let ex_a = exchange::start(a.state(), sa, "a".into(), &[udp_b.to_string()]).unwrap();
+    let ex_b = exchange::start(b.state(), sb, "b".into(), &[udp_a.to_string()]).unwrap();
+    until_heard(&a, udp_b).await;
+    until_heard(&b, udp_a).await;
+    Pair {
+        a,
+        b,
+        ex_a: Some(ex_a),
+        ex_b: Some(ex_b),
+        udp_a,
+        udp_b,
+    }
+}
+
+fn udp() -> UdpSocket {
+    UdpSocket::bind("127.0.0.1:0").unwrap()
+}
+
+fn peer_age(metrics: &str, peer: SocketAddr) -> Option<f64> {
+    sample(
+        metrics,
+        &format!("spillway_router_peer_report_age_seconds{{peer=\"{peer}\"}}"),
+    )
+}
+
+/// Until `r` has heard `peer` within the last 100 ms.
+async fn until_heard(r: &RouterServer, peer: SocketAddr) {
+    wait_metrics(r, |t| peer_age(t, peer).is_some_and(|s| s < 0.1)).await;
+}
+
+fn requests(metrics: &str, destination: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("spillway_router_requests_total")
+                && l.contains(&format!("destination=\"{destination}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn router_metrics(r: &RouterServer) -> String {
+    get(r.addr(), "/metrics").await.text()
+}
+
+const SPILL: &str = "maxConcurrencyPerBackend: 8\nqueue: {limit: 100, timeoutSeconds: 20}\nburst:\n  mode: Saturated\n  providers:\n";
+
+#[tokio::test]
+async fn all_traffic_on_one_router_runs_the_whole_engine_before_anything_spills() {
+    bounded(async {
+        let keys = TempDir::new("peers-one");
+        let key = keys.file("key", "k1");
+        let e = engine(8, 20.0).await;
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = format!("{SPILL}{}", provider_yaml("burst", &p, &key, ""));
+        let pair = pair(&yaml, &e).await;
+        // Eight streams at once, all to router a: a fixed share would run 4 and spill 4.
+        let mut held = Vec::new();
+        let opened = futures::future::join_all((0..8).map(|_| hold_stream(pair.a.addr(), 400)));
+        held.extend(opened.await);
+        assert_eq!(engine_running(&e).await, 8.0);
+        let t = router_metrics(&pair.a).await;
+        assert_eq!(local_in_flight(&t), 8.0, "{t}");
+        // The ninth finds the engine full, in the view of both routers: it spills.
+        assert_eq!(
+            served_by(&post(pair.a.addr(), chat(2, false)).await),
+            "burst-model"
+        );
+        assert_eq!(
+            served_by(&post(pair.b.addr(), chat(2, false)).await),
+            "burst-model"
+        );
+        let t = router_metrics(&pair.a).await;
+        assert_eq!(
+            sample(&t, "spillway_router_spilled_with_local_room_total"),
+            Some(0.0)
+        );
+        drop(held);
+        pair.stop().await;
+        e.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Short requests on both routers at once, more than the engine takes: the engine, sized to
+/// refuse anything past `8 + AHEAD` (the bound for two routers), refuses nothing.
+#[tokio::test]
+async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
+    bounded(async {
+        let keys = TempDir::new("peers-both");
+        let key = keys.file("key", "k1");
+        let e = engine(8 + AHEAD as usize, 400.0).await;
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = format!("{SPILL}{}", provider_yaml("burst", &p, &key, ""));
+        let pair = pair(&yaml, &e).await;
+        let peak = Arc::new(Mutex::new(0.0f64));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let sampler = {
+            let (peak, stop, addr) = (peak.clone(), stop.clone(), e.addr());
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let t = get(addr, "/metrics").await.text();
+                    let v = sample(&t, "vllm:num_requests_running").unwrap_or(0.0);
+                    {
+                        let mut p = peak.lock().unwrap();
+                        *p = p.max(v);
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        };
+        // 12 clients on each router, 15 requests each.
+        let clients = (0..24).map(|i| {
+            let to = if i % 2 == 0 {
+                pair.a.addr()
+            } else {
+                pair.b.addr()
+            };
+            async move {
+                let mut statuses = Vec::new();
+                for _ in 0..15 {
+                    statuses.push(post(to, chat(8, false)).await.status);
+                }
+                statuses
+            }
+        });
+        let statuses: Vec<StatusCode> = futures::future::join_all(clients)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        sampler.await.unwrap();
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK),
+            "{statuses:?}"
+        );
+        let engine_metrics = get(e.addr(), "/metrics").await.text();
+        assert_eq!(
+            sample(
+                &engine_metrics,
+                "engine_sim_requests_total{outcome=\"rejected\"}"
+            )
+            .unwrap_or(0.0),
+            0.0,
+            "the engine ran more than 8 + {AHEAD}"
+        );
+        // Both routers used the engine, and the overflow went to the provider.
+        let (ta, tb) = (router_metrics(&pair.a).await, router_metrics(&pair.b).await);
+        assert!(requests(&ta, "local") > 0.0 && requests(&tb, "local") > 0.0);
+        assert!(requests(&ta, "burst") + requests(&tb, "burst") > 0.0);
+        let peak = *peak.lock().unwrap();
+        eprintln!("engine peak running (sampled): {peak}");
+        assert!(peak <= f64::from(8 + AHEAD));
+        pair.stop().await;
+        e.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A peer that stops reporting counts as using its fixed share (or what it last said, if
+/// more): the survivor runs 4 of 8, and all 8 again once the peer is back.
+#[tokio::test]
+async fn a_silent_peer_leaves_the_survivor_its_fixed_share_until_it_is_back() {
+    bounded(async {
+        let keys = TempDir::new("peers-silent");
+        let key = keys.file("key", "k1");
+        let e = engine(8, 20.0).await;
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = format!("{SPILL}{}", provider_yaml("burst", &p, &key, ""));
+        let mut pair = pair(&yaml, &e).await;
+        // b runs 2 streams, then falls silent (its exchange stops; its streams go on).
+        let on_b = futures::future::join_all((0..2).map(|_| hold_stream(pair.b.addr(), 400))).await;
+        until_heard(&pair.a, pair.udp_b).await;
+        drop(pair.ex_b.take());
+        wait_metrics(&pair.a, |t| {
+            peer_age(t, pair.udp_b).is_some_and(|s| s > 0.3)
+        })
+        .await;
+        // a counts b at its share (4, more than the 2 it said): 4 local, the rest spill.
+        let on_a = futures::future::join_all((0..6).map(|_| hold_stream(pair.a.addr(), 400))).await;
+        let t = router_metrics(&pair.a).await;
+        assert_eq!(local_in_flight(&t), 4.0, "{t}");
+        assert_eq!(engine_running(&e).await, 6.0);
+        assert!(
+            sample(&t, "spillway_router_spilled_with_local_room_total").unwrap_or(0.0) >= 1.0,
+            "spills while b's last report showed room are counted: {t}"
+        );
+        drop(on_a);
+        drop(on_b);
+        wait_metrics(&pair.a, |t| local_in_flight(t) == 0.0).await;
+        // b is back (a new process would be the same: a new boot, counts from 0).
+        let sb = UdpSocket::bind(pair.udp_b).unwrap();
+        pair.ex_b = Some(
+            exchange::start(pair.b.state(), sb, "b".into(), &[pair.udp_a.to_string()]).unwrap(),
+        );
+        until_heard(&pair.a, pair.udp_b).await;
+        let on_a = futures::future::join_all((0..8).map(|_| hold_stream(pair.a.addr(), 400))).await;
+        let t = router_metrics(&pair.a).await;
+        assert_eq!(local_in_flight(&t), 8.0, "{t}");
+        drop(on_a);
+        pair.stop().await;
+        e.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+impl Pair {
+    async fn stop(mut self) {
+        drop((self.ex_a.take(), self.ex_b.take()));
+        self.a.stop().await;
+        self.b.stop().await;
+    }
+}
