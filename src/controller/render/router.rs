@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api::{InferenceService, ScalingPolicySpec};
 use crate::controller::names::{engine_name, labels, router_name, selector_labels};
-use crate::router::config::{self as router_config, CONFIG_KEY, KEYS_DIR, ROUTER_PORT};
+use crate::router::config::{self as router_config, CONFIG_KEY, KEYS_DIR, PEER_PORT, ROUTER_PORT};
 
 /// Every object of a service's router.
 #[derive(Clone, Debug, PartialEq)]
@@ -180,23 +180,41 @@ pub fn render(
                             "--shutdown-delay-seconds".into(),
                             SHUTDOWN_DELAY_SECONDS.to_string(),
                         ]),
-                        env: Some(vec![EnvVar {
-                            name: "POD_NAMESPACE".into(),
-                            value_from: Some(EnvVarSource {
-                                field_ref: Some(ObjectFieldSelector {
-                                    field_path: "metadata.namespace".into(),
-                                    ..ObjectFieldSelector::default()
+                        // The pod name is the router's name among its peers.
+                        env: Some(
+                            [
+                                ("POD_NAMESPACE", "metadata.namespace"),
+                                ("POD_NAME", "metadata.name"),
+                            ]
+                            .into_iter()
+                            .map(|(name, path)| EnvVar {
+                                name: name.into(),
+                                value_from: Some(EnvVarSource {
+                                    field_ref: Some(ObjectFieldSelector {
+                                        field_path: path.into(),
+                                        ..ObjectFieldSelector::default()
+                                    }),
+                                    ..EnvVarSource::default()
                                 }),
-                                ..EnvVarSource::default()
-                            }),
-                            ..EnvVar::default()
-                        }]),
-                        ports: Some(vec![ContainerPort {
-                            name: Some("http".into()),
-                            container_port: ROUTER_PORT.into(),
-                            protocol: Some("TCP".into()),
-                            ..ContainerPort::default()
-                        }]),
+                                ..EnvVar::default()
+                            })
+                            .collect(),
+                        ),
+                        ports: Some(vec![
+                            ContainerPort {
+                                name: Some("http".into()),
+                                container_port: ROUTER_PORT.into(),
+                                protocol: Some("TCP".into()),
+                                ..ContainerPort::default()
+                            },
+                            // Reports between the service's routers (`router::exchange`).
+                            ContainerPort {
+                                name: Some("peers".into()),
+                                container_port: PEER_PORT.into(),
+                                protocol: Some("UDP".into()),
+                                ..ContainerPort::default()
+                            },
+                        ]),
                         readiness_probe: Some(probe("/readyz")),
                         liveness_probe: Some(probe("/healthz")),
                         resources: Some(ResourceRequirements {

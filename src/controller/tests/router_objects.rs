@@ -48,8 +48,12 @@ async fn router_config_rbac_and_pdb_are_applied_and_a_missing_secret_degrades() 
     let config = cm.body["data"]["router.yaml"].as_str().unwrap();
     let parsed = crate::router::config::RouterConfig::from_yaml(config).unwrap();
     assert_eq!(
-        parsed.max_concurrency_per_backend, 4,
-        "8 slots shared by 2 routers"
+        (
+            parsed.max_concurrency_per_backend,
+            parsed.peers.as_ref().map(|p| p.replicas)
+        ),
+        (8, Some(2)),
+        "8 slots, whole, shared by 2 routers as peers"
     );
     assert_eq!(
         parsed.burst.providers[0].api_key_file.as_deref(),
