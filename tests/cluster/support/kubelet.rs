@@ -2,8 +2,8 @@
 //!
 //! A pod bound to a node becomes a process of the spillway binary under test, run with the
 //! container's args: an engine pod in a network namespace of its own on the test bridge, a
-//! router pod in the host namespace on a 127.x address of its own (it must reach the API server,
-//! which listens on 127.0.0.1 only), in a private mount namespace where its volumes (the
+//! router pod in the host namespace on an address of its own on the bridge (it must reach the
+//! API server, which listens on 127.0.0.1 only), in a private mount namespace where its volumes (the
 //! ConfigMap, the projected provider keys) are mounted at their mount paths, with a token of its
 //! ServiceAccount. The pod's status follows: Running with its IP, then Ready as its readiness
 //! probe answers (period and failure threshold as the pod says). A pod marked for deletion has its
@@ -25,7 +25,7 @@ use serde_json::json;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
 
-use super::net::{Bridge, PodNet};
+use super::net::{Bridge, HostAddr, PodNet};
 use super::plane::ControlPlane;
 use super::procs::{Proc, spillway_bin};
 
@@ -41,8 +41,9 @@ struct RunningPod {
     ip: Ipv4Addr,
     proc: tokio::sync::Mutex<Proc>,
     prober: JoinHandle<()>,
-    // Dropped after the process stops: the namespace and the volume files.
+    // Dropped after the process stops: the namespace or address, and the volume files.
     _net: Option<PodNet>,
+    _addr: Option<HostAddr>,
     dir: PathBuf,
 }
 
@@ -51,8 +52,6 @@ struct Inner {
     plane: Arc<ControlPlane>,
     bridge: Bridge,
     work: PathBuf,
-    next_loopback: Mutex<u8>,
-    loopback_prefix: [u8; 3],
     /// By pod uid. `None`: being started.
     pods: Mutex<HashMap<String, Option<Arc<RunningPod>>>>,
 }
@@ -72,14 +71,11 @@ pub struct PodInfo {
 
 impl Kubelet {
     pub fn start(plane: Arc<ControlPlane>, bridge: Bridge, work: &Path) -> Self {
-        let pid = std::process::id();
         let inner = Arc::new(Inner {
             client: plane.client.clone(),
             plane,
             bridge,
             work: work.to_path_buf(),
-            next_loopback: Mutex::new(1),
-            loopback_prefix: [127, 77 + (pid % 100) as u8, ((pid / 100) % 250) as u8],
             pods: Mutex::new(HashMap::new()),
         });
         let watch = tokio::spawn(watch_pods(inner.clone()));
@@ -263,18 +259,9 @@ async fn start_pod(inner: &Arc<Inner>, pod: &Pod) -> anyhow::Result<Arc<RunningP
     let args = container.args.clone().unwrap_or_default();
     let log = dir.with_extension("log");
 
-    let (ip, net, cmd) = if component == "router" {
-        let ip = {
-            let mut n = inner.next_loopback.lock().expect("not poisoned");
-            let ip = Ipv4Addr::new(
-                inner.loopback_prefix[0],
-                inner.loopback_prefix[1],
-                inner.loopback_prefix[2],
-                *n,
-            );
-            *n = n.checked_add(1).context("out of router addresses")?;
-            ip
-        };
+    let (ip, net, addr, cmd) = if component == "router" {
+        let addr = inner.bridge.host_addr()?;
+        let ip = addr.ip;
         let sa = spec
             .service_account_name
             .clone()
@@ -293,13 +280,18 @@ async fn start_pod(inner: &Arc<Inner>, pod: &Pod) -> anyhow::Result<Arc<RunningP
         let port = container_port(container, "http").context("router without an http port")?;
         let mut full = args.clone();
         full.extend(["--listen".to_string(), format!("{ip}:{port}")]);
-        (ip, None, in_mount_namespace(&dir, &mounts, &full)?)
+        (
+            ip,
+            None,
+            Some(addr),
+            in_mount_namespace(&dir, &mounts, &full)?,
+        )
     } else {
         let net = inner.bridge.pod_net()?;
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &net.ns, spillway_bin()])
             .args(&args);
-        (net.ip, Some(net), cmd)
+        (net.ip, Some(net), None, cmd)
     };
     let mut cmd = cmd;
     cmd.env_clear()
@@ -320,6 +312,7 @@ async fn start_pod(inner: &Arc<Inner>, pod: &Pod) -> anyhow::Result<Arc<RunningP
         proc: tokio::sync::Mutex::new(proc),
         prober,
         _net: net,
+        _addr: addr,
         dir,
     }))
 }

@@ -49,11 +49,13 @@ pub fn remove_leftovers() {
     }
 }
 
-/// The bridge: `<prefix>.0.1/16` on the host side; pods get `<prefix>.1.n`.
+/// The bridge: `<prefix>.0.1/16` on the host side; pods get `<prefix>.1.n`, and pods in the
+/// host namespace (routers) `<prefix>.2.n` on the bridge itself.
 pub struct Bridge {
     name: String,
     prefix: [u8; 2],
     next: Mutex<u8>,
+    next_host: Mutex<u8>,
 }
 
 impl Bridge {
@@ -70,6 +72,7 @@ impl Bridge {
             name,
             prefix: [10, x],
             next: Mutex::new(1),
+            next_host: Mutex::new(1),
         };
         run(
             "ip",
@@ -121,6 +124,46 @@ impl Bridge {
         inside(&["link", "set", "eth0", "up"])?;
         inside(&["link", "set", "lo", "up"])?;
         Ok(net)
+    }
+}
+
+impl Bridge {
+    /// A new address in the host namespace, on the bridge, for a pod that must also reach the
+    /// API server on 127.0.0.1: EndpointSlices list it, where they refuse loopback.
+    pub fn host_addr(&self) -> anyhow::Result<HostAddr> {
+        let n = {
+            let mut next = self.next_host.lock().expect("not poisoned");
+            let n = *next;
+            if n == 255 {
+                bail!("host addresses used up");
+            }
+            *next += 1;
+            n
+        };
+        let ip = Ipv4Addr::new(self.prefix[0], self.prefix[1], 2, n);
+        run(
+            "ip",
+            &["addr", "add", &format!("{ip}/32"), "dev", &self.name],
+        )?;
+        Ok(HostAddr {
+            ip,
+            dev: self.name.clone(),
+        })
+    }
+}
+
+/// An address on the bridge in the host namespace, removed on drop.
+pub struct HostAddr {
+    pub ip: Ipv4Addr,
+    dev: String,
+}
+
+impl Drop for HostAddr {
+    fn drop(&mut self) {
+        let _ = run(
+            "ip",
+            &["addr", "del", &format!("{}/32", self.ip), "dev", &self.dev],
+        );
     }
 }
 
