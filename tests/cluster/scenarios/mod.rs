@@ -7,6 +7,7 @@ mod lifecycle;
 mod metrics_lost;
 mod rbac;
 mod scale_up;
+mod shared;
 mod startup;
 
 use std::sync::Arc;
@@ -21,7 +22,8 @@ use crate::support::kubelet::{Kubelet, PodInfo};
 use crate::support::net::Bridge;
 use crate::support::operator::{self, Controller, TEST_MANAGER, apply_yaml, create_namespace};
 use crate::support::plane::ControlPlane;
-use crate::support::{TempDir, eventually};
+use crate::support::procs::{Proc, spillway_bin};
+use crate::support::{TempDir, eventually, free_port};
 
 /// A scenario: its name (also its namespace and its node's name) and what it runs.
 pub struct Scenario(pub &'static str, pub Run);
@@ -34,6 +36,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("d-failover", |e| Box::pin(failover::run(e))),
     Scenario("f-lifecycle", |e| Box::pin(lifecycle::run(e))),
     Scenario("g-gitops", |e| Box::pin(gitops::run(e))),
+    Scenario("h-shared", |e| Box::pin(shared::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];
@@ -254,4 +257,41 @@ spec:
 {extra}"#,
         image = operator::IMAGE
     )
+}
+
+/// A fake burst provider: engine-sim on 127.0.0.1 checking the bearer `key` and serving
+/// `provider-model`; with its port.
+pub async fn start_provider(env: &Env, key: &str) -> anyhow::Result<(Proc, u16)> {
+    let port = free_port();
+    let mut cmd = tokio::process::Command::new(spillway_bin());
+    cmd.args([
+        "engine-sim",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port.to_string(),
+        "--model",
+        "provider-model",
+        "--max-concurrency",
+        "64",
+        "--latency-ms",
+        "200",
+        "--tokens-per-second",
+        "2000",
+    ])
+    .env("SPILLWAY_ENGINE_SIM_API_KEY", key)
+    .env("NO_COLOR", "1");
+    let p = Proc::spawn(
+        "provider",
+        cmd,
+        &env.work.path().join(format!("provider-{port}.log")),
+    )?;
+    let addr = format!("127.0.0.1:{port}");
+    eventually("the fake provider", Duration::from_secs(10), || async {
+        Ok(crate::support::traffic::get_ok(&addr, "/health")
+            .await
+            .then_some(()))
+    })
+    .await?;
+    Ok((p, port))
 }

@@ -9,13 +9,11 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, ensure};
-use tokio::process::Command;
 
-use super::{Env, MODEL, policy, service};
+use super::{Env, MODEL, policy, service, start_provider};
+use crate::support::eventually;
 use crate::support::operator::{condition, engine_replicas, events, isvc};
-use crate::support::procs::{Proc, spillway_bin};
 use crate::support::traffic::{Load, metric, request_with};
-use crate::support::{eventually, free_port};
 
 const NS: &str = "b-scale-up";
 const OVERLOAD_NODE: &str = "b-overload";
@@ -26,7 +24,7 @@ const REQUESTS: &str = "spillway_router_requests_total";
 pub async fn run(env: &Env) -> anyhow::Result<String> {
     env.prepare(NS, 1).await?;
     env.plane.node(OVERLOAD_NODE, 4).await?;
-    let provider = start_provider(env).await?;
+    let provider = start_provider(env, KEY).await?;
     env.apply(
         NS,
         &format!(
@@ -90,38 +88,6 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
     let mut provider = provider.0;
     provider.stop(Duration::from_secs(2)).await;
     Ok(format!("{}; {}", spike?, overload?))
-}
-
-/// The fake provider: engine-sim checking the key and the model name, on 127.0.0.1.
-async fn start_provider(env: &Env) -> anyhow::Result<(Proc, u16)> {
-    let port = free_port();
-    let mut cmd = Command::new(spillway_bin());
-    cmd.args([
-        "engine-sim",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        &port.to_string(),
-        "--model",
-        "provider-model",
-        "--max-concurrency",
-        "64",
-        "--latency-ms",
-        "200",
-        "--tokens-per-second",
-        "2000",
-    ])
-    .env("SPILLWAY_ENGINE_SIM_API_KEY", KEY)
-    .env("NO_COLOR", "1");
-    let p = Proc::spawn("provider", cmd, &env.work.path().join("provider.log"))?;
-    let addr = format!("127.0.0.1:{port}");
-    eventually("the fake provider", Duration::from_secs(10), || async {
-        Ok(crate::support::traffic::get_ok(&addr, "/health")
-            .await
-            .then_some(()))
-    })
-    .await?;
-    Ok((p, port))
 }
 
 fn router_addr(env: &Env, service: &str) -> anyhow::Result<String> {

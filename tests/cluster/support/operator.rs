@@ -232,3 +232,11 @@ pub async fn events(
         .map_err(|e| e.to_string())?;
     Ok(list.items.into_iter().filter_map(|e| e.message).collect())
 }
+
+/// Deletes a pod (the kubelet here stops its process and force-deletes it).
+pub async fn delete_pod(client: &Client, ns: &str, name: &str) -> anyhow::Result<()> {
+    kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), ns)
+        .delete(name, &Default::default())
+        .await?;
+    Ok(())
+}
