@@ -56,7 +56,7 @@ pub struct RouterState {
     synced: AtomicBool,
     /// Shutdown has begun: readiness fails while requests are still served.
     closing: AtomicBool,
-    /// Runs with peers: a change of its own counts wakes the exchange.
+    /// Has peers listed: a change of its own counts wakes the exchange.
     peered: AtomicBool,
     /// Wakes the exchange to report (see `router::exchange`).
     report_due: Notify,
@@ -509,6 +509,7 @@ impl RouterState {
         let spent = cost(p.pricing.as_ref(), u.prompt_tokens, u.completion_tokens);
         let now = self.now_ms();
         self.lock().budget.record_spend(now, spent);
+        self.counts_changed();
         for (kind, n) in [
             ("prompt", u.prompt_tokens),
             ("completion", u.completion_tokens),
@@ -583,7 +584,6 @@ impl RouterState {
             routing.peers = Some(ledger);
             routing.refresh_caps(self.now_ms());
         }
-        self.peered.store(true, Ordering::Relaxed);
         self.pump();
     }
 
@@ -596,6 +596,8 @@ impl RouterState {
             let Some(l) = &mut r.peers else { return };
             l.set_peers(addrs);
             r.refresh_caps(now);
+            // Alone, a request need not wake the exchange.
+            self.peered.store(!addrs.is_empty(), Ordering::Relaxed);
         }
         self.pump();
     }

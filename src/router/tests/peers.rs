@@ -22,11 +22,16 @@ struct Pair {
 /// Routers `a` and `b` with config `yaml` (plus `PEERS`) in front of `engine`, each listing
 /// the other as its peer, once each has heard the other.
 async fn pair(yaml: &str, engine: &EngineSimServer) -> Pair {
+    pair_on(yaml, vec![engine.addr().to_string()]).await
+}
+
+/// [`pair`] in front of `backends` (none: every request spills).
+async fn pair_on(yaml: &str, backends: Vec<String>) -> Pair {
     let yaml = format!("{yaml}{PEERS}");
     let (sa, sb) = (udp(), udp());
     let (udp_a, udp_b) = (sa.local_addr().unwrap(), sb.local_addr().unwrap());
-    let a = router(&yaml, vec![engine.addr().to_string()]).await;
-    let b = router(&yaml, vec![engine.addr().to_string()]).await;
+    let a = router(&yaml, backends.clone()).await;
+    let b = router(&yaml, backends).await;
     let ex_a = exchange::start(a.state(), sa, "a".into(), &[udp_b.to_string()]).unwrap();
     let ex_b = exchange::start(b.state(), sb, "b".into(), &[udp_a.to_string()]).unwrap();
     until_heard(&a, udp_b).await;
@@ -90,11 +95,13 @@ async fn all_traffic_on_one_router_runs_the_whole_engine_before_anything_spills(
         assert_eq!(engine_running(&e).await, 8.0);
         let t = router_metrics(&pair.a).await;
         assert_eq!(local_in_flight(&t), 8.0, "{t}");
-        // The ninth finds the engine full, in the view of both routers: it spills.
+        // The ninth finds the engine full, in the view of both routers (once b has heard a's
+        // last report): it spills.
         assert_eq!(
             served_by(&post(pair.a.addr(), chat(2, false)).await),
             "burst-model"
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             served_by(&post(pair.b.addr(), chat(2, false)).await),
             "burst-model"
@@ -232,6 +239,87 @@ async fn a_silent_peer_leaves_the_survivor_its_fixed_share_until_it_is_back() {
         drop(on_a);
         pair.stop().await;
         e.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A provider's concurrency is shared like an engine's: one busy router may use all 4 slots
+/// (a fixed share would be 2), and the other's request waits while they are taken.
+#[tokio::test]
+async fn a_providers_concurrency_is_shared_by_both_routers() {
+    bounded(async {
+        let keys = TempDir::new("peers-provider");
+        let key = keys.file("key", "k1");
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = format!(
+            "queue: {{limit: 10, timeoutSeconds: 20}}\nburst:\n  providers:\n{}",
+            provider_yaml("burst", &p, &key, "").replace("maxConcurrency: 8", "maxConcurrency: 4")
+        );
+        let pair = pair_on(&yaml, vec![]).await;
+        let on_a =
+            futures::future::join_all((0..4).map(|_| hold_stream(pair.a.addr(), 4000))).await;
+        let t = router_metrics(&pair.a).await;
+        assert_eq!(
+            sample(&t, "spillway_router_in_flight{destination=\"burst\"}"),
+            Some(4.0),
+            "{t}"
+        );
+        // Once b has heard a's 4 (a reports within a millisecond of a change; before that b
+        // could take one more, within the bound), its request waits until a's streams end.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let b_addr = pair.b.addr();
+        let waiting = tokio::spawn(async move { post(b_addr, chat(1, false)).await });
+        until_queued(&pair.b, 1.0).await;
+        drop(on_a);
+        assert_eq!(served_by(&waiting.await.unwrap()), "burst-model");
+        pair.stop().await;
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// Both budget caps are shared: requests per minute (4 here; a fixed share would be 2) and
+/// spend per hour (what one router spent, the other cannot spend again).
+#[tokio::test]
+async fn the_burst_budget_is_shared_by_both_routers() {
+    bounded(async {
+        let keys = TempDir::new("peers-budget");
+        let key = keys.file("key", "k1");
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = |budget: &str, pricing: &str| {
+            format!(
+                "queue: {{limit: 10, timeoutSeconds: 1}}\nburst:\n  providers:\n{}  budget: {budget}\n",
+                provider_yaml("burst", &p, &key, pricing)
+            )
+        };
+        let pair = pair_on(&yaml("{maxRequestsPerMinute: 4}", ""), vec![]).await;
+        for _ in 0..4 {
+            assert_eq!(served_by(&post(pair.a.addr(), chat(1, false)).await), "burst-model");
+        }
+        // b hears a's 4 (reported as each was sent): the minute's budget is spent.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reply = post(pair.b.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        pair.stop().await;
+
+        // A dollar per token against $5 an hour: one request costs more than $2.50 (a fixed
+        // share), so a second one from a is allowed only by the shared cap, and after it b,
+        // which spent nothing, may spend nothing.
+        let pricing = ", pricing: {inputPerMillionTokens: 1000000, outputPerMillionTokens: 1000000}";
+        let pair = pair_on(&yaml("{maxSpendPerHour: \"5.00\"}", pricing), vec![]).await;
+        let spend = |t: &str| {
+            sample(t, "spillway_router_provider_spend_total{provider=\"burst\"}").unwrap_or(0.0)
+        };
+        assert_eq!(served_by(&post(pair.a.addr(), chat(1, false)).await), "burst-model");
+        let one = spend(&wait_metrics(&pair.a, |t| spend(t) > 0.0).await);
+        assert!(one > 2.5 && one < 5.0, "one request cost {one}");
+        assert_eq!(served_by(&post(pair.a.addr(), chat(1, false)).await), "burst-model");
+        // b hears a's spend with its next report.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let reply = post(pair.b.addr(), chat(1, false)).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.text());
+        pair.stop().await;
         p.stop().await.unwrap();
     })
     .await;
