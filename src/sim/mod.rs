@@ -84,7 +84,8 @@ pub struct SimulateArgs {
     /// The share of requests reaching the busiest router (default: even).
     #[arg(long)]
     pub router_skew: Option<f64>,
-    /// How often routers with a shared view tell each other their counts, in milliseconds.
+    /// With a shared view: how long after a change a router's report reaches the others, in
+    /// milliseconds (default 1, the exchange's gap; reports also go every 50 ms).
     #[arg(long)]
     pub exchange_ms: Option<u64>,
     /// Summary format.
@@ -326,7 +327,7 @@ pub fn settings(
         bail!("--router-skew is the busiest router's share of requests, in (0, 1]");
     }
     let exchange_ms: u64 = number(
-        "exchange interval",
+        "exchange delay",
         &setting(
             args.exchange_ms.map(|v| v.to_string()),
             &ann,

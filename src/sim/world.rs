@@ -18,7 +18,8 @@ use crate::router::admission::{
 };
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
 use crate::router::classes::{Class, Classes};
-use crate::router::peers::{self, PeerCount};
+use crate::router::peers::wire::engine_key;
+use crate::router::peers::{self, Counts, Ledger};
 
 /// The parts of the world the simulator models, with defaults close to a real GPU service.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -54,10 +55,11 @@ pub struct ModelParams {
     /// The share of requests reaching the busiest router (the others split the rest evenly);
     /// `None`: even.
     pub router_skew: Option<f64>,
-    /// Whether routers admit against the whole engine limit, knowing each other's in-flight
-    /// counts as of their last exchange (every `exchange_ms`), rather than each against a
-    /// fixed share of it.
+    /// Whether routers admit against the whole engine limit through their exchange, as the
+    /// router does (`router::peers`), rather than each against a fixed share of it.
     pub shared_view: bool,
+    /// How long after a change a report reaches the other routers (the exchange's gap plus
+    /// the network), in milliseconds.
     pub exchange_ms: u64,
 }
 
@@ -79,10 +81,13 @@ impl Default for ModelParams {
             routers: 1,
             router_skew: None,
             shared_view: false,
-            exchange_ms: 50,
+            exchange_ms: 1,
         }
     }
 }
+
+/// A router's peers count as silent after this long without a report (the router's default).
+const STALE_AFTER_MS: Millis = 500;
 
 /// One row of the timeline, per autoscaler tick.
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -190,8 +195,10 @@ enum Ev {
         pod: u32,
     },
     QueueCheck,
-    /// Routers tell each other their in-flight counts (shared view).
+    /// Routers' reports arrive (shared view).
     Exchange,
+    /// The exchange's heartbeat: reports go out even with nothing changed.
+    Heartbeat,
     Tick,
 }
 
@@ -206,13 +213,13 @@ struct Queued {
     router: usize,
 }
 
-/// One router of several: its queue, its own requests on each pod, and (shared view) what
-/// each peer said of its own at the last exchange (`None`: nothing yet, for a new pod).
+/// One router of several: its queue, its own requests on each pod, and (shared view) its
+/// ledger of the others, as the router keeps it.
 #[derive(Default)]
 struct RouterSim {
     queue: VecDeque<Queued>,
     own: Vec<u32>,
-    heard: Vec<Vec<Option<PeerCount>>>,
+    ledger: Option<Ledger>,
 }
 
 /// One class of the mix: its rules, its cumulative share, and what became of its requests.
@@ -292,6 +299,8 @@ struct Sim<'a> {
     share: u32,
     spilled_with_local_free: u64,
     engine_peak: u32,
+    /// An exchange is on its way (shared view).
+    report_due: bool,
     mix: Vec<MixClass>,
     pods: Vec<Pod>,
     ready: Vec<u32>,
@@ -331,26 +340,48 @@ impl Sim<'_> {
             .filter(|&i| self.pods[i as usize].state == PodState::Ready)
             .collect();
         // Pods are only ever added: each router counts on every one.
-        let peers = self.routers.len() - 1;
         for r in &mut self.routers {
             r.own.resize(self.pods.len(), 0);
-            r.heard.resize(self.pods.len(), vec![None; peers]);
         }
     }
 
-    /// Each router hears the others' in-flight counts (shared view).
+    /// A router's own count changed: its report reaches the others `exchange_ms` later.
+    fn report_soon(&mut self) {
+        if self.params.shared_view && self.routers.len() > 1 && !self.report_due {
+            self.report_due = true;
+            self.push(
+                self.now + self.params.exchange_ms.max(1) as Millis,
+                Ev::Exchange,
+            );
+        }
+    }
+
+    /// Every router reports and hears the others' reports; a report whose counts moved is
+    /// answered (its acknowledgement is what the sender waits for to go on).
     fn exchange(&mut self) {
-        let counts: Vec<Vec<u32>> = self.routers.iter().map(|r| r.own.clone()).collect();
+        self.report_due = false;
+        let reports: Vec<_> = self
+            .routers
+            .iter_mut()
+            .map(|r| {
+                let mut c = Counts::default();
+                for (pod, n) in r.own.iter().enumerate() {
+                    c.set(engine_key(&pod.to_string()), *n);
+                }
+                r.ledger.as_mut().map(|l| l.report(c))
+            })
+            .collect();
+        let mut moved = false;
         for (me, r) in self.routers.iter_mut().enumerate() {
-            for (pod, heard) in r.heard.iter_mut().enumerate() {
-                let peers = counts.iter().enumerate().filter(|(j, _)| *j != me);
-                for (slot, (_, c)) in heard.iter_mut().zip(peers) {
-                    *slot = Some(PeerCount {
-                        in_flight: c[pod],
-                        heard_ms: self.now,
-                    });
+            let Some(l) = &mut r.ledger else { continue };
+            for (from, report) in reports.iter().enumerate() {
+                if let (true, Some(report)) = (from != me, report) {
+                    moved |= l.hear(&from.to_string(), report.clone(), self.now) == Some(true);
                 }
             }
+        }
+        if moved {
+            self.report_soon();
         }
     }
 
@@ -372,27 +403,18 @@ impl Sim<'_> {
             let i = i as usize;
             // As this router sees the engine.
             let (outstanding, limit) = if self.routers.len() == 1 {
-                (self.pods[i].outstanding, self.limit)
-            } else if self.params.shared_view {
-                let n = self.routers.len() as u32;
-                // Three exchanges missed make a peer silent.
-                let stale_after = 3 * self.params.exchange_ms.max(1) as Millis;
-                let seen = peers::counted(
-                    self.limit,
-                    n,
-                    router.own[i],
-                    &router.heard[i],
-                    self.now,
-                    stale_after,
-                );
-                (seen, self.limit)
+                (self.pods[i].outstanding, (self.limit, self.limit))
+            } else if let Some(l) = &router.ledger {
+                let r = l.room(&engine_key(&i.to_string()), self.limit, self.now);
+                (router.own[i], (r.cap, r.room))
             } else {
-                (router.own[i], self.share)
+                (router.own[i], (self.share, self.share))
             };
+            let (limit, room) = limit;
             self.backends_buf.push(BackendLoad {
                 outstanding,
                 limit,
-                room: limit,
+                room,
                 aside: false,
                 excluded: !ask.locals_open,
             });
@@ -453,6 +475,7 @@ impl Sim<'_> {
                 let pod = self.ready[i];
                 self.pods[pod as usize].outstanding += 1;
                 self.routers[req.router].own[pod as usize] += 1;
+                self.report_soon();
                 self.engine_peak = self.engine_peak.max(self.pods[pod as usize].outstanding);
                 let service = self.params.prefill_ms as f64
                     + req.output as f64 * 1000.0 / self.params.tokens_per_second;
@@ -866,7 +889,20 @@ pub fn simulate(
             &params.classes,
         ),
         router_rng: SplitMix64::new(params.seed ^ 0x0bad_5eed_0f0f_1e55),
-        routers: (0..routers).map(|_| RouterSim::default()).collect(),
+        routers: (0..routers)
+            .map(|i| RouterSim {
+                ledger: (routers > 1 && params.shared_view).then(|| {
+                    let mut l = Ledger::new(i.to_string(), 1, routers as u32, STALE_AFTER_MS);
+                    let peers: Vec<String> = (0..routers)
+                        .filter(|j| *j != i)
+                        .map(|j| j.to_string())
+                        .collect();
+                    l.set_peers(&peers);
+                    l
+                }),
+                ..RouterSim::default()
+            })
+            .collect(),
         share: if routers > 1 {
             peers::fixed_share(limit, routers as u32)
         } else {
@@ -874,6 +910,7 @@ pub fn simulate(
         },
         spilled_with_local_free: 0,
         engine_peak: 0,
+        report_due: false,
         pods: Vec::new(),
         ready: Vec::new(),
         desired: start_replicas,
@@ -922,9 +959,9 @@ pub fn simulate(
     }
     sim.rebuild_ready();
     sim.push(0, Ev::Tick);
-    let exchange_ms = params.exchange_ms.max(1) as Millis;
+    let heartbeat = crate::router::exchange::HEARTBEAT.as_millis() as Millis;
     if routers > 1 && params.shared_view {
-        sim.push(exchange_ms, Ev::Exchange);
+        sim.push(heartbeat, Ev::Heartbeat);
     }
 
     let end_ms = trace.duration_s() as Millis * 1000;
@@ -959,6 +996,7 @@ pub fn simulate(
                     p.state = PodState::Gone;
                 }
                 sim.routers[router as usize].own[pod as usize] -= 1;
+                sim.report_soon();
                 sim.serve_queues();
             }
             Ev::ProviderDone {
@@ -985,8 +1023,12 @@ pub fn simulate(
             Ev::Exchange => {
                 sim.exchange();
                 sim.serve_queues();
+            }
+            Ev::Heartbeat => {
+                sim.exchange();
+                sim.serve_queues();
                 if sim.now <= end_ms {
-                    sim.push(sim.now + exchange_ms, Ev::Exchange);
+                    sim.push(sim.now + heartbeat, Ev::Heartbeat);
                 }
             }
             Ev::Tick => {

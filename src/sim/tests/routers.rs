@@ -1,6 +1,7 @@
 //! Several routers in front of the engines: fixed shares against one shared view.
 
 use super::*;
+use crate::router::peers::AHEAD;
 
 fn run(routers: u32, skew: Option<f64>, shared_view: bool) -> SimResult {
     let s = scenario("quickstart.yaml");
@@ -34,13 +35,41 @@ fn fixed_shares_spill_while_engines_have_room_and_a_shared_view_barely_does() {
         shared.spilled_with_local_free
     );
     assert!(fixed.burst_spend > shared.burst_spend);
-    // Fixed shares never overshoot; a view up to 50 ms old may, by a few requests.
+    // Fixed shares never overshoot; the shared view by at most the stated bound.
     assert!(fixed.engine_peak_concurrency <= limit);
     assert!(
-        shared.engine_peak_concurrency <= limit + 4,
+        shared.engine_peak_concurrency <= limit + AHEAD,
         "{} over a limit of {limit}",
         shared.engine_peak_concurrency
     );
+}
+
+/// The bound holds for more routers and slower reports: `limit + (N - 1) × AHEAD`.
+#[test]
+fn the_shared_view_stays_within_the_stated_bound() {
+    let limit = scenario("quickstart.yaml")
+        .service
+        .spec
+        .engine
+        .max_concurrency as u32;
+    for (routers, exchange_ms) in [(3, 1), (3, 40)] {
+        let s = scenario("quickstart.yaml");
+        let p = ModelParams {
+            routers,
+            router_skew: Some(0.6),
+            shared_view: true,
+            exchange_ms,
+            ..params(240.0)
+        };
+        let r = simulate(&s.service, &s.policies[0].1, &spike(120), &p);
+        assert_nothing_lost(&r);
+        let bound = limit + (routers - 1) * AHEAD;
+        assert!(
+            r.engine_peak_concurrency <= bound,
+            "{routers} routers, reports {exchange_ms} ms late: peak {} > {bound}",
+            r.engine_peak_concurrency
+        );
+    }
 }
 
 #[test]
