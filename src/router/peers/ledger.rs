@@ -7,12 +7,13 @@
 //! - **room** = `L` minus what the peers use: a peer heard within `stale_after` counts what it
 //!   last reported; a peer not heard from counts the larger of its last report and
 //!   [`silent_peer`]; a router expected but not listed counts [`silent_peer`].
-//! - **cap** = the room, and no more than [`AHEAD`] above the lowest count this router reported
-//!   since the last report every fresh peer acknowledged (no fresh peer: the room alone).
+//! - **cap** = the room, and no more than [`ahead`]`(L)` (1, or `L / 32` for a large limit)
+//!   above the lowest count this router reported since the last report every fresh peer
+//!   acknowledged (no fresh peer: the room alone).
 //!
-//! So a router's count runs at most `AHEAD` ahead of what any fresh peer believes of it, and
-//! the routers together run at most `L + (N - 1) × AHEAD`: whoever admitted last saw every
-//! other router within `AHEAD` of its real count. A router that hears nobody is held to its
+//! So a router's count runs at most `ahead(L)` ahead of what any fresh peer believes of it, and
+//! the routers together run at most `L + (N - 1) × ahead(L)`: whoever admitted last saw every
+//! other router within `ahead(L)` of its real count. A router that hears nobody is held to its
 //! fixed share by the silent counts, whatever it hears back.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -21,9 +22,15 @@ use super::silent_peer;
 use super::wire::{Counts, Report};
 use crate::clock::Millis;
 
-/// How far a router's count on a shared limit may run ahead of what its fresh peers have
-/// acknowledged: the overshoot each other router can add (see the module's bound).
-pub const AHEAD: u32 = 1;
+/// How far a router's count on a shared limit of `limit` may run ahead of what its fresh peers
+/// have acknowledged: the overshoot each other router can add (see the module's bound). One
+/// slot, or 1/32 of a large limit, so that a router taking many requests at once waits for
+/// fewer acknowledgements; either way at most about 3 % of the limit per other router.
+pub fn ahead(limit: u32) -> u32 {
+    (limit / AHEAD_DIVISOR).max(1)
+}
+
+const AHEAD_DIVISOR: u32 = 32;
 
 /// Reports kept to look acknowledgements up in; an older acknowledgement counts as none.
 const HISTORY: usize = 128;
@@ -191,7 +198,7 @@ impl Ledger {
         }
         let room = limit.saturating_sub(others);
         Room {
-            cap: room.min(acked.saturating_add(AHEAD)),
+            cap: room.min(acked.saturating_add(ahead(limit))),
             room,
         }
     }

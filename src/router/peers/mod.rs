@@ -7,7 +7,7 @@
 pub mod ledger;
 pub mod wire;
 
-pub use ledger::{AHEAD, Ledger, Room};
+pub use ledger::{Ledger, Room, ahead};
 pub use wire::{Counts, Report};
 
 /// An engine's fixed share for one of `routers` routers (what each admits against without a

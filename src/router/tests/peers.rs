@@ -6,7 +6,7 @@ use std::net::UdpSocket;
 
 use super::*;
 use crate::router::exchange::{self, Exchange};
-use crate::router::peers::AHEAD;
+use crate::router::peers::ahead;
 
 const PEERS: &str = "peers: {replicas: 2, staleAfterMilliseconds: 300}\n";
 
@@ -120,13 +120,13 @@ async fn all_traffic_on_one_router_runs_the_whole_engine_before_anything_spills(
 }
 
 /// Short requests on both routers at once, more than the engine takes: the engine, sized to
-/// refuse anything past `8 + AHEAD` (the bound for two routers), refuses nothing.
+/// refuse anything past `8 + ahead(8)` (the bound for two routers), refuses nothing.
 #[tokio::test]
 async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
     bounded(async {
         let keys = TempDir::new("peers-both");
         let key = keys.file("key", "k1");
-        let e = engine(8 + AHEAD as usize, 400.0).await;
+        let e = engine((8 + ahead(8)) as usize, 400.0).await;
         let p = provider("burst", "k1", FaultConfig::default()).await;
         let yaml = format!("{SPILL}{}", provider_yaml("burst", &p, &key, ""));
         let pair = pair(&yaml, &e).await;
@@ -180,7 +180,8 @@ async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
             )
             .unwrap_or(0.0),
             0.0,
-            "the engine ran more than 8 + {AHEAD}"
+            "the engine ran more than 8 + {}",
+            ahead(8)
         );
         // Both routers used the engine, and the overflow went to the provider.
         let (ta, tb) = (router_metrics(&pair.a).await, router_metrics(&pair.b).await);
@@ -188,7 +189,7 @@ async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
         assert!(requests(&ta, "burst") + requests(&tb, "burst") > 0.0);
         let peak = *peak.lock().unwrap();
         eprintln!("engine peak running (sampled): {peak}");
-        assert!(peak <= f64::from(8 + AHEAD));
+        assert!(peak <= f64::from(8 + ahead(8)));
         pair.stop().await;
         e.stop().await.unwrap();
         p.stop().await.unwrap();

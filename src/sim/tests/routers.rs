@@ -1,7 +1,7 @@
 //! Several routers in front of the engines: fixed shares against one shared view.
 
 use super::*;
-use crate::router::peers::AHEAD;
+use crate::router::peers::ahead;
 
 fn run(routers: u32, skew: Option<f64>, shared_view: bool) -> SimResult {
     let s = scenario("quickstart.yaml");
@@ -38,13 +38,13 @@ fn fixed_shares_spill_while_engines_have_room_and_a_shared_view_barely_does() {
     // Fixed shares never overshoot; the shared view by at most the stated bound.
     assert!(fixed.engine_peak_concurrency <= limit);
     assert!(
-        shared.engine_peak_concurrency <= limit + AHEAD,
+        shared.engine_peak_concurrency <= limit + ahead(limit),
         "{} over a limit of {limit}",
         shared.engine_peak_concurrency
     );
 }
 
-/// The bound holds for more routers and slower reports: `limit + (N - 1) × AHEAD`.
+/// The bound holds for more routers and slower reports: `limit + (N - 1) × ahead(limit)`.
 #[test]
 fn the_shared_view_stays_within_the_stated_bound() {
     let limit = scenario("quickstart.yaml")
@@ -63,7 +63,7 @@ fn the_shared_view_stays_within_the_stated_bound() {
         };
         let r = simulate(&s.service, &s.policies[0].1, &spike(120), &p);
         assert_nothing_lost(&r);
-        let bound = limit + (routers - 1) * AHEAD;
+        let bound = limit + (routers - 1) * ahead(limit);
         assert!(
             r.engine_peak_concurrency <= bound,
             "{routers} routers, reports {exchange_ms} ms late: peak {} > {bound}",

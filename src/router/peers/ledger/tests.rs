@@ -53,6 +53,9 @@ fn fresh_peers_leave_the_rest_one_acknowledged_step_at_a_time() {
     tell(&mut b, "b", &mut a, 1, 4);
     let _ = a.report(counts(2));
     assert_eq!(a.room(K, 8, 4).cap, 3);
+    // A large limit lets a router run further ahead: 1/32 of it.
+    assert_eq!((ahead(8), ahead(64), ahead(256)), (1, 2, 8));
+    assert_eq!(a.room(K, 256, 4).cap, 2 + 8);
 }
 
 #[test]
@@ -84,7 +87,7 @@ fn a_restarted_peer_counts_from_its_new_report_and_old_acknowledgements_do_not_c
     a2.set_peers(&["b".into()]);
     let _ = a2.report(counts(0));
     tell(&mut b, "b", &mut a2, 0, 3);
-    assert_eq!(a2.room(K, 8, 3).cap, AHEAD);
+    assert_eq!(a2.room(K, 8, 3).cap, ahead(8));
     // A late report of a boot already heard is ignored.
     let old = b2.report(counts(4));
     let _ = b2.report(counts(0));
@@ -143,14 +146,14 @@ struct Model {
 
 /// Routers admitting against one limit while reports are delayed (sometimes past the
 /// staleness bound), lost, reordered, and routers restart: the sum of their counts never
-/// passes `limit + (N - 1) × AHEAD`.
+/// passes `limit + (N - 1) × ahead(limit)`.
 #[test]
 fn routers_together_never_pass_the_limit_by_more_than_the_stated_bound() {
     let mut worst = 0i64;
     for seed in 0..300u64 {
         let mut rng = Rng(seed);
         let n = 2 + rng.below(3) as usize;
-        let limit = [1, 3, 8, 9, 32][rng.below(5) as usize];
+        let limit = [1, 3, 8, 9, 32, 100, 256][rng.below(7) as usize];
         let lossy = rng.chance(50);
         let max_delay = [1, 5, 40, 300][rng.below(4) as usize];
         let names: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
@@ -162,7 +165,7 @@ fn routers_together_never_pass_the_limit_by_more_than_the_stated_bound() {
             last_sent: vec![-1000; n],
             wire: Vec::new(),
         };
-        let bound = limit + (n as u32 - 1) * AHEAD;
+        let bound = limit + (n as u32 - 1) * ahead(limit);
         for now in 0..3_000 as Millis {
             for i in 0..n {
                 // Arrivals (skewed to router 0) and completions.
