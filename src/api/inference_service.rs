@@ -124,7 +124,8 @@ pub struct EngineSpec {
     /// Where the engine's queue depth, in-flight and GPU memory metrics are found.
     #[serde(default)]
     pub metrics: EngineMetrics,
-    /// Requests one replica serves at once before latency degrades; the router never exceeds it.
+    /// Requests one replica serves at once before latency degrades. The routers together never
+    /// exceed it by more than 1 slot (or 1/32 of a large limit) per other router replica.
     #[serde(default = "default_max_concurrency")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrency: i32,
@@ -269,7 +270,9 @@ pub struct RouterSpec {
     /// Run the router. Without it the client Service points straight at the engines and nothing bursts.
     #[serde(default = "yes")]
     pub enabled: bool,
-    /// Router replicas.
+    /// Router replicas. They share every engine's, provider's and budget limit through an
+    /// exchange of counts (UDP 8081 between router pods); a router that hears no peer keeps
+    /// to an equal share.
     #[serde(default = "default_router_replicas")]
     #[schemars(range(min = 1, max = 100))]
     pub replicas: i32,
@@ -328,7 +331,7 @@ pub struct Provider {
     /// The Secret key (same namespace) that holds the API key. The key is never copied elsewhere.
     pub api_key_secret_ref: SecretKeyRef,
     /// Most requests in flight to this provider at once, from all router replicas together
-    /// (each gets an equal share, at least 1).
+    /// (shared; a router that hears no peer keeps to an equal share, at least 1).
     #[serde(default = "default_max_concurrency")]
     #[schemars(range(min = 1, max = 100000))]
     pub max_concurrency: i32,
@@ -370,13 +373,13 @@ pub struct Pricing {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct Budget {
-    /// Most requests per minute sent to providers, all together (each router replica gets an
-    /// equal share, at least 1).
+    /// Most requests per minute sent to providers, all router replicas together (shared; a
+    /// router that hears no peer keeps to an equal share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub max_requests_per_minute: Option<i32>,
-    /// Most spend per hour on providers, as a decimal string (e.g. "5.00"); each router replica
-    /// gets an equal share.
+    /// Most spend per hour on providers, as a decimal string (e.g. "5.00"), all router replicas
+    /// together (shared; a router that hears no peer keeps to an equal share).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = "^[0-9]{1,9}(\\.[0-9]{1,6})?$"))]
     pub max_spend_per_hour: Option<String>,
@@ -520,16 +523,16 @@ fn default_provider_timeout() -> i32 {
     120
 }
 
-/// Each router replica takes an equal share of these limits, at least one slot each.
-const ROUTER_SHARE_ENGINE: &str = "router.replicas must not exceed engine.maxConcurrency: each router replica takes an equal share of an engine's slots, at least one";
-const ROUTER_SHARE_PROVIDER: &str = "each burst provider's maxConcurrency must be at least router.replicas: each router replica takes an equal share of it, at least one";
+/// A router that hears no peer keeps to an equal share of these limits, at least one slot.
+const ROUTER_SHARE_ENGINE: &str = "router.replicas must not exceed engine.maxConcurrency: a router that hears no peer keeps to an equal share of an engine's slots, at least one";
+const ROUTER_SHARE_PROVIDER: &str = "each burst provider's maxConcurrency must be at least router.replicas: a router that hears no peer keeps to an equal share of it, at least one";
 
 /// Longest InferenceService name: `<name>-engine` must still be a valid Service name (63).
 pub const MAX_NAME_LEN: usize = 56;
 
 impl InferenceServiceSpec {
-    /// More router replicas than an engine's or a provider's slots: each replica still takes
-    /// one, so together they may send it more than its limit. The CRD rejects it; an object
+    /// More router replicas than an engine's or a provider's slots: routers that hear no peer
+    /// each still take one, so together they may send it more than its limit. The CRD rejects it; an object
     /// that predates the rule is still reconciled, with this reported, not frozen as invalid.
     pub fn over_router_shares(&self) -> Option<String> {
         let routers = self.router.enabled.then_some(self.router.replicas)?;
