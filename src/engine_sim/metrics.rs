@@ -100,6 +100,7 @@ fn outcome_labels(outcome: Outcome) -> Labels {
 enum Signal {
     Waiting,
     Running,
+    PeakRunning,
     KvFraction,
     KvUsedBytes,
     KvTotalBytes,
@@ -223,6 +224,12 @@ impl Metrics {
         );
         // Export the success series from the start so rates work before the first request.
         let _ = m.requests.get_or_create(&outcome_labels(Outcome::Success));
+        m.gauge(
+            "engine_sim_peak_running",
+            "The most requests running at once since the start",
+            Signal::PeakRunning,
+            &Vec::new(),
+        );
         // Preset-independent token counters, so tests and dashboards need not know the preset.
         m.token_counters(
             "engine_sim_prompt_tokens",
@@ -270,6 +277,7 @@ impl Metrics {
             let v = match signal {
                 Signal::Waiting => snap.waiting as f64,
                 Signal::Running => snap.running as f64,
+                Signal::PeakRunning => snap.peak_running as f64,
                 Signal::KvFraction => snap.kv_usage,
                 Signal::KvUsedBytes => (snap.kv_usage * total).round(),
                 Signal::KvTotalBytes => total,
@@ -293,6 +301,7 @@ mod tests {
         Snapshot {
             waiting: 3,
             running: 2,
+            peak_running: 4,
             kv_tokens: 250,
             kv_usage: 0.25,
         }
@@ -318,6 +327,7 @@ mod tests {
         assert!(line(&t, "vllm:generation_tokens_total{model_name=\"m1\"}").ends_with(" 5"));
         assert!(line(&t, "engine_sim_requests_total{outcome=\"success\"}").ends_with(" 1"));
         assert!(line(&t, "engine_sim_generation_tokens_total").ends_with(" 5"));
+        assert!(line(&t, "engine_sim_peak_running").ends_with(" 4.0"));
         assert!(!t.contains("sglang:"));
     }
 

@@ -60,6 +60,8 @@ pub struct Released {
 pub struct Snapshot {
     pub waiting: usize,
     pub running: usize,
+    /// The most sequences ever running at once (how far a limit in front of it was kept).
+    pub peak_running: usize,
     /// Prompt plus generated tokens held by running sequences.
     pub kv_tokens: u64,
     /// `kv_tokens / kv_capacity_tokens`, capped at 1.0.
@@ -89,6 +91,7 @@ pub struct Engine {
     params: EngineParams,
     running: BTreeMap<SeqId, Running>,
     waiting: VecDeque<Waiting>,
+    peak_running: usize,
 }
 
 impl Engine {
@@ -97,6 +100,7 @@ impl Engine {
             params,
             running: BTreeMap::new(),
             waiting: VecDeque::new(),
+            peak_running: 0,
         }
     }
 
@@ -124,6 +128,7 @@ impl Engine {
                     started: now,
                 },
             );
+            self.peak_running = self.peak_running.max(self.running.len());
             return Ok(Placement::Running { started: now });
         }
         if self.waiting.len() >= self.params.max_queue {
@@ -189,6 +194,7 @@ impl Engine {
         Snapshot {
             waiting: self.waiting.len(),
             running: self.running.len(),
+            peak_running: self.peak_running,
             kv_tokens,
             kv_usage,
         }

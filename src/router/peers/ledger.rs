@@ -237,15 +237,6 @@ impl Ledger {
             .map(|(a, h)| (a.clone(), h.as_ref().map(|h| (h.name.clone(), now - h.at))))
             .collect()
     }
-
-    /// Whether every listed peer was heard within the staleness bound.
-    pub fn all_fresh(&self, now: Millis) -> bool {
-        self.peers.len() as u32 + 1 >= self.routers
-            && self
-                .peers
-                .values()
-                .all(|h| h.as_ref().is_some_and(|h| self.fresh(h, now)))
-    }
 }
 
 #[cfg(test)]

@@ -130,22 +130,6 @@ async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
         let p = provider("burst", "k1", FaultConfig::default()).await;
         let yaml = format!("{SPILL}{}", provider_yaml("burst", &p, &key, ""));
         let pair = pair(&yaml, &e).await;
-        let peak = Arc::new(Mutex::new(0.0f64));
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sampler = {
-            let (peak, stop, addr) = (peak.clone(), stop.clone(), e.addr());
-            tokio::spawn(async move {
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let t = get(addr, "/metrics").await.text();
-                    let v = sample(&t, "vllm:num_requests_running").unwrap_or(0.0);
-                    {
-                        let mut p = peak.lock().unwrap();
-                        *p = p.max(v);
-                    }
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-            })
-        };
         // 12 clients on each router, 15 requests each.
         let clients = (0..24).map(|i| {
             let to = if i % 2 == 0 {
@@ -166,8 +150,6 @@ async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
             .into_iter()
             .flatten()
             .collect();
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        sampler.await.unwrap();
         assert!(
             statuses.iter().all(|s| *s == StatusCode::OK),
             "{statuses:?}"
@@ -187,8 +169,8 @@ async fn traffic_on_both_routers_keeps_the_engine_within_the_bound() {
         let (ta, tb) = (router_metrics(&pair.a).await, router_metrics(&pair.b).await);
         assert!(requests(&ta, "local") > 0.0 && requests(&tb, "local") > 0.0);
         assert!(requests(&ta, "burst") + requests(&tb, "burst") > 0.0);
-        let peak = *peak.lock().unwrap();
-        eprintln!("engine peak running (sampled): {peak}");
+        let peak = sample(&engine_metrics, "engine_sim_peak_running").unwrap();
+        eprintln!("engine peak running: {peak}");
         assert!(peak <= f64::from(8 + ahead(8)));
         pair.stop().await;
         e.stop().await.unwrap();
