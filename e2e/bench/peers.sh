@@ -23,34 +23,16 @@ ROUNDS=${ROUNDS:-3}
 BURST=${BURST:-8}
 BASE=${BASE_PORT:-19100}
 
-for tool in wrk curl; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk curl)" >&2; exit 1; }
-done
-[[ -x $BIN ]] || cargo build --release --locked
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1:$2" >&2; exit 1
-}
+# shellcheck source=e2e/bench/common.sh
+source e2e/bench/common.sh
+need_tools wrk curl
 
 # engine <port> <limit> <tokens per second>
 engine() {
   "$BIN" --log-level warn engine-sim --host 127.0.0.1 --port "$1" --model bench --prefill-ms 0 \
     --tokens-per-second "$3" --max-concurrency "$2" --max-queue 100000 --max-connections 100000 &
   PIDS+=($!)
-  wait_port 127.0.0.1 "$1"
+  wait_port "$1"
 }
 
 # router <name> <ip> <port> <engine port> <limit> [peer ip]: peers on UDP port+1.
@@ -69,13 +51,12 @@ router() {
   POD_NAME=$name "$BIN" --log-level warn router --config "$WORK/$name.yaml" &
   PIDS+=($!)
   eval "PID_$name=$!"
-  wait_port "$ip" "$port"
+  wait_port "$port" "$ip"
 }
 
 udp_out() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
-median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 
 cat >"$WORK/post.lua" <<'LUA'
 wrk.method = "POST"

@@ -30,27 +30,9 @@ NGINX_PORT=${NGINX_PORT:-18081}
 ROUTER_THREADS=${ROUTER_THREADS:-}   # empty: the router's default
 # VERBOSE=1 prints every measurement to stderr.
 
-for tool in wrk nginx; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install -y wrk nginx)" >&2; exit 1; }
-done
-[[ -x $BIN ]] || cargo build --release --locked
-
-WORK=$(mktemp -d)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2; exit 1
-}
+# shellcheck source=e2e/bench/common.sh
+source e2e/bench/common.sh
+need_tools wrk nginx
 
 "$BIN" --log-level warn engine-sim --port "$ENGINE_PORT" --model bench --prefill-ms 0 \
   --tokens-per-second 1000000000 --max-concurrency 100000 --max-queue 100000 \
@@ -119,7 +101,7 @@ LUA
 cpu_ticks() {
   local pids
   case $1 in
-    direct) return 0 ;;
+    direct) echo 0; return 0 ;;
     router) pids=$ROUTER_PID ;;
     nginx) pids="$NGINX_PID $(pgrep -P "$NGINX_PID" | paste -sd' ')" ;;
   esac
@@ -141,7 +123,6 @@ measure() {
     }
 }
 
-median() { sort -g | awk '{v[NR]=$1} END {print (NR % 2) ? v[(NR+1)/2] : (v[NR/2] + v[NR/2+1]) / 2}'; }
 port_of() {
   case $1 in
     direct) echo "$ENGINE_PORT" ;;
