@@ -11,7 +11,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{RequestClasses, conditions_schema, preserve_unknown_object};
+use super::{
+    ProviderEndpoint, RequestClasses, conditions_schema, default_provider_endpoints,
+    preserve_unknown_object,
+};
 
 /// A model served by the organisation's own inference engine on autoscaled GPU replicas,
 /// behind one stable OpenAI-compatible endpoint that bursts to external providers when
@@ -343,6 +346,17 @@ pub struct Provider {
     /// Price per million tokens, used for the spend budget and reports.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
+    /// The endpoints requests may spill to this provider on (default: chat, completions).
+    /// Other endpoints, and requests that keep state on the server, stay on the engines.
+    #[serde(default = "default_provider_endpoints")]
+    #[schemars(length(min = 1, max = 6))]
+    #[x_kube(validation = Rule::new("self.all(e, self.exists_one(f, f == e))").message("providers[].endpoints must not repeat an endpoint"))]
+    pub endpoints: Vec<ProviderEndpoint>,
+    /// Answers keep the provider's model name. By default the router writes back the model
+    /// the client asked for, in JSON answers and in every stream chunk, so clients never see
+    /// where a request was served.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expose_model: bool,
 }
 
 /// A key in a Secret.

@@ -1,11 +1,13 @@
 //! The spillway API: group `spillway.dev`, version `v1alpha1`.
 
 mod conditions;
+mod endpoints;
 mod inference_service;
 mod request_classes;
 mod scaling_policy;
 
 pub use conditions::*;
+pub use endpoints::*;
 pub use inference_service::*;
 pub use request_classes::*;
 pub use scaling_policy::*;

@@ -4,7 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::{BurstMode, InferenceService, Pricing, RequestClasses, ScalingPolicySpec};
+use crate::api::{
+    BurstMode, InferenceService, Pricing, ProviderEndpoint, RequestClasses, ScalingPolicySpec,
+    default_provider_endpoints,
+};
 
 /// ConfigMap key holding the config.
 pub const CONFIG_KEY: &str = "router.yaml";
@@ -106,6 +109,12 @@ pub struct ProviderConfig {
     pub timeout_seconds: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pricing: Option<Pricing>,
+    /// The endpoints requests may spill to it on (default: chat, completions).
+    #[serde(default = "default_provider_endpoints")]
+    pub endpoints: Vec<ProviderEndpoint>,
+    /// Answers keep the provider's model name instead of the one the client asked for.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expose_model: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -303,6 +312,8 @@ pub fn render(
                             max_concurrency: whole(p.max_concurrency),
                             timeout_seconds: p.timeout_seconds.max(1) as u32,
                             pricing: p.pricing.clone(),
+                            endpoints: p.endpoints.clone(),
+                            expose_model: p.expose_model,
                         })
                         .collect()
                 })

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::api::Pricing;
+use crate::api::{Pricing, ProviderEndpoint};
 use crate::clock::Millis;
 use crate::router::breaker::CircuitBreaker;
 use crate::router::config::{ProviderConfig, RouterConfig};
@@ -23,6 +23,10 @@ pub struct Provider {
     pub max_concurrency: u32,
     pub timeout: Duration,
     pub pricing: Option<Pricing>,
+    /// The endpoints requests may spill to it on.
+    pub endpoints: Vec<ProviderEndpoint>,
+    /// Answers keep its model name.
+    pub expose_model: bool,
     pub metrics: DestMetrics,
 }
 
@@ -37,7 +41,14 @@ impl Provider {
             max_concurrency: p.max_concurrency,
             timeout: Duration::from_secs(u64::from(p.timeout_seconds)),
             pricing: p.pricing.clone(),
+            endpoints: p.endpoints.clone(),
+            expose_model: p.expose_model,
         }
+    }
+
+    /// Whether a request for `endpoint` may spill to it (`None`: one that may not spill).
+    pub fn serves(&self, endpoint: Option<ProviderEndpoint>) -> bool {
+        endpoint.is_some_and(|e| self.endpoints.contains(&e))
     }
 }
 
