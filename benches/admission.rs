@@ -11,7 +11,7 @@ use std::time::Instant;
 use futures::FutureExt;
 use spillway::router::config::RouterConfig;
 use spillway::router::fast::sharded::use_shard;
-use spillway::router::state::{RouterState, Ticket};
+use spillway::router::state::{Excluded, RouterState, Ticket};
 
 fn run(threads: usize, per_thread: u64) -> f64 {
     let config = RouterConfig::from_yaml(
@@ -41,7 +41,7 @@ fn run(threads: usize, per_thread: u64) -> f64 {
                 let t = Instant::now();
                 for _ in 0..per_thread {
                     // Far below the limit: every request is admitted at once.
-                    match state.acquire(&class).now_or_never() {
+                    match state.acquire(&class, Excluded::default()).now_or_never() {
                         Some(Ticket::Go(lease)) => drop(std::hint::black_box(lease)),
                         _ => panic!("a request was not admitted at once"),
                     }

@@ -12,6 +12,10 @@ pub mod budget;
 pub mod classes;
 /// The router's config file (`router.yaml`).
 pub mod config;
+/// The inference endpoints forwarded, and which may spill.
+pub mod endpoints;
+/// The model name in a provider's answer, written back as the client asked.
+pub mod model_name;
 /// How a request ended: its metric label and its OpenAI error.
 pub mod outcome;
 /// The routers' shared view of an engine's load, and its fallback to fixed shares.

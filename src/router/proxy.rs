@@ -1,5 +1,6 @@
-//! A completion request's way upstream: its body read, a lease taken, the request sent to the
-//! lease's engine or provider (rewritten for a provider), and on failure the one retry policy.
+//! An inference request's way upstream: its body read, a lease taken (never on a provider that
+//! does not serve its endpoint), the request sent to the lease's engine or provider (rewritten
+//! for a provider), and on failure the one retry policy.
 
 use std::time::{Duration, Instant};
 
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use super::admission::RejectReason;
 use super::app::App;
 use super::classes::Class;
+use super::endpoints::{Endpoint, usage_on_request};
 use super::engine::EngineFailure;
 use super::engine::Outgoing;
 use super::metrics;
@@ -20,7 +22,7 @@ use super::metrics::NO_CLASS;
 use super::outcome::{Outcome, answer, reject_message};
 use super::relay::{HOP_BY_HOP, RouterBody, Stall, Upstream, read_to_end, relay};
 use super::state::{Dest, Excluded, Lease, Ticket};
-use crate::api::CLASS_HEADER;
+use crate::api::{CLASS_HEADER, ProviderEndpoint};
 
 /// Attempts per request when connections fail before any response.
 const MAX_ATTEMPTS: usize = 3;
@@ -57,7 +59,11 @@ fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub(super) async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<RouterBody> {
+pub(super) async fn proxy(
+    app: &Arc<App>,
+    req: Request<Incoming>,
+    endpoint: Endpoint,
+) -> Response<RouterBody> {
     let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     let header = parts.headers.get(CLASS_HEADER).map(HeaderValue::as_bytes);
@@ -71,13 +77,15 @@ pub(super) async fn proxy(app: &Arc<App>, req: Request<Incoming>) -> Response<Ro
         Ok(b) => b,
         Err(answer) => return answer,
     };
-    let mut lease = match app.state.acquire(&class).await {
+    let burst = endpoint.burst(&body);
+    let kept_from = app.state.kept_from(burst);
+    let mut lease = match app.state.acquire(&class, kept_from.clone()).await {
         Ticket::Go(l) => l,
         Ticket::Reject(r) => return rejected(app, r, &class),
     };
-    let mut tries = Tries::new(arrived, class);
+    let mut tries = Tries::new(arrived, class, kept_from);
     loop {
-        let failure = match send(app, &lease, &parts, &body).await {
+        let failure = match send(app, &lease, &parts, &body, burst).await {
             // Nothing has reached the client yet, and the provider's body may quote the key.
             Ok(resp) if refused(&lease.dest, resp.status()) => SendError::Refused(resp.status()),
             Ok(resp) => return relay(resp, lease, arrived).await,
@@ -127,18 +135,18 @@ struct Tries {
     attempts: usize,
     /// Failures after an engine may have taken the whole request.
     delivered: usize,
-    /// Where it failed.
+    /// Where it failed, and the providers that do not serve its endpoint.
     excluded: Excluded,
 }
 
 impl Tries {
-    fn new(arrived: Instant, class: Class) -> Self {
+    fn new(arrived: Instant, class: Class, kept_from: Excluded) -> Self {
         Self {
             arrived,
             class,
             attempts: 1,
             delivered: 0,
-            excluded: Excluded::default(),
+            excluded: kept_from,
         }
     }
 
@@ -317,14 +325,32 @@ fn forward_headers(from: &HeaderMap, to: &mut HeaderMap, provider: bool) {
     }
 }
 
-/// The provider's model, and usage in streams (the budget needs it); the rest stays as sent.
-/// Also whether the usage chunk was asked for on the client's behalf, to be taken out again.
-pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<(Bytes, bool), String> {
+/// A request body as a provider gets it.
+#[derive(Debug)]
+pub struct ForProvider {
+    pub body: Bytes,
+    /// The usage chunk was asked for on the client's behalf, to be taken out again.
+    pub usage_added: bool,
+    /// The model the client asked for, to write back into the answer.
+    pub client_model: Option<String>,
+}
+
+/// The provider's model; usage in chat and completions streams (the budget needs it); and a
+/// Responses request the client did not ask to store is not stored (a provider keeps nothing
+/// the client did not ask it to keep). The rest stays as sent.
+pub fn rewrite_for_provider(
+    body: &[u8],
+    model: &str,
+    endpoint: ProviderEndpoint,
+) -> Result<ForProvider, String> {
     let mut v: serde_json::Map<String, Value> =
         serde_json::from_slice(body).map_err(|e| e.to_string())?;
-    v.insert("model".into(), Value::String(model.into()));
+    let client_model = match v.insert("model".into(), Value::String(model.into())) {
+        Some(Value::String(m)) => Some(m),
+        _ => None,
+    };
     let mut added = false;
-    if v.get("stream").and_then(Value::as_bool) == Some(true) {
+    if usage_on_request(endpoint) && v.get("stream").and_then(Value::as_bool) == Some(true) {
         let opts = v
             .entry("stream_options")
             .or_insert_with(|| Value::Object(Default::default()));
@@ -333,8 +359,15 @@ pub fn rewrite_for_provider(body: &[u8], model: &str) -> Result<(Bytes, bool), S
             o.insert("include_usage".into(), Value::Bool(true));
         }
     }
+    if endpoint == ProviderEndpoint::Responses {
+        v.entry("store").or_insert(Value::Bool(false));
+    }
     serde_json::to_vec(&v)
-        .map(|b| (Bytes::from(b), added))
+        .map(|b| ForProvider {
+            body: Bytes::from(b),
+            usage_added: added,
+            client_model,
+        })
         .map_err(|e| e.to_string())
 }
 
@@ -343,6 +376,7 @@ async fn send(
     lease: &Lease,
     parts: &http::request::Parts,
     body: &Bytes,
+    burst: Option<ProviderEndpoint>,
 ) -> Result<Response<Upstream>, SendError> {
     let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     match &lease.dest {
@@ -372,9 +406,13 @@ async fn send(
         }
         Dest::Provider(p) => {
             let rest = pq.strip_prefix("/v1").unwrap_or(pq);
-            let (body, usage_added) =
-                rewrite_for_provider(body, &p.model).map_err(SendError::BadBody)?;
-            let mut req = Request::new(Full::new(body));
+            // Admission never hands a provider a request that may not spill.
+            let endpoint = burst.ok_or_else(|| SendError::BadBody("not for providers".into()))?;
+            let sent =
+                rewrite_for_provider(body, &p.model, endpoint).map_err(SendError::BadBody)?;
+            let usage_added = sent.usage_added;
+            let model = sent.client_model.filter(|_| !p.expose_model);
+            let mut req = Request::new(Full::new(sent.body));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() =
                 format!("{}{rest}", p.base)
@@ -412,6 +450,7 @@ async fn send(
                             body,
                             stall: Stall::new(p.timeout),
                             usage_added,
+                            model,
                         })
                     })
                     // A provider's failure never counts as delivered: a provider is not an
@@ -438,26 +477,45 @@ mod tests {
 
     #[test]
     fn provider_body_gets_the_provider_model_and_stream_usage() {
-        let (b, added) = rewrite_for_provider(
-            br#"{"model":"mine","stream":true,"stream_options":{"x":1},"messages":[]}"#,
-            "theirs",
-        )
-        .unwrap();
-        let v: Value = serde_json::from_slice(&b).unwrap();
+        let chat = |body: &[u8]| rewrite_for_provider(body, "theirs", ProviderEndpoint::Chat);
+        let sent =
+            chat(br#"{"model":"mine","stream":true,"stream_options":{"x":1},"messages":[]}"#)
+                .unwrap();
+        let v: Value = serde_json::from_slice(&sent.body).unwrap();
         assert_eq!(v["model"], "theirs");
         assert_eq!(v["stream_options"], json!({"x": 1, "include_usage": true}));
         assert_eq!(v["messages"], json!([]));
-        assert!(added);
-        let asked = br#"{"stream":true,"stream_options":{"include_usage":true}}"#;
-        let (b, added) = rewrite_for_provider(asked, "theirs").unwrap();
-        assert!(!added, "the client asked for usage itself");
-        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert!(sent.usage_added);
+        assert_eq!(sent.client_model.as_deref(), Some("mine"));
+        let sent = chat(br#"{"stream":true,"stream_options":{"include_usage":true}}"#).unwrap();
+        assert!(!sent.usage_added, "the client asked for usage itself");
+        assert_eq!(sent.client_model, None);
+        let v: Value = serde_json::from_slice(&sent.body).unwrap();
         assert_eq!(v["stream_options"], json!({"include_usage": true}));
-        let (b, added) = rewrite_for_provider(br#"{"prompt":"p"}"#, "theirs").unwrap();
-        assert!(!added);
-        let v: Value = serde_json::from_slice(&b).unwrap();
+        let sent = chat(br#"{"prompt":"p"}"#).unwrap();
+        assert!(!sent.usage_added);
+        let v: Value = serde_json::from_slice(&sent.body).unwrap();
         assert_eq!(v, json!({"prompt": "p", "model": "theirs"}));
-        assert!(rewrite_for_provider(b"[1]", "m").is_err());
+        assert!(chat(b"[1]").is_err());
+    }
+
+    /// Only chat and completions streams are asked for usage (others give it anyway, or would
+    /// refuse `stream_options`), and a Responses request is not stored unless the client asked.
+    #[test]
+    fn other_endpoints_get_what_they_take() {
+        let body = br#"{"model":"mine","input":"hi","stream":true}"#;
+        let sent = rewrite_for_provider(body, "theirs", ProviderEndpoint::Responses).unwrap();
+        let v: Value = serde_json::from_slice(&sent.body).unwrap();
+        assert_eq!(v["store"], false);
+        assert!(v.get("stream_options").is_none() && !sent.usage_added);
+        let sent = rewrite_for_provider(
+            br#"{"model":"mine","input":["a"]}"#,
+            "theirs",
+            ProviderEndpoint::Embeddings,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&sent.body).unwrap();
+        assert_eq!(v, json!({"model": "theirs", "input": ["a"]}));
     }
 
     #[test]

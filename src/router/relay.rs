@@ -9,16 +9,20 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use http::Response;
-use http::header::{self, HeaderName};
+use http::header::{self, HeaderName, HeaderValue};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 
 use super::engine::EngineBody;
+use super::model_name::rewrite_model;
 use super::outcome::{Outcome, answer, upstream_failed};
 use super::state::{Dest, Lease};
-use super::usage::{UsageChunkFilter, UsageScanner};
+use super::usage::{StreamFilter, UsageScanner};
 
 /// Non-streamed answers up to this size are read whole and sent in one write.
 const SMALL_BODY_BYTES: u64 = 64 << 10;
+/// A provider's JSON answer whose model name is written back is read whole, up to this size
+/// (a large embeddings answer fits many times over).
+const MAX_RENAMED_BODY: usize = 256 << 20;
 
 /// Headers that belong to one hop, never forwarded (RFC 9110 §7.6.1).
 pub(super) static HOP_BY_HOP: [HeaderName; 8] = [
@@ -45,6 +49,8 @@ pub(super) async fn relay(
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
     let mut tap = None;
     let mut filter = None;
+    // A JSON answer whose model name is written back: read whole first.
+    let mut rename: Option<String> = None;
     let mut breaker_pending = false;
     if let Dest::Provider(p) = &lease.dest {
         if upstream_failed(status) {
@@ -54,20 +60,19 @@ pub(super) async fn relay(
             breaker_pending = true;
         }
         if status.is_success() {
-            if sse
-                && matches!(
-                    body,
-                    Upstream::Provider {
-                        usage_added: true,
-                        ..
-                    }
-                )
-            {
+            let (usage_added, model) = match &body {
+                Upstream::Provider {
+                    usage_added, model, ..
+                } => (*usage_added, model.clone()),
+                Upstream::Engine(..) => (false, None),
+            };
+            if sse && (usage_added || model.is_some()) {
                 // Reads the usage too.
-                filter = Some(UsageChunkFilter::default());
-                // The answer gets shorter than the provider said.
+                filter = Some(StreamFilter::new(usage_added, model));
+                // The answer's length changes.
                 parts.headers.remove(header::CONTENT_LENGTH);
             } else {
+                rename = model.filter(|_| !sse);
                 tap = Some(UsageScanner::new(sse));
             }
         }
@@ -94,11 +99,32 @@ pub(super) async fn relay(
         outcome: Outcome::of_status(status),
         breaker_pending,
     };
-    if small {
+    if small || rename.is_some() {
         // A small sized answer (no stream) goes out with its head in one write, as nginx
-        // does; a client cannot use half a JSON document anyway.
-        return match relay.read_small().await {
-            Ok(b) => Response::from_parts(parts, RouterBody::Full(Some(b))),
+        // does; a client cannot use half a JSON document anyway. One whose model name is
+        // written back must be whole for that.
+        return match relay.read_whole(MAX_RENAMED_BODY).await {
+            Ok(Some(b)) => {
+                let b = match rename {
+                    Some(m) => rewrite_model(&b, &m).map_or(b, Bytes::from),
+                    None => b,
+                };
+                parts
+                    .headers
+                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
+                Response::from_parts(parts, RouterBody::Full(Some(b)))
+            }
+            Ok(None) => {
+                tracing::warn!(
+                    destination = relay.label(),
+                    "provider answer too large to rename"
+                );
+                relay.finish(Outcome::Aborted);
+                answer(
+                    Outcome::UpstreamUnavailable,
+                    "the provider's answer exceeds the router's limit",
+                )
+            }
             Err(e) => {
                 tracing::warn!(destination = relay.label(), error = %e, "upstream response cut short");
                 relay.finish(Outcome::Aborted);
@@ -185,6 +211,9 @@ pub enum Upstream {
         stall: Stall,
         /// The usage chunk was asked for on the client's behalf: it is taken out again.
         usage_added: bool,
+        /// The model the client asked for, written back into the answer (`None`: the
+        /// provider's name stays, as `exposeModel` asks).
+        model: Option<String>,
     },
 }
 
@@ -266,7 +295,7 @@ pub struct Relay {
     /// Reads usage as the bytes pass, unless `filter` does.
     tap: Option<UsageScanner>,
     /// Takes out the usage chunk the client did not ask for, reading the usage.
-    filter: Option<UsageChunkFilter>,
+    filter: Option<StreamFilter>,
     /// Trailers held back while the filter's last line goes out.
     trailers: Option<Frame<Bytes>>,
     arrived: Instant,
@@ -283,9 +312,9 @@ impl Relay {
             .map_or_else(String::new, |l| l.dest.label().to_string())
     }
 
-    /// Reads the whole (small, sized) body, then finishes: the slot frees as soon as the
-    /// upstream is done.
-    async fn read_small(&mut self) -> Result<Bytes, BoxError> {
+    /// Reads the whole body (`None`: over `limit` bytes), then finishes: the slot frees as soon
+    /// as the upstream is done.
+    async fn read_whole(&mut self, limit: usize) -> Result<Option<Bytes>, BoxError> {
         let Relay {
             inner,
             lease,
@@ -294,12 +323,14 @@ impl Relay {
             first_byte,
             ..
         } = self;
-        let r = read_to_end(inner, usize::MAX, |d| {
+        let r = read_to_end(inner, limit, |d| {
             observe(lease.as_ref(), tap, *arrived, first_byte, d)
         })
         .await;
-        let b = r?.unwrap_or_default();
-        self.ended();
+        let b = r?;
+        if b.is_some() {
+            self.ended();
+        }
         Ok(b)
     }
 
@@ -371,7 +402,7 @@ impl Relay {
     /// At the end of a filtered answer: the filter's held last line, if any is left to send,
     /// and the answer recorded as ended.
     fn end_filtered(&mut self) -> Option<Bytes> {
-        let tail = self.filter.as_mut().map(UsageChunkFilter::finish);
+        let tail = self.filter.as_mut().map(StreamFilter::finish);
         self.ended();
         tail.filter(|t| !t.is_empty())
     }
@@ -391,7 +422,7 @@ impl Relay {
         dm.slot.observe(lease.held_seconds());
         let usage = match self.tap.take() {
             Some(tap) => tap.finish(),
-            None => self.filter.as_ref().and_then(UsageChunkFilter::usage),
+            None => self.filter.as_ref().and_then(StreamFilter::usage),
         };
         if let Dest::Provider(p) = &lease.dest {
             if let Some(u) = usage {
@@ -459,7 +490,7 @@ impl Body for RouterBody {
             RouterBody::Relay(r) => {
                 r.inner.is_end_stream()
                     && r.trailers.is_none()
-                    && !r.filter.as_ref().is_some_and(UsageChunkFilter::holds)
+                    && !r.filter.as_ref().is_some_and(StreamFilter::holds)
             }
         }
     }

@@ -1,5 +1,5 @@
-//! The route table: health, readiness, metrics and models are answered here; completions go
-//! to the proxy.
+//! The route table: health, readiness, metrics and models are answered here; every inference
+//! endpoint (`router::endpoints`) goes to the proxy.
 
 use std::sync::Arc;
 
@@ -8,6 +8,7 @@ use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::app::App;
+use super::endpoints::route;
 use super::outcome::{error, json_response, text};
 use super::proxy::proxy;
 use super::relay::RouterBody;
@@ -34,14 +35,9 @@ pub(super) async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<R
             app.state.metrics.render(),
         ),
         (&Method::GET, "/v1/models") => json_response(StatusCode::OK, &models(app)),
-        (&Method::POST, "/v1/chat/completions" | "/v1/completions") => proxy(app, req).await,
-        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/models")
-        | (_, "/v1/chat/completions" | "/v1/completions") => error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method not allowed",
-            "invalid_request_error",
-            "method_not_allowed",
-        ),
+        (&Method::POST, path) if let Some(e) = route(path) => proxy(app, req, e).await,
+        (_, "/healthz" | "/readyz" | "/metrics" | "/v1/models") => method_not_allowed(),
+        (_, path) if route(path).is_some() => method_not_allowed(),
         (_, path) => error(
             StatusCode::NOT_FOUND,
             &format!("no route for {path}"),
@@ -49,6 +45,15 @@ pub(super) async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<R
             "not_found",
         ),
     }
+}
+
+fn method_not_allowed() -> Response<RouterBody> {
+    error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed",
+        "invalid_request_error",
+        "method_not_allowed",
+    )
 }
 
 fn models(app: &App) -> Value {

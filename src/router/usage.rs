@@ -15,15 +15,18 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
-/// Reads `usage` from a value holding one (a whole response, or one stream chunk).
+/// Reads `usage` from a value holding one: a whole answer or one stream chunk, as chat,
+/// completions and embeddings (`prompt_tokens`, `completion_tokens`) or the Responses API
+/// (`input_tokens`, `output_tokens`, also inside a stream event's `response`) give it.
 pub fn usage_of(v: &Value) -> Option<Usage> {
-    let u = v.get("usage")?;
+    let u = v
+        .get("usage")
+        .filter(|u| u.is_object())
+        .or_else(|| v.get("response")?.get("usage"))?;
+    let n = |a: &str, b: &str| u.get(a).or_else(|| u.get(b)).and_then(Value::as_u64);
     Some(Usage {
-        prompt_tokens: u.get("prompt_tokens")?.as_u64()?,
-        completion_tokens: u
-            .get("completion_tokens")
-            .and_then(Value::as_u64)
-            .unwrap_or(0),
+        prompt_tokens: n("prompt_tokens", "input_tokens")?,
+        completion_tokens: n("completion_tokens", "output_tokens").unwrap_or(0),
     })
 }
 
@@ -141,13 +144,19 @@ fn usage_chunk(line: &[u8]) -> Option<Value> {
     serde_json::from_slice(data.trim_ascii()).ok()
 }
 
-/// Drops the usage-only chunk (`"choices": []` with a `usage`) from an SSE stream, and the blank
-/// line ending its event: the router asked for it on the client's behalf, and a client that did
-/// not ask may read `choices[0]` of every chunk. A line passes as soon as its newline arrives;
-/// only a partial line is held, and one longer than `MAX_LINE` passes unexamined. It reads the
-/// usage on the way, as [`UsageScanner`] does for a stream passed whole.
+/// A provider's SSE stream on its way to the client, line by line: it drops the usage-only
+/// chunk (`"choices": []` with a `usage`) and the blank line ending its event when the router
+/// asked for it on the client's behalf (a client that did not ask may read `choices[0]` of every
+/// chunk), and writes the client's model name into every chunk (see `router::model_name`). A
+/// line passes as soon as its newline arrives; only a partial line is held, and one longer than
+/// `MAX_LINE` passes unexamined. It reads the usage on the way, as [`UsageScanner`] does for a
+/// stream passed whole.
 #[derive(Debug, Default)]
-pub struct UsageChunkFilter {
+pub struct StreamFilter {
+    /// Drop the usage-only chunk.
+    drop_usage: bool,
+    /// The model name to write into each chunk.
+    model: Option<String>,
     held: Vec<u8>,
     /// The last usage seen.
     usage: Option<Usage>,
@@ -160,7 +169,15 @@ pub struct UsageChunkFilter {
     after_cr: Option<bool>,
 }
 
-impl UsageChunkFilter {
+impl StreamFilter {
+    pub fn new(drop_usage: bool, model: Option<String>) -> Self {
+        Self {
+            drop_usage,
+            model,
+            ..Self::default()
+        }
+    }
+
     /// The bytes of `chunk` that go on to the client (possibly none yet).
     pub fn pass(&mut self, chunk: &[u8]) -> Bytes {
         let mut out = BytesMut::with_capacity(self.held.len() + chunk.len());
@@ -238,15 +255,26 @@ impl UsageChunkFilter {
                 self.usage = Some(u);
             }
             // No choices (empty, or none at all), just usage.
-            if v.get("choices")
-                .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty))
+            if self.drop_usage
+                && v.get("choices")
+                    .is_none_or(|c| c.as_array().is_some_and(Vec::is_empty))
                 && v.get("usage").is_some_and(Value::is_object)
             {
                 self.dropped = true;
                 return false;
             }
         }
-        out.extend_from_slice(line);
+        let renamed = self.model.as_deref().and_then(|m| {
+            let data = line.strip_prefix(b"data:")?;
+            super::model_name::rewrite_model(data, m)
+        });
+        match renamed {
+            Some(data) => {
+                out.extend_from_slice(b"data:");
+                out.extend_from_slice(&data);
+            }
+            None => out.extend_from_slice(line),
+        }
         true
     }
 }
@@ -254,6 +282,64 @@ impl UsageChunkFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_as_every_endpoint_gives_it() {
+        let u = |v: serde_json::Value| usage_of(&v);
+        let want = |p, c| {
+            Some(Usage {
+                prompt_tokens: p,
+                completion_tokens: c,
+            })
+        };
+        assert_eq!(
+            u(serde_json::json!({"usage": {"prompt_tokens": 8, "total_tokens": 8}})),
+            want(8, 0)
+        );
+        assert_eq!(
+            u(
+                serde_json::json!({"usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12}})
+            ),
+            want(5, 7)
+        );
+        assert_eq!(
+            u(
+                serde_json::json!({"type": "response.completed", "response": {"usage": {"input_tokens": 2, "output_tokens": 3}}})
+            ),
+            want(2, 3)
+        );
+        assert_eq!(u(serde_json::json!({"usage": null})), None);
+    }
+
+    #[test]
+    fn a_stream_gets_the_clients_model_name_in_every_chunk_however_split() {
+        let stream = concat!(
+            "data: {\"id\":\"a\",\"model\":\"turbo\",\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n",
+            "data: {\"id\":\"a\",\"model\":\"turbo\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1}}\r\n\r\n",
+            "data: [DONE]\n\n"
+        )
+        .as_bytes();
+        for size in [1, 3, 17, stream.len()] {
+            // The usage chunk stays when the client asked for it, renamed too.
+            let mut f = StreamFilter::new(false, Some("mine".into()));
+            let mut out = Vec::new();
+            for c in stream.chunks(size) {
+                out.extend_from_slice(&f.pass(c));
+            }
+            out.extend_from_slice(&f.finish());
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("turbo"), "{text}");
+            assert_eq!(text.matches("\"model\":\"mine\"").count(), 2, "{text}");
+            assert!(text.ends_with("data: [DONE]\n\n"));
+            assert_eq!(
+                f.usage(),
+                Some(Usage {
+                    prompt_tokens: 3,
+                    completion_tokens: 1
+                })
+            );
+        }
+    }
 
     #[test]
     fn json_body_usage_across_chunks() {
@@ -343,7 +429,7 @@ mod tests {
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":2}}";
 
     fn filtered(stream: &[u8], size: usize) -> String {
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamFilter::new(true, None);
         let mut out = Vec::new();
         for c in stream.chunks(size) {
             out.extend_from_slice(&f.pass(c));
@@ -373,7 +459,7 @@ mod tests {
 
     #[test]
     fn lines_ending_in_a_lone_cr_pass_at_once_and_the_usage_chunk_is_dropped() {
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamFilter::new(true, None);
         assert_eq!(
             &f.pass(b"data: {\"choices\":[{\"text\":\"a\"}]}\r\rdata: [DO")[..],
             b"data: {\"choices\":[{\"text\":\"a\"}]}\r\r"
@@ -399,7 +485,7 @@ mod tests {
 
     #[test]
     fn whole_lines_pass_at_once_and_a_last_line_without_newline_is_kept() {
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamFilter::new(true, None);
         assert_eq!(
             &f.pass(b"data: {\"choices\":[]}\n\ndata: [DO")[..],
             b"data: {\"choices\":[]}\n\n"
@@ -415,7 +501,7 @@ mod tests {
     fn an_oversized_line_passes_unexamined_and_filtering_resumes_after_it() {
         let big = format!("data: {}\n", "x".repeat(MAX_LINE + 1));
         let stream = format!("{big}{USAGE_LINE}\n\nend\n");
-        let mut f = UsageChunkFilter::default();
+        let mut f = StreamFilter::new(true, None);
         let mut out = Vec::new();
         for c in stream.as_bytes().chunks(4096) {
             let b = f.pass(c);

@@ -4,6 +4,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
+use crate::api::ProviderEndpoint;
 use crate::clock::Millis;
 use crate::router::admission::{BackendLoad, local_first};
 use crate::router::classes::{Class, Classes};
@@ -124,11 +125,13 @@ pub struct LocalPath {
 static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
 
 /// What a serving thread reads on every request, copied from the routing state when it
-/// changes: the backend list and the request classes.
+/// changes: the backend list, the request classes and the endpoints each provider serves.
 pub struct View {
     id: u64,
     pub backends: Vec<Arc<Backend>>,
     pub classes: Option<Arc<Classes>>,
+    /// Each provider's name and the endpoints requests may spill to it on.
+    pub providers: Vec<(String, Vec<ProviderEndpoint>)>,
     loads: Vec<BackendLoad>,
 }
 
@@ -138,6 +141,7 @@ thread_local! {
             id: 0,
             backends: Vec::new(),
             classes: None,
+            providers: Vec::new(),
             loads: Vec::new(),
         })
     };
@@ -195,6 +199,11 @@ impl LocalPath {
                 .get_or_insert_with(Default::default)
                 .resolve(header)
         })
+    }
+
+    /// Reads this thread's view (copied again by `current` when stale).
+    pub fn read<R>(&self, current: impl FnOnce(&mut View), f: impl FnOnce(&View) -> R) -> R {
+        self.with_view(current, |v| f(v))
     }
 
     /// A local slot without the lock, when nobody waits and an engine has room.

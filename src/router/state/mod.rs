@@ -31,7 +31,7 @@ use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::peers::{Ledger, Report};
 use super::usage::Usage;
-use crate::api::BurstMode;
+use crate::api::{BurstMode, ProviderEndpoint};
 use crate::clock::Millis;
 
 /// How long a local engine whose connection failed before any answer gets no new requests:
@@ -110,6 +110,13 @@ impl RouterState {
         let routing = self.lock();
         v.backends.clone_from(&routing.backends);
         v.classes = Some(routing.classes.clone());
+        v.providers.clear();
+        v.providers.extend(
+            routing
+                .providers
+                .iter()
+                .map(|p| (p.p.name.clone(), p.p.endpoints.clone())),
+        );
     }
 
     /// A local slot without the lock, when nobody waits and an engine has room.
@@ -249,9 +256,27 @@ impl RouterState {
         }
     }
 
+    /// The providers a request that may spill as `burst` (`None`: not at all) must not go to:
+    /// those that do not declare its endpoint. Read without the lock.
+    pub fn kept_from(&self, burst: Option<ProviderEndpoint>) -> Excluded {
+        self.fast.read(
+            |v| self.copy_view(v),
+            |v| Excluded {
+                providers: v
+                    .providers
+                    .iter()
+                    .filter(|(_, served)| burst.is_none_or(|e| !served.contains(&e)))
+                    .map(|(name, _)| name.clone())
+                    .collect(),
+                ..Excluded::default()
+            },
+        )
+    }
+
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
-    /// queue until a slot frees, its spill wait passes, or it times out.
-    pub async fn acquire(self: &Arc<Self>, class: &Class) -> Ticket {
+    /// queue until a slot frees, its spill wait passes, or it times out. It never goes to a
+    /// provider in `kept_from` (see [`Self::kept_from`]).
+    pub async fn acquire(self: &Arc<Self>, class: &Class, kept_from: Excluded) -> Ticket {
         if let Some(b) = self.take_local() {
             return Ticket::Go(Lease::new(
                 self.clone(),
@@ -260,8 +285,7 @@ impl RouterState {
                 class.clone(),
             ));
         }
-        self.enqueue(Instant::now(), Excluded::default(), class, false)
-            .await
+        self.enqueue(Instant::now(), kept_from, class, false).await
     }
 
     /// [`Self::acquire`] for a retry that found no room after its connection failed: it keeps
@@ -707,7 +731,7 @@ mod tests {
 
     /// A lease granted without waiting, or `None` when the request would wait.
     fn now(s: &Arc<RouterState>) -> Option<Lease> {
-        match s.acquire(&any()).now_or_never()? {
+        match s.acquire(&any(), Excluded::default()).now_or_never()? {
             Ticket::Go(l) => Some(l),
             Ticket::Reject(r) => panic!("rejected: {r:?}"),
         }
@@ -801,7 +825,10 @@ mod tests {
         let s = state(1, &["a:1"]);
         let _held = now(&s).expect("room");
         s.refuse_waiting();
-        let t = s.acquire(&any()).now_or_never().expect("decided at once");
+        let t = s
+            .acquire(&any(), Excluded::default())
+            .now_or_never()
+            .expect("decided at once");
         assert!(
             matches!(t, Ticket::Reject(RejectReason::ShuttingDown)),
             "{t:?}"
@@ -815,7 +842,7 @@ mod tests {
         let held = now(&s).expect("room");
         let waiter = tokio::spawn({
             let s = s.clone();
-            async move { s.acquire(&any()).await }
+            async move { s.acquire(&any(), Excluded::default()).await }
         });
         while s.queued() == 0 {
             tokio::task::yield_now().await;
@@ -868,8 +895,11 @@ mod tests {
                         .unwrap();
                     rt.block_on(async {
                         for _ in 0..3000 {
-                            let t =
-                                tokio::time::timeout_at(deadline.into(), s.acquire(&any())).await;
+                            let t = tokio::time::timeout_at(
+                                deadline.into(),
+                                s.acquire(&any(), Excluded::default()),
+                            )
+                            .await;
                             let Ticket::Go(l) = t.expect("a waiter was left behind") else {
                                 panic!("rejected")
                             };

@@ -126,7 +126,7 @@ async fn a_probe_whose_client_leaves_mid_answer_still_closes_the_breaker() {
             .unwrap();
         let with_url = |url: String| {
             format!(
-                "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n  - {{name: p, url: \"{url}\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+                "queue: {{timeoutSeconds: 1}}\nburst:\n  providers:\n  - {{name: p, url: \"{url}\", model: p-model, apiKeyFile: \"{key}\", exposeModel: true, maxConcurrency: 8}}\n"
             )
         };
         let first = with_url(format!("http://{dead}/v1"));

@@ -68,10 +68,11 @@ async fn provider(name: &str, key: &str, faults: FaultConfig) -> EngineSimServer
     .unwrap()
 }
 
-/// A provider entry for the config, with its key in a file.
+/// A provider entry for the config, with its key in a file. Its answers keep its model name
+/// (`exposeModel`), so a test sees where a request was served.
 fn provider_yaml(name: &str, p: &EngineSimServer, key_file: &str, extra: &str) -> String {
     format!(
-        "  - {{name: {name}, url: \"{}/v1\", model: {name}-model, apiKeyFile: \"{key_file}\", maxConcurrency: 8{extra}}}\n",
+        "  - {{name: {name}, url: \"{}/v1\", model: {name}-model, apiKeyFile: \"{key_file}\", maxConcurrency: 8, exposeModel: true{extra}}}\n",
         p.base_url()
     )
 }

@@ -101,7 +101,7 @@ async fn one_shot_provider(reply: String) -> (String, tokio::task::JoinHandle<()
     let dir = TempDir::new("one-shot");
     let key = dir.file("p", "sk-p");
     let yaml = format!(
-        "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\"}}\n"
+        "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", exposeModel: true}}\n"
     );
     (yaml, task, dir)
 }
@@ -230,7 +230,7 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
         let dir = TempDir::new("stall");
         let key = dir.file("p", "sk-p");
         let yaml = format!(
-            "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 1, timeoutSeconds: 1}}\n"
+            "burst:\n  providers:\n  - {{name: p, url: \"http://{addr}/v1\", model: p-model, apiKeyFile: \"{key}\", exposeModel: true, maxConcurrency: 1, timeoutSeconds: 1}}\n"
         );
         let r = router_with_breaker(&yaml, 2, Duration::from_secs(60)).await;
         for _ in 0..2 {

@@ -265,7 +265,7 @@ async fn router_spilling_to(
     let key = dir.file("p", "sk-p");
     router(
         &format!(
-            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 5, timeoutSeconds: 10}}\nburst:\n  maxQueueWaitMilliseconds: 100\n  providers:\n  - {{name: p, url: \"http://{provider}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+            "maxConcurrencyPerBackend: 1\nqueue: {{limit: 5, timeoutSeconds: 10}}\nburst:\n  maxQueueWaitMilliseconds: 100\n  providers:\n  - {{name: p, url: \"http://{provider}/v1\", model: p-model, apiKeyFile: \"{key}\", exposeModel: true, maxConcurrency: 8}}\n"
         ),
         vec![live.addr().to_string()],
     )
@@ -315,7 +315,7 @@ async fn in_a_cold_start_a_request_whose_provider_failed_waits_for_the_first_eng
         let (bad, accepted, _, task) = flaky_engine().await;
         let r = router(
             &format!(
-                "queue: {{limit: 5, timeoutSeconds: 25}}\nburst:\n  providers:\n  - {{name: p, url: \"http://{bad}/v1\", model: p-model, apiKeyFile: \"{key}\", maxConcurrency: 8}}\n"
+                "queue: {{limit: 5, timeoutSeconds: 25}}\nburst:\n  providers:\n  - {{name: p, url: \"http://{bad}/v1\", model: p-model, apiKeyFile: \"{key}\", exposeModel: true, maxConcurrency: 8}}\n"
             ),
             vec![],
         )

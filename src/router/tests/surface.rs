@@ -70,9 +70,13 @@ async fn models_health_and_metrics_are_answered_locally() {
             t.contains("spillway_router_queue_length{class=\"default\"} 0"),
             "{t}"
         );
-        let nf = get(r.addr(), "/v1/embeddings").await;
+        // Unknown paths are a 404, inference paths take POST only, both as OpenAI errors.
+        let nf = get(r.addr(), "/v1/files").await;
         assert_eq!(nf.status, StatusCode::NOT_FOUND);
-        assert!(nf.json()["error"]["message"].is_string());
+        assert_eq!(nf.json()["error"]["code"], "not_found");
+        let get_embeddings = get(r.addr(), "/v1/embeddings").await;
+        assert_eq!(get_embeddings.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert!(get_embeddings.json()["error"]["message"].is_string());
         // No engine and no provider: the queue times out rather than dropping the request.
         r.stop().await;
     })
