@@ -75,16 +75,28 @@ impl BudgetTracker {
 
     /// Whether one more request may go to a provider now.
     pub fn allows(&mut self, now: Millis) -> bool {
-        self.allows_shared(now, self.max_requests_per_minute, 0.0)
+        self.allows_shared(
+            now,
+            self.max_requests_per_minute,
+            self.max_spend_per_hour,
+            0.0,
+        )
     }
 
     /// [`Self::allows`] for one of several routers sharing the caps: this one may send
-    /// `rpm_cap` a minute, and the others have spent `others_spend` this hour.
-    pub fn allows_shared(&mut self, now: Millis, rpm_cap: Option<u32>, others_spend: f64) -> bool {
+    /// `rpm_cap` a minute, and together they may spend `spend_cap` an hour, of which the others
+    /// have spent `others_spend`.
+    pub fn allows_shared(
+        &mut self,
+        now: Millis,
+        rpm_cap: Option<u32>,
+        spend_cap: Option<f64>,
+        others_spend: f64,
+    ) -> bool {
         self.prune(now);
         let rpm_ok = rpm_cap.is_none_or(|m| self.requests.len() < m as usize);
         let spend = self.spend_total + others_spend;
-        let spend_ok = self.max_spend_per_hour.is_none_or(|m| spend < m);
+        let spend_ok = spend_cap.is_none_or(|m| spend < m);
         rpm_ok && spend_ok
     }
 

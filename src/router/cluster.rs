@@ -74,16 +74,39 @@ pub fn backends_from_slices<'a>(
 }
 
 /// The peer routers' report addresses: every router pod listed but this one (`own`, its pod
-/// name), ready or not. A router starting or draining still has requests on the engines, so
-/// it counts as long as it is listed.
+/// name), ready or not, one address each (IPv4 first: a dual-stack pod is one router). A
+/// router starting or draining still has requests on the engines, so it counts as long as it
+/// is listed.
 pub fn peers_from_slices<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     port: u16,
     own: &str,
 ) -> Vec<String> {
-    addresses(slices, port, |e| {
-        e.target_ref.as_ref().and_then(|r| r.name.as_deref()) != Some(own)
-    })
+    let mut slices: Vec<&EndpointSlice> = slices
+        .into_iter()
+        .filter(|s| s.address_type == "IPv4" || s.address_type == "IPv6")
+        .collect();
+    slices.sort_by_key(|s| s.address_type != "IPv4");
+    let mut pods = std::collections::BTreeMap::new();
+    for s in slices {
+        for e in &s.endpoints {
+            let pod = e.target_ref.as_ref().and_then(|r| r.name.clone());
+            let Some(ip) = e.addresses.first().filter(|_| pod.as_deref() != Some(own)) else {
+                continue;
+            };
+            let addr = if s.address_type == "IPv6" {
+                format!("[{ip}]:{port}")
+            } else {
+                format!("{ip}:{port}")
+            };
+            // An endpoint without a pod is a router of its own.
+            pods.entry(pod.unwrap_or_else(|| ip.clone()))
+                .or_insert(addr);
+        }
+    }
+    let mut out: Vec<String> = pods.into_values().collect();
+    out.sort();
+    out
 }
 
 /// Whether the controller reports capacity exhausted (`CapacityExhausted=True`).
@@ -295,6 +318,38 @@ mod tests {
             vec!["10.0.0.1:8000", "10.0.0.2:8000", "[fd00::1]:8000"]
         );
         assert!(backends_from_slices([], 8000).is_empty());
+    }
+
+    /// Every router pod but this one, ready or not, one address each (a dual-stack pod's
+    /// IPv4 one), on the peers' port.
+    #[test]
+    fn peers_are_the_other_router_pods_one_address_each() {
+        let pod = |addr: &str, name: &str, ready: Option<bool>| Endpoint {
+            target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
+                name: Some(name.into()),
+                ..Default::default()
+            }),
+            ..endpoint(addr, ready)
+        };
+        let v4 = slice(
+            "IPv4",
+            vec![
+                pod("10.0.0.1", "r-self", Some(true)),
+                pod("10.0.0.2", "r-b", Some(true)),
+                pod("10.0.0.3", "r-starting", Some(false)),
+            ],
+        );
+        let v6 = slice(
+            "IPv6",
+            vec![
+                pod("fd00::2", "r-b", Some(true)),
+                pod("fd00::9", "r-v6", None),
+            ],
+        );
+        assert_eq!(
+            peers_from_slices([&v6, &v4], 8081, "r-self"),
+            vec!["10.0.0.2:8081", "10.0.0.3:8081", "[fd00::9]:8081"]
+        );
     }
 
     #[test]

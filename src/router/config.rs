@@ -2,6 +2,8 @@
 //! the controller renders (same shape; keys may grow). Never holds a secret: API keys are
 //! files (a mounted Secret), named by `apiKeyFile`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::api::{
@@ -27,13 +29,14 @@ pub struct RouterConfig {
     /// Static engine addresses (`host:port`); in a cluster they come from EndpointSlices.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<String>,
-    /// `engine.maxConcurrency`: requests one engine gets at once from all routers together
-    /// (each router's part: see `peers`).
+    /// Requests one engine gets at once from this router while it shares with no peer: alone,
+    /// `engine.maxConcurrency`; one of several, its even share (the whole is in
+    /// `peers.shared`). So are the providers' `maxConcurrency` and the budget.
     #[serde(default = "default_concurrency")]
     pub max_concurrency_per_backend: u32,
     /// The service's other routers, with which this one shares every limit that holds across
-    /// them (engine slots, provider concurrency, the budget). Absent: this router is alone and
-    /// uses every limit whole.
+    /// them (engine slots, provider concurrency, the budget). Absent: this router keeps to the
+    /// limits above.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peers: Option<PeersConfig>,
     #[serde(default)]
@@ -68,6 +71,26 @@ pub struct PeersConfig {
     /// reported, if more).
     #[serde(default = "default_stale_after")]
     pub stale_after_milliseconds: u64,
+    /// The limits the routers share, whole; each one absent is the top-level one. (The
+    /// top-level ones are a router's share, so that a router of an earlier version reading
+    /// this config, which knows no peers, keeps to its share during an upgrade.)
+    #[serde(default)]
+    pub shared: SharedLimits,
+}
+
+/// The whole of each limit the routers share (see [`PeersConfig::shared`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SharedLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency_per_backend: Option<u32>,
+    /// Each provider's `maxConcurrency`, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub providers: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_minute: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_spend_per_hour: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -227,6 +250,11 @@ impl RouterConfig {
             if p.stale_after_milliseconds == 0 {
                 errs.push("peers.staleAfterMilliseconds must be >= 1".to_string());
             }
+            if let Some(s) = p.shared.max_spend_per_hour.as_deref()
+                && let Err(e) = super::budget::parse_spend(s)
+            {
+                errs.push(format!("peers.shared: {e}"));
+            }
         }
         let mut names = std::collections::BTreeSet::new();
         for p in &self.burst.providers {
@@ -281,17 +309,35 @@ pub fn render(
 ) -> RouterConfig {
     let spec = &isvc.spec;
     let burst = spec.burst.as_ref();
-    // Every limit is the service's whole: the routers share them through their peers.
+    // The routers share each limit whole through their peers (`peers.shared`); the top-level
+    // limits are each router's even share, rounded down, for a router that hears no peer, and
+    // for a router of an earlier version that reads this config during an upgrade.
+    let replicas = spec.router.replicas.max(1);
     let whole = |n: i32| n.max(1) as u32;
+    let share = |n: i32| (n.max(1) / replicas).max(1) as u32;
+    let providers = burst.map_or(&[][..], |b| &b.providers[..]);
+    let budget = burst.and_then(|b| b.budget.as_ref());
     RouterConfig {
         listen: format!("0.0.0.0:{ROUTER_PORT}"),
         backends: Vec::new(),
-        max_concurrency_per_backend: whole(spec.engine.max_concurrency),
+        max_concurrency_per_backend: share(spec.engine.max_concurrency),
         peers: Some(PeersConfig {
             replicas: whole(spec.router.replicas),
             port: PEER_PORT,
             addresses: Vec::new(),
             stale_after_milliseconds: default_stale_after(),
+            shared: SharedLimits {
+                max_concurrency_per_backend: Some(whole(spec.engine.max_concurrency)),
+                providers: providers
+                    .iter()
+                    .map(|p| (p.name.clone(), whole(p.max_concurrency)))
+                    .collect(),
+                // 0 stays 0: no spill at all.
+                max_requests_per_minute: budget
+                    .and_then(|b| b.max_requests_per_minute)
+                    .map(|m| m.max(0) as u32),
+                max_spend_per_hour: budget.and_then(|b| b.max_spend_per_hour.clone()),
+            },
         }),
         queue: QueueConfig {
             limit: spec.router.queue_limit.max(0) as u32,
@@ -309,7 +355,7 @@ pub fn render(
                             url: p.url.clone(),
                             model: p.model.clone(),
                             api_key_file: Some(format!("{KEYS_DIR}/{}", key_path(p))),
-                            max_concurrency: whole(p.max_concurrency),
+                            max_concurrency: share(p.max_concurrency),
                             timeout_seconds: p.timeout_seconds.max(1) as u32,
                             pricing: p.pricing.clone(),
                             endpoints: p.endpoints.clone(),
@@ -318,10 +364,14 @@ pub fn render(
                         .collect()
                 })
                 .unwrap_or_default(),
-            budget: burst.and_then(|b| b.budget.as_ref()).map(|b| BudgetConfig {
-                // 0 stays 0: no spill at all.
-                max_requests_per_minute: b.max_requests_per_minute.map(|m| m.max(0) as u32),
-                max_spend_per_hour: b.max_spend_per_hour.clone(),
+            budget: budget.map(|b| BudgetConfig {
+                max_requests_per_minute: b
+                    .max_requests_per_minute
+                    .map(|m| if m > 0 { share(m) } else { 0 }),
+                max_spend_per_hour: b
+                    .max_spend_per_hour
+                    .as_deref()
+                    .map(|s| spend_share(s, replicas)),
             }),
         },
         request_classes: spec.request_classes.clone(),
@@ -350,6 +400,19 @@ pub fn key_path(p: &crate::api::Provider) -> String {
             (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
         });
     format!("{}/{digest:016x}", p.name)
+}
+
+/// One router replica's share of a spend cap, rounded down to the micro-unit so that the shares
+/// never add up to more than the cap; a cap that is not a number passes as it is.
+fn spend_share(cap: &str, replicas: i32) -> String {
+    match super::budget::parse_spend(cap) {
+        Ok(v) => {
+            let micros = (v * 1e6).round() as u64 / replicas.max(1) as u64;
+            let s = format!("{}.{:06}", micros / 1_000_000, micros % 1_000_000);
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        }
+        Err(_) => cap.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -438,15 +501,25 @@ spec:
         policy.burst.mode = BurstMode::CapacityExhausted;
         policy.burst.max_queue_wait_milliseconds = 250;
         let cfg = render(&isvc, &policy, "llama-engine");
-        // Limits that hold across routers are whole (the engine's maxConcurrency 8, the
-        // provider's default 64, the budget): the default 2 replicas share them as peers.
-        assert_eq!(cfg.max_concurrency_per_backend, 8);
-        assert_eq!(cfg.burst.providers[0].max_concurrency, 64);
-        let budget = cfg.burst.budget.as_ref().unwrap();
-        assert_eq!(budget.max_requests_per_minute, Some(600));
-        assert_eq!(budget.max_spend_per_hour.as_deref(), Some("5.00"));
+        // Limits that hold across routers (the engine's maxConcurrency 8, the provider's
+        // default 64, the budget) are shared whole by the default 2 replicas as peers; the
+        // top-level ones are each router's share, all a router of an earlier version uses.
         let peers = cfg.peers.as_ref().unwrap();
         assert_eq!((peers.replicas, peers.port), (2, PEER_PORT));
+        assert_eq!(
+            peers.shared,
+            SharedLimits {
+                max_concurrency_per_backend: Some(8),
+                providers: BTreeMap::from([("together".into(), 64)]),
+                max_requests_per_minute: Some(600),
+                max_spend_per_hour: Some("5.00".into()),
+            }
+        );
+        assert_eq!(cfg.max_concurrency_per_backend, 4);
+        assert_eq!(cfg.burst.providers[0].max_concurrency, 32);
+        let budget = cfg.burst.budget.as_ref().unwrap();
+        assert_eq!(budget.max_requests_per_minute, Some(300));
+        assert_eq!(budget.max_spend_per_hour.as_deref(), Some("2.5"));
         assert_eq!((cfg.queue.limit, cfg.queue.timeout_seconds), (50, 10));
         assert_eq!(cfg.burst.mode, BurstMode::CapacityExhausted);
         assert_eq!(cfg.burst.max_queue_wait_milliseconds, 250);
@@ -485,5 +558,14 @@ spec:
             "{yaml}"
         );
         assert_eq!(RouterConfig::from_yaml(&yaml).unwrap(), cfg);
+    }
+
+    #[test]
+    fn a_spend_share_never_adds_up_to_more_than_the_cap() {
+        assert_eq!(spend_share("5.00", 2), "2.5");
+        assert_eq!(spend_share("5", 3), "1.666666");
+        assert_eq!(spend_share("0.000001", 2), "0");
+        assert_eq!(spend_share("7", 1), "7");
+        assert_eq!(spend_share("lots", 2), "lots");
     }
 }

@@ -5,7 +5,7 @@
 //! round trip. Only reports from a listed peer's address count. Nothing here goes through the
 //! Kubernetes API: peers are listed by the EndpointSlice watch (`cluster`) or the config.
 
-use std::net::UdpSocket as StdUdpSocket;
+use std::net::{ToSocketAddrs, UdpSocket as StdUdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,7 +49,18 @@ pub fn start(
     socket.set_nonblocking(true)?;
     let socket = Arc::new(UdpSocket::from_std(socket)?);
     join(state, name);
-    state.set_peers(peers);
+    // Static peers may be names: resolved once, here.
+    let resolved: Vec<String> = peers
+        .iter()
+        .flat_map(|p| match p.to_socket_addrs() {
+            Ok(addrs) => addrs.map(|a| a.to_string()).collect(),
+            Err(e) => {
+                tracing::warn!(peer = %p, error = %e, "peer router address not resolved");
+                Vec::new()
+            }
+        })
+        .collect();
+    state.set_peers(&resolved);
     Ok(Exchange {
         tasks: [
             tokio::spawn(send(state.clone(), socket.clone())),
@@ -132,7 +143,7 @@ async fn receive(state: Arc<RouterState>, socket: Arc<UdpSocket>) {
             tracing::debug!(%from, "not a peer report");
             continue;
         };
-        if state.peer_heard(&from.to_string(), report) {
+        if state.peer_heard(from, report) {
             state.report_due().notify_one();
         }
     }

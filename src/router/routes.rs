@@ -25,6 +25,12 @@ pub(super) async fn handle(app: &Arc<App>, req: Request<Incoming>) -> Response<R
                     "text/plain",
                     "waiting for the first list of engine endpoints\n",
                 )
+            } else if !app.state.peers_settled() {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "waiting to hear the peer routers\n",
+                )
             } else {
                 text(StatusCode::OK, "text/plain", "ok\n")
             }

@@ -360,6 +360,7 @@ impl Sim<'_> {
     /// answered (its acknowledgement is what the sender waits for to go on).
     fn exchange(&mut self) {
         self.report_due = false;
+        let now = self.now;
         let reports: Vec<_> = self
             .routers
             .iter_mut()
@@ -368,7 +369,7 @@ impl Sim<'_> {
                 for (pod, n) in r.own.iter().enumerate() {
                     c.set(engine_key(&pod.to_string()), *n);
                 }
-                r.ledger.as_mut().map(|l| l.report(c))
+                r.ledger.as_mut().map(|l| l.report(c, now))
             })
             .collect();
         let mut moved = false;

@@ -47,13 +47,15 @@ async fn router_config_rbac_and_pdb_are_applied_and_a_missing_secret_degrades() 
     let cm = absent_then_applied(&mut api, &format!("{CORE}/configmaps/llama-router")).await;
     let config = cm.body["data"]["router.yaml"].as_str().unwrap();
     let parsed = crate::router::config::RouterConfig::from_yaml(config).unwrap();
+    let peers = parsed.peers.as_ref().unwrap();
     assert_eq!(
         (
-            parsed.max_concurrency_per_backend,
-            parsed.peers.as_ref().map(|p| p.replicas)
+            peers.shared.max_concurrency_per_backend,
+            peers.replicas,
+            parsed.max_concurrency_per_backend
         ),
-        (8, Some(2)),
-        "8 slots, whole, shared by 2 routers as peers"
+        (Some(8), 2, 4),
+        "8 slots shared by 2 routers as peers, 4 each when they hear no peer"
     );
     assert_eq!(
         parsed.burst.providers[0].api_key_file.as_deref(),

@@ -4,9 +4,11 @@
 //! The rule, for one shared limit `L` (an engine's slots, a provider's concurrency, requests per
 //! minute) over `N` routers:
 //!
-//! - **room** = `L` minus what the peers use: a peer heard within `stale_after` counts what it
-//!   last reported; a peer not heard from counts the larger of its last report and
-//!   [`silent_peer`]; a router expected but not listed counts [`silent_peer`].
+//! - **room** = `L` minus what the peers use: a *fresh* peer (heard within `stale_after`, and
+//!   acknowledging a report of ours sent within it) counts what it last reported; any other
+//!   counts the larger of its last report and [`silent_peer`]; a router expected but not listed
+//!   counts [`silent_peer`]. A peer that hears us but that we cannot hear, or one that we hear
+//!   but that does not hear us, is thus silent to us, and we keep to our fixed share.
 //! - **cap** = the room, and no more than [`ahead`]`(L)` (1, or `L / 32` for a large limit)
 //!   above the lowest count this router reported since the last report every fresh peer
 //!   acknowledged (no fresh peer: the room alone).
@@ -34,6 +36,9 @@ const AHEAD_DIVISOR: u32 = 32;
 
 /// Reports kept to look acknowledgements up in; an older acknowledgement counts as none.
 const HISTORY: usize = 128;
+
+/// How many staleness bounds a new router waits at most for its listed peers to be heard.
+const SETTLE_STALE_TIMES: Millis = 4;
 
 /// What this router may use of one shared limit now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,10 +70,12 @@ pub struct Ledger {
     /// How many routers the service runs (`router.replicas`).
     routers: u32,
     stale_after: Millis,
-    /// What it sent, by seq (oldest first).
-    sent: VecDeque<(u64, Counts)>,
+    /// What it sent, by seq (oldest first), and when.
+    sent: VecDeque<(u64, Millis, Counts)>,
     /// By address (`host:port`); `None`: listed, never heard.
     peers: BTreeMap<String, Option<Heard>>,
+    /// When it first reported.
+    joined: Option<Millis>,
 }
 
 impl Ledger {
@@ -82,6 +89,7 @@ impl Ledger {
             stale_after,
             sent: VecDeque::new(),
             peers: BTreeMap::new(),
+            joined: None,
         }
     }
 
@@ -107,10 +115,11 @@ impl Ledger {
         self.routers.max(self.peers.len() as u32 + 1)
     }
 
-    /// The report to send now of this router's `counts`, acknowledging what it heard.
-    pub fn report(&mut self, counts: Counts) -> Report {
+    /// The report to send at `now` of this router's `counts`, acknowledging what it heard.
+    pub fn report(&mut self, counts: Counts, now: Millis) -> Report {
         self.seq += 1;
-        self.sent.push_back((self.seq, counts.clone()));
+        self.joined.get_or_insert(now);
+        self.sent.push_back((self.seq, now, counts.clone()));
         if self.sent.len() > HISTORY {
             self.sent.pop_front();
         }
@@ -158,23 +167,42 @@ impl Ledger {
         Some(moved)
     }
 
+    /// Heard within the staleness bound, acknowledging a report of ours sent within it.
     fn fresh(&self, h: &Heard, now: Millis) -> bool {
-        now - h.at <= self.stale_after
+        let recent = |t: Millis| now - t <= self.stale_after;
+        recent(h.at)
+            && h.acked.is_some_and(|seq| {
+                self.sent
+                    .iter()
+                    .find(|(s, _, _)| *s == seq)
+                    .is_some_and(|(_, at, _)| recent(*at))
+            })
     }
 
     /// The lowest count of `key` this router reported since `seq` (0 when that report is no
     /// longer kept): what a peer that acknowledged `seq` believes of it, at the least.
     fn reported_since(&self, seq: u64, key: &str) -> u32 {
         match self.sent.front() {
-            Some((first, _)) if *first <= seq => self
+            Some((first, _, _)) if *first <= seq => self
                 .sent
                 .iter()
-                .filter(|(s, _)| *s >= seq)
-                .map(|(_, c)| c.slot(key))
+                .filter(|(s, _, _)| *s >= seq)
+                .map(|(_, _, c)| c.slot(key))
                 .min()
                 .unwrap_or(0),
             _ => 0,
         }
+    }
+
+    /// Whether this router knows every listed peer counts it: each has been heard from (a
+    /// peer reports only to routers it lists), or the wait for them is over. A router takes
+    /// no traffic before (its readiness waits), so routers that do not know each other yet
+    /// never share a limit unawares.
+    pub fn settled(&self, now: Millis) -> bool {
+        self.peers.values().all(Option::is_some)
+            || self
+                .joined
+                .is_some_and(|j| now - j >= SETTLE_STALE_TIMES * self.stale_after)
     }
 
     /// What this router may use now of the shared limit `key` of `limit` in all.
@@ -186,12 +214,13 @@ impl Ledger {
         let mut acked = u32::MAX;
         for h in self.peers.values() {
             let used = match h {
+                // A count past the limit is nonsense: no peer makes this router spill more.
                 Some(h) if self.fresh(h, now) => {
                     let seen = h.acked.map_or(0, |seq| self.reported_since(seq, key));
                     acked = acked.min(seen);
-                    h.counts.slot(key)
+                    h.counts.slot(key).min(limit)
                 }
-                Some(h) => h.counts.slot(key).max(silent),
+                Some(h) => h.counts.slot(key).min(limit).max(silent),
                 None => silent,
             };
             others = others.saturating_add(used);
@@ -220,10 +249,19 @@ impl Ledger {
         let share = cap / f64::from(n);
         let missing = n - 1 - self.peers.len() as u32;
         let mut spent = f64::from(missing) * share;
+        // A spend that is no amount counts as the whole cap: it must not let anything through.
+        let said = |h: &Heard| {
+            let s = h.counts.spend;
+            if s.is_finite() {
+                s.clamp(0.0, cap)
+            } else {
+                cap
+            }
+        };
         for h in self.peers.values() {
             spent += match h {
-                Some(h) if self.fresh(h, now) => h.counts.spend,
-                Some(h) => h.counts.spend.max(share),
+                Some(h) if self.fresh(h, now) => said(h),
+                Some(h) => said(h).max(share),
                 None => share,
             };
         }

@@ -6,6 +6,7 @@ mod backends;
 mod lease;
 mod routing;
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -33,6 +34,12 @@ use super::peers::{Ledger, Report};
 use super::usage::Usage;
 use crate::api::{BurstMode, ProviderEndpoint};
 use crate::clock::Millis;
+
+/// A peer's address as the ledger keys it: an IPv4 address that reached an IPv6 socket reads
+/// as IPv4, so a listed address and a report's source compare equal.
+pub fn peer_key(addr: SocketAddr) -> String {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port()).to_string()
+}
 
 /// How long a local engine whose connection failed before any answer gets no new requests:
 /// least-outstanding would otherwise send it every request first (a dead engine is never busy)
@@ -583,10 +590,12 @@ impl RouterState {
     }
 
     fn release(self: &Arc<Self>, dest: &Dest) {
-        self.counts_changed();
         match dest {
             Dest::Local(b) => {
-                if self.fast.release(b) {
+                let waiting = self.fast.release(b);
+                // After the count went down, so the report the exchange makes shows it.
+                self.counts_changed();
+                if waiting {
                     self.pump();
                 }
             }
@@ -595,6 +604,7 @@ impl RouterState {
                 let r = &mut *routing;
                 release_provider(&mut r.providers, &mut r.retired, &p.name);
                 drop(routing);
+                self.counts_changed();
                 self.pump();
             }
         }
@@ -611,14 +621,19 @@ impl RouterState {
         self.pump();
     }
 
-    /// The peers' addresses now (`host:port`).
+    /// The peers' addresses now (`ip:port`; written as reports' sources read, see
+    /// [`peer_key`]).
     pub fn set_peers(self: &Arc<Self>, addrs: &[String]) {
+        let addrs: Vec<String> = addrs
+            .iter()
+            .filter_map(|a| a.parse().ok().map(peer_key))
+            .collect();
         {
             let mut routing = self.lock();
             let now = self.now_ms();
             let r = &mut *routing;
             let Some(l) = &mut r.peers else { return };
-            l.set_peers(addrs);
+            l.set_peers(&addrs);
             r.refresh_caps(now);
             // Alone, a request need not wake the exchange.
             self.peered.store(!addrs.is_empty(), Ordering::Relaxed);
@@ -633,20 +648,25 @@ impl RouterState {
         let counts = routing.counts(now);
         let r = &mut *routing;
         let l = r.peers.as_mut()?;
-        let report = l.report(counts);
+        let report = l.report(counts, now);
         let to = l.peer_addrs().map(str::to_string).collect();
-        // Counts sent may be acknowledged: caps change only when acknowledgements come.
+        // A lower count sent lowers what acknowledgements vouch for: the caps follow at once.
+        r.refresh_caps(now);
+        // A slot taken without the lock since the counts were read goes out next time.
+        if r.counts(now) != report.counts {
+            self.report_due.notify_one();
+        }
         Some((report, to))
     }
 
-    /// Takes in a peer's report (see `Ledger::hear`): whether to answer it soon.
-    pub fn peer_heard(self: &Arc<Self>, addr: &str, report: Report) -> bool {
+    /// Takes in a report from `from` (see `Ledger::hear`): whether to answer it soon.
+    pub fn peer_heard(self: &Arc<Self>, from: SocketAddr, report: Report) -> bool {
         let moved = {
             let mut routing = self.lock();
             let now = self.now_ms();
             let r = &mut *routing;
             let Some(l) = &mut r.peers else { return false };
-            let moved = l.hear(addr, report, now);
+            let moved = l.hear(&peer_key(from), report, now);
             if moved.is_some() {
                 r.refresh_caps(now);
             }
@@ -669,6 +689,13 @@ impl RouterState {
             self.metrics.set_peer_ages(&ages);
         }
         self.pump();
+    }
+
+    /// Whether this router knows its listed peers count it (see `Ledger::settled`): until
+    /// then it is not ready.
+    pub fn peers_settled(&self) -> bool {
+        let now = self.now_ms();
+        self.lock().peers.as_ref().is_none_or(|l| l.settled(now))
     }
 
     /// What the exchange waits on between reports.

@@ -15,9 +15,9 @@ use crate::clock::Millis;
 use crate::router::admission::{
     Admission, AdmissionInput, BackendLoad, ProviderLoad, QueuePass, RejectReason, admit,
 };
-use crate::router::budget::BudgetTracker;
+use crate::router::budget::{BudgetTracker, parse_spend};
 use crate::router::classes::{Class, Classes};
-use crate::router::config::RouterConfig;
+use crate::router::config::{RouterConfig, SharedLimits};
 use crate::router::fast::Backend;
 use crate::router::keys::Bearer;
 use crate::router::metrics::ClassLabel;
@@ -85,6 +85,8 @@ pub(super) struct Routing {
     pub peers: Option<Ledger>,
     /// This router's part of the requests-per-minute cap (all of it without peers).
     rpm_cap: Option<u32>,
+    /// The spend cap this router counts against: the whole, shared, with peers.
+    spend_cap: Option<f64>,
     /// What the other routers spent this hour, as far as this one counts it.
     others_spend: f64,
     scratch_b: Vec<BackendLoad>,
@@ -116,6 +118,7 @@ impl Routing {
             refusing: false,
             peers: None,
             rpm_cap: None,
+            spend_cap: None,
             others_spend: 0.0,
             scratch_b: Vec::new(),
             scratch_p: Vec::new(),
@@ -151,30 +154,52 @@ impl Routing {
         }
     }
 
+    /// The whole of the limits the routers share, with peers (`peers.shared`, each defaulting
+    /// to the top-level one); `None` alone, keeping to the top-level limits.
+    fn shared(&self) -> Option<&SharedLimits> {
+        self.peers.as_ref()?;
+        self.config.peers.as_ref().map(|p| &p.shared)
+    }
+
+    /// An engine's limit as this router counts it: the whole with peers.
+    fn engine_limit(&self) -> u32 {
+        self.shared()
+            .and_then(|s| s.max_concurrency_per_backend)
+            .unwrap_or(self.config.max_concurrency_per_backend)
+    }
+
     /// Sets every cap from the config and, with peers, what they leave this router. Called
     /// whenever either changes (and on the exchange's heartbeat, as peers fall silent).
     pub fn refresh_caps(&mut self, now: Millis) {
-        let limit = self.config.max_concurrency_per_backend;
+        let limit = self.engine_limit();
         for b in self.backends.iter().chain(&self.draining) {
             let r = self.room(&engine_key(&b.addr), limit, now);
             b.set_limits(r.cap, r.room);
         }
+        let shared = self.shared();
         let caps: Vec<u32> = self
             .providers
             .iter()
             .map(|p| {
-                self.room(&provider_key(&p.p.name), p.p.max_concurrency, now)
-                    .cap
+                let whole = shared
+                    .and_then(|s| s.providers.get(&p.p.name).copied())
+                    .unwrap_or(p.p.max_concurrency);
+                self.room(&provider_key(&p.p.name), whole, now).cap
             })
             .collect();
+        let rpm = shared
+            .and_then(|s| s.max_requests_per_minute)
+            .or(self.budget.max_requests_per_minute);
+        let spend = shared
+            .and_then(|s| s.max_spend_per_hour.as_deref())
+            .and_then(|s| parse_spend(s).ok())
+            .or(self.budget.max_spend_per_hour);
         for (p, cap) in self.providers.iter_mut().zip(caps) {
             p.cap = cap;
         }
-        self.rpm_cap = self
-            .budget
-            .max_requests_per_minute
-            .map(|m| self.room(RPM, m, now).cap);
-        self.others_spend = match (&self.peers, self.budget.max_spend_per_hour) {
+        self.rpm_cap = rpm.map(|m| self.room(RPM, m, now).cap);
+        self.spend_cap = spend;
+        self.others_spend = match (&self.peers, spend) {
             (Some(l), Some(cap)) => l.others_spend(cap, now),
             _ => 0.0,
         };
@@ -204,7 +229,7 @@ impl Routing {
     /// a spill (with fresh reports it waits instead: only silent peers make this happen).
     fn spill_with_room(&self, ex: &Excluded) -> bool {
         let Some(l) = &self.peers else { return false };
-        let limit = self.config.max_concurrency_per_backend;
+        let limit = self.engine_limit();
         self.backends.iter().any(|b| {
             !ex.locals.contains(&b.addr)
                 && b.outstanding() + l.reported(&engine_key(&b.addr)) < limit
@@ -240,9 +265,12 @@ impl Routing {
                 cfg.burst.mode
             },
             capacity_exhausted: self.capacity_exhausted,
-            budget_allows: self
-                .budget
-                .allows_shared(now, self.rpm_cap, self.others_spend),
+            budget_allows: self.budget.allows_shared(
+                now,
+                self.rpm_cap,
+                self.spend_cap,
+                self.others_spend,
+            ),
             queued: ask.queued,
             queue_len: ask.queue_len,
             queue_limit: cfg.queue.limit,

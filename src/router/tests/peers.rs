@@ -308,6 +308,97 @@ async fn the_burst_budget_is_shared_by_both_routers() {
     .await;
 }
 
+/// A peer that reports to a router but never acknowledges it (it does not hear the router,
+/// or does not list it yet) is silent to it: the router keeps to its fixed share and spills
+/// the rest at once, rather than waiting for acknowledgements that never come.
+#[tokio::test]
+async fn a_peer_that_never_acknowledges_leaves_the_fixed_share_not_a_wait() {
+    bounded(async {
+        let keys = TempDir::new("peers-deaf");
+        let key = keys.file("key", "k1");
+        let e = engine(8, 20.0).await;
+        let p = provider("burst", "k1", FaultConfig::default()).await;
+        let yaml = format!(
+            "{}{}{PEERS}",
+            SPILL.replace("timeoutSeconds: 20", "timeoutSeconds: 2"),
+            provider_yaml("burst", &p, &key, "")
+        );
+        let deaf = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (sa, deaf_addr) = (udp(), deaf.local_addr().unwrap());
+        let a_udp = sa.local_addr().unwrap();
+        let a = router(&yaml, vec![e.addr().to_string()]).await;
+        let _ex = exchange::start(a.state(), sa, "a".into(), &[deaf_addr.to_string()]).unwrap();
+        // It says it runs nothing, every 20 ms, and acknowledges nothing.
+        let talker = tokio::spawn(async move {
+            for seq in 1..=500u64 {
+                let r = crate::router::peers::Report {
+                    from: "deaf".into(),
+                    boot: 1,
+                    seq,
+                    counts: Default::default(),
+                    acks: Default::default(),
+                };
+                let _ = deaf.send_to(&r.encode().unwrap(), a_udp).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        until_heard(&a, deaf_addr).await;
+        let held = futures::future::join_all((0..6).map(|_| hold_stream(a.addr(), 400))).await;
+        let t = router_metrics(&a).await;
+        assert_eq!(local_in_flight(&t), 4.0, "{t}");
+        assert_eq!(
+            sample(&t, "spillway_router_in_flight{destination=\"burst\"}"),
+            Some(2.0),
+            "{t}"
+        );
+        drop(held);
+        talker.abort();
+        a.stop().await;
+        e.stop().await.unwrap();
+        p.stop().await.unwrap();
+    })
+    .await;
+}
+
+/// A router is not ready until it has heard every peer it lists (each then counts it), or
+/// has waited four staleness bounds for them.
+#[tokio::test]
+async fn readiness_waits_for_the_listed_peers() {
+    bounded(async {
+        let e = engine(8, 20.0).await;
+        let (sa, silent) = (udp(), udp());
+        let yaml = "maxConcurrencyPerBackend: 8\nburst: {mode: Never}\n";
+        let a = router(&format!("{yaml}{PEERS}"), vec![e.addr().to_string()]).await;
+        let started = Instant::now();
+        let _ex = exchange::start(
+            a.state(),
+            sa,
+            "a".into(),
+            &[silent.local_addr().unwrap().to_string()],
+        )
+        .unwrap();
+        let r = get(a.addr(), "/readyz").await;
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.text().contains("peer routers"), "{}", r.text());
+        loop {
+            if get(a.addr(), "/readyz").await.status == StatusCode::OK {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(started.elapsed() >= Duration::from_millis(4 * 300));
+        // A pair that hears each other is ready as soon as both have been heard.
+        let pair = pair(yaml, &e).await;
+        for r in [&pair.a, &pair.b] {
+            assert_eq!(get(r.addr(), "/readyz").await.status, StatusCode::OK);
+        }
+        pair.stop().await;
+        a.stop().await;
+        e.stop().await.unwrap();
+    })
+    .await;
+}
+
 impl Pair {
     async fn stop(mut self) {
         drop((self.ex_a.take(), self.ex_b.take()));

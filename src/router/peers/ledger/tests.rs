@@ -21,9 +21,9 @@ fn ledger(name: &str, all: &[&str], routers: u32) -> Ledger {
     l
 }
 
-/// `from` tells `to` its count, acknowledging what it heard of `to`.
+/// `from` tells `to` its count at `now`, acknowledging what it heard of `to`.
 fn tell(from: &mut Ledger, from_addr: &str, to: &mut Ledger, n: u32, now: Millis) {
-    let r = from.report(counts(n));
+    let r = from.report(counts(n), now);
     to.hear(from_addr, r, now);
 }
 
@@ -41,62 +41,76 @@ fn a_router_that_has_heard_nobody_keeps_to_its_fixed_share() {
 #[test]
 fn fresh_peers_leave_the_rest_one_acknowledged_step_at_a_time() {
     let (mut a, mut b) = (ledger("a", &["a", "b"], 2), ledger("b", &["a", "b"], 2));
-    // b says it runs 1; a has sent nothing b acknowledged: room 7, but one step ahead of 0.
+    // b has acknowledged nothing of a: it is silent to a, which keeps to its share.
     tell(&mut b, "b", &mut a, 1, 0);
-    assert_eq!(a.room(K, 8, 0), Room { cap: 1, room: 7 });
-    // a reports 1, b acknowledges it: a may run 2.
-    tell(&mut a, "a", &mut b, 1, 1);
+    assert_eq!(a.room(K, 8, 0), Room { cap: 4, room: 4 });
+    // a reports 0 and b acknowledges it, saying 1: room 7, one step ahead of 0.
+    tell(&mut a, "a", &mut b, 0, 1);
     tell(&mut b, "b", &mut a, 1, 2);
-    assert_eq!(a.room(K, 8, 2), Room { cap: 2, room: 7 });
-    // An acknowledgement counts the lowest report since: a reported 5 then 2, b heard the 5.
-    tell(&mut a, "a", &mut b, 5, 3);
+    assert_eq!(a.room(K, 8, 2), Room { cap: 1, room: 7 });
+    tell(&mut a, "a", &mut b, 1, 3);
     tell(&mut b, "b", &mut a, 1, 4);
-    let _ = a.report(counts(2));
-    assert_eq!(a.room(K, 8, 4).cap, 3);
+    assert_eq!(a.room(K, 8, 4), Room { cap: 2, room: 7 });
+    // An acknowledgement counts the lowest report since: a reported 5 then 2, b heard the 5.
+    tell(&mut a, "a", &mut b, 5, 5);
+    tell(&mut b, "b", &mut a, 1, 6);
+    let _ = a.report(counts(2), 7);
+    assert_eq!(a.room(K, 8, 7).cap, 3);
     // A large limit lets a router run further ahead: 1/32 of it.
     assert_eq!((ahead(8), ahead(64), ahead(256)), (1, 2, 8));
-    assert_eq!(a.room(K, 256, 4).cap, 2 + 8);
+    assert_eq!(a.room(K, 256, 7).cap, 2 + 8);
+    // Heard lately but acknowledging only reports older than the bound: silent again.
+    assert_eq!(a.room(K, 8, 5 + S + 1), Room { cap: 4, room: 4 });
+    // A count past the limit is taken for the limit, and makes this router no more than full.
+    tell(&mut a, "a", &mut b, 0, 200);
+    tell(&mut b, "b", &mut a, u32::MAX, 201);
+    assert_eq!(a.room(K, 8, 201).room, 0);
 }
 
 #[test]
 fn a_silent_peer_counts_its_last_report_or_its_share_and_counts_again_when_back() {
     let (mut a, mut b) = (ledger("a", &["a", "b"], 2), ledger("b", &["a", "b"], 2));
+    tell(&mut a, "a", &mut b, 0, 0);
     tell(&mut b, "b", &mut a, 6, 0);
     assert_eq!(a.room(K, 8, 0).room, 2);
     // Not heard for longer than the bound: the larger of 6 and its share (4).
     assert_eq!(a.room(K, 8, S + 1), Room { cap: 2, room: 2 });
+    // Heard again, but acknowledging a report older than the bound: still silent.
     tell(&mut b, "b", &mut a, 1, 500);
-    assert_eq!(a.room(K, 8, 500 + S + 1), Room { cap: 4, room: 4 });
-    // Back: what it says again (acknowledgements of a's earlier reports: none yet).
-    tell(&mut b, "b", &mut a, 0, 700);
-    assert_eq!(a.room(K, 8, 700).room, 8);
+    assert_eq!(a.room(K, 8, 500), Room { cap: 4, room: 4 });
+    // Back: it acknowledges a fresh report, and counts what it says again.
+    tell(&mut a, "a", &mut b, 0, 600);
+    tell(&mut b, "b", &mut a, 0, 650);
+    assert_eq!(a.room(K, 8, 650).room, 8);
 }
 
 #[test]
 fn a_restarted_peer_counts_from_its_new_report_and_old_acknowledgements_do_not_count() {
     let (mut a, mut b) = (ledger("a", &["a", "b"], 2), ledger("b", &["a", "b"], 2));
+    tell(&mut a, "a", &mut b, 0, 0);
     tell(&mut b, "b", &mut a, 5, 0);
-    tell(&mut a, "a", &mut b, 3, 1);
-    // b restarts: a new boot, seq from 1 again, nothing running.
+    assert_eq!(a.room(K, 8, 0).room, 3);
+    // b restarts: a new boot that has heard nothing of a yet counts as silent (its share)...
     let mut b2 = Ledger::new("b".into(), 2, 2, S);
     b2.set_peers(&["a".into()]);
     tell(&mut b2, "b", &mut a, 0, 2);
-    assert_eq!(a.room(K, 8, 2).room, 8);
+    assert_eq!(a.room(K, 8, 2).room, 4);
+    // ... and as what it says once it acknowledges a.
+    tell(&mut a, "a", &mut b2, 0, 3);
+    tell(&mut b2, "b", &mut a, 0, 4);
+    assert_eq!(a.room(K, 8, 4).room, 8);
     // a restarts: b's acknowledgement names a's old boot, so it is none.
     let mut a2 = Ledger::new("a".into(), 3, 2, S);
     a2.set_peers(&["b".into()]);
-    let _ = a2.report(counts(0));
-    tell(&mut b, "b", &mut a2, 0, 3);
-    assert_eq!(a2.room(K, 8, 3).cap, ahead(8));
-    // A late report of a boot already heard is ignored.
-    let old = b2.report(counts(4));
-    let _ = b2.report(counts(0));
-    let newer = b2.report(counts(1));
-    assert_eq!(a.hear("b", newer, 4), Some(true));
-    assert_eq!(a.hear("b", old, 5), None);
-    assert_eq!(a.room(K, 8, 5).room, 7);
-    // And one from an address not listed.
-    assert_eq!(a.hear("x", b2.report(counts(0)), 6), None);
+    let _ = a2.report(counts(0), 5);
+    tell(&mut b, "b", &mut a2, 0, 5);
+    assert_eq!(a2.room(K, 8, 5), Room { cap: 4, room: 4 });
+    // A late report of a boot already heard is ignored, as is one from an unlisted address.
+    let old = b2.report(counts(4), 6);
+    let newer = b2.report(counts(1), 6);
+    assert_eq!(a.hear("b", newer, 7), Some(true));
+    assert_eq!(a.hear("b", old, 7), None);
+    assert_eq!(a.hear("x", b2.report(counts(0), 8), 8), None);
 }
 
 #[test]
@@ -108,12 +122,34 @@ fn a_surge_counts_every_router_listed_and_spend_is_shared_alike() {
     // Spend: an unheard peer counts its share of the cap; a fresh one what it says.
     let (mut a, mut b) = (ledger("a", &["a", "b"], 2), ledger("b", &["a", "b"], 2));
     assert_eq!(a.others_spend(10.0, 0), 5.0);
-    let mut c = counts(0);
-    c.spend = 1.5;
-    let r = b.report(c);
-    a.hear("b", r, 0);
-    assert_eq!(a.others_spend(10.0, 0), 1.5);
+    let spends = |a: &mut Ledger, b: &mut Ledger, spend: f64, now: Millis| {
+        tell(a, "a", b, 0, now);
+        let mut c = counts(0);
+        c.spend = spend;
+        let r = b.report(c, now);
+        a.hear("b", r, now);
+        a.others_spend(10.0, now)
+    };
+    assert_eq!(spends(&mut a, &mut b, 1.5, 0), 1.5);
     assert_eq!(a.others_spend(10.0, S + 1), 5.0);
+    // No amount, or a negative one, must let nothing more through than its bounds.
+    assert_eq!(spends(&mut a, &mut b, -3.0, 200), 0.0);
+    assert_eq!(spends(&mut a, &mut b, f64::NAN, 300), 10.0);
+}
+
+#[test]
+fn a_new_router_settles_once_it_has_heard_every_listed_peer_or_waited() {
+    let (mut a, mut b) = (
+        ledger("a", &["a", "b", "c"], 3),
+        ledger("b", &["a", "b"], 2),
+    );
+    let _ = a.report(counts(0), 0);
+    assert!(!a.settled(0));
+    tell(&mut b, "b", &mut a, 0, 10);
+    assert!(!a.settled(10), "c not heard yet");
+    assert!(a.settled(4 * S), "waited long enough for c");
+    a.set_peers(&["b".into()]);
+    assert!(a.settled(20), "every listed peer heard");
 }
 
 /// A tiny deterministic generator for the model below.
@@ -192,7 +228,7 @@ fn routers_together_never_pass_the_limit_by_more_than_the_stated_bound() {
                 }
                 let heartbeat = now - m.last_sent[i] >= 20;
                 if (m.dirty[i] && now - m.last_sent[i] >= 1) || heartbeat {
-                    let r = m.ledgers[i].report(counts(m.own[i]));
+                    let r = m.ledgers[i].report(counts(m.own[i]), now);
                     for j in (0..n).filter(|j| *j != i) {
                         if lossy && rng.chance(20) {
                             continue;
@@ -229,7 +265,6 @@ fn routers_together_never_pass_the_limit_by_more_than_the_stated_bound() {
 #[test]
 fn one_busy_router_fills_the_whole_limit() {
     let (mut a, mut b) = (ledger("a", &["a", "b"], 2), ledger("b", &["a", "b"], 2));
-    tell(&mut b, "b", &mut a, 0, 0);
     let mut own = 0;
     for now in 1..=40 {
         while own < a.room(K, 8, now).cap {
