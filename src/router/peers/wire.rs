@@ -1,13 +1,14 @@
-//! The report routers exchange (pure): one UDP datagram of JSON, small enough for any path
-//! (a few dozen bytes per engine and provider), carrying absolute counts so a lost one is made
-//! good by the next.
+//! The report routers exchange (pure): one UDP datagram of JSON (a few dozen bytes per engine
+//! and provider: one packet for dozens of engines, fragments beyond), carrying absolute counts
+//! so a lost one is made good by the next.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// The largest report sent or read; a service with more engines than fit sends none and its
-/// routers keep to their fixed shares (logged).
+/// The largest report sent or read. A router whose report would be larger sends none (logged):
+/// its peers then count it silent, and it, unacknowledged, counts them silent, so each keeps
+/// to its fixed share.
 pub const MAX_REPORT: usize = 60_000;
 
 /// One router's use of the shared limits.
