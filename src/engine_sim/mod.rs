@@ -10,6 +10,7 @@
 //! - [`server`]: HTTP over hyper, graceful shutdown.
 //! - [`metrics`], [`faults`], [`openai`]: metric names, fault injection, the wire format.
 
+pub mod extra;
 pub mod faults;
 pub mod metrics;
 pub mod model;

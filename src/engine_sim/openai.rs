@@ -10,6 +10,8 @@ use super::faults::SplitMix64;
 pub enum Kind {
     Chat,
     Completion,
+    /// The Responses API, minimal: text in, one message out, not streamed.
+    Responses,
 }
 
 /// The fields of either request kind that the simulation uses; others are accepted and ignored.
@@ -30,6 +32,19 @@ pub struct InferenceRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Responses: a string, or input items with content.
+    #[serde(default)]
+    input: Option<Input>,
+    /// Responses: the output cap.
+    #[serde(default)]
+    pub max_output_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Input {
+    Text(String),
+    Items(Vec<Message>),
 }
 
 impl InferenceRequest {
@@ -83,6 +98,10 @@ impl InferenceRequest {
                 Err("'messages' must be a non-empty array".into())
             }
             Kind::Completion if req.prompt.is_none() => Err("'prompt' is required".into()),
+            Kind::Responses if req.input.is_none() => Err("'input' is required".into()),
+            Kind::Responses if req.stream => {
+                Err("engine-sim's /v1/responses does not stream".into())
+            }
             _ => Ok(req),
         }
     }
@@ -94,7 +113,12 @@ impl InferenceRequest {
             .iter()
             .flatten()
             .filter_map(|m| m.content.as_ref());
+        let items = match &self.input {
+            Some(Input::Items(items)) => &items[..],
+            _ => &[],
+        };
         let message_chars: usize = messages
+            .chain(items.iter().filter_map(|m| m.content.as_ref()))
             .map(|c| match c {
                 Content::Text(t) => t.chars().count(),
                 Content::Parts(parts) => parts
@@ -103,7 +127,11 @@ impl InferenceRequest {
                     .map(|t| t.chars().count())
                     .sum(),
             })
-            .sum();
+            .sum::<usize>()
+            + match &self.input {
+                Some(Input::Text(t)) => t.chars().count(),
+                _ => 0,
+            };
         let prompt_chars = match &self.prompt {
             Some(Prompt::One(p)) => p.chars().count(),
             Some(Prompt::Many(ps)) => ps.iter().map(|p| p.chars().count()).sum(),
@@ -114,7 +142,9 @@ impl InferenceRequest {
 
     /// The requested output length, if any.
     pub fn requested_tokens(&self) -> Option<u64> {
-        self.max_completion_tokens.or(self.max_tokens)
+        self.max_completion_tokens
+            .or(self.max_tokens)
+            .or(self.max_output_tokens)
     }
 }
 
@@ -172,6 +202,20 @@ pub fn response(meta: &Meta, text: &str, finish_reason: &str, usage: Value) -> V
             "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
             "usage": usage,
         }),
+        Kind::Responses => json!({
+            "id": meta.id, "object": "response", "created_at": meta.created, "model": meta.model,
+            "status": "completed",
+            "output": [{
+                "type": "message", "id": format!("msg_{}", meta.id), "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }],
+            "usage": {
+                "input_tokens": usage["prompt_tokens"],
+                "output_tokens": usage["completion_tokens"],
+                "total_tokens": usage["total_tokens"],
+            },
+        }),
     }
 }
 
@@ -200,7 +244,8 @@ pub fn chunk(meta: &Meta, piece: Piece<'_>) -> Value {
                 Piece::Usage(_) => None,
             },
         ),
-        Kind::Completion => (
+        // Not streamed (refused at parse).
+        Kind::Completion | Kind::Responses => (
             "text_completion",
             match piece {
                 Piece::Role => {

@@ -20,6 +20,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::extra;
 use super::faults::{self, Fault, SplitMix64};
 use super::metrics::{self, Metrics, Outcome};
 use super::model::{AdmitError, Engine, Placement, SeqId, estimate_prompt_tokens, token_due};
@@ -258,14 +259,29 @@ async fn handle(
         },
         (&Method::POST, "/v1/chat/completions") => inference(shared, kill, req, Kind::Chat).await,
         (&Method::POST, "/v1/completions") => inference(shared, kill, req, Kind::Completion).await,
-        (_, "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            error(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method not allowed",
-                "invalid_request_error",
-                None,
-            )
-        }
+        (&Method::POST, "/v1/responses") => inference(shared, kill, req, Kind::Responses).await,
+        (
+            &Method::POST,
+            "/v1/embeddings" | "/tokenize" | "/detokenize" | "/v1/audio/transcriptions",
+        ) => instant(shared, req).await,
+        (
+            _,
+            "/health"
+            | "/metrics"
+            | "/v1/models"
+            | "/v1/chat/completions"
+            | "/v1/completions"
+            | "/v1/responses"
+            | "/v1/embeddings"
+            | "/tokenize"
+            | "/detokenize"
+            | "/v1/audio/transcriptions",
+        ) => error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed",
+            "invalid_request_error",
+            None,
+        ),
         (_, path) => error(
             StatusCode::NOT_FOUND,
             &format!("no route for {path}"),
@@ -311,6 +327,53 @@ fn authorize(shared: &Shared, req: &Request<Incoming>) -> Result<(), AuthFailure
         Some(candidate) if key.matches(candidate) => Ok(()),
         Some(_) => Err(AuthFailure::Wrong),
         None => Err(AuthFailure::Missing),
+    }
+}
+
+/// An endpoint answered at once, without a slot (see `extra`).
+async fn instant(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let cfg = &shared.config;
+    let m = &shared.metrics;
+    if let Err(failure) = authorize(&shared, &req) {
+        m.record(Outcome::Unauthorized);
+        return failure.response();
+    }
+    let path = req.uri().path().to_string();
+    let content_type = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let body = match Limited::new(req.into_body(), cfg.max_body_bytes)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            m.record(Outcome::Invalid);
+            let msg = format!("reading request body: {e}");
+            return error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None);
+        }
+    };
+    let answer = match path.as_str() {
+        "/v1/embeddings" => extra::embeddings(&body, &cfg.model, cfg.seed),
+        "/tokenize" => extra::tokenize(&body),
+        "/detokenize" => extra::detokenize(&body),
+        _ => extra::transcription(&content_type, &body),
+    };
+    match answer {
+        Ok(v) => {
+            if let Some(n) = v["usage"]["prompt_tokens"].as_u64() {
+                m.add_tokens(n, 0);
+            }
+            m.record(Outcome::Success);
+            json(StatusCode::OK, &v)
+        }
+        Err(msg) => {
+            m.record(Outcome::Invalid);
+            error(StatusCode::BAD_REQUEST, &msg, "invalid_request_error", None)
+        }
     }
 }
 
@@ -445,10 +508,10 @@ async fn inference(
         kind,
         id: format!(
             "{}-sim-{}",
-            if kind == Kind::Chat {
-                "chatcmpl"
-            } else {
-                "cmpl"
+            match kind {
+                Kind::Chat => "chatcmpl",
+                Kind::Completion => "cmpl",
+                Kind::Responses => "resp",
             },
             slot.id
         ),
