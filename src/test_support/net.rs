@@ -65,7 +65,8 @@ impl IntoBody for Option<Value> {
     }
 }
 
-/// Sends one request on a new connection (JSON content type, `headers` added) and returns the
+/// Sends one request on a new connection (JSON content type unless `headers` name one,
+/// `headers` added) and returns the
 /// response head with its body still streaming; `Err` when no response came (e.g. the server
 /// dropped the connection).
 pub async fn try_open(
@@ -83,8 +84,13 @@ pub async fn try_open(
     let mut req = Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "127.0.0.1")
-        .header("content-type", "application/json");
+        .header("host", "127.0.0.1");
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
     for (k, v) in headers {
         req = req.header(*k, *v);
     }

@@ -12,6 +12,7 @@ mod breaker;
 mod budget;
 mod classes;
 mod drain;
+mod endpoints;
 mod peers;
 mod queue;
 mod relay;
