@@ -632,6 +632,13 @@ impl InferenceServiceSpec {
                         p.name
                     ));
                 }
+                let mut endpoints = std::collections::BTreeSet::new();
+                if p.endpoints.is_empty() || !p.endpoints.iter().all(|e| endpoints.insert(*e)) {
+                    errs.push(format!(
+                        "burst provider {:?}: providers[].endpoints must not repeat an endpoint, nor be empty",
+                        p.name
+                    ));
+                }
             }
         }
         if let Some(classes) = &self.request_classes {
