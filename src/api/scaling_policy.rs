@@ -105,7 +105,7 @@ impl Default for Targets {
 /// Generates the scale-up and scale-down rule types: the same fields, with per-direction
 /// defaults in the schema (so a partial `scaleDown: {maxPods: 2}` keeps its 300 s window).
 macro_rules! scaling_rules {
-    ($name:ident, $doc:literal, window = $w:literal, pods = $p:literal, percent = $pc:literal, period = $per:literal) => {
+    ($name:ident, $doc:literal, window = $w:literal, pods = $p:literal, percent = $pc:literal, period = $per:literal, select = $sel:expr) => {
         #[doc = $doc]
         #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
         #[serde(rename_all = "camelCase")]
@@ -126,6 +126,11 @@ macro_rules! scaling_rules {
             #[serde(default = "defaults::period")]
             #[schemars(range(min = 1, max = 1800))]
             pub period_seconds: i32,
+            /// Which of the two limits holds when both are set, as the HorizontalPodAutoscaler's
+            /// `selectPolicy`: `Max` allows the larger change, `Min` the smaller, `Disabled`
+            /// none in this direction.
+            #[serde(default = "defaults::select")]
+            pub select_policy: SelectPolicy,
         }
 
         impl Default for $name {
@@ -135,6 +140,7 @@ macro_rules! scaling_rules {
                     max_pods: $p,
                     max_percent: $pc,
                     period_seconds: $per,
+                    select_policy: $sel,
                 }
             }
         }
@@ -147,6 +153,7 @@ macro_rules! scaling_rules {
                     max_pods: self.max_pods,
                     max_percent: self.max_percent,
                     period_seconds: self.period_seconds,
+                    select_policy: self.select_policy,
                 }
             }
         }
@@ -167,6 +174,11 @@ mod up_defaults {
     pub fn period() -> i32 {
         15
     }
+    /// As the HorizontalPodAutoscaler: the larger change, so a spike on one warm replica is
+    /// not held to one more per period.
+    pub fn select() -> super::SelectPolicy {
+        super::SelectPolicy::Max
+    }
 }
 mod down_defaults {
     pub fn window() -> i32 {
@@ -181,6 +193,10 @@ mod down_defaults {
     pub fn period() -> i32 {
         60
     }
+    /// The smaller change: GPUs are given back slowly.
+    pub fn select() -> super::SelectPolicy {
+        super::SelectPolicy::Min
+    }
 }
 
 mod scale_up {
@@ -192,7 +208,8 @@ mod scale_up {
         window = 0,
         pods = 4,
         percent = 100,
-        period = 15
+        period = 15,
+        select = SelectPolicy::Max
     );
 }
 mod scale_down {
@@ -204,7 +221,8 @@ mod scale_down {
         window = 300,
         pods = 1,
         percent = 100,
-        period = 60
+        period = 60,
+        select = SelectPolicy::Min
     );
 }
 pub use scale_down::ScaleDownRules;
@@ -217,6 +235,19 @@ pub struct ScalingRules {
     pub max_pods: i32,
     pub max_percent: i32,
     pub period_seconds: i32,
+    pub select_policy: SelectPolicy,
+}
+
+/// Which per-period limit holds when both are set (the HorizontalPodAutoscaler's
+/// `selectPolicy`).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum SelectPolicy {
+    /// The larger change `maxPods` and `maxPercent` allow.
+    Max,
+    /// The smaller one.
+    Min,
+    /// No change in this direction.
+    Disabled,
 }
 
 /// Launch over-provisioning: for `durationSeconds` after the service is created, keep at least `replicas`.

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules};
+use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
 
 use crate::clock::Millis;
 
@@ -260,10 +260,15 @@ fn fmt_num(x: f64) -> String {
     }
 }
 
-/// `ceil(base × percent / 100)`, at least 1: the most one period may change.
+/// The most one period may change from `base`: `maxPods`, or `ceil(base × maxPercent / 100)`
+/// (at least 1), the larger or the smaller as `selectPolicy` says; none when it is `Disabled`.
 fn allowed_change(base: i32, rules: &ScalingRules) -> i32 {
     let by_percent = ((base.max(1) as i64 * rules.max_percent as i64 + 99) / 100).max(1) as i32;
-    by_percent.min(rules.max_pods).max(1)
+    match rules.select_policy {
+        SelectPolicy::Max => by_percent.max(rules.max_pods).max(1),
+        SelectPolicy::Min => by_percent.min(rules.max_pods).max(1),
+        SelectPolicy::Disabled => 0,
+    }
 }
 
 /// Decides the replica count for one service. Pure: the same inputs give the same decision.

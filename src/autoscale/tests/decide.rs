@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use crate::api::{Launch, MetricsUnavailable, ScalingPolicySpec};
+use crate::api::{Launch, MetricsUnavailable, ScalingPolicySpec, SelectPolicy};
 use crate::autoscale::decide::*;
 use crate::clock::Millis;
 
@@ -269,6 +269,7 @@ fn rate_limits_per_period() {
     p.scale_up.max_pods = 4;
     p.scale_up.max_percent = 100;
     p.scale_up.period_seconds = 15;
+    p.scale_up.select_policy = SelectPolicy::Min;
     // 2 replicas, the load wants 20: at most +min(4, 100% of 2) = +2.
     let o = observed(2, pods(&[40.0, 40.0], &[0.5, 0.5]));
     let d = decide(&p, SignalsConfigured::default(), &o, &History::default(), 0);
@@ -302,6 +303,64 @@ fn rate_limits_per_period() {
         0,
     );
     assert_eq!(d.desired, 5, "{}", d.reason);
+}
+
+/// `selectPolicy` as the HorizontalPodAutoscaler has it: by default scale-up takes the larger
+/// of `maxPods` and `maxPercent`, so a service resting on one warm replica adds 4 in its first
+/// period of a spike, not 1; `Min` takes the smaller, `Disabled` none.
+#[test]
+fn select_policy_picks_the_larger_limit_by_default_for_scale_up() {
+    let spike = observed(1, pods(&[40.0], &[0.5]));
+    let up = |select: Option<SelectPolicy>| {
+        let mut p = policy();
+        p.scale_up = crate::api::ScaleUpRules::default();
+        if let Some(s) = select {
+            p.scale_up.select_policy = s;
+        }
+        decide(
+            &p,
+            SignalsConfigured::default(),
+            &spike,
+            &History::default(),
+            0,
+        )
+    };
+    let d = up(None);
+    assert_eq!(
+        (d.desired, d.driver),
+        (5, Driver::RateLimited),
+        "{}",
+        d.reason
+    );
+    assert_eq!(up(Some(SelectPolicy::Min)).desired, 2);
+    let d = up(Some(SelectPolicy::Disabled));
+    assert_eq!(
+        (d.desired, d.driver),
+        (1, Driver::RateLimited),
+        "{}",
+        d.reason
+    );
+
+    // Scale-down keeps the smaller by default; Disabled holds.
+    let mut p = policy();
+    p.scale_down = crate::api::ScaleDownRules::default();
+    p.scale_down.stabilization_window_seconds = 0;
+    let idle = observed(6, pods(&[0.0; 6], &[0.0; 6]));
+    let none = History::default();
+    assert_eq!(
+        decide(&p, SignalsConfigured::default(), &idle, &none, 0).desired,
+        5
+    );
+    p.scale_down.select_policy = SelectPolicy::Max;
+    assert_eq!(
+        decide(&p, SignalsConfigured::default(), &idle, &none, 0).desired,
+        1
+    );
+    p.scale_down.select_policy = SelectPolicy::Disabled;
+    assert_eq!(
+        decide(&p, SignalsConfigured::default(), &idle, &none, 0).desired,
+        6
+    );
 }
 
 #[test]
