@@ -2,6 +2,7 @@
 //! ScalingPolicy (the YAML you would apply), using the very `decide()` and `admit()` that run in
 //! the cluster, and reports latency, replicas, burst and cost.
 
+pub mod oracle;
 pub mod report;
 pub mod trace;
 pub mod world;

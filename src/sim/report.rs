@@ -108,6 +108,16 @@ pub fn table(runs: &[Run], slo_ms: u64) -> String {
         r.all_managed_cost.map_or("n/a".into(), money)
     });
     row("  vs all-GPU-at-max", &|r| money(r.all_gpu_at_max_cost));
+    row("oracle GPU-hours", &|r| {
+        format!("{:.1} (x{:.2})", r.oracle_gpu_hours, r.gpu_hours_vs_oracle)
+    });
+    row("oracle total cost", &|r| {
+        format!(
+            "{} (x{:.2})",
+            money(r.oracle_total_cost),
+            r.total_cost_vs_oracle
+        )
+    });
 
     let label_w = rows
         .iter()

@@ -7,6 +7,7 @@ use std::collections::{BinaryHeap, VecDeque};
 
 use serde::Serialize;
 
+use super::oracle::{OracleInput, oracle};
 use super::trace::Trace;
 use crate::api::BurstMode;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
@@ -151,6 +152,13 @@ pub struct SimResult {
     pub all_managed_cost: Option<f64>,
     /// `maxReplicas` GPUs for the whole run.
     pub all_gpu_at_max_cost: f64,
+    /// The fewest GPU-hours any schedule serving every request locally needs (see
+    /// `sim::oracle`), and this run's GPU-hours against them.
+    pub oracle_gpu_hours: f64,
+    pub gpu_hours_vs_oracle: f64,
+    /// The least GPU cost plus provider spend any schedule needs, and this run's against it.
+    pub oracle_total_cost: f64,
+    pub total_cost_vs_oracle: f64,
     /// Ticks during which the decision said capacity was exhausted.
     pub exhausted_ticks: u32,
     pub max_requests_per_minute_to_providers: usize,
@@ -1077,14 +1085,37 @@ pub fn simulate(
     let gpu_hours = pod_ms / 3_600_000.0 * gpus;
     let gpu_cost = gpu_hours * params.gpu_hour_price;
     let first_priced = sim.providers.iter().find_map(|p| p.pricing.clone());
-    let all_managed_cost = first_priced.map(|pr| {
+    let all_managed_cost = first_priced.as_ref().map(|pr| {
         // Expected tokens per request × requests (draws are symmetric around the means).
         cost(
-            Some(&pr),
+            Some(pr),
             params.prompt_tokens as u64 * sim.outcomes.total,
             params.output_tokens as u64 * sim.outcomes.total,
         )
     });
+    let hold_s = (params.prefill_ms as f64
+        + params.output_tokens as f64 * 1000.0 / params.tokens_per_second)
+        / 1000.0;
+    let best = oracle(&OracleInput {
+        rps: &trace.rps,
+        hold_s,
+        slots: spec.engine.max_concurrency.max(1) as u32,
+        min_replicas: policy.min_replicas.max(1) as u32,
+        gpus,
+        gpu_hour_price: params.gpu_hour_price,
+        cold_start_s: (params.cold_start_s.0 + params.cold_start_s.1) / 2.0,
+        burst_price_per_request: (policy.burst.mode != BurstMode::Never)
+            .then_some(first_priced.as_ref())
+            .flatten()
+            .map(|pr| {
+                cost(
+                    Some(pr),
+                    params.prompt_tokens as u64,
+                    params.output_tokens as u64,
+                )
+            }),
+    });
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 1.0 };
     let mut outcomes = sim.outcomes.clone();
     outcomes.by_provider = sim
         .providers
@@ -1125,6 +1156,10 @@ pub fn simulate(
         all_managed_cost,
         all_gpu_at_max_cost: policy.max_replicas as f64 * gpus * trace.duration_s() as f64 / 3600.0
             * params.gpu_hour_price,
+        oracle_gpu_hours: best.gpu_hours,
+        gpu_hours_vs_oracle: ratio(gpu_hours, best.gpu_hours),
+        oracle_total_cost: best.total_cost,
+        total_cost_vs_oracle: ratio(gpu_cost + sim.burst_spend, best.total_cost),
         exhausted_ticks,
         max_requests_per_minute_to_providers: sim.max_rpm_seen,
         max_spend_per_hour: sim.max_spend_hour_seen,

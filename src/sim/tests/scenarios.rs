@@ -164,3 +164,42 @@ fn two_policies_are_simulated_side_by_side() {
     let csv = crate::sim::report::timeline_csv(&runs[0].result);
     assert_eq!(csv.lines().count(), runs[0].result.timeline.len() + 1);
 }
+
+/// Every run is measured against the clairvoyant schedules, for every built-in trace: the
+/// oracles are lower bounds no policy beats, reported in the JSON under their documented keys.
+#[test]
+fn every_built_in_trace_is_measured_against_the_oracle() {
+    let s = scenario("quickstart.yaml");
+    for shape in [Shape::Step, Shape::Spike, Shape::Diurnal, Shape::Ramp] {
+        let trace = built_in(
+            shape,
+            &ShapeParams {
+                duration_s: 40 * 60,
+                rps: 8.0,
+                peak: 4.0,
+                spike_s: 10 * 60,
+            },
+        );
+        let r = simulate(&s.service, &s.policies[0].1, &trace, &params(240.0));
+        assert!(
+            r.oracle_gpu_hours > 0.0 && r.oracle_total_cost > 0.0,
+            "{shape:?}"
+        );
+        assert!(
+            r.total_cost_vs_oracle >= 1.0,
+            "{shape:?}: cost {} under the oracle's {}",
+            r.total_cost,
+            r.oracle_total_cost
+        );
+        assert!(r.oracle_total_cost <= r.all_gpu_at_max_cost);
+        let json = serde_json::to_value(&r).unwrap();
+        for key in [
+            "oracleGpuHours",
+            "gpuHoursVsOracle",
+            "oracleTotalCost",
+            "totalCostVsOracle",
+        ] {
+            assert!(json[key].is_number(), "{key} in {shape:?}");
+        }
+    }
+}
