@@ -77,6 +77,37 @@ pub struct ScalingPolicySpec {
     /// `Active` patches replicas; `Advisory` only reports decisions in status.
     #[serde(default)]
     pub mode: PolicyMode,
+    /// Scale for the demand forecast one horizon ahead (a trend, and a daily season once a
+    /// day of history is kept), so replicas load before the demand arrives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predictive: Option<Predictive>,
+}
+
+/// Forecast scaling.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Predictive {
+    /// `Active` scales for the forecast (the reactive signals still apply, and scale-down never
+    /// goes below what the forecast needs); `Advisory` reports it and what it would do, without
+    /// acting; `Disabled` (default) does neither. (Not `On`/`Off`: YAML 1.1 reads those
+    /// unquoted as booleans.)
+    #[serde(default)]
+    pub mode: PredictiveMode,
+    /// How far ahead to forecast, in seconds (default: the cold start observed, else 240).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 7200))]
+    pub horizon_seconds: Option<i32>,
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PredictiveMode {
+    /// No forecast.
+    #[default]
+    Disabled,
+    /// Forecast and report in decisions; never act on it.
+    Advisory,
+    /// Scale for the forecast too.
+    Active,
 }
 
 /// Per-replica targets. The autoscaler keeps each signal's per-ready-replica average near its target.
@@ -349,6 +380,7 @@ impl Default for ScalingPolicySpec {
             burst: BurstPolicy::default(),
             metrics_unavailable: MetricsUnavailable::Hold,
             mode: PolicyMode::Active,
+            predictive: None,
         }
     }
 }

@@ -6,6 +6,8 @@ use std::fmt;
 
 use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
 
+use super::forecast::{KEEP_MS, Samples, forecast};
+use crate::api::PredictiveMode;
 use crate::clock::Millis;
 
 /// One ready engine pod's latest numbers; `None` = no fresh value (scrape failed or metric absent).
@@ -59,6 +61,8 @@ pub struct Observed {
     pub spill_incomplete: bool,
     /// When the service was created, for launch over-provisioning.
     pub created_at: Millis,
+    /// How long replicas took to load lately, if known: the forecast's default horizon.
+    pub cold_start_ms: Option<Millis>,
 }
 
 /// Recent recommendations and scale events (the state `decide()` needs between ticks).
@@ -68,7 +72,12 @@ pub struct History {
     scale_events: VecDeque<(Millis, i32)>,
     /// The count a loop started with: a floor for scale-down for one window, nothing more.
     started_with: Option<(Millis, i32)>,
+    /// Demand in engine slots, each tick, for the forecast (kept only with `predictive`).
+    demand: Samples,
 }
+
+/// The forecast horizon without `horizonSeconds` or an observed cold start: a typical load.
+const DEFAULT_HORIZON_MS: Millis = 240_000;
 
 impl History {
     /// History for a loop that starts now with `current` replicas: the current count counts as
@@ -133,6 +142,8 @@ pub enum Driver {
     RateLimited,
     /// Nothing is ready yet and nothing asks for more.
     ColdStart,
+    /// The demand forecast one horizon ahead (`predictive.mode: Active`).
+    Forecast,
 }
 
 impl Driver {
@@ -149,6 +160,7 @@ impl Driver {
             Driver::Stabilized => "Stabilized",
             Driver::RateLimited => "RateLimited",
             Driver::ColdStart => "ColdStart",
+            Driver::Forecast => "Forecast",
         }
     }
 }
@@ -493,6 +505,56 @@ pub fn decide(
         }
     }
 
+    // The forecast (`predictive`): the demand one horizon ahead, in replicas. `Active` asks for
+    // at least that many (and so never scales down below it); `Advisory` only says so.
+    let predictive = policy
+        .predictive
+        .as_ref()
+        .filter(|p| p.mode != PredictiveMode::Disabled && slots > 0.0);
+    // Demand in engine slots: what runs, what spilled, what waits.
+    let demand = (!in_flight.is_empty() && ready == in_flight.len())
+        .then(|| in_flight.iter().sum::<f64>() + spilled + router_queue);
+    let mut demand_series = Samples::new();
+    if let Some(p) = predictive {
+        demand_series = history.demand.clone();
+        if let Some(d) = demand {
+            demand_series.push_back((now, d));
+        }
+        while demand_series
+            .front()
+            .is_some_and(|(t, _)| *t < now - KEEP_MS)
+        {
+            demand_series.pop_front();
+        }
+        let horizon = p
+            .horizon_seconds
+            .map(|s| Millis::from(s) * 1000)
+            .or(observed.cold_start_ms)
+            .unwrap_or(DEFAULT_HORIZON_MS);
+        if let Some(f) = forecast(&demand_series, now, horizon) {
+            let n = (f / slots).ceil() as i32;
+            let said = format!(
+                "forecast {} slots in {}s: {n} replicas",
+                fmt_num(f.round()),
+                horizon / 1000
+            );
+            match p.mode {
+                PredictiveMode::Active
+                    if n > raw && !matches!(metrics, MetricsState::Unavailable) =>
+                {
+                    raw = n;
+                    driver = Driver::Forecast;
+                    signal = (n != current).then_some(Driver::Forecast);
+                    reason = format!("{said} ({reason})");
+                }
+                PredictiveMode::Advisory => {
+                    reason = format!("{reason}; {said} (advisory: would ask for {})", raw.max(n));
+                }
+                _ => {}
+            }
+        }
+    }
+
     // 3. Stabilise (HPA's rule): up takes the lowest, down the highest recent recommendation.
     let up = policy.scale_up.rules();
     let down = policy.scale_down.rules();
@@ -521,6 +583,7 @@ pub fn decide(
         down_rec = down_rec.max(r);
     }
     hist.recommendations.push_back((now, raw));
+    hist.demand = demand_series;
     let mut desired = current;
     if desired < up_rec {
         desired = up_rec;

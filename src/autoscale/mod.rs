@@ -4,6 +4,8 @@
 //! scrapes, calls these, and writes; the simulator calls them too.
 
 pub mod decide;
+/// Demand one horizon ahead: a trend and a daily season.
+pub mod forecast;
 pub mod observe;
 pub mod promtext;
 pub mod signals;

@@ -163,6 +163,7 @@ pub async fn observe_and_decide(
         router_queue: (!router.is_empty()).then(|| router.iter().map(|(_, s)| s.queue).sum()),
         spilled,
         spill_incomplete,
+        cold_start_ms: state.cold_start.seconds().map(|s| s * 1000),
         created_at: isvc
             .metadata
             .creation_timestamp

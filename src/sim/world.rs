@@ -783,6 +783,9 @@ impl Sim<'_> {
             }),
             spill_incomplete: false,
             created_at: Millis::MIN / 2,
+            cold_start_ms: Some(
+                ((self.params.cold_start_s.0 + self.params.cold_start_s.1) * 500.0) as Millis,
+            ),
         }
     }
 

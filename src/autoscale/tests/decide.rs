@@ -474,7 +474,7 @@ prop_compose! {
                       starting in 0..4i32, unschedulable in 0..3i32,
                       router in prop::option::of(0.0..500.0f64),
                       spilled in prop::option::of(0.0..500.0f64)) -> Observed {
-        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, created_at: 0 }
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, cold_start_ms: None, created_at: 0 }
     }
 }
 
@@ -654,4 +654,71 @@ fn a_restarted_loop_waits_a_full_window_before_scaling_down() {
     );
     let d = decide(&p, SignalsConfigured::default(), &idle, &d.history, 301 * S);
     assert_eq!(d.desired, 3, "{}", d.reason);
+}
+
+/// A ramp of demand on 4 replicas of 10 slots, 2 slots more every 15 s, run through `decide()`
+/// tick by tick under `predictive` in `mode`: the last decision.
+fn ramp_under(mode: Option<crate::api::PredictiveMode>) -> Decision {
+    let mut p = policy();
+    p.predictive = mode.map(|mode| crate::api::Predictive {
+        mode,
+        horizon_seconds: Some(240),
+    });
+    let configured = SignalsConfigured {
+        max_concurrency: 10,
+        ..SignalsConfigured::default()
+    };
+    let mut history = History::default();
+    let mut last = None;
+    for tick in 0..=20 {
+        let in_flight = 4.0 + 0.5 * tick as f64; // per replica; 4 replicas
+        let ready = vec![
+            PodSample {
+                queue_depth: Some(0.0),
+                in_flight: Some(in_flight),
+                gpu_memory: Some(0.5),
+            };
+            4
+        ];
+        let d = decide(&p, configured, &observed(4, ready), &history, tick * 15 * S);
+        history = d.history.clone();
+        last = Some(d);
+    }
+    last.unwrap()
+}
+
+/// `Active` scales for the demand one horizon ahead: a ramp now at 56 slots, rising 8 a minute,
+/// needs 88 in 4 minutes, 9 replicas of 10, where the reactive signals see 6. `Advisory` says
+/// so and changes nothing; `Disabled` is silent.
+#[test]
+fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
+    use crate::api::PredictiveMode::*;
+    let off = ramp_under(None);
+    assert_eq!(off.desired, 6, "{}", off.reason);
+    assert!(!off.reason.contains("forecast"));
+    let on = ramp_under(Some(Active));
+    assert_eq!(
+        (on.desired, on.driver),
+        (9, Driver::Forecast),
+        "{}",
+        on.reason
+    );
+    assert_eq!(on.signal, Some(Driver::Forecast));
+    assert!(
+        on.reason.contains("forecast 88 slots in 240s: 9 replicas"),
+        "{}",
+        on.reason
+    );
+    let advisory = ramp_under(Some(Advisory));
+    assert_eq!(
+        (advisory.desired, advisory.driver),
+        (off.desired, off.driver),
+        "advisory never changes the decision"
+    );
+    assert!(
+        advisory.reason.contains("(advisory: would ask for 9)"),
+        "{}",
+        advisory.reason
+    );
+    assert_eq!(ramp_under(Some(Disabled)).desired, off.desired);
 }
