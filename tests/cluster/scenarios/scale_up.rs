@@ -177,6 +177,18 @@ async fn spike(env: &Env) -> anyhow::Result<String> {
             "the queue spike scaled up {took:?} after it began (bound: two {INTERVAL} s intervals)"
         );
         explained(env, "spike", "QueueDepth", "queue depth").await?;
+        // One warm replica and three waiting ask for 3 at once: scale-up's default selectPolicy
+        // (Max, the CRD's default) allows +4 in a period, where the smaller limit (100 % of 1)
+        // would hold it to +1.
+        let first = engine_replicas(&env.client, NS, "spike")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let s = isvc(&env.client, NS, "spike").await.map_err(anyhow::Error::msg)?;
+        let decisions = s.status.as_ref().map(|st| st.decisions.clone()).unwrap_or_default();
+        ensure!(
+            first >= 3 && !decisions.iter().any(|d| d.reason.contains("limited to +1 per")),
+            "the first scale-up went 1 -> {first}: {decisions:?}"
+        );
         // The node has one GPU: the new pod is Unschedulable.
         eventually("CapacityExhausted=True/Unschedulable", Duration::from_secs(20), || async {
             let s = isvc(&env.client, NS, "spike").await?;
