@@ -219,6 +219,9 @@ pub struct Decision {
     pub in_flight: Option<f64>,
     pub gpu_memory: Option<f64>,
     pub spilled: Option<f64>,
+    /// The demand forecast (`predictive` not `Disabled`): replicas it needs, and in how many
+    /// seconds.
+    pub forecast: Option<(i32, i64)>,
     /// The history to keep for the next tick (this tick's recommendation added).
     pub history: History,
 }
@@ -515,6 +518,7 @@ pub fn decide(
     let demand = (!in_flight.is_empty() && ready == in_flight.len())
         .then(|| in_flight.iter().sum::<f64>() + spilled + router_queue);
     let mut demand_series = Samples::new();
+    let mut forecast_replicas = None;
     if let Some(p) = predictive {
         demand_series = history.demand.clone();
         if let Some(d) = demand {
@@ -533,6 +537,7 @@ pub fn decide(
             .unwrap_or(DEFAULT_HORIZON_MS);
         if let Some(f) = forecast(&demand_series, now, horizon) {
             let n = (f / slots).ceil() as i32;
+            forecast_replicas = Some((n, horizon / 1000));
             let said = format!(
                 "forecast {} slots in {}s: {n} replicas",
                 fmt_num(f.round()),
@@ -677,6 +682,7 @@ pub fn decide(
         in_flight: sum(&in_flight),
         gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
         spilled: observed.spilled,
+        forecast: forecast_replicas,
         history: hist,
     }
 }

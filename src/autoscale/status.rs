@@ -79,7 +79,13 @@ fn conditions(d: &Decision, mode: PolicyMode) -> [DesiredCondition; 2] {
             SCALING_ACTIVE,
             true,
             "MetricsAvailable",
-            "scaling on queue depth, GPU memory and concurrency",
+            match d.forecast {
+                // Shown every tick: what a `predictive` forecast asks for, acted on or not.
+                Some((n, secs)) => format!(
+                    "scaling on queue depth, GPU memory and concurrency; forecast: {n} replicas in {secs}s"
+                ),
+                None => "scaling on queue depth, GPU memory and concurrency".into(),
+            },
         ),
     };
     let exhausted = match d.exhausted {
@@ -279,6 +285,26 @@ mod tests {
             cold_start_seconds: Some(200),
             now: t(now),
         }
+    }
+
+    /// A forecast (`predictive` Advisory or Active) shows in `ScalingActive` every tick, scaled
+    /// or not.
+    #[test]
+    fn the_forecast_shows_in_status_every_tick() {
+        let isvc = isvc_from_yaml(&minimal_isvc_yaml("a"));
+        let mut d = decision(&[Some(4.0), Some(4.0)], 2);
+        let plain = autoscaler_status(&isvc, &facts(&d, 2, false, 100));
+        let c = find_condition(&plain.conditions, SCALING_ACTIVE).unwrap();
+        assert!(!c.message.contains("forecast"), "{}", c.message);
+        d.forecast = Some((5, 240));
+        let s = autoscaler_status(&isvc, &facts(&d, 2, false, 100));
+        let c = find_condition(&s.conditions, SCALING_ACTIVE).unwrap();
+        assert!(
+            c.message.ends_with("; forecast: 5 replicas in 240s"),
+            "{}",
+            c.message
+        );
+        assert!(s.decisions.is_empty(), "nothing scaled");
     }
 
     #[test]

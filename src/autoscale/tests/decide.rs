@@ -695,7 +695,7 @@ fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
     use crate::api::PredictiveMode::*;
     let off = ramp_under(None);
     assert_eq!(off.desired, 6, "{}", off.reason);
-    assert!(!off.reason.contains("forecast"));
+    assert!(!off.reason.contains("forecast") && off.forecast.is_none());
     let on = ramp_under(Some(Active));
     assert_eq!(
         (on.desired, on.driver),
@@ -704,6 +704,7 @@ fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
         on.reason
     );
     assert_eq!(on.signal, Some(Driver::Forecast));
+    assert_eq!(on.forecast, Some((9, 240)));
     assert!(
         on.reason.contains("forecast 88 slots in 240s: 9 replicas"),
         "{}",
