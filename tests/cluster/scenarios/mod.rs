@@ -2,6 +2,7 @@
 //! objects they apply, and the waits they repeat.
 
 mod failover;
+mod forecast;
 mod gitops;
 mod lifecycle;
 mod metrics_lost;
@@ -37,6 +38,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("f-lifecycle", |e| Box::pin(lifecycle::run(e))),
     Scenario("g-gitops", |e| Box::pin(gitops::run(e))),
     Scenario("h-shared", |e| Box::pin(shared::run(e))),
+    Scenario("i-forecast", |e| Box::pin(forecast::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];
