@@ -105,13 +105,16 @@ pub(super) async fn relay(
         // written back must be whole for that.
         return match relay.read_whole(MAX_RENAMED_BODY).await {
             Ok(Some(b)) => {
-                let b = match rename {
-                    Some(m) => rewrite_model(&b, &m).map_or(b, Bytes::from),
+                // Only a renamed answer changes length; others keep the upstream's header.
+                let b = match rename.and_then(|m| rewrite_model(&b, &m)) {
+                    Some(renamed) => {
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(renamed.len()));
+                        Bytes::from(renamed)
+                    }
                     None => b,
                 };
-                parts
-                    .headers
-                    .insert(header::CONTENT_LENGTH, HeaderValue::from(b.len()));
                 Response::from_parts(parts, RouterBody::Full(Some(b)))
             }
             Ok(None) => {
