@@ -31,6 +31,15 @@ pub enum ClusterError {
     Config(#[from] ConfigError),
 }
 
+/// An endpoint address with a port (an IPv6 one bracketed).
+fn host_port(ip: &str, v6: bool, port: u16) -> String {
+    if v6 {
+        format!("[{ip}]:{port}")
+    } else {
+        format!("{ip}:{port}")
+    }
+}
+
 /// `host:port` of every endpoint `keep` keeps, sorted and without duplicates (FQDN slices are
 /// skipped).
 fn addresses<'a>(
@@ -46,15 +55,7 @@ fn addresses<'a>(
             s.endpoints
                 .iter()
                 .filter(move |e| keep(e))
-                .flat_map(move |e| {
-                    e.addresses.iter().map(move |a| {
-                        if v6 {
-                            format!("[{a}]:{port}")
-                        } else {
-                            format!("{a}:{port}")
-                        }
-                    })
-                })
+                .flat_map(move |e| e.addresses.iter().map(move |a| host_port(a, v6, port)))
         })
         .collect();
     out.sort();
@@ -94,11 +95,7 @@ pub fn peers_from_slices<'a>(
             let Some(ip) = e.addresses.first().filter(|_| pod.as_deref() != Some(own)) else {
                 continue;
             };
-            let addr = if s.address_type == "IPv6" {
-                format!("[{ip}]:{port}")
-            } else {
-                format!("{ip}:{port}")
-            };
+            let addr = host_port(ip, s.address_type == "IPv6", port);
             // An endpoint without a pod is a router of its own.
             pods.entry(pod.unwrap_or_else(|| ip.clone()))
                 .or_insert(addr);

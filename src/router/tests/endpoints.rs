@@ -24,15 +24,9 @@ async fn stop(r: RouterServer, e: EngineSimServer, p: EngineSimServer) {
     p.stop().await.unwrap();
 }
 
+/// Requests that succeeded at `destination`.
 fn served(t: &str, destination: &str) -> f64 {
-    t.lines()
-        .filter(|l| {
-            l.starts_with("spillway_router_requests_total")
-                && l.contains(&format!("destination=\"{destination}\""))
-                && l.contains("outcome=\"success\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    requests(t, destination, Some("success"))
 }
 
 async fn embed(r: &RouterServer) -> Reply {

@@ -167,6 +167,18 @@ async fn until_queued(r: &RouterServer, n: f64) {
     wait_metrics(r, |t| queued(t) >= n).await;
 }
 
+/// Requests answered at `destination` (of every class; of `outcome` only, if given).
+fn requests(metrics: &str, destination: &str, outcome: Option<&str>) -> f64 {
+    let destination = format!("destination=\"{destination}\"");
+    let outcome = outcome.map(|o| format!("outcome=\"{o}\""));
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("spillway_router_requests_total") && l.contains(&destination))
+        .filter(|l| outcome.as_ref().is_none_or(|o| l.contains(o.as_str())))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Requests waiting, of every class.
 fn queued(metrics: &str) -> f64 {
     metrics
