@@ -60,7 +60,7 @@ pub fn write_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::InferenceServiceSpec;
+    use crate::api::{InferenceServiceSpec, ScalingPolicySpec};
     use serde_json::{Value, json};
 
     const REGENERATE: &str =
@@ -443,6 +443,34 @@ mod tests {
                 policy(json!({"maxReplicas": 2, "launch": {"replicas": 3}})),
                 Some("launch.replicas must be <= maxReplicas"),
             ),
+            (
+                "latency objective p95",
+                "ScalingPolicy",
+                policy(json!({"targets": {"timeToFirstTokenMilliseconds": {"p95": 800}}})),
+                None,
+            ),
+            (
+                "latency objective without a quantile",
+                "ScalingPolicy",
+                policy(json!({"targets": {"timeToFirstTokenMilliseconds": {"windowSeconds": 30}}})),
+                Some("needs at least one of p50, p95, p99"),
+            ),
+            (
+                "latency objective p50 above p95",
+                "ScalingPolicy",
+                policy(
+                    json!({"targets": {"timeToFirstTokenMilliseconds": {"p50": 900, "p95": 800}}}),
+                ),
+                Some("p50 must be <= p95"),
+            ),
+            (
+                "latency objective p95 above p99",
+                "ScalingPolicy",
+                policy(
+                    json!({"targets": {"timeToFirstTokenMilliseconds": {"p95": 900, "p99": 800}}}),
+                ),
+                Some("p95 must be <= p99"),
+            ),
         ];
         for (what, kind, obj, want) in cases {
             // The controller's own check agrees, for objects that bypassed the API server's.
@@ -456,6 +484,16 @@ mod tests {
                     r.is_ok() && over.is_none(),
                     want.is_none(),
                     "{what}: the controller says {r:?}, {over:?}"
+                );
+            }
+            if kind == "ScalingPolicy" {
+                let spec: ScalingPolicySpec =
+                    serde_json::from_value(obj["spec"].clone()).expect(what);
+                let r = spec.validate();
+                assert_eq!(
+                    r.is_ok(),
+                    want.is_none(),
+                    "{what}: the controller says {r:?}"
                 );
             }
             let result = kube_cel::validate(&schema(kind), &obj, None);

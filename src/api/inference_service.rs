@@ -460,9 +460,24 @@ pub struct MetricsSnapshot {
     /// requests spilled per second times the seconds a request holds a local slot.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spilled_demand: Option<f64>,
+    /// Time to first token the routers measured over the latency objective's window, at the
+    /// quantiles it names that had enough answers (streamed answers from local engines).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_milliseconds: Option<MeasuredLatency>,
     /// When these were scraped.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampled_at: Option<Time>,
+}
+
+/// Measured time-to-first-token quantiles, in milliseconds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct MeasuredLatency {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99: Option<i64>,
 }
 
 /// Burst state.
@@ -491,7 +506,8 @@ pub struct ScaleDecisionRecord {
     pub to: i32,
     /// Why, e.g. "queue depth 37/4 per replica; limited to +4 per 15s".
     pub reason: String,
-    /// The signal that asked for the change: QueueDepth, GpuMemory or Concurrency (absent when
+    /// The signal that asked for the change: QueueDepth, GpuMemory, Concurrency,
+    /// TimeToFirstToken or Forecast (absent when
     /// a rule alone moved it, e.g. minReplicas or the launch window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,

@@ -122,6 +122,57 @@ pub struct Targets {
     /// KV-cache / GPU memory fraction per ready replica, in (0, 1].
     #[serde(default = "default_gpu_mem_target")]
     pub gpu_memory_utilization: f64,
+    /// A latency objective: time to first token, in milliseconds, at `p50`, `p95` and/or
+    /// `p99`, measured by the routers over the last `windowSeconds` on streamed answers from
+    /// local engines (answers served by providers do not count). Above a target by more than
+    /// `tolerance` it asks for more replicas in proportion; above it at all, for no fewer. It
+    /// never asks for fewer replicas by itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_to_first_token_milliseconds: Option<LatencyTargets>,
+}
+
+/// Time-to-first-token targets, in milliseconds.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.p50) || has(self.p95) || has(self.p99)").message("timeToFirstTokenMilliseconds needs at least one of p50, p95, p99"))]
+#[x_kube(validation = Rule::new("!has(self.p50) || !has(self.p95) || self.p50 <= self.p95").message("timeToFirstTokenMilliseconds.p50 must be <= p95"))]
+#[x_kube(validation = Rule::new("!has(self.p95) || !has(self.p99) || self.p95 <= self.p99").message("timeToFirstTokenMilliseconds.p95 must be <= p99"))]
+#[x_kube(validation = Rule::new("!has(self.p50) || !has(self.p99) || self.p50 <= self.p99").message("timeToFirstTokenMilliseconds.p50 must be <= p99"))]
+pub struct LatencyTargets {
+    /// Median time to first token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub p50: Option<i64>,
+    /// 95th percentile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub p95: Option<i64>,
+    /// 99th percentile.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600000))]
+    pub p99: Option<i64>,
+    /// The window the quantiles are measured over, in seconds (default 60). A quantile needs
+    /// enough answers in it to be read: 20 for p50, 40 for p95, 200 for p99.
+    #[serde(default = "default_latency_window")]
+    #[schemars(range(min = 10, max = 3600))]
+    pub window_seconds: i32,
+}
+
+fn default_latency_window() -> i32 {
+    60
+}
+
+impl LatencyTargets {
+    /// The targets set, as (name, quantile, milliseconds), lowest quantile first.
+    pub fn targets(&self) -> impl Iterator<Item = (&'static str, f64, i64)> + '_ {
+        [
+            ("p50", 0.50, self.p50),
+            ("p95", 0.95, self.p95),
+            ("p99", 0.99, self.p99),
+        ]
+        .into_iter()
+        .filter_map(|(n, q, t)| t.map(|t| (n, q, t)))
+    }
 }
 
 impl Default for Targets {
@@ -129,6 +180,7 @@ impl Default for Targets {
         Self {
             queue_depth_per_replica: default_queue_target(),
             gpu_memory_utilization: default_gpu_mem_target(),
+            time_to_first_token_milliseconds: None,
         }
     }
 }
@@ -405,6 +457,26 @@ impl ScalingPolicySpec {
         }
         if !(t.gpu_memory_utilization > 0.0 && t.gpu_memory_utilization <= 1.0) {
             errs.push("targets.gpuMemoryUtilization must be in (0, 1]".into());
+        }
+        if let Some(l) = &t.time_to_first_token_milliseconds {
+            let set: Vec<_> = l.targets().collect();
+            if set.is_empty() {
+                errs.push(
+                    "targets.timeToFirstTokenMilliseconds needs at least one of p50, p95, p99"
+                        .into(),
+                );
+            }
+            if set.iter().any(|(_, _, ms)| *ms < 1) {
+                errs.push("targets.timeToFirstTokenMilliseconds must be >= 1".into());
+            }
+            if set.windows(2).any(|w| w[0].2 > w[1].2) {
+                errs.push("targets.timeToFirstTokenMilliseconds: p50 <= p95 <= p99".into());
+            }
+            if l.window_seconds < 10 {
+                errs.push(
+                    "targets.timeToFirstTokenMilliseconds.windowSeconds must be >= 10".into(),
+                );
+            }
         }
         if !(0.0..=1.0).contains(&self.tolerance) {
             errs.push("tolerance must be in [0, 1]".into());

@@ -7,6 +7,7 @@ use std::fmt;
 use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
 
 use super::forecast::{KEEP_MS, Samples, forecast};
+use super::latency::{Buckets, min_samples};
 use crate::api::PredictiveMode;
 use crate::clock::Millis;
 
@@ -63,6 +64,9 @@ pub struct Observed {
     pub created_at: Millis,
     /// How long replicas took to load lately, if known: the forecast's default horizon.
     pub cold_start_ms: Option<Millis>,
+    /// Time to first token of the streamed answers local engines gave since the last tick,
+    /// over all routers that could be measured; `None` when none could.
+    pub ttft: Option<Buckets>,
 }
 
 /// Recent recommendations and scale events (the state `decide()` needs between ticks).
@@ -74,7 +78,13 @@ pub struct History {
     started_with: Option<(Millis, i32)>,
     /// Demand in engine slots, each tick, for the forecast (kept only with `predictive`).
     demand: Samples,
+    /// Each tick's time to first token, for the latency objective's window (kept only with
+    /// one).
+    latency: LatencySeries,
 }
+
+/// Time to first token per tick.
+type LatencySeries = VecDeque<(Millis, Buckets)>;
 
 /// The forecast horizon without `horizonSeconds` or an observed cold start: a typical load.
 const DEFAULT_HORIZON_MS: Millis = 240_000;
@@ -144,6 +154,8 @@ pub enum Driver {
     ColdStart,
     /// The demand forecast one horizon ahead (`predictive.mode: Active`).
     Forecast,
+    /// Time to first token above `targets.timeToFirstTokenMilliseconds`.
+    TimeToFirstToken,
 }
 
 impl Driver {
@@ -161,6 +173,7 @@ impl Driver {
             Driver::RateLimited => "RateLimited",
             Driver::ColdStart => "ColdStart",
             Driver::Forecast => "Forecast",
+            Driver::TimeToFirstToken => "TimeToFirstToken",
         }
     }
 }
@@ -222,6 +235,9 @@ pub struct Decision {
     /// The demand forecast (`predictive` not `Disabled`): replicas it needs, and in how many
     /// seconds.
     pub forecast: Option<(i32, i64)>,
+    /// Time to first token over the objective's window, in milliseconds, for each quantile it
+    /// names that had enough answers: `("p95", 812.0)`.
+    pub ttft_ms: Vec<(&'static str, f64)>,
     /// The history to keep for the next tick (this tick's recommendation added).
     pub history: History,
 }
@@ -421,6 +437,36 @@ pub fn decide(
         );
         candidate(c, Driver::Concurrency, why)
     }));
+    // The latency objective: more replicas in proportion above a target, none fewer while
+    // above it at all; below it, no opinion (demand decides scale-down).
+    let (latency_series, ttft_ms) = latency_window(policy, observed, history, now);
+    for &(name, q_ms) in &ttft_ms {
+        let Some(target) = policy
+            .targets
+            .time_to_first_token_milliseconds
+            .as_ref()
+            .and_then(|o| o.targets().find(|(n, _, _)| *n == name))
+            .map(|(_, _, ms)| ms as f64)
+        else {
+            continue;
+        };
+        let ratio = q_ms / target;
+        if ratio <= 1.0 || ready == 0 {
+            continue;
+        }
+        let why = format!(
+            "time to first token {name} {}/{} ms",
+            fmt_num(q_ms.round()),
+            fmt_num(target)
+        );
+        if ratio > 1.0 + policy.tolerance {
+            // Of the ready replicas: ones still loading are already on their way.
+            let d = (ready as f64 * ratio).ceil().min(i32::MAX as f64 / 2.0) as i32;
+            candidates.push((d.max(current), Driver::TimeToFirstToken, why));
+        } else {
+            candidates.push((current, Driver::Steady, why));
+        }
+    }
     if let Some((d, drv, why)) = candidates.iter().max_by_key(|(d, _, _)| *d).cloned() {
         raw = d;
         driver = drv;
@@ -589,6 +635,7 @@ pub fn decide(
     }
     hist.recommendations.push_back((now, raw));
     hist.demand = demand_series;
+    hist.latency = latency_series;
     let mut desired = current;
     if desired < up_rec {
         desired = up_rec;
@@ -683,8 +730,40 @@ pub fn decide(
         gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
         spilled: observed.spilled,
         forecast: forecast_replicas,
+        ttft_ms,
         history: hist,
     }
+}
+
+/// The objective's window with this tick's answers added, and each quantile it names that
+/// had enough answers, in milliseconds. Empty without an objective.
+fn latency_window(
+    policy: &ScalingPolicySpec,
+    observed: &Observed,
+    history: &History,
+    now: Millis,
+) -> (LatencySeries, Vec<(&'static str, f64)>) {
+    let Some(o) = policy.targets.time_to_first_token_milliseconds.as_ref() else {
+        return Default::default();
+    };
+    let mut series = history.latency.clone();
+    if let Some(b) = &observed.ttft {
+        series.push_back((now, b.clone()));
+    }
+    let from = now - Millis::from(o.window_seconds.max(1)) * 1000;
+    while series.front().is_some_and(|(t, _)| *t <= from) {
+        series.pop_front();
+    }
+    let mut window = Buckets::default();
+    for (_, b) in &series {
+        window.add(b);
+    }
+    let measured = o
+        .targets()
+        .filter(|(_, q, _)| window.count() >= min_samples(*q))
+        .filter_map(|(name, q, _)| window.quantile(q).map(|s| (name, s * 1000.0)))
+        .collect();
+    (series, measured)
 }
 
 impl fmt::Display for Decision {

@@ -6,6 +6,8 @@
 pub mod decide;
 /// Demand one horizon ahead: a trend and a daily season.
 pub mod forecast;
+/// Time to first token from the routers' histograms.
+pub mod latency;
 pub mod observe;
 pub mod promtext;
 pub mod signals;

@@ -20,6 +20,7 @@
 //!   series would under-count and could cause a scale-down.
 //! - GPU memory is a fraction clamped to [0, 1]; a used/total pair with no positive total is `None`.
 
+use super::latency::{Buckets, ROUTER_TTFT_METRIC};
 use super::promtext::{ParseError, Sample, for_each_sample};
 use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 
@@ -295,7 +296,7 @@ fn ratio(used: Option<f64>, total: Option<f64>) -> Option<f64> {
 }
 
 /// What the autoscaler reads from one router's metrics page.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouterSample {
     /// Requests waiting for a local engine slot.
     pub queue: f64,
@@ -303,6 +304,9 @@ pub struct RouterSample {
     /// engines, and at providers (all of them).
     pub local: SlotTotals,
     pub spilled: SlotTotals,
+    /// Time to first token of streamed answers from local engines since the router started;
+    /// `None` when the page has no such histogram (none yet, or an older router).
+    pub local_ttft: Option<Buckets>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -316,12 +320,26 @@ pub struct SlotTotals {
 pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
     let count = format!("{ROUTER_SLOT_METRIC}_count");
     let sum = format!("{ROUTER_SLOT_METRIC}_sum");
+    let ttft = format!("{ROUTER_TTFT_METRIC}_bucket");
     let mut queue = Sum::default();
     let mut bad = false;
     let mut out = RouterSample::default();
+    let mut ttft_pairs: Vec<(f64, f64)> = Vec::new();
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
+            return;
+        }
+        if s.name == ttft {
+            let local = s.label("destination").is_some_and(|d| d.matches("local"));
+            let le = s.label("le").and_then(|l| parse_le(&l.unescaped()));
+            match le {
+                Some(le) if local && s.value.is_finite() && s.value >= 0.0 => {
+                    ttft_pairs.push((le, s.value))
+                }
+                _ if local => bad = true,
+                _ => {}
+            }
             return;
         }
         if s.name != count && s.name != sum {
@@ -342,10 +360,21 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
             totals.seconds += s.value;
         }
     })?;
+    if !ttft_pairs.is_empty() {
+        out.local_ttft = Buckets::from_cumulative(ttft_pairs);
+        bad |= out.local_ttft.is_none();
+    }
     Ok(queue
         .get()
         .filter(|_| !bad)
         .map(|q| RouterSample { queue: q, ..out }))
+}
+
+fn parse_le(s: &str) -> Option<f64> {
+    match s {
+        "+Inf" | "Inf" => Some(f64::INFINITY),
+        _ => s.parse::<f64>().ok().filter(|v| v.is_finite()),
+    }
 }
 
 /// The demand one router spilled between two of its samples, in local engine slots: requests

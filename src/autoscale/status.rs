@@ -7,7 +7,8 @@ use serde::Serialize;
 use super::decide::{Decision, MetricsState};
 use crate::api::{
     BURSTING, BurstMode, BurstStatus, CAPACITY_EXHAUSTED, DesiredCondition, InferenceService,
-    MetricsSnapshot, PolicyMode, SCALING_ACTIVE, ScaleDecisionRecord, settle_condition,
+    MeasuredLatency, MetricsSnapshot, PolicyMode, SCALING_ACTIVE, ScaleDecisionRecord,
+    settle_condition,
 };
 
 /// Decisions kept in status.
@@ -199,12 +200,14 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
         metrics: (d.queue_depth.is_some()
             || d.gpu_memory.is_some()
             || d.in_flight.is_some()
-            || d.spilled.is_some())
+            || d.spilled.is_some()
+            || !d.ttft_ms.is_empty())
         .then(|| MetricsSnapshot {
             queue_depth: d.queue_depth.map(|q| q.round() as i64),
             gpu_memory_utilization: d.gpu_memory.map(|g| (g * 1000.0).round() / 1000.0),
             in_flight: d.in_flight.map(|f| f.round() as i64),
             spilled_demand: d.spilled.map(|s| (s * 100.0).round() / 100.0),
+            time_to_first_token_milliseconds: measured_latency(&d.ttft_ms),
             sampled_at: Some(facts.now.clone()),
         }),
         last_scale_time: if facts.scaled {
@@ -217,6 +220,19 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
         burst,
         conditions,
     }
+}
+
+fn measured_latency(ms: &[(&str, f64)]) -> Option<MeasuredLatency> {
+    let at = |name: &str| {
+        ms.iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.round() as i64)
+    };
+    (!ms.is_empty()).then(|| MeasuredLatency {
+        p50: at("p50"),
+        p95: at("p95"),
+        p99: at("p99"),
+    })
 }
 
 /// Whether `new` must be written, given what was last written `since_ms` ago: anything but the
@@ -236,6 +252,7 @@ pub fn needs_write(last: Option<&AutoscalerStatus>, new: &AutoscalerStatus, sinc
                 m.queue_depth,
                 m.gpu_memory_utilization.map(f64::to_bits),
                 m.in_flight,
+                m.time_to_first_token_milliseconds.clone(),
             )
         })
     };
@@ -305,6 +322,24 @@ mod tests {
             c.message
         );
         assert!(s.decisions.is_empty(), "nothing scaled");
+    }
+
+    /// The latency objective's measurement shows in status with the other metrics, and a
+    /// decision it drove names it.
+    #[test]
+    fn measured_time_to_first_token_shows_in_status() {
+        let isvc = isvc_from_yaml(&minimal_isvc_yaml("a"));
+        let mut d = decision(&[Some(4.0), Some(4.0)], 2);
+        d.ttft_ms = vec![("p95", 1234.4)];
+        d.desired = 5;
+        d.signal = Some(crate::autoscale::decide::Driver::TimeToFirstToken);
+        let s = autoscaler_status(&isvc, &facts(&d, 2, true, 100));
+        let m = s.metrics.unwrap().time_to_first_token_milliseconds.unwrap();
+        assert_eq!((m.p50, m.p95, m.p99), (None, Some(1234), None));
+        assert_eq!(
+            s.decisions.last().and_then(|r| r.signal.as_deref()),
+            Some("TimeToFirstToken")
+        );
     }
 
     #[test]

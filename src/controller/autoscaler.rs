@@ -23,6 +23,7 @@ use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, engine_name};
 use super::scrape::{Scraper, metrics_url};
 use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
+use crate::autoscale::latency::Buckets;
 use crate::autoscale::observe::{ColdStart, EnginePod, PodState, classify_one};
 use crate::autoscale::signals::{self, RouterSample, SignalSelectors};
 use crate::autoscale::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
@@ -136,9 +137,10 @@ pub async fn observe_and_decide(
             signals::spilled_slots(prev, *at, cur, now)
         })
         .collect();
+    let ttft = local_ttft_since(&router, &state.routers);
     // A router whose scrape failed keeps its last sample as the base for its next rate.
     for (pod, s) in &router {
-        state.routers.insert((*pod).clone(), (now, *s));
+        state.routers.insert((*pod).clone(), (now, s.clone()));
     }
     state
         .routers
@@ -164,6 +166,7 @@ pub async fn observe_and_decide(
         spilled,
         spill_incomplete,
         cold_start_ms: state.cold_start.seconds().map(|s| s * 1000),
+        ttft,
         created_at: isvc
             .metadata
             .creation_timestamp
@@ -179,6 +182,30 @@ pub async fn observe_and_decide(
     let d = decide(policy, configured, &observed, &state.history, now);
     state.history = d.history.clone();
     d
+}
+
+/// The local time to first token the routers measured since their last samples, summed; a
+/// router seen for the first time gives its increments from the next tick on.
+fn local_ttft_since(
+    now: &[(&String, RouterSample)],
+    before: &HashMap<String, (Millis, RouterSample)>,
+) -> Option<Buckets> {
+    let mut sum: Option<Buckets> = None;
+    for (pod, cur) in now {
+        let (Some((_, prev)), Some(c)) = (before.get(*pod), &cur.local_ttft) else {
+            continue;
+        };
+        // No histogram before: nothing had been answered yet.
+        let Some(added) = prev
+            .local_ttft
+            .as_ref()
+            .map_or(Some(c.clone()), |p| c.since(p))
+        else {
+            continue;
+        };
+        sum.get_or_insert_with(Buckets::default).add(&added);
+    }
+    sum
 }
 
 /// Everything the loops share.

@@ -45,6 +45,12 @@ pub struct ProviderLabel {
     pub provider: String,
 }
 
+/// The latency histograms' buckets: `START × FACTOR^i` seconds (0.1 ms to about 10 min), then
+/// +Inf. The simulator measures with the same, so its latency objective reads as a router's.
+pub const LATENCY_BUCKET_START: f64 = 0.0001;
+pub const LATENCY_BUCKET_FACTOR: f64 = 2.5;
+pub const LATENCY_BUCKETS: usize = sharded::BOUNDS;
+
 pub struct RouterMetrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, sharded::Counter>,
@@ -54,6 +60,9 @@ pub struct RouterMetrics {
     pub queue_length: Family<ClassLabel, Gauge>,
     pub duration: Family<DestinationLabel, sharded::Histogram>,
     pub ttfb: Family<DestinationLabel, sharded::Histogram>,
+    /// Exported as `spillway_router_time_to_first_token_seconds`
+    /// (`autoscale::latency::ROUTER_TTFT_METRIC`): the latency objective's input.
+    pub ttft: Family<DestinationLabel, sharded::Histogram>,
     /// Exported as `spillway_router_slot_duration_seconds`
     /// (`autoscale::signals::ROUTER_SLOT_METRIC`).
     pub slot: Family<DestinationLabel, sharded::Histogram>,
@@ -112,10 +121,12 @@ impl Default for RouterMetrics {
         let in_flight = Family::<DestinationLabel, sharded::Gauge>::default();
         let queue_length = Family::<ClassLabel, Gauge>::default();
         // 0.1 ms .. ~10 min: proxy overhead at the bottom, long streams at the top.
-        let buckets = || sharded::Histogram::exponential(0.0001, 2.5);
+        let buckets =
+            || sharded::Histogram::exponential(LATENCY_BUCKET_START, LATENCY_BUCKET_FACTOR);
         let duration =
             Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let ttfb = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
+        let ttft = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let slot = Family::<DestinationLabel, sharded::Histogram>::new_with_constructor(buckets);
         let tokens = Family::<TokenLabels, Counter>::default();
         let spend = Family::<ProviderLabel, Counter<f64, AtomicU64>>::default();
@@ -163,6 +174,12 @@ impl Default for RouterMetrics {
             "Time from request arrival to the first response body byte",
             Unit::Seconds,
             ttfb.clone(),
+        );
+        registry.register_with_unit(
+            "time_to_first_token",
+            "Time from request arrival to the first byte of a streamed (event-stream) answer",
+            Unit::Seconds,
+            ttft.clone(),
         );
         // Its rate and mean give the autoscaler the spilled demand in engine slots.
         registry.register_with_unit(
@@ -213,6 +230,7 @@ impl Default for RouterMetrics {
             queue_length,
             duration,
             ttfb,
+            ttft,
             slot,
             tokens,
             spend,
@@ -235,6 +253,7 @@ pub struct DestMetrics {
     pub in_flight: sharded::Gauge,
     pub duration: sharded::Histogram,
     pub ttfb: sharded::Histogram,
+    pub ttft: sharded::Histogram,
     pub slot: sharded::Histogram,
 }
 
@@ -250,6 +269,7 @@ impl RouterMetrics {
             in_flight: self.in_flight.get_or_create(&d).clone(),
             duration: self.duration.get_or_create(&d).clone(),
             ttfb: self.ttfb.get_or_create(&d).clone(),
+            ttft: self.ttft.get_or_create(&d).clone(),
             slot: self.slot.get_or_create(&d).clone(),
         }
     }

@@ -96,6 +96,7 @@ pub(super) async fn relay(
         trailers: None,
         arrived,
         first_byte: false,
+        streamed: sse && status.is_success(),
         outcome: Outcome::of_status(status),
         breaker_pending,
     };
@@ -138,18 +139,23 @@ pub(super) async fn relay(
     Response::from_parts(parts, RouterBody::Relay(Box::new(relay)))
 }
 
-/// Time to first byte once, and usage as the bytes pass.
+/// Time to first byte once (and to first token, for a stream), and usage as the bytes pass.
 fn observe(
     lease: Option<&Lease>,
     tap: &mut Option<UsageScanner>,
     arrived: Instant,
     first_byte: &mut bool,
+    streamed: bool,
     d: &Bytes,
 ) {
     if !*first_byte {
         *first_byte = true;
         if let Some(l) = lease {
-            l.metrics().ttfb.observe(arrived.elapsed().as_secs_f64());
+            let s = arrived.elapsed().as_secs_f64();
+            l.metrics().ttfb.observe(s);
+            if streamed {
+                l.metrics().ttft.observe(s);
+            }
         }
     }
     if let Some(t) = tap {
@@ -303,6 +309,8 @@ pub struct Relay {
     trailers: Option<Frame<Bytes>>,
     arrived: Instant,
     first_byte: bool,
+    /// A successful event stream: its first byte is the first token.
+    streamed: bool,
     outcome: Outcome,
     /// The provider's breaker still waits for this answer's outcome.
     breaker_pending: bool,
@@ -324,10 +332,11 @@ impl Relay {
             tap,
             arrived,
             first_byte,
+            streamed,
             ..
         } = self;
         let r = read_to_end(inner, limit, |d| {
-            observe(lease.as_ref(), tap, *arrived, first_byte, d)
+            observe(lease.as_ref(), tap, *arrived, first_byte, *streamed, d)
         })
         .await;
         let b = r?;
@@ -349,6 +358,7 @@ impl Relay {
             &mut self.tap,
             self.arrived,
             &mut self.first_byte,
+            self.streamed,
             d,
         );
     }

@@ -12,6 +12,7 @@ use super::trace::Trace;
 use crate::api::BurstMode;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
+use crate::autoscale::latency::Buckets;
 use crate::clock::Millis;
 use crate::engine_sim::faults::SplitMix64;
 use crate::router::admission::{
@@ -19,6 +20,7 @@ use crate::router::admission::{
 };
 use crate::router::budget::{BudgetTracker, cost, parse_spend};
 use crate::router::classes::{Class, Classes};
+use crate::router::metrics::{LATENCY_BUCKET_FACTOR, LATENCY_BUCKET_START, LATENCY_BUCKETS};
 use crate::router::peers::wire::engine_key;
 use crate::router::peers::{self, Counts, Ledger};
 
@@ -322,6 +324,8 @@ struct Sim<'a> {
     queue_timeout_ms: u64,
     max_queue_wait_ms: u64,
     ttft: Histogram,
+    /// Local time to first token since the last tick, in the routers' buckets.
+    local_ttft: Buckets,
     outcomes: Outcomes,
     burst_since_tick: u64,
     /// Local service time handed out so far and to how many requests (the routers' slot
@@ -496,6 +500,8 @@ impl Sim<'_> {
                 self.local_hold_ms += service.round();
                 self.local_started += 1;
                 self.ttft.record(waited + self.params.prefill_ms as Millis);
+                self.local_ttft
+                    .observe((waited + self.params.prefill_ms as Millis) as f64 / 1000.0);
                 self.outcomes.local += 1;
                 true
             }
@@ -782,6 +788,7 @@ impl Sim<'_> {
                 per_second * self.local_hold_ms / self.local_started as f64 / 1000.0
             }),
             spill_incomplete: false,
+            ttft: Some(self.local_ttft.clone()),
             created_at: Millis::MIN / 2,
             cold_start_ms: Some(
                 ((self.params.cold_start_s.0 + self.params.cold_start_s.1) * 500.0) as Millis,
@@ -802,6 +809,7 @@ impl Sim<'_> {
             self.now,
         );
         self.history = d.history.clone();
+        self.local_ttft = empty_ttft();
         self.exhausted = d.exhausted.is_some();
         if self.policy.mode == PolicyMode::Active && d.desired != self.desired {
             self.history.record_scale(self.now, self.desired, d.desired);
@@ -812,6 +820,10 @@ impl Sim<'_> {
         }
         d
     }
+}
+
+fn empty_ttft() -> Buckets {
+    Buckets::exponential(LATENCY_BUCKET_START, LATENCY_BUCKET_FACTOR, LATENCY_BUCKETS)
 }
 
 /// One request's admission question.
@@ -945,6 +957,7 @@ pub fn simulate(
         queue_timeout_ms: spec.router.queue_timeout_seconds.max(1) as u64 * 1000,
         max_queue_wait_ms: policy.burst.max_queue_wait_milliseconds.max(0) as u64,
         ttft: Histogram::new(),
+        local_ttft: empty_ttft(),
         outcomes: Outcomes::default(),
         burst_since_tick: 0,
         local_hold_ms: 0.0,

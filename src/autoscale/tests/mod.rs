@@ -2,5 +2,6 @@
 //! with property tests for its invariants, and the metrics-page parsers.
 
 mod decide;
+mod latency_objective;
 mod promtext;
 mod signals;

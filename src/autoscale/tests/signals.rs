@@ -408,6 +408,7 @@ fn spilled_demand_is_spill_rate_times_local_hold_time() {
             count: spilled.0,
             seconds: spilled.1,
         },
+        local_ttft: None,
     };
     // Local requests hold a slot 8 s; 18 requests went to a fast provider in 2 s: 9/s × 8 s
     // = 72 slots of demand, although each held the provider for only 0.1 s.
@@ -426,4 +427,33 @@ fn spilled_demand_is_spill_rate_times_local_hold_time() {
         None
     );
     assert_eq!(spilled_slots(&prev, 2_000, &cur, 2_000), None);
+}
+
+/// The latency objective reads the local engines' streamed answers only: a provider's time to
+/// first token says nothing about the engines.
+#[test]
+fn router_sample_reads_the_local_time_to_first_token_histogram() {
+    let page = concat!(
+        "spillway_router_queue_length{class=\"default\"} 0\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"0.1\"} 90\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"1.0\"} 98\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"+Inf\"} 100\n",
+        "spillway_router_time_to_first_token_seconds_count{destination=\"local\"} 100\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"together\",le=\"0.1\"} 0\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"together\",le=\"1.0\"} 0\n",
+        "spillway_router_time_to_first_token_seconds_bucket{destination=\"together\",le=\"+Inf\"} 500\n",
+    );
+    let s = router_sample(page).unwrap().unwrap();
+    let b = s.local_ttft.expect("local histogram");
+    assert_eq!(b.count(), 100.0);
+    // p95 inside (0.1, 1]: 0.1 + 0.9 × 5/8.
+    assert!((b.quantile(0.95).unwrap() - 0.6625).abs() < 1e-9);
+    // No histogram yet (an older router, or nothing streamed): none, not zero.
+    let none = router_sample("spillway_router_queue_length 0\n")
+        .unwrap()
+        .unwrap();
+    assert_eq!(none.local_ttft, None);
+    // A broken histogram makes the whole page unusable, like any bad value.
+    let bad = "spillway_router_queue_length 0\nspillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"0.1\"} 5\n";
+    assert_eq!(router_sample(bad).unwrap(), None);
 }

@@ -260,3 +260,47 @@ async fn a_provider_that_stalls_mid_answer_is_cut_off_after_its_timeout() {
     })
     .await;
 }
+
+/// The latency objective's input: streamed answers from local engines, timed from arrival to
+/// the first byte; a non-streamed answer (whose first byte is its last token) is left out.
+#[tokio::test]
+async fn time_to_first_token_counts_local_streams_only() {
+    bounded(async {
+        let local = EngineSimServer::start(EngineSimConfig {
+            model: "local".into(),
+            max_concurrency: 4,
+            prefill: Duration::from_millis(300),
+            tokens_per_second: 1000.0,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let r = router("burst: {mode: Never}\n", vec![local.addr().to_string()]).await;
+        let streamed = read_all(hold_stream(r.addr(), 2).await).await;
+        assert!(streamed.contains("data: [DONE]"), "{streamed}");
+        assert_eq!(post(r.addr(), chat(2, false)).await.status, StatusCode::OK);
+        let t = wait_metrics(&r, |t| {
+            sample(
+                t,
+                "spillway_router_request_duration_seconds_count{destination=\"local\"}",
+            ) == Some(2.0)
+        })
+        .await;
+        let ttft = "spillway_router_time_to_first_token_seconds";
+        assert_eq!(
+            sample(&t, &format!("{ttft}_count{{destination=\"local\"}}")),
+            Some(1.0),
+            "{t}"
+        );
+        // The autoscaler reads it: one answer, slower than the engine's prefill.
+        let read = crate::autoscale::signals::router_sample(&t)
+            .unwrap()
+            .unwrap();
+        let b = read.local_ttft.expect("local histogram");
+        assert_eq!(b.count(), 1.0);
+        assert!(b.quantile(1.0).unwrap() >= 0.3, "{t}");
+        r.stop().await;
+        local.stop().await.unwrap();
+    })
+    .await;
+}

@@ -4,6 +4,7 @@
 mod failover;
 mod forecast;
 mod gitops;
+mod latency;
 mod lifecycle;
 mod metrics_lost;
 mod rbac;
@@ -39,6 +40,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("g-gitops", |e| Box::pin(gitops::run(e))),
     Scenario("h-shared", |e| Box::pin(shared::run(e))),
     Scenario("i-forecast", |e| Box::pin(forecast::run(e))),
+    Scenario("j-latency", |e| Box::pin(latency::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];

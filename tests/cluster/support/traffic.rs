@@ -95,12 +95,28 @@ pub struct Load {
 
 impl Load {
     pub fn start(addr: String, model: &str, workers: usize, max_tokens: u32) -> Self {
+        Self::with_stream(addr, model, workers, max_tokens, false)
+    }
+
+    /// [`Load::start`], each answer streamed (what time to first token is measured on).
+    pub fn streaming(addr: String, model: &str, workers: usize, max_tokens: u32) -> Self {
+        Self::with_stream(addr, model, workers, max_tokens, true)
+    }
+
+    fn with_stream(
+        addr: String,
+        model: &str,
+        workers: usize,
+        max_tokens: u32,
+        stream: bool,
+    ) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
         let body = serde_json::json!({
             "model": model,
             "max_tokens": max_tokens,
+            "stream": stream,
             "messages": [{"role": "user", "content": "hello"}],
         })
         .to_string();
