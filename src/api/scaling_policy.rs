@@ -129,6 +129,15 @@ pub struct Targets {
     /// never asks for fewer replicas by itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_to_first_token_milliseconds: Option<LatencyTargets>,
+    /// GPU memory and concurrency (requests running plus spilled demand) are read as their
+    /// mean over this many seconds: a momentary peak that burst providers absorb buys no GPU,
+    /// and the scale-down window does not hold on to one. Queue depth and time to first token
+    /// are never averaged: waiting is acted on at once. 0 (the default) reads each tick alone,
+    /// as the HorizontalPodAutoscaler does. Suits policies whose requests may burst; where
+    /// they may not, a peak waits instead.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 600))]
+    pub occupancy_window_seconds: i32,
 }
 
 /// Time-to-first-token targets, in milliseconds.
@@ -181,6 +190,7 @@ impl Default for Targets {
             queue_depth_per_replica: default_queue_target(),
             gpu_memory_utilization: default_gpu_mem_target(),
             time_to_first_token_milliseconds: None,
+            occupancy_window_seconds: 0,
         }
     }
 }
@@ -477,6 +487,9 @@ impl ScalingPolicySpec {
                     "targets.timeToFirstTokenMilliseconds.windowSeconds must be >= 10".into(),
                 );
             }
+        }
+        if !(0..=600).contains(&t.occupancy_window_seconds) {
+            errs.push("targets.occupancyWindowSeconds must be in [0, 600]".into());
         }
         if !(0.0..=1.0).contains(&self.tolerance) {
             errs.push("tolerance must be in [0, 1]".into());

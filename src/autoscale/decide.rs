@@ -81,6 +81,17 @@ pub struct History {
     /// Each tick's time to first token, for the latency objective's window (kept only with
     /// one).
     latency: LatencySeries,
+    /// Occupancy readings, in replicas' worth, for `occupancyWindowSeconds` (kept only with
+    /// one).
+    occupancy: Occupancy,
+}
+
+/// GPU memory and concurrency readings: each tick's per-replica value times the ready
+/// replicas (totals do not jump when a replica becomes ready).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Occupancy {
+    gpu_memory: Samples,
+    concurrency: Samples,
 }
 
 /// Time to first token per tick.
@@ -339,6 +350,18 @@ pub fn decide(
             )
         })
         .flatten();
+    // Occupancy (GPU memory, concurrency) over `occupancyWindowSeconds`.
+    let window_ms = Millis::from(policy.targets.occupancy_window_seconds.max(0)) * 1000;
+    let mut occupancy = history.occupancy.clone();
+    let average = |reading: Option<SignalReading>, series: &mut Samples, target: f64| {
+        averaged(
+            reading,
+            series,
+            (now, window_ms),
+            ready,
+            (target, policy.tolerance, current),
+        )
+    };
     let gpu = configured
         .gpu_memory
         .then(|| {
@@ -352,6 +375,11 @@ pub fn decide(
             )
         })
         .flatten();
+    let gpu = average(
+        gpu,
+        &mut occupancy.gpu_memory,
+        policy.targets.gpu_memory_utilization,
+    );
 
     // Engines full to maxConcurrency, plus what the routers spilled: demand a fast provider
     // hides from the queue. An engine without an in-flight gauge counts as full while requests
@@ -372,6 +400,7 @@ pub fn decide(
     } else {
         None
     };
+    let concurrency = average(concurrency, &mut occupancy.concurrency, slots);
 
     // Which data is missing: a configured signal without any value, or a ready pod without one.
     let pod_complete = |p: &PodSample| {
@@ -636,6 +665,7 @@ pub fn decide(
     hist.recommendations.push_back((now, raw));
     hist.demand = demand_series;
     hist.latency = latency_series;
+    hist.occupancy = occupancy;
     let mut desired = current;
     if desired < up_rec {
         desired = up_rec;
@@ -733,6 +763,35 @@ pub fn decide(
         ttft_ms,
         history: hist,
     }
+}
+
+/// `reading` as the mean of its totals over the last `window_ms` (this tick's added to
+/// `series`); as it is without a window. `(target, tolerance, current)` as for [`read_signal`].
+fn averaged(
+    reading: Option<SignalReading>,
+    series: &mut Samples,
+    (now, window_ms): (Millis, Millis),
+    ready: usize,
+    (target, tolerance, current): (f64, f64, i32),
+) -> Option<SignalReading> {
+    if window_ms <= 0 {
+        series.clear();
+        return reading;
+    }
+    let r = reading?;
+    series.push_back((now, r.per_replica * ready as f64));
+    while series.front().is_some_and(|(t, _)| *t <= now - window_ms) {
+        series.pop_front();
+    }
+    let mean = series.iter().map(|(_, v)| v).sum::<f64>() / series.len() as f64;
+    read_signal(
+        &[mean / ready as f64],
+        0.0,
+        ready,
+        target,
+        tolerance,
+        current,
+    )
 }
 
 /// The objective's window with this tick's answers added, and each quantile it names that

@@ -723,3 +723,78 @@ fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
     );
     assert_eq!(ramp_under(Some(Disabled)).desired, off.desired);
 }
+
+/// 2 replicas of 32 slots carry 50 requests on average; one tick in ten reads full plus 12
+/// slots spilled (a momentary peak a provider absorbed). Run tick by tick: the replicas the
+/// last ten ticks asked for.
+fn peaks_under(window_seconds: i32) -> Vec<i32> {
+    let mut p = policy();
+    p.targets.occupancy_window_seconds = window_seconds;
+    p.scale_down.stabilization_window_seconds = 300;
+    let mut history = History::starting_at(0, 2);
+    let mut asked = Vec::new();
+    for tick in 0..60i64 {
+        let peak = tick % 10 == 9;
+        let (in_flight, spilled) = if peak { (32.0, 12.0) } else { (25.0, 0.0) };
+        let ready = vec![
+            PodSample {
+                queue_depth: Some(0.0),
+                in_flight: Some(in_flight),
+                gpu_memory: Some(0.5),
+            };
+            2
+        ];
+        let o = Observed {
+            spilled: Some(spilled),
+            ..observed(2, ready)
+        };
+        let d = decide(&p, slots(32), &o, &history, tick * 2 * S);
+        history = d.history.clone();
+        asked.push(d.desired);
+    }
+    asked.split_off(50)
+}
+
+/// `occupancyWindowSeconds` reads concurrency (and GPU memory) as a mean: a peak the provider
+/// absorbed asks for no third replica, where read tick by tick it does.
+#[test]
+fn an_occupancy_window_ignores_momentary_peaks() {
+    let each_tick = peaks_under(0);
+    assert!(each_tick.contains(&3), "{each_tick:?}");
+    assert_eq!(peaks_under(30), vec![2; 10]);
+}
+
+/// A sustained rise still scales up well within the window: the mean follows it.
+#[test]
+fn an_occupancy_window_follows_a_sustained_rise() {
+    let mut p = policy();
+    p.targets.occupancy_window_seconds = 30;
+    let mut history = History::default();
+    let mut first_up = None;
+    for tick in 0..20i64 {
+        // From tick 5 on, both replicas full and 40 slots spilled each tick.
+        let (in_flight, spilled) = if tick < 5 { (20.0, 0.0) } else { (32.0, 40.0) };
+        let ready = vec![
+            PodSample {
+                queue_depth: Some(0.0),
+                in_flight: Some(in_flight),
+                gpu_memory: Some(0.5),
+            };
+            2
+        ];
+        let o = Observed {
+            spilled: Some(spilled),
+            ..observed(2, ready)
+        };
+        let d = decide(&p, slots(32), &o, &history, tick * 2 * S);
+        history = d.history.clone();
+        if d.desired > 2 && first_up.is_none() {
+            first_up = Some((tick, d.desired, d.signal));
+        }
+    }
+    let (tick, _, signal) = first_up.expect("never scaled up");
+    // Demand rose 2.6×: the mean crosses the tolerance 8 s into the rise (4 ticks), well
+    // inside the 30 s window.
+    assert_eq!(tick, 9, "four ticks into the rise");
+    assert_eq!(signal, Some(Driver::Concurrency));
+}
