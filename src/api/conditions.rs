@@ -12,6 +12,8 @@ pub const SCALING_ACTIVE: &str = "ScalingActive";
 pub const CAPACITY_EXHAUSTED: &str = "CapacityExhausted";
 /// Overflow is going to external providers.
 pub const BURSTING: &str = "Bursting";
+/// The engine image and the model are pinned to one version (a warning when not).
+pub const PINNED: &str = "Pinned";
 /// A ScalingPolicy can be used.
 pub const VALID: &str = "Valid";
 

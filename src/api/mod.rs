@@ -3,6 +3,8 @@
 mod conditions;
 mod endpoints;
 mod inference_service;
+/// Whether the served version is pinned.
+pub mod pinning;
 mod request_classes;
 mod scaling_policy;
 

@@ -3,7 +3,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use serde::Serialize;
 
-use crate::api::{DEGRADED, DesiredCondition, InferenceService, READY, VALID, settle_condition};
+use crate::api::{
+    DEGRADED, DesiredCondition, InferenceService, PINNED, READY, VALID, pinning, settle_condition,
+};
 
 /// Something wrong with a service that a person should look at.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,11 +89,37 @@ pub struct ReconcileStatus {
     pub url: String,
 }
 
+/// The conditions reconcile owns, in this order.
+const OWN_CONDITIONS: [&str; 3] = [READY, DEGRADED, PINNED];
+
+/// `Pinned`: a warning (not `Degraded`: everything works) when a new replica could serve
+/// something other than what the others serve.
+pub fn pinned_condition(isvc: &InferenceService) -> DesiredCondition {
+    let why = pinning::unpinned(&isvc.spec.engine, &isvc.spec.model);
+    let image = !pinning::image_pinned(&isvc.spec.engine.image);
+    let model = why.len() > usize::from(image);
+    let reason = match (image, model) {
+        (false, false) => {
+            return DesiredCondition::new(
+                PINNED,
+                true,
+                "Pinned",
+                "the engine image has a digest and model.uri a version",
+            );
+        }
+        (true, true) => "NotPinned",
+        (true, false) => "ImageNotPinned",
+        (false, true) => "ModelNotPinned",
+    };
+    DesiredCondition::new(PINNED, false, reason, why.join("; "))
+}
+
 /// The conditions reconcile owns.
 pub fn desired_conditions(
+    isvc: &InferenceService,
     engine: Option<EngineReplicas>,
     problems: &[Problem],
-) -> [DesiredCondition; 2] {
+) -> [DesiredCondition; 3] {
     let ready = match (engine, problems.first()) {
         (Some(e), _) if e.ready > 0 => DesiredCondition::new(
             READY,
@@ -129,7 +157,7 @@ pub fn desired_conditions(
             "all owned objects are in place",
         ),
     };
-    [ready, degraded]
+    [ready, degraded, pinned_condition(isvc)]
 }
 
 /// Builds reconcile's status fields for `isvc`, keeping transition times of unchanged conditions.
@@ -148,7 +176,7 @@ pub fn reconcile_status(
     let generation = isvc.metadata.generation;
     ReconcileStatus {
         observed_generation: generation,
-        conditions: desired_conditions(engine, problems)
+        conditions: desired_conditions(isvc, engine, problems)
             .iter()
             .map(|d| settle_condition(existing, d, now, generation))
             .collect(),
@@ -161,11 +189,10 @@ pub fn reconcile_status(
 /// The same fields as currently stored, to decide whether a write is needed at all.
 pub fn current_reconcile_status(isvc: &InferenceService) -> Option<ReconcileStatus> {
     let s = isvc.status.as_ref()?;
-    let mut conditions: Vec<Condition> = [READY, DEGRADED]
+    let conditions: Vec<Condition> = OWN_CONDITIONS
         .iter()
         .filter_map(|t| s.conditions.iter().find(|c| c.type_ == *t).cloned())
         .collect();
-    conditions.sort_by_key(|c| if c.type_ == READY { 0 } else { 1 });
     Some(ReconcileStatus {
         observed_generation: s.observed_generation,
         conditions,
@@ -246,6 +273,40 @@ mod tests {
 
     fn cond<'a>(s: &'a ReconcileStatus, t: &str) -> &'a Condition {
         find_condition(&s.conditions, t).unwrap()
+    }
+
+    /// `Pinned` warns, naming what is not pinned and how to pin it; it never marks the
+    /// service Degraded.
+    #[test]
+    fn pinned_says_what_is_not_pinned() {
+        let digest = "0".repeat(64);
+        let with = |image: &str, uri: Option<&str>| {
+            let mut isvc = isvc_from_yaml(&minimal_isvc_yaml("a"));
+            isvc.spec.engine.image = image.to_string();
+            isvc.spec.model.uri = uri.map(str::to_string);
+            let s = reconcile_status(&isvc, None, &[], "u".into(), &now(1));
+            let c = cond(&s, PINNED).clone();
+            assert_eq!(cond(&s, DEGRADED).status, "False");
+            (c.status, c.reason, c.message)
+        };
+        let pinned_image = format!("engine@sha256:{digest}");
+        let (status, reason, _) = with(&pinned_image, Some("hf://org/m@0e9e39f"));
+        assert_eq!((status.as_str(), reason.as_str()), ("True", "Pinned"));
+        let (status, reason, msg) = with("engine:1", Some("hf://org/m@0e9e39f"));
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "ImageNotPinned")
+        );
+        assert!(
+            msg.contains("engine.image \"engine:1\" has no digest"),
+            "{msg}"
+        );
+        let (_, reason, msg) = with(&pinned_image, Some("s3://models/m"));
+        assert_eq!(reason, "ModelNotPinned");
+        assert!(msg.contains("versionId"), "{msg}");
+        let (_, reason, msg) = with("engine:1", None);
+        assert_eq!(reason, "NotPinned");
+        assert!(msg.contains("model.uri is not set"), "{msg}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! f. Deleting an InferenceService garbage-collects every object it owned; deleting its
 //! ScalingPolicy gives `Degraded/PolicyNotFound` and no scale-down, and the service recovers
-//! when the policy is back.
+//! when the policy is back. A service on a tagged image and no model URI is `Pinned=False`.
 
 use std::time::Duration;
 
@@ -142,9 +142,18 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         },
     )
     .await?;
+    // The test image has a tag, no digest, and the model no URI: a warning, nothing more.
+    let s = isvc(&env.client, NS, "kept")
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let pinned = condition(&s, "Pinned");
+    ensure!(
+        pinned == Some(("False".into(), "NotPinned".into())),
+        "Pinned is {pinned:?}"
+    );
     ctl.stop().await;
     Ok(format!(
-        "{} owned objects and pods garbage-collected; PolicyNotFound held 2 replicas and cleared",
+        "{} owned objects and pods garbage-collected; PolicyNotFound held 2 replicas and cleared; Pinned=False/NotPinned",
         before.len()
     ))
 }
