@@ -4,7 +4,8 @@
 //! 1. [`api`]: the `InferenceService` and `ScalingPolicy` custom resources; [`clock`]: the
 //!    millisecond type the pure cores count time in.
 //! 2. Pure cores, plain functions over plain data: [`autoscale`] (metrics pages, pods, the
-//!    scaling decision and its status) and the router's own (`router::admission`, `breaker`,
+//!    scaling decision and its status), [`rollout`] (revisions, the gate, a rollout's course)
+//!    and the router's own (`router::admission`, `breaker`,
 //!    `budget`, `usage`, `config`, `outcome`, and the HTTP/1.1 framing in `router::engine`).
 //! 3. Drivers, the I/O around them: [`controller`] (reconcile, the autoscaler loop, leader
 //!    election), [`router`] (the per-service data plane), [`sim`] (the simulator),
@@ -18,6 +19,7 @@ pub mod clock;
 pub mod controller;
 pub mod crdgen;
 pub mod engine_sim;
+pub mod rollout;
 pub mod router;
 pub mod runtime;
 pub mod sim;

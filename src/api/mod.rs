@@ -6,12 +6,14 @@ mod inference_service;
 /// Whether the served version is pinned.
 pub mod pinning;
 mod request_classes;
+mod rollout;
 mod scaling_policy;
 
 pub use conditions::*;
 pub use endpoints::*;
 pub use inference_service::*;
 pub use request_classes::*;
+pub use rollout::*;
 pub use scaling_policy::*;
 
 use schemars::{Schema, SchemaGenerator, json_schema};

@@ -1,0 +1,163 @@
+//! How a new revision of a service (a changed model or engine) takes over from the one that
+//! serves: `spec.rollout`, and what status reports of it.
+
+use kube::KubeSchema;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// How traffic moves to a new revision. Without it, a new revision takes all traffic once it
+/// has as many ready replicas as the stable one, and the old one goes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.strategy != 'BlueGreen' || size(self.steps) == 0").message("rollout.steps are for strategy Canary; BlueGreen switches all traffic at once"))]
+#[x_kube(validation = Rule::new("self.steps.all(i, s, i == 0 || self.steps[i - 1].weight < s.weight)").message("rollout.steps weights must increase"))]
+pub struct RolloutSpec {
+    /// `Canary` moves traffic in `steps`; `BlueGreen` brings the candidate up to the stable's
+    /// ready replicas and switches all traffic at once.
+    #[serde(default)]
+    pub strategy: RolloutStrategy,
+    /// Mirror this percentage of the stable's traffic to the candidate first; its answers are
+    /// compared and discarded, clients never see them.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 100))]
+    pub shadow_percent: i32,
+    /// Canary: the weights the candidate gets, each held for `pauseSeconds`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub steps: Vec<RolloutStep>,
+    /// Checked at the end of each step (and of the shadow) over that step's requests; a failed
+    /// gate sends all traffic back to the stable revision at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<RolloutGate>,
+    /// The previous revision stays warm this long after promotion: rolling back within it is a
+    /// switch, not a reload.
+    #[serde(default = "default_keep_previous")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub keep_previous_seconds: i32,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            strategy: RolloutStrategy::default(),
+            shadow_percent: 0,
+            steps: Vec::new(),
+            gate: None,
+            keep_previous_seconds: default_keep_previous(),
+        }
+    }
+}
+
+fn default_keep_previous() -> i32 {
+    900
+}
+
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RolloutStrategy {
+    #[default]
+    Canary,
+    BlueGreen,
+}
+
+/// One canary step.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStep {
+    /// Percentage of requests the candidate gets.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: i32,
+    /// How long the step holds before the gate is checked.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 86400))]
+    pub pause_seconds: i32,
+}
+
+/// What a step must show before traffic moves on.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutGate {
+    /// Requests the candidate must have answered in the step before it is judged.
+    #[serde(default = "default_min_requests")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_requests: i64,
+    /// The candidate's share of 5xx and cut-off answers.
+    #[serde(default = "default_max_error_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate: f64,
+    /// The candidate's p95 time to first token over the stable's, in the same window.
+    #[serde(default = "default_max_ttft_ratio")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub max_ttft_p95_ratio: f64,
+}
+
+impl Default for RolloutGate {
+    fn default() -> Self {
+        Self {
+            min_requests: default_min_requests(),
+            max_error_rate: default_max_error_rate(),
+            max_ttft_p95_ratio: default_max_ttft_ratio(),
+        }
+    }
+}
+
+fn default_min_requests() -> i64 {
+    100
+}
+
+fn default_max_error_rate() -> f64 {
+    0.01
+}
+
+fn default_max_ttft_ratio() -> f64 {
+    1.25
+}
+
+/// Where a rollout stands.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutPhase {
+    Progressing,
+    Paused,
+    /// The candidate serves all traffic; the previous revision stays warm for
+    /// `keepPreviousSeconds`.
+    Promoted,
+    /// All traffic went back to the stable revision (a failed gate, or `abort`).
+    RolledBack,
+    /// The candidate never became ready.
+    Failed,
+}
+
+impl RolloutPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutPhase::Progressing => "Progressing",
+            RolloutPhase::Paused => "Paused",
+            RolloutPhase::Promoted => "Promoted",
+            RolloutPhase::RolledBack => "RolledBack",
+            RolloutPhase::Failed => "Failed",
+        }
+    }
+}
+
+/// The annotation that pauses, resumes, promotes or aborts a rollout.
+pub const ROLLOUT_ANNOTATION: &str = "spillway.dev/rollout";
+
+/// A person's word on a rollout (`kubectl annotate isvc NAME spillway.dev/rollout=pause`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RolloutCommand {
+    Pause,
+    Resume,
+    Promote,
+    Abort,
+}
+
+impl RolloutCommand {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.trim() {
+            "pause" => Some(Self::Pause),
+            "resume" => Some(Self::Resume),
+            "promote" => Some(Self::Promote),
+            "abort" => Some(Self::Abort),
+            _ => None,
+        }
+    }
+}

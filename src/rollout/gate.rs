@@ -1,0 +1,140 @@
+//! The gate: what a rollout step must show before traffic moves on.
+
+use crate::api::RolloutGate;
+use crate::autoscale::latency::{Buckets, min_samples};
+
+/// What one revision answered in a step's window.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    /// Requests its engines answered.
+    pub requests: f64,
+    /// Of them, 5xx answers and answers cut off mid-way.
+    pub errors: f64,
+    /// Time to first token of its streamed answers.
+    pub ttft: Buckets,
+}
+
+impl Window {
+    fn p95_ms(&self) -> Option<f64> {
+        (self.ttft.count() >= min_samples(0.95))
+            .then(|| self.ttft.quantile(0.95))
+            .flatten()
+            .map(|s| s * 1000.0)
+    }
+}
+
+/// The gate's figures, for status.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Figures {
+    pub requests: f64,
+    pub error_rate: f64,
+    pub candidate_ttft_p95_ms: Option<f64>,
+    pub stable_ttft_p95_ms: Option<f64>,
+}
+
+impl Figures {
+    pub fn ttft_ratio(&self) -> Option<f64> {
+        match (self.candidate_ttft_p95_ms, self.stable_ttft_p95_ms) {
+            (Some(c), Some(s)) if s > 0.0 => Some(c / s),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Pass(Figures),
+    /// Not enough requests yet: `why`.
+    Wait(Figures, String),
+    Fail(Figures, String),
+}
+
+/// Judges the candidate's window against the stable's. Time to first token is compared only
+/// when both had enough streamed answers to read a p95 (40); errors always are.
+pub fn judge(gate: &RolloutGate, candidate: &Window, stable: &Window) -> Verdict {
+    let f = Figures {
+        requests: candidate.requests,
+        error_rate: if candidate.requests > 0.0 {
+            candidate.errors / candidate.requests
+        } else {
+            0.0
+        },
+        candidate_ttft_p95_ms: candidate.p95_ms(),
+        stable_ttft_p95_ms: stable.p95_ms(),
+    };
+    if candidate.requests < gate.min_requests as f64 {
+        let why = format!(
+            "{} of {} requests answered by the candidate",
+            candidate.requests.round(),
+            gate.min_requests
+        );
+        return Verdict::Wait(f, why);
+    }
+    if f.error_rate > gate.max_error_rate {
+        let why = format!(
+            "error rate {:.2}% above {:.2}% over {} requests",
+            f.error_rate * 100.0,
+            gate.max_error_rate * 100.0,
+            candidate.requests.round()
+        );
+        return Verdict::Fail(f, why);
+    }
+    if let Some(r) = f.ttft_ratio()
+        && r > gate.max_ttft_p95_ratio
+    {
+        let why = format!(
+            "p95 time to first token {:.0} ms is {r:.2}x the stable's {:.0} ms (at most {:.2}x)",
+            f.candidate_ttft_p95_ms.unwrap_or_default(),
+            f.stable_ttft_p95_ms.unwrap_or_default(),
+            gate.max_ttft_p95_ratio
+        );
+        return Verdict::Fail(f, why);
+    }
+    Verdict::Pass(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(requests: f64, errors: f64, ttft_s: f64) -> Window {
+        let mut ttft = Buckets::exponential(0.0001, 2.5, 18);
+        for _ in 0..requests as usize {
+            ttft.observe(ttft_s);
+        }
+        Window {
+            requests,
+            errors,
+            ttft,
+        }
+    }
+
+    #[test]
+    fn the_gate_waits_for_requests_then_checks_errors_and_latency() {
+        let gate = RolloutGate::default();
+        let stable = window(1000.0, 0.0, 0.2);
+        let Verdict::Wait(_, why) = judge(&gate, &window(40.0, 0.0, 0.2), &stable) else {
+            panic!("too few requests must wait");
+        };
+        assert!(why.contains("40 of 100"), "{why}");
+        assert!(matches!(
+            judge(&gate, &window(200.0, 1.0, 0.2), &stable),
+            Verdict::Pass(_)
+        ));
+        let Verdict::Fail(f, why) = judge(&gate, &window(200.0, 5.0, 0.2), &stable) else {
+            panic!("2.5% errors must fail a 1% gate");
+        };
+        assert!((f.error_rate - 0.025).abs() < 1e-9);
+        assert!(why.contains("error rate 2.50% above 1.00%"), "{why}");
+        // Twice as slow to the first token: over 1.25x.
+        let Verdict::Fail(f, why) = judge(&gate, &window(200.0, 0.0, 0.5), &stable) else {
+            panic!("a slower candidate must fail");
+        };
+        assert!(f.ttft_ratio().unwrap() > 1.25, "{f:?}");
+        assert!(why.contains("time to first token"), "{why}");
+        // Without streamed answers to compare, errors alone decide.
+        let mut quiet = window(200.0, 0.0, 0.5);
+        quiet.ttft = Buckets::exponential(0.0001, 2.5, 18);
+        assert!(matches!(judge(&gate, &quiet, &stable), Verdict::Pass(_)));
+    }
+}

@@ -1,0 +1,10 @@
+//! Revisions and rollouts, the pure core: what defines a served version ([`revision`]), what a
+//! step must show before traffic moves on ([`gate`]), and a rollout's course from the stable
+//! revision to a candidate ([`machine`]).
+
+pub mod gate;
+pub mod machine;
+pub mod revision;
+
+#[cfg(test)]
+mod tests;
