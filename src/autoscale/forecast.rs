@@ -5,8 +5,10 @@
 //! Two models, and the larger of what they say (a missed rise costs burst or latency, a
 //! spare replica only its GPU time until the forecast falls):
 //!
-//! - **trend**: a least-squares line through the last [`TREND_WINDOW_MS`] of samples,
-//!   extended one horizon;
+//! - **trend**: the level of the last minute, extended one horizon along a least-squares
+//!   slope, but only a slope that holds: fitted over the last [`TREND_WINDOW_MS`] and over each
+//!   half of it, the three must agree in sign and the gentlest is taken. A ramp keeps its
+//!   slope; a step (flat on one side of it) has none, and is not read as a rise that goes on;
 //! - **daily season**, once more than a day of samples is kept: the demand a day before the
 //!   forecast time, scaled by how today's recent level compares with the same time yesterday.
 
@@ -38,6 +40,21 @@ pub fn forecast(samples: &Samples, now: Millis, horizon: Millis) -> Option<f64> 
     .map(|d| d.max(0.0))
 }
 
+/// The least-squares slope through `pts` (x in seconds), per second.
+fn slope(pts: &[(f64, f64)]) -> f64 {
+    let n = pts.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (
+        pts.iter().map(|p| p.0).sum::<f64>() / n,
+        pts.iter().map(|p| p.1).sum::<f64>() / n,
+    );
+    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    if sxx > 0.0 { sxy / sxx } else { 0.0 }
+}
+
 fn trend(samples: &Samples, now: Millis, horizon: Millis) -> Option<f64> {
     let pts: Vec<(f64, f64)> = samples
         .iter()
@@ -48,16 +65,26 @@ fn trend(samples: &Samples, now: Millis, horizon: Millis) -> Option<f64> {
     if pts.len() < 3 || span < 60.0 {
         return None;
     }
-    let n = pts.len() as f64;
+    let mid = pts.first()?.0 + span / 2.0;
+    let split = pts.partition_point(|p| p.0 < mid);
+    let slopes = [slope(&pts), slope(&pts[..split]), slope(&pts[split..])];
+    let held = if slopes.iter().all(|s| *s > 0.0) || slopes.iter().all(|s| *s < 0.0) {
+        slopes
+            .iter()
+            .copied()
+            .min_by(|a, b| a.abs().total_cmp(&b.abs()))
+            .unwrap_or(0.0)
+    } else {
+        0.0
+    };
+    let recent: Vec<&(f64, f64)> = pts.iter().filter(|p| p.0 > -60.0).collect();
+    let n = recent.len().max(1) as f64;
     let (mx, my) = (
-        pts.iter().map(|p| p.0).sum::<f64>() / n,
-        pts.iter().map(|p| p.1).sum::<f64>() / n,
+        recent.iter().map(|p| p.0).sum::<f64>() / n,
+        recent.iter().map(|p| p.1).sum::<f64>() / n,
     );
-    let sxx: f64 = pts.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let slope = if sxx > 0.0 { sxy / sxx } else { 0.0 };
-    // The line at `now` (x = 0), then one horizon on.
-    Some(my - slope * mx + slope * horizon as f64 / 1000.0)
+    // The last minute's mean stands at its mean time (x <= 0); carried to now, then on.
+    Some(my + held * (horizon as f64 / 1000.0 - mx))
 }
 
 /// The mean demand within a band around `at`.
@@ -111,6 +138,20 @@ mod tests {
         assert!((forecast(&flat, now, 4 * MIN).unwrap() - 40.0).abs() < 1e-9);
         let falling = series(0, 20 * MIN, 15_000, |t| 30.0 - 3.0 * t as f64 / MIN as f64);
         assert_eq!(forecast(&falling, now, 10 * MIN), Some(0.0));
+    }
+
+    /// A step is not a trend: after demand jumps and stays, the forecast is the new level,
+    /// not the line through the jump (which read 4x the step four minutes on).
+    #[test]
+    fn a_step_is_not_extended() {
+        let step = |t: Millis| if t < 17 * MIN { 50.0 } else { 200.0 };
+        let s = series(0, 20 * MIN, 2_000, step);
+        let f = forecast(&s, 20 * MIN, 4 * MIN).unwrap();
+        assert!((f - 200.0).abs() < 1e-6, "{f}");
+        // Just after it, too: the first half of the window is flat.
+        let s = series(0, 18 * MIN, 2_000, step);
+        let f = forecast(&s, 18 * MIN, 4 * MIN).unwrap();
+        assert!((f - 200.0).abs() < 1e-6, "{f}");
     }
 
     #[test]
