@@ -3,6 +3,13 @@
 use crate::api::RolloutGate;
 use crate::autoscale::latency::{Buckets, min_samples};
 
+/// The buckets a revision's time to first token is kept in for the gate: 1 ms growing by
+/// 10 % to about 85 s. The routers' latency buckets grow 2.5× at a time, too coarse to tell a
+/// candidate 20 % slower from one twice as slow.
+pub fn buckets() -> Buckets {
+    Buckets::exponential(0.001, 1.1, 120)
+}
+
 /// What one revision answered in a step's window.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Window {
@@ -98,7 +105,7 @@ mod tests {
     use super::*;
 
     fn window(requests: f64, errors: f64, ttft_s: f64) -> Window {
-        let mut ttft = Buckets::exponential(0.0001, 2.5, 18);
+        let mut ttft = buckets();
         for _ in 0..requests as usize {
             ttft.observe(ttft_s);
         }
@@ -134,7 +141,7 @@ mod tests {
         assert!(why.contains("time to first token"), "{why}");
         // Without streamed answers to compare, errors alone decide.
         let mut quiet = window(200.0, 0.0, 0.5);
-        quiet.ttft = Buckets::exponential(0.0001, 2.5, 18);
+        quiet.ttft = buckets();
         assert!(matches!(judge(&gate, &quiet, &stable), Verdict::Pass(_)));
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod oracle;
 pub mod report;
+pub mod rollout;
 pub mod trace;
 pub mod world;
 
@@ -89,6 +90,17 @@ pub struct SimulateArgs {
     /// milliseconds (default 1, the exchange's gap; reports also go every 50 ms).
     #[arg(long)]
     pub exchange_ms: Option<u64>,
+    /// Replay a rollout: a new revision arrives at this time (e.g. 30m) and takes over as the
+    /// service's `spec.rollout` says (given as the `sim.spillway.dev/rollout` annotation, a
+    /// YAML mapping; without it, the default: all at once when as ready as the stable).
+    #[arg(long)]
+    pub rollout_at: Option<String>,
+    /// The candidate's prefill and decode take this many times the stable's (default 1).
+    #[arg(long)]
+    pub candidate_slower: Option<f64>,
+    /// The share of the candidate's answers that are errors (default 0).
+    #[arg(long)]
+    pub candidate_errors: Option<f64>,
     /// Summary format.
     #[arg(long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
@@ -336,6 +348,7 @@ pub fn settings(
             &d.exchange_ms.to_string(),
         ),
     )?;
+    let rollout = candidate(args, &ann)?;
     Ok((
         trace,
         ModelParams {
@@ -343,9 +356,56 @@ pub fn settings(
             routers,
             router_skew,
             exchange_ms: exchange_ms.max(1),
+            rollout,
             ..params
         },
     ))
+}
+
+/// The rollout to replay, if `--rollout-at` (or its annotation) is given.
+fn candidate(
+    args: &SimulateArgs,
+    ann: &BTreeMap<String, String>,
+) -> anyhow::Result<Option<rollout::Candidate>> {
+    let at = setting(args.rollout_at.clone(), ann, "rollout-at", "");
+    if at.is_empty() {
+        return Ok(None);
+    }
+    let at_s = trace::parse_duration(&at).map_err(anyhow::Error::msg)?;
+    let slower: f64 = number(
+        "candidate slowdown",
+        &setting(
+            args.candidate_slower.map(|v| v.to_string()),
+            ann,
+            "candidate-slower",
+            "1",
+        ),
+    )?;
+    let error_rate: f64 = number(
+        "candidate error rate",
+        &setting(
+            args.candidate_errors.map(|v| v.to_string()),
+            ann,
+            "candidate-errors",
+            "0",
+        ),
+    )?;
+    if !(slower > 0.0 && slower.is_finite() && (0.0..=1.0).contains(&error_rate)) {
+        bail!("--candidate-slower must be positive and --candidate-errors in [0, 1]");
+    }
+    let spec = match ann.get(&format!("{ANNOTATION_PREFIX}rollout")) {
+        Some(text) => Some(
+            serde_saphyr::from_str::<crate::api::RolloutSpec>(text)
+                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(Some(rollout::Candidate {
+        at_ms: at_s as i64 * 1000,
+        slower,
+        error_rate,
+        spec,
+    }))
 }
 
 /// Parses `CLASS=SHARE,...`: each class one of the service's, each share positive.

@@ -93,6 +93,46 @@ pub fn table(runs: &[Run], slo_ms: u64) -> String {
             r.engine_peak_concurrency.to_string()
         });
     }
+    if runs.iter().any(|r| r.result.rollout.is_some()) {
+        row("rollout", &|r| {
+            r.rollout.as_ref().map_or("none".into(), |o| {
+                let when = o
+                    .ended_s
+                    .map_or(String::new(), |t| format!(" at {:.0} min", t / 60.0));
+                format!("{}{when}", o.phase)
+            })
+        });
+        row("  last", &|r| {
+            r.rollout
+                .as_ref()
+                .map_or(String::new(), |o| o.message.clone())
+        });
+        row("  stable: requests, errors, TTFT p95", &|r| {
+            r.rollout.as_ref().map_or("n/a".into(), |o| {
+                format!(
+                    "{}, {}, {} ms",
+                    o.stable.requests, o.stable.errors, o.stable.ttft_p95_ms
+                )
+            })
+        });
+        row("  candidate: requests, errors, TTFT p95", &|r| {
+            r.rollout.as_ref().map_or("n/a".into(), |o| {
+                format!(
+                    "{}, {}, {} ms",
+                    o.candidate.requests, o.candidate.errors, o.candidate.ttft_p95_ms
+                )
+            })
+        });
+        row("  burst for the candidate", &|r| {
+            r.rollout.as_ref().map_or("n/a".into(), |o| {
+                format!(
+                    "{} requests, {}",
+                    o.candidate_burst_requests,
+                    money(o.candidate_burst_spend)
+                )
+            })
+        });
+    }
     row("replicas peak / mean", &|r| {
         format!("{} / {:.1}", r.peak_replicas, r.mean_replicas)
     });

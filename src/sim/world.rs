@@ -8,6 +8,9 @@ use std::collections::{BinaryHeap, VecDeque};
 use serde::Serialize;
 
 use super::oracle::{OracleInput, oracle};
+use super::rollout::{
+    self as replay, CANDIDATE, Candidate, Change, PREVIOUS, RolloutReport, STABLE,
+};
 use super::trace::Trace;
 use crate::api::BurstMode;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
@@ -64,6 +67,8 @@ pub struct ModelParams {
     /// How long after a change a report reaches the other routers (the exchange's gap plus
     /// the network), in milliseconds.
     pub exchange_ms: u64,
+    /// A new revision rolled out during the trace.
+    pub rollout: Option<Candidate>,
 }
 
 impl Default for ModelParams {
@@ -85,6 +90,7 @@ impl Default for ModelParams {
             router_skew: None,
             shared_view: false,
             exchange_ms: 1,
+            rollout: None,
         }
     }
 }
@@ -171,6 +177,9 @@ pub struct SimResult {
     pub spilled_with_local_free: u64,
     /// The most requests any one engine ran at once (its limit is `engine.maxConcurrency`).
     pub engine_peak_concurrency: u32,
+    /// What became of the rollout, when one was replayed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutReport>,
     #[serde(skip)]
     pub timeline: Vec<TimelinePoint>,
 }
@@ -188,6 +197,8 @@ enum PodState {
 struct Pod {
     state: PodState,
     outstanding: u32,
+    /// `sim::rollout::{STABLE, CANDIDATE, PREVIOUS}`.
+    rev: u8,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -221,6 +232,8 @@ struct Queued {
     class: usize,
     /// The router it reached.
     router: usize,
+    /// The revision it was routed to.
+    rev: u8,
 }
 
 /// One router of several: its queue, its own requests on each pod, and (shared view) its
@@ -339,6 +352,12 @@ struct Sim<'a> {
     burst_spend: f64,
     max_rpm_seen: usize,
     max_spend_hour_seen: f64,
+    /// A rollout being replayed; the candidate's weight (percent) and replicas it asks for.
+    rollout: Option<replay::Run>,
+    weight: u32,
+    candidate_desired: i32,
+    /// Which revision a request goes to, and the candidate's errors: a stream of their own.
+    rev_rng: SplitMix64,
 }
 
 impl Sim<'_> {
@@ -429,7 +448,7 @@ impl Sim<'_> {
                 limit,
                 room,
                 aside: false,
-                excluded: !ask.locals_open,
+                excluded: !ask.locals_open || self.pods[i].rev != ask.rev,
             });
         }
         self.providers_buf.clear();
@@ -470,10 +489,7 @@ impl Sim<'_> {
         let waited = self.now - req.arrival;
         let class = &mut self.mix[req.class];
         match a {
-            Admission::Local(_) => {
-                class.outcome.local += 1;
-                class.ttft.record(waited + self.params.prefill_ms as Millis);
-            }
+            Admission::Local(_) => class.outcome.local += 1,
             Admission::Provider(_) => {
                 class.outcome.burst += 1;
                 class
@@ -486,12 +502,27 @@ impl Sim<'_> {
         match a {
             Admission::Local(i) => {
                 let pod = self.ready[i];
+                // The candidate answers at its own speed, and some of its answers are errors.
+                let (slower, error_rate) = match (&self.rollout, self.pods[pod as usize].rev) {
+                    (Some(r), CANDIDATE) => (r.candidate.slower, r.candidate.error_rate),
+                    _ => (1.0, 0.0),
+                };
+                let prefill = (self.params.prefill_ms as f64 * slower).round() as Millis;
+                let error = error_rate > 0.0 && self.rev_rng.next_f64() < error_rate;
+                self.mix[req.class].ttft.record(waited + prefill);
+                if let Some(r) = &mut self.rollout {
+                    r.answered(
+                        self.pods[pod as usize].rev,
+                        error,
+                        (waited + prefill) as f64 / 1000.0,
+                    );
+                }
                 self.pods[pod as usize].outstanding += 1;
                 self.routers[req.router].own[pod as usize] += 1;
                 self.report_soon();
                 self.engine_peak = self.engine_peak.max(self.pods[pod as usize].outstanding);
-                let service = self.params.prefill_ms as f64
-                    + req.output as f64 * 1000.0 / self.params.tokens_per_second;
+                let service = prefill as f64
+                    + req.output as f64 * 1000.0 / self.params.tokens_per_second * slower;
                 let router = req.router as u32;
                 self.push(
                     self.now + service.round() as Millis,
@@ -499,9 +530,10 @@ impl Sim<'_> {
                 );
                 self.local_hold_ms += service.round();
                 self.local_started += 1;
-                self.ttft.record(waited + self.params.prefill_ms as Millis);
-                self.local_ttft
-                    .observe((waited + self.params.prefill_ms as Millis) as f64 / 1000.0);
+                self.ttft.record(waited + prefill);
+                if self.pods[pod as usize].rev == STABLE {
+                    self.local_ttft.observe((waited + prefill) as f64 / 1000.0);
+                }
                 self.outcomes.local += 1;
                 true
             }
@@ -518,6 +550,9 @@ impl Sim<'_> {
                 p.in_flight += 1;
                 p.served += 1;
                 let c = cost(p.pricing.as_ref(), req.prompt as u64, req.output as u64);
+                if let (Some(r), CANDIDATE) = (&mut self.rollout, req.rev) {
+                    r.spilled(c);
+                }
                 self.budget.record_request(self.now);
                 self.max_rpm_seen = self
                     .max_rpm_seen
@@ -557,12 +592,18 @@ impl Sim<'_> {
             .position(|c| u < c.upto)
             .unwrap_or(self.mix.len() - 1);
         let router = self.pick_router();
+        let rev = if self.weight > 0 && self.rev_rng.next_f64() * 100.0 < self.weight as f64 {
+            CANDIDATE
+        } else {
+            STABLE
+        };
         let req = Queued {
             arrival: self.now,
             prompt: self.draw_tokens(self.params.prompt_tokens),
             output: self.draw_tokens(self.params.output_tokens),
             class,
             router,
+            rev,
         };
         self.outcomes.total += 1;
         self.mix[class].outcome.total += 1;
@@ -576,6 +617,7 @@ impl Sim<'_> {
         let a = self.admission(Ask {
             class,
             router,
+            rev,
             in_queue: false,
             queued: ahead as u32,
             queue_len: queue.len() as u32,
@@ -635,6 +677,7 @@ impl Sim<'_> {
             let a = self.admission(Ask {
                 class: w.class,
                 router,
+                rev: w.rev,
                 in_queue: true,
                 queued,
                 queue_len: queued,
@@ -665,16 +708,24 @@ impl Sim<'_> {
         }
     }
 
-    fn active_pods(&self) -> usize {
+    fn active_pods(&self, rev: u8) -> usize {
         self.pods
             .iter()
             .filter(|p| {
-                matches!(
-                    p.state,
-                    PodState::Ready | PodState::Starting { .. } | PodState::Unschedulable
-                )
+                p.rev == rev
+                    && matches!(
+                        p.state,
+                        PodState::Ready | PodState::Starting { .. } | PodState::Unschedulable
+                    )
             })
             .count()
+    }
+
+    fn ready_of(&self, rev: u8) -> i32 {
+        self.ready
+            .iter()
+            .filter(|&&i| self.pods[i as usize].rev == rev)
+            .count() as i32
     }
 
     fn scheduled_pods(&self) -> usize {
@@ -705,34 +756,42 @@ impl Sim<'_> {
         }
     }
 
-    /// Moves the pod set towards `desired` like a Deployment would.
+    /// Moves each revision's pod set towards its count like its Deployment would: the
+    /// stable's to `desired`, a candidate's to what the rollout asks.
     fn reconcile_pods(&mut self) {
-        let mut active = self.active_pods() as i32;
-        while active < self.desired {
+        self.reconcile_revision(STABLE, self.desired);
+        self.reconcile_revision(CANDIDATE, self.candidate_desired);
+    }
+
+    fn reconcile_revision(&mut self, rev: u8, desired: i32) {
+        let mut active = self.active_pods(rev) as i32;
+        while active < desired {
             self.pods.push(Pod {
                 state: PodState::Unschedulable,
                 outstanding: 0,
+                rev,
             });
             let idx = self.pods.len() - 1;
             self.schedule_or_park(idx);
             active += 1;
         }
         // Remove the least useful first: unschedulable, then starting, then the idlest ready.
-        while active > self.desired {
+        let of = |p: &Pod, state: fn(&PodState) -> bool| p.rev == rev && state(&p.state);
+        while active > desired {
             let pick = self
                 .pods
                 .iter()
-                .position(|p| p.state == PodState::Unschedulable)
+                .position(|p| of(p, |s| *s == PodState::Unschedulable))
                 .or_else(|| {
                     self.pods
                         .iter()
-                        .position(|p| matches!(p.state, PodState::Starting { .. }))
+                        .position(|p| of(p, |s| matches!(s, PodState::Starting { .. })))
                 })
                 .or_else(|| {
                     self.pods
                         .iter()
                         .enumerate()
-                        .filter(|(_, p)| p.state == PodState::Ready)
+                        .filter(|(_, p)| of(p, |s| *s == PodState::Ready))
                         .min_by_key(|(_, p)| p.outstanding)
                         .map(|(i, _)| i)
                 });
@@ -760,9 +819,11 @@ impl Sim<'_> {
     }
 
     fn observe(&self) -> Observed {
+        // The autoscaler scales the stable revision on its own pods.
         let ready = self
             .ready
             .iter()
+            .filter(|&&i| self.pods[i as usize].rev == STABLE)
             .map(|&i| {
                 let o = self.pods[i as usize].outstanding as f64;
                 PodSample {
@@ -774,8 +835,12 @@ impl Sim<'_> {
                 }
             })
             .collect();
-        let count =
-            |f: fn(&PodState) -> bool| self.pods.iter().filter(|p| f(&p.state)).count() as i32;
+        let count = |f: fn(&PodState) -> bool| {
+            self.pods
+                .iter()
+                .filter(|p| p.rev == STABLE && f(&p.state))
+                .count() as i32
+        };
         Observed {
             current_replicas: self.desired,
             ready,
@@ -818,7 +883,72 @@ impl Sim<'_> {
             // New capacity or a freed quota may let waiting requests in.
             self.serve_queues();
         }
+        self.roll();
         d
+    }
+
+    /// The rollout's tick: the candidate's weight and replicas, and promotion or rollback.
+    fn roll(&mut self) {
+        let (stable_ready, candidate_ready) = (self.ready_of(STABLE), self.ready_of(CANDIDATE));
+        // Its first replica may take the slowest cold start, and ten minutes more.
+        let deadline = ((self.params.cold_start_s.1 + 600.0) * 1000.0) as Millis;
+        let Some(run) = &mut self.rollout else { return };
+        let (traffic, change) = run.tick(self.now, stable_ready, candidate_ready, deadline);
+        // Once it is over, the pods are relabelled instead: nothing is routed to "candidate".
+        let active = run.active();
+        self.weight = if active { traffic.candidate_weight } else { 0 };
+        self.candidate_desired = if active {
+            traffic.candidate_replicas
+        } else {
+            0
+        };
+        let relabel = |pods: &mut Vec<Pod>, from: u8, to: u8| {
+            for p in pods.iter_mut().filter(|p| p.rev == from) {
+                p.rev = to;
+            }
+        };
+        match change {
+            Change::None => {}
+            Change::Promoted => {
+                // The candidate is the stable now, with the replicas it has; the old stable
+                // stays warm, unrouted, until `keepPreviousSeconds` are over.
+                relabel(&mut self.pods, STABLE, PREVIOUS);
+                relabel(&mut self.pods, CANDIDATE, STABLE);
+                self.desired = (self.active_pods(STABLE) as i32).max(self.policy.min_replicas);
+                self.history = History::starting_at(self.now, self.desired);
+                self.weight = 0;
+                self.candidate_desired = 0;
+            }
+            Change::RolledBack => {
+                if self
+                    .pods
+                    .iter()
+                    .any(|p| p.rev == PREVIOUS && p.state != PodState::Gone)
+                {
+                    // Back within `keepPreviousSeconds`: the previous serves again at once.
+                    relabel(&mut self.pods, STABLE, CANDIDATE);
+                    relabel(&mut self.pods, PREVIOUS, STABLE);
+                    self.desired = self.active_pods(STABLE) as i32;
+                    self.history = History::starting_at(self.now, self.desired);
+                }
+                self.candidate_desired = 0;
+            }
+            Change::DropPrevious => self.drop_revision(PREVIOUS),
+        }
+        self.reconcile_pods();
+        self.rebuild_ready();
+        self.serve_queues();
+    }
+
+    /// Lets a revision's pods go: idle ones at once, busy ones once their requests end.
+    fn drop_revision(&mut self, rev: u8) {
+        for p in self.pods.iter_mut().filter(|p| p.rev == rev) {
+            p.state = match p.state {
+                PodState::Ready if p.outstanding > 0 => PodState::Draining,
+                PodState::Draining => PodState::Draining,
+                _ => PodState::Gone,
+            };
+        }
     }
 }
 
@@ -831,6 +961,8 @@ fn empty_ttft() -> Buckets {
 struct Ask {
     class: usize,
     router: usize,
+    /// Only this revision's engines may take it.
+    rev: u8,
     in_queue: bool,
     queued: u32,
     queue_len: u32,
@@ -969,12 +1101,17 @@ pub fn simulate(
         burst_spend: 0.0,
         max_rpm_seen: 0,
         max_spend_hour_seen: 0.0,
+        rollout: params.rollout.clone().map(replay::Run::new),
+        weight: 0,
+        candidate_desired: 0,
+        rev_rng: SplitMix64::new(params.seed ^ 0x7e71_5107_ca2d_1da7),
     };
     // An established service: its minimum is up and warm at the start.
     for _ in 0..start_replicas {
         sim.pods.push(Pod {
             state: PodState::Ready,
             outstanding: 0,
+            rev: STABLE,
         });
     }
     if let Some(q) = params.gpu_quota {
@@ -1182,6 +1319,7 @@ pub fn simulate(
         routers: routers as u32,
         spilled_with_local_free: sim.spilled_with_local_free,
         engine_peak_concurrency: sim.engine_peak,
+        rollout: sim.rollout.as_ref().and_then(|r| r.report()),
         timeline,
         outcomes: Outcomes {
             total: served + outcomes.rejected,

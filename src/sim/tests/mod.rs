@@ -2,6 +2,7 @@
 
 mod classes;
 mod inputs;
+mod rollout;
 mod routers;
 mod scenarios;
 

@@ -1,0 +1,115 @@
+//! Rollouts replayed (`examples/rollout.yaml`): the rollout core moves traffic, the gate
+//! judges the candidate on what its engines answered, and no request is lost on the way.
+
+use super::{assert_nothing_lost, scenario};
+use crate::sim::world::{SimResult, simulate};
+
+/// The example, with the candidate `slower` and erring at `errors`; `spec` replaces its
+/// `sim.spillway.dev/rollout` (`Some("")`: no `spec.rollout`, the default).
+fn replay(slower: f64, errors: f64, spec: Option<&str>) -> SimResult {
+    let mut s = scenario("rollout.yaml");
+    let ann = s
+        .service
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    match spec {
+        Some("") => {
+            ann.remove("sim.spillway.dev/rollout");
+        }
+        Some(y) => {
+            ann.insert("sim.spillway.dev/rollout".into(), y.into());
+        }
+        None => {}
+    }
+    let mut args = super::default_args();
+    args.candidate_slower = Some(slower);
+    args.candidate_errors = Some(errors);
+    let (trace, params) = crate::sim::settings(&args, &s.service).unwrap();
+    let r = simulate(&s.service, &s.policies[0].1, &trace, &params);
+    assert_nothing_lost(&r);
+    assert_eq!(r.outcomes.rejected, 0, "a rollout never drops a request");
+    r
+}
+
+#[test]
+fn a_candidate_as_good_as_the_stable_is_promoted_step_by_step() {
+    let r = replay(1.0, 0.0, None);
+    let o = r.rollout.expect("a rollout");
+    assert_eq!(o.phase, "Promoted", "{o:?}");
+    let course: Vec<&str> = o.course.iter().map(|(_, m)| m.as_str()).collect();
+    assert!(
+        course.iter().any(|m| m.contains("step 2 of 2 (50%) began")),
+        "{course:?}"
+    );
+    // The previous revision stays warm for keepPreviousSeconds (900), then goes.
+    let promoted = o.ended_s.unwrap();
+    let (let_go, _) = o
+        .course
+        .iter()
+        .find(|(_, m)| m == "previous revision let go")
+        .expect("the previous revision goes");
+    assert!(
+        (let_go - promoted - 900.0).abs() <= 2.0,
+        "{promoted} {let_go}"
+    );
+    // The candidate answered its share, and the providers took what its loading replicas
+    // could not.
+    assert!(o.candidate.requests >= 100, "{o:?}");
+    assert!(o.candidate_burst_requests > 0, "{o:?}");
+}
+
+#[test]
+fn the_gate_catches_a_slower_candidate_at_the_first_step() {
+    let r = replay(2.0, 0.0, None);
+    let o = r.rollout.expect("a rollout");
+    assert_eq!(o.phase, "RolledBack", "{o:?}");
+    assert!(
+        o.message.contains("gate failed at step 1 of 2 (10%)"),
+        "{}",
+        o.message
+    );
+    assert!(o.gate_ttft_ratio.unwrap() > 1.25, "{o:?}");
+    // Clients saw it only on its 10 % share, at its own speed.
+    assert!(o.candidate.ttft_p95_ms > o.stable.ttft_p95_ms, "{o:?}");
+}
+
+/// The gate's own buckets (10 % apart) tell a candidate 20 % slower (within 1.25x: promoted)
+/// from one 40 % slower (rolled back); the routers' 2.5x buckets read both as 2.5x.
+#[test]
+fn the_gate_tells_a_little_slower_from_too_slow() {
+    let a_little = replay(1.2, 0.0, None).rollout.unwrap();
+    assert_eq!(a_little.phase, "Promoted", "{a_little:?}");
+    let too = replay(1.4, 0.0, None).rollout.unwrap();
+    assert_eq!(too.phase, "RolledBack", "{too:?}");
+    let ratio = too.gate_ttft_ratio.unwrap();
+    assert!((1.3..1.6).contains(&ratio), "{ratio}");
+}
+
+#[test]
+fn the_gate_catches_a_candidate_that_errs() {
+    let o = replay(1.0, 0.05, None).rollout.expect("a rollout");
+    assert_eq!(o.phase, "RolledBack", "{o:?}");
+    assert!(o.message.contains("error rate"), "{}", o.message);
+    assert!(o.candidate.errors > 0);
+}
+
+/// Without `spec.rollout`: the stable serves everything until the candidate is as ready, then
+/// the candidate serves everything; nothing goes to it (nor to providers for it) before.
+#[test]
+fn by_default_traffic_switches_at_once_when_the_candidate_is_ready() {
+    let o = replay(1.0, 0.0, Some("")).rollout.expect("a rollout");
+    assert_eq!(o.phase, "Promoted", "{o:?}");
+    assert_eq!(
+        (o.candidate.requests, o.candidate_burst_requests),
+        (0, 0),
+        "{o:?}"
+    );
+    // It waited for the candidate's cold start (180-300 s); the load doubles as it begins,
+    // the stable scales from 2 to 4, and the candidate follows it: a second cold start at most.
+    let took = o.ended_s.unwrap() - o.started_s;
+    assert!((180.0..=610.0).contains(&took), "{took}");
+    // And the slower candidate is not judged: there is no gate.
+    let slow = replay(2.0, 0.0, Some("")).rollout.unwrap();
+    assert_eq!(slow.phase, "Promoted");
+}
