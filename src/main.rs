@@ -21,7 +21,7 @@ enum Command {
         out_dir: Option<std::path::PathBuf>,
     },
     /// Replay a traffic trace against an InferenceService and ScalingPolicy (no cluster needed).
-    Simulate(spillway::sim::SimulateArgs),
+    Simulate(Box<spillway::sim::SimulateArgs>),
     /// Run a simulated inference engine (OpenAI-compatible API, vLLM-style metrics).
     EngineSim(spillway::engine_sim::EngineSimArgs),
     /// Run the per-service router: OpenAI-compatible proxy with spill-over to burst providers.
@@ -57,7 +57,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             spillway::telemetry::init(&cli.log)?;
             spillway::controller::run(args).await
         }
-        Command::Simulate(args) => spillway::sim::run(args),
+        Command::Simulate(args) => spillway::sim::run(*args),
         Command::EngineSim(args) => {
             spillway::telemetry::init(&cli.log)?;
             spillway::engine_sim::run(args).await
