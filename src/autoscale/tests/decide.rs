@@ -724,6 +724,19 @@ fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
     assert_eq!(ramp_under(Some(Disabled)).desired, off.desired);
 }
 
+/// Two ready replicas, each running `in_flight`, with `spilled` slots of demand at providers.
+fn two_replicas(in_flight: f64, spilled: f64) -> Observed {
+    let pod = PodSample {
+        queue_depth: Some(0.0),
+        in_flight: Some(in_flight),
+        gpu_memory: Some(0.5),
+    };
+    Observed {
+        spilled: Some(spilled),
+        ..observed(2, vec![pod; 2])
+    }
+}
+
 /// 2 replicas of 32 slots carry 50 requests on average; one tick in ten reads full plus 12
 /// slots spilled (a momentary peak a provider absorbed). Run tick by tick: the replicas the
 /// last ten ticks asked for.
@@ -736,18 +749,7 @@ fn peaks_under(window_seconds: i32) -> Vec<i32> {
     for tick in 0..60i64 {
         let peak = tick % 10 == 9;
         let (in_flight, spilled) = if peak { (32.0, 12.0) } else { (25.0, 0.0) };
-        let ready = vec![
-            PodSample {
-                queue_depth: Some(0.0),
-                in_flight: Some(in_flight),
-                gpu_memory: Some(0.5),
-            };
-            2
-        ];
-        let o = Observed {
-            spilled: Some(spilled),
-            ..observed(2, ready)
-        };
+        let o = two_replicas(in_flight, spilled);
         let d = decide(&p, slots(32), &o, &history, tick * 2 * S);
         history = d.history.clone();
         asked.push(d.desired);
@@ -774,18 +776,7 @@ fn an_occupancy_window_follows_a_sustained_rise() {
     for tick in 0..20i64 {
         // From tick 5 on, both replicas full and 40 slots spilled each tick.
         let (in_flight, spilled) = if tick < 5 { (20.0, 0.0) } else { (32.0, 40.0) };
-        let ready = vec![
-            PodSample {
-                queue_depth: Some(0.0),
-                in_flight: Some(in_flight),
-                gpu_memory: Some(0.5),
-            };
-            2
-        ];
-        let o = Observed {
-            spilled: Some(spilled),
-            ..observed(2, ready)
-        };
+        let o = two_replicas(in_flight, spilled);
         let d = decide(&p, slots(32), &o, &history, tick * 2 * S);
         history = d.history.clone();
         if d.desired > 2 && first_up.is_none() {

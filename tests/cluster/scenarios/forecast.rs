@@ -30,11 +30,7 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
     .await?;
     let mut ctl = env.controller("ctl-i").await?;
     env.ready_pods(NS, 1, 1, Duration::from_secs(60)).await?;
-    let router = env
-        .pods(NS, "router")
-        .first()
-        .map(|p| format!("{}:8080", p.ip))
-        .ok_or_else(|| anyhow::anyhow!("no router pod"))?;
+    let router = env.router_addr(NS)?;
     let load = Load::start(router, MODEL, 3, 20);
     let started = Instant::now();
     let result = async {

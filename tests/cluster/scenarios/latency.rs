@@ -38,11 +38,7 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
     .await?;
     let mut ctl = env.controller("ctl-j").await?;
     env.ready_pods(NS, 1, 1, Duration::from_secs(60)).await?;
-    let router = env
-        .pods(NS, "router")
-        .first()
-        .map(|p| format!("{}:8080", p.ip))
-        .ok_or_else(|| anyhow::anyhow!("no router pod"))?;
+    let router = env.router_addr(NS)?;
     // 6 clients on 2 slots, 10 tokens at 20/s each: about a second of queueing per request.
     let load = Load::streaming(router, MODEL, 6, 10);
     let started = Instant::now();

@@ -104,6 +104,14 @@ impl Env {
             .collect()
     }
 
+    /// The first router pod's `ip:port`.
+    pub fn router_addr(&self, ns: &str) -> anyhow::Result<String> {
+        self.pods(ns, "router")
+            .first()
+            .map(|p| format!("{}:8080", p.ip))
+            .ok_or_else(|| anyhow::anyhow!("no router pod"))
+    }
+
     /// Waits until `engines` engine pods and `routers` router pods of `ns` report Ready.
     pub async fn ready_pods(
         &self,
