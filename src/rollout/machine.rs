@@ -2,7 +2,7 @@
 //! blue-green switch) to promotion, or back to the stable revision.
 
 use super::gate::{Figures, Verdict, Window, judge};
-use crate::api::{RolloutCommand, RolloutGate, RolloutPhase, RolloutSpec, RolloutStrategy};
+use crate::api::{RolloutCommand, RolloutPhase, RolloutSpec, RolloutStrategy};
 use crate::clock::Millis;
 
 /// Where traffic stands within a rollout.
@@ -101,8 +101,8 @@ pub fn start(spec: Option<&RolloutSpec>, stable: &str, candidate: &str, now: Mil
     }
 }
 
-/// The ready replicas the candidate needs at `stage`: its weight's share of the stable's, all
-/// of them to switch, one to shadow.
+/// The ready replicas the candidate's share at `stage` takes: its weight's share of the
+/// stable's, all of them to switch, one to shadow.
 fn needed(spec: &RolloutSpec, stage: Stage, stable_ready: i32) -> i32 {
     let base = stable_ready.max(1);
     match stage {
@@ -130,7 +130,7 @@ pub fn traffic(spec: Option<&RolloutSpec>, r: &Rollout, stable_ready: i32) -> Tr
         },
         RolloutPhase::RolledBack | RolloutPhase::Failed => none,
         RolloutPhase::Progressing | RolloutPhase::Paused => {
-            let replicas = needed(&spec, r.stage, stable_ready);
+            let replicas = wanted(&spec, r.stage, stable_ready);
             match r.stage {
                 Stage::Shadow => Traffic {
                     shadow_percent: spec.shadow_percent.clamp(0, 100) as u32,
@@ -222,36 +222,35 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         );
         return next;
     }
-    let want = needed(&spec, next.stage, o.stable_ready);
-    let ready = o.candidate_ready >= want;
     let elapsed = now - next.since;
-    let judged = |gate: &RolloutGate| match o.windows {
-        Some((c, s)) => judge(gate, c, s),
-        None => Verdict::Wait(Figures::default(), "no measurements yet".into()),
-    };
-    let (done, gate) = match next.stage {
-        Stage::Shadow => (ready, Some(spec.gate.clone().unwrap_or_default())),
+    // The stage is judged once its time is up (a shadow: once a replica takes the mirrors).
+    let (due, gate) = match next.stage {
+        Stage::Shadow => (
+            o.candidate_ready >= 1,
+            Some(spec.gate.clone().unwrap_or_default()),
+        ),
         Stage::Step(i) => {
             let pause = spec.steps.get(i).map_or(0, |s| s.pause_seconds.max(0));
-            (
-                ready && elapsed >= Millis::from(pause) * 1000,
-                spec.gate.clone(),
-            )
+            (elapsed >= Millis::from(pause) * 1000, spec.gate.clone())
         }
         // A shadow before it was judged already; there is no traffic to judge before the switch.
-        Stage::Switch => (ready, None),
+        Stage::Switch => (true, None),
     };
-    if !done {
+    if !due {
         next.message = format!(
             "{}: candidate {} of {} replicas ready",
             stage_name(next.stage, &spec),
             o.candidate_ready,
-            want
+            wanted(&spec, next.stage, o.stable_ready)
         );
         return next;
     }
     if let Some(g) = gate {
-        match judged(&g) {
+        let verdict = match o.windows {
+            Some((c, s)) => judge(&g, c, s),
+            None => Verdict::Wait(Figures::default(), "no measurements yet".into()),
+        };
+        match verdict {
             Verdict::Wait(f, why) => {
                 next.figures = Some(f);
                 next.message = format!("{}: gate waits, {why}", stage_name(next.stage, &spec));
@@ -273,12 +272,18 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
             Verdict::Pass(f) => next.figures = Some(f),
         }
     }
-    let following = match next.stage {
-        Stage::Shadow => Some(after_shadow(&spec)),
-        Stage::Step(i) if i + 1 < spec.steps.len() => Some(Stage::Step(i + 1)),
-        Stage::Step(_) | Stage::Switch => None,
-    };
-    match following {
+    // Traffic moves on only to replicas that are ready for it: never a drop in capacity.
+    let want = wanted(&spec, next.stage, o.stable_ready);
+    if o.candidate_ready < want {
+        next.message = format!(
+            "{}: candidate {} of {} replicas ready for what comes next",
+            stage_name(next.stage, &spec),
+            o.candidate_ready,
+            want
+        );
+        return next;
+    }
+    match following(&spec, next.stage) {
         Some(s) => {
             next.stage = s;
             next.since = now;
@@ -291,6 +296,22 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         ),
     }
     next
+}
+
+/// The stage after `stage`; `None`: promotion.
+fn following(spec: &RolloutSpec, stage: Stage) -> Option<Stage> {
+    match stage {
+        Stage::Shadow => Some(after_shadow(spec)),
+        Stage::Step(i) if i + 1 < spec.steps.len() => Some(Stage::Step(i + 1)),
+        Stage::Step(_) | Stage::Switch => None,
+    }
+}
+
+/// The ready replicas the candidate needs during `stage`: enough for it and for what follows
+/// (promotion: as many as the stable), so each move finds them loaded.
+fn wanted(spec: &RolloutSpec, stage: Stage, stable_ready: i32) -> i32 {
+    let ahead = following(spec, stage).unwrap_or(Stage::Switch);
+    needed(spec, stage, stable_ready).max(needed(spec, ahead, stable_ready))
 }
 
 fn stage_name(stage: Stage, spec: &RolloutSpec) -> String {

@@ -80,9 +80,10 @@ fn canary_steps_move_on_a_passing_gate_and_roll_back_on_a_failing_one() {
     let spec = canary();
     let r = start(Some(&spec), "old", "new", 0);
     assert_eq!(r.stage, Stage::Step(0));
-    // The weight applies at once: what the loading candidate cannot take spills or waits.
+    // The weight applies at once: what the loading candidate cannot take spills or waits. It
+    // loads for the next step too (50 % of 4): each move finds its replicas ready.
     let t = traffic(Some(&spec), &r, 4);
-    assert_eq!((t.candidate_weight, t.candidate_replicas), (10, 1));
+    assert_eq!((t.candidate_weight, t.candidate_replicas), (10, 2));
     // Ready, but the step's 300 s are not over.
     let r = advance(Some(&spec), &r, &at(200 * S, 4, 1));
     assert_eq!(r.stage, Stage::Step(0));
@@ -107,8 +108,9 @@ fn canary_steps_move_on_a_passing_gate_and_roll_back_on_a_failing_one() {
         "{}",
         r.message
     );
+    // The last step loads for the promotion: as many as the stable.
     let t = traffic(Some(&spec), &r, 4);
-    assert_eq!((t.candidate_weight, t.candidate_replicas), (50, 2));
+    assert_eq!((t.candidate_weight, t.candidate_replicas), (50, 4));
     // The second step's clock started with it.
     assert_eq!(
         advance(Some(&spec), &r, &with(500 * S, good)).stage,
@@ -136,9 +138,19 @@ fn the_last_passing_step_promotes() {
     let r = start(Some(&spec), "old", "new", 0);
     let r = advance(Some(&spec), &r, &at(300 * S, 2, 1));
     assert_eq!(r.stage, Stage::Step(1));
-    let r = advance(Some(&spec), &r, &at(599 * S, 2, 1));
+    let r = advance(Some(&spec), &r, &at(599 * S, 2, 2));
     assert_eq!(r.stage, Stage::Step(1));
-    let r = advance(Some(&spec), &r, &at(600 * S, 2, 1));
+    // Its time is up, but the candidate has 1 of the stable's 2: no promotion yet.
+    let waiting = advance(Some(&spec), &r, &at(600 * S, 2, 1));
+    assert_eq!(waiting.phase, RolloutPhase::Progressing);
+    assert!(
+        waiting
+            .message
+            .contains("1 of 2 replicas ready for what comes next"),
+        "{}",
+        waiting.message
+    );
+    let r = advance(Some(&spec), &r, &at(600 * S, 2, 2));
     assert_eq!(r.phase, RolloutPhase::Promoted, "{}", r.message);
 }
 
@@ -181,9 +193,19 @@ fn a_shadow_is_judged_before_the_first_step() {
             ..at(30 * S, 4, 1)
         },
     );
+    // Judged, but it switches next: it waits for the stable's 4.
+    assert_eq!(r.stage, Stage::Shadow, "{}", r.message);
+    let r = advance(
+        Some(&bg),
+        &r,
+        &Observed {
+            windows: Some((&good, &stable)),
+            ..at(40 * S, 4, 4)
+        },
+    );
     assert_eq!(r.stage, Stage::Switch, "{}", r.message);
     assert_eq!(
-        advance(Some(&bg), &r, &at(40 * S, 4, 3)).phase,
+        advance(Some(&bg), &r, &at(50 * S, 4, 3)).phase,
         RolloutPhase::Progressing
     );
     assert_eq!(

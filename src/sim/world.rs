@@ -592,7 +592,14 @@ impl Sim<'_> {
             .position(|c| u < c.upto)
             .unwrap_or(self.mix.len() - 1);
         let router = self.pick_router();
-        let rev = if self.weight > 0 && self.rev_rng.next_f64() * 100.0 < self.weight as f64 {
+        // The candidate's share; one that may not burst goes to the stable while no candidate
+        // replica is ready (it would wait out a whole cold start).
+        let may_burst =
+            !self.mix[class].rule.never_burst && self.policy.burst.mode != BurstMode::Never;
+        let rev = if self.weight > 0
+            && self.rev_rng.next_f64() * 100.0 < self.weight as f64
+            && (may_burst || self.ready_of(CANDIDATE) > 0)
+        {
             CANDIDATE
         } else {
             STABLE
@@ -907,6 +914,15 @@ impl Sim<'_> {
                 p.rev = to;
             }
         };
+        if matches!(change, Change::Promoted | Change::RolledBack) {
+            // Requests waiting for the candidate: after a promotion they wait for the same
+            // engines (now the stable); after a rollback, for the stable's.
+            for r in &mut self.routers {
+                for w in r.queue.iter_mut().filter(|w| w.rev == CANDIDATE) {
+                    w.rev = STABLE;
+                }
+            }
+        }
         match change {
             Change::None => {}
             Change::Promoted => {

@@ -7,7 +7,19 @@ use crate::sim::world::{SimResult, simulate};
 /// The example, with the candidate `slower` and erring at `errors`; `spec` replaces its
 /// `sim.spillway.dev/rollout` (`Some("")`: no `spec.rollout`, the default).
 fn replay(slower: f64, errors: f64, spec: Option<&str>) -> SimResult {
+    let r = replay_with(slower, errors, spec, |_| {});
+    assert_eq!(r.outcomes.rejected, 0, "a rollout never drops a request");
+    r
+}
+
+fn replay_with(
+    slower: f64,
+    errors: f64,
+    spec: Option<&str>,
+    tweak: impl FnOnce(&mut crate::api::ScalingPolicySpec),
+) -> SimResult {
     let mut s = scenario("rollout.yaml");
+    tweak(&mut s.policies[0].1);
     let ann = s
         .service
         .metadata
@@ -28,7 +40,6 @@ fn replay(slower: f64, errors: f64, spec: Option<&str>) -> SimResult {
     let (trace, params) = crate::sim::settings(&args, &s.service).unwrap();
     let r = simulate(&s.service, &s.policies[0].1, &trace, &params);
     assert_nothing_lost(&r);
-    assert_eq!(r.outcomes.rejected, 0, "a rollout never drops a request");
     r
 }
 
@@ -112,4 +123,31 @@ fn by_default_traffic_switches_at_once_when_the_candidate_is_ready() {
     // And the slower candidate is not judged: there is no gate.
     let slow = replay(2.0, 0.0, Some("")).rollout.unwrap();
     assert_eq!(slow.phase, "Promoted");
+}
+
+/// Requests that may not burst are not sent to a candidate with no ready replica (they would
+/// wait out its cold start); once it has one, they wait for its slots like any other, and the
+/// candidate loads each step's replicas before the step: the rollout refuses nothing more than
+/// the load step does without it (the stable's own cold start, with no provider).
+#[test]
+fn requests_that_may_not_burst_wait_for_a_ready_candidate_only() {
+    let never = |p: &mut crate::api::ScalingPolicySpec| p.burst.mode = crate::api::BurstMode::Never;
+    let r = replay_with(1.0, 0.0, None, never);
+    let mut without = scenario("rollout.yaml");
+    let ann = without.service.metadata.annotations.as_mut().unwrap();
+    ann.remove("sim.spillway.dev/rollout-at");
+    never(&mut without.policies[0].1);
+    let (trace, params) = crate::sim::settings(&super::default_args(), &without.service).unwrap();
+    let base = simulate(&without.service, &without.policies[0].1, &trace, &params);
+    assert!(base.rollout.is_none());
+    assert!(
+        r.outcomes.rejected <= base.outcomes.rejected,
+        "{} > {}",
+        r.outcomes.rejected,
+        base.outcomes.rejected
+    );
+    let o = r.rollout.expect("a rollout");
+    assert_eq!(o.phase, "Promoted", "{o:?}");
+    assert_eq!(o.candidate_burst_requests, 0);
+    assert!(o.candidate.requests > 100, "{o:?}");
 }
