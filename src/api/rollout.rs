@@ -52,6 +52,49 @@ fn default_keep_previous() -> i32 {
     900
 }
 
+impl RolloutSpec {
+    /// The CRD's rules, for objects that did not come through the API server.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut errs = Vec::new();
+        if self.strategy == RolloutStrategy::BlueGreen && !self.steps.is_empty() {
+            errs.push(
+                "rollout.steps are for strategy Canary; BlueGreen switches all traffic at once",
+            );
+        }
+        if self.steps.windows(2).any(|w| w[0].weight >= w[1].weight) {
+            errs.push("rollout.steps weights must increase");
+        }
+        if self
+            .steps
+            .iter()
+            .any(|s| !(1..=100).contains(&s.weight) || s.pause_seconds < 0)
+        {
+            errs.push("rollout.steps: weight in [1, 100], pauseSeconds >= 0");
+        }
+        if !(0..=100).contains(&self.shadow_percent) {
+            errs.push("rollout.shadowPercent must be in [0, 100]");
+        }
+        if self.keep_previous_seconds < 0 {
+            errs.push("rollout.keepPreviousSeconds must be >= 0");
+        }
+        if let Some(g) = &self.gate
+            && (g.min_requests < 1
+                || !(0.0..=1.0).contains(&g.max_error_rate)
+                || g.max_ttft_p95_ratio.is_nan()
+                || g.max_ttft_p95_ratio < 1.0)
+        {
+            errs.push(
+                "rollout.gate: minRequests >= 1, maxErrorRate in [0, 1], maxTtftP95Ratio >= 1",
+            );
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(errs.join("; "))
+        }
+    }
+}
+
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum RolloutStrategy {
     #[default]

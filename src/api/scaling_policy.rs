@@ -476,15 +476,16 @@ impl ScalingPolicySpec {
                         .into(),
                 );
             }
-            if set.iter().any(|(_, _, ms)| *ms < 1) {
-                errs.push("targets.timeToFirstTokenMilliseconds must be >= 1".into());
+            if set.iter().any(|(_, _, ms)| !(1..=600_000).contains(ms)) {
+                errs.push("targets.timeToFirstTokenMilliseconds must be in [1, 600000]".into());
             }
             if set.windows(2).any(|w| w[0].2 > w[1].2) {
                 errs.push("targets.timeToFirstTokenMilliseconds: p50 <= p95 <= p99".into());
             }
-            if l.window_seconds < 10 {
+            if !(10..=3600).contains(&l.window_seconds) {
                 errs.push(
-                    "targets.timeToFirstTokenMilliseconds.windowSeconds must be >= 10".into(),
+                    "targets.timeToFirstTokenMilliseconds.windowSeconds must be in [10, 3600]"
+                        .into(),
                 );
             }
         }

@@ -94,8 +94,8 @@ struct Occupancy {
     concurrency: Samples,
 }
 
-/// Time to first token per tick.
-type LatencySeries = VecDeque<(Millis, Buckets)>;
+/// Time to first token per tick, with the replicas ready when it was measured.
+type LatencySeries = VecDeque<(Millis, usize, Buckets)>;
 
 /// The forecast horizon without `horizonSeconds` or an observed cold start: a typical load.
 const DEFAULT_HORIZON_MS: Millis = 240_000;
@@ -375,6 +375,10 @@ pub fn decide(
             )
         })
         .flatten();
+    // Capacity is exhausted on what is seen now, not on a mean that lags it.
+    let gpu_over_now = gpu
+        .as_ref()
+        .is_some_and(|g| g.per_replica > g.target * (1.0 + policy.tolerance));
     let gpu = average(
         gpu,
         &mut occupancy.gpu_memory,
@@ -400,6 +404,9 @@ pub fn decide(
     } else {
         None
     };
+    let concurrency_over_now = concurrency
+        .as_ref()
+        .is_some_and(|c| c.per_replica > c.target * (1.0 + policy.tolerance));
     let concurrency = average(concurrency, &mut occupancy.concurrency, slots);
 
     // Which data is missing: a configured signal without any value, or a ready pod without one.
@@ -469,6 +476,15 @@ pub fn decide(
     // The latency objective: more replicas in proportion above a target, none fewer while
     // above it at all; below it, no opinion (demand decides scale-down).
     let (latency_series, ttft_ms) = latency_window(policy, observed, history, now);
+    // The window's answers were measured on as few replicas as it saw ready: in proportion to
+    // those. Replicas that became ready since have not shown in it yet, and asking again in
+    // proportion to them would compound the same slow answers.
+    let measured_on = latency_series
+        .iter()
+        .map(|(_, r, _)| *r)
+        .min()
+        .unwrap_or(ready)
+        .min(ready);
     for &(name, q_ms) in &ttft_ms {
         let Some(target) = policy
             .targets
@@ -490,7 +506,9 @@ pub fn decide(
         );
         if ratio > 1.0 + policy.tolerance {
             // Of the ready replicas: ones still loading are already on their way.
-            let d = (ready as f64 * ratio).ceil().min(i32::MAX as f64 / 2.0) as i32;
+            let d = (measured_on as f64 * ratio)
+                .ceil()
+                .min(i32::MAX as f64 / 2.0) as i32;
             candidates.push((d.max(current), Driver::TimeToFirstToken, why));
         } else {
             candidates.push((current, Driver::Steady, why));
@@ -733,7 +751,7 @@ pub fn decide(
         s.as_ref()
             .is_some_and(|s| s.per_replica > s.target * (1.0 + policy.tolerance))
     };
-    let saturated = over(&queue) || over(&gpu) || over(&concurrency);
+    let saturated = over(&queue) || gpu_over_now || concurrency_over_now;
     let exhausted = if observed.unschedulable > 0 {
         Some(ExhaustedReason::Unschedulable)
     } else if unclamped > max {
@@ -807,14 +825,14 @@ fn latency_window(
     };
     let mut series = history.latency.clone();
     if let Some(b) = &observed.ttft {
-        series.push_back((now, b.clone()));
+        series.push_back((now, observed.ready.len(), b.clone()));
     }
     let from = now - Millis::from(o.window_seconds.max(1)) * 1000;
-    while series.front().is_some_and(|(t, _)| *t <= from) {
+    while series.front().is_some_and(|(t, _, _)| *t <= from) {
         series.pop_front();
     }
     let mut window = Buckets::default();
-    for (_, b) in &series {
+    for (_, _, b) in &series {
         window.add(b);
     }
     let measured = o

@@ -78,7 +78,11 @@ fn trend(samples: &Samples, now: Millis, horizon: Millis) -> Option<f64> {
         0.0
     };
     let recent: Vec<&(f64, f64)> = pts.iter().filter(|p| p.0 > -60.0).collect();
-    let n = recent.len().max(1) as f64;
+    if recent.is_empty() {
+        // No level to carry: nothing measured in the last minute.
+        return None;
+    }
+    let n = recent.len() as f64;
     let (mx, my) = (
         recent.iter().map(|p| p.0).sum::<f64>() / n,
         recent.iter().map(|p| p.1).sum::<f64>() / n,

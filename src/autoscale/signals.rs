@@ -305,7 +305,8 @@ pub struct RouterSample {
     pub local: SlotTotals,
     pub spilled: SlotTotals,
     /// Time to first token of streamed answers from local engines since the router started;
-    /// `None` when the page has no such histogram (none yet, or an older router).
+    /// `None` when the page has no usable such histogram (none yet, an older router, or a
+    /// malformed one).
     pub local_ttft: Option<Buckets>,
 }
 
@@ -325,20 +326,21 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
     let mut bad = false;
     let mut out = RouterSample::default();
     let mut ttft_pairs: Vec<(f64, f64)> = Vec::new();
+    let mut ttft_bad = false;
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
             return;
         }
         if s.name == ttft {
-            let local = s.label("destination").is_some_and(|d| d.matches("local"));
-            let le = s.label("le").and_then(|l| parse_le(&l.unescaped()));
-            match le {
-                Some(le) if local && s.value.is_finite() && s.value >= 0.0 => {
-                    ttft_pairs.push((le, s.value))
+            if s.label("destination").is_some_and(|d| d.matches("local")) {
+                let le = s.label("le").and_then(|l| parse_le(&l.unescaped()));
+                match le {
+                    Some(le) if s.value.is_finite() && s.value >= 0.0 => {
+                        ttft_pairs.push((le, s.value))
+                    }
+                    _ => ttft_bad = true,
                 }
-                _ if local => bad = true,
-                _ => {}
             }
             return;
         }
@@ -360,9 +362,9 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
             totals.seconds += s.value;
         }
     })?;
-    if !ttft_pairs.is_empty() {
+    // An unusable histogram is no latency reading; the queue and the spill still count.
+    if !ttft_pairs.is_empty() && !ttft_bad {
         out.local_ttft = Buckets::from_cumulative(ttft_pairs);
-        bad |= out.local_ttft.is_none();
     }
     Ok(queue
         .get()

@@ -523,3 +523,50 @@ pub async fn write_status(
     let api: Api<InferenceService> = Api::namespaced(client.clone(), ns);
     apply_status(&api, name, REPLICAS_FIELD_MANAGER, status).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(answers: &[(f64, usize)]) -> RouterSample {
+        let mut b = Buckets::exponential(0.1, 2.0, 4);
+        for &(s, n) in answers {
+            for _ in 0..n {
+                b.observe(s);
+            }
+        }
+        RouterSample {
+            local_ttft: Some(b),
+            ..RouterSample::default()
+        }
+    }
+
+    /// Each router's increment since its last sample, summed; a router seen for the first
+    /// time, one restarted (counts went down) and one whose scrape failed give nothing this
+    /// tick; one whose histogram was absent before gives all it has.
+    #[test]
+    fn local_ttft_is_what_each_router_added_since_its_last_sample() {
+        let (a, b, c, d, e) = ["a", "b", "c", "d", "e"].map(String::from).into();
+        let before: HashMap<String, (Millis, RouterSample)> = HashMap::from([
+            (a.clone(), (0, sample(&[(0.05, 10)]))),
+            (b.clone(), (0, sample(&[(0.05, 10)]))),
+            (c.clone(), (0, RouterSample::default())),
+            (e.clone(), (0, sample(&[(0.05, 3)]))),
+        ]);
+        let now = vec![
+            // 5 more answers, all slow.
+            (&a, sample(&[(0.05, 10), (0.5, 5)])),
+            // Restarted: fewer than before.
+            (&b, sample(&[(0.05, 2)])),
+            // Nothing streamed before: all 4 are new.
+            (&c, sample(&[(0.05, 4)])),
+            // New router: a baseline only.
+            (&d, sample(&[(0.05, 7)])),
+        ];
+        let sum = local_ttft_since(&now, &before).expect("two routers measured");
+        assert_eq!(sum.count(), 9.0);
+        assert!(sum.quantile(0.9).unwrap() > 0.2, "the slow answers are in it");
+        // Nobody measured: no reading (not an empty one).
+        assert_eq!(local_ttft_since(&now[3..], &before), None);
+    }
+}

@@ -28,6 +28,10 @@ pub struct Rollout {
     /// When the current stage's clock began (moved on by the time spent paused).
     pub since: Millis,
     pub paused_at: Option<Millis>,
+    /// Time spent paused so far (the ready deadline does not run while paused).
+    pub paused_ms: Millis,
+    /// When the candidate first had a ready replica: the ready deadline is over from then.
+    pub ready_since: Option<Millis>,
     /// When it was promoted, rolled back or failed.
     pub ended: Option<Millis>,
     pub message: String,
@@ -43,6 +47,8 @@ pub struct Observed<'a> {
     pub candidate_ready: i32,
     /// The candidate's and the stable's answers since the stage began; `None` when unknown.
     pub windows: Option<(&'a Window, &'a Window)>,
+    /// A person's word, acted on in this pass: a driver passes each command once (a standing
+    /// annotation read again on every pass would promote or abort the next rollout too).
     pub command: Option<RolloutCommand>,
     /// How long the candidate may take to get its first ready replica.
     pub ready_deadline_ms: Millis,
@@ -95,6 +101,8 @@ pub fn start(spec: Option<&RolloutSpec>, stable: &str, candidate: &str, now: Mil
         started: now,
         since: now,
         paused_at: None,
+        paused_ms: 0,
+        ready_since: None,
         ended: None,
         message: format!("rolling out {candidate} (stable {stable})"),
         figures: None,
@@ -202,14 +210,21 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
             return next;
         }
         (RolloutPhase::Paused, Some(RolloutCommand::Resume)) => {
+            let paused = now - r.paused_at.unwrap_or(now);
             next.phase = RolloutPhase::Progressing;
-            next.since += now - r.paused_at.unwrap_or(now);
+            next.since += paused;
+            next.paused_ms += paused;
             next.paused_at = None;
         }
         (RolloutPhase::Paused, _) => return next,
         _ => {}
     }
-    if o.candidate_ready == 0 && now - r.started > o.ready_deadline_ms {
+    if o.candidate_ready > 0 && next.ready_since.is_none() {
+        next.ready_since = Some(now);
+    }
+    // Only a candidate that never had a ready replica fails for it (one that had, and lost
+    // it, is a restart: its share spills or waits meanwhile).
+    if next.ready_since.is_none() && now - next.started - next.paused_ms > o.ready_deadline_ms {
         end(
             &mut next,
             RolloutPhase::Failed,

@@ -274,3 +274,34 @@ fn a_candidate_never_ready_fails_and_the_stable_keeps_serving() {
     assert!(r.message.contains("old keeps serving"), "{}", r.message);
     assert_eq!(traffic(None, &r, 2).candidate_weight, 0);
 }
+
+/// The ready deadline applies before the candidate's first ready replica only, and not while
+/// paused.
+#[test]
+fn the_ready_deadline_counts_until_first_ready_and_not_while_paused() {
+    // Ready once, then its one pod restarts after the deadline: not a failure.
+    let r = start(None, "old", "new", 0);
+    let r = advance(None, &r, &at(60 * S, 2, 1));
+    let r = advance(None, &r, &at(DEADLINE + 60 * S, 2, 0));
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    // Paused for the whole deadline while loading, then resumed: time is left.
+    let spec = canary();
+    let cmd = |now, c| Observed {
+        command: Some(c),
+        ..at(now, 2, 0)
+    };
+    let r = start(Some(&spec), "old", "new", 0);
+    let r = advance(Some(&spec), &r, &cmd(10 * S, RolloutCommand::Pause));
+    let r = advance(
+        Some(&spec),
+        &r,
+        &cmd(DEADLINE + 10 * S, RolloutCommand::Resume),
+    );
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    let r = advance(Some(&spec), &r, &at(DEADLINE + 20 * S, 2, 0));
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    assert_eq!(
+        advance(Some(&spec), &r, &at(2 * DEADLINE + 20 * S, 2, 0)).phase,
+        RolloutPhase::Failed
+    );
+}

@@ -394,10 +394,17 @@ fn candidate(
         bail!("--candidate-slower must be positive and --candidate-errors in [0, 1]");
     }
     let spec = match ann.get(&format!("{ANNOTATION_PREFIX}rollout")) {
-        Some(text) => Some(
-            serde_saphyr::from_str::<crate::api::RolloutSpec>(text)
-                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?,
-        ),
+        Some(text) => {
+            let spec = serde_saphyr::from_str::<crate::api::RolloutSpec>(text)
+                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?;
+            spec.validate()
+                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?;
+            if spec.shadow_percent > 0 {
+                // Nothing would be mirrored, and the shadow's gate would wait for ever.
+                bail!("{ANNOTATION_PREFIX}rollout: the simulator does not model shadowPercent yet");
+            }
+            Some(spec)
+        }
         None => None,
     };
     Ok(Some(rollout::Candidate {

@@ -117,14 +117,17 @@ impl Run {
         if !self.active() || rev > CANDIDATE {
             return;
         }
+        // As the routers measure it: time to first token of successful answers only.
         let w = &mut self.windows[rev as usize];
         w.requests += 1.0;
         w.errors += f64::from(u8::from(error));
-        w.ttft.observe(ttft_s);
         let s = &mut self.served[rev as usize];
         s.0 += 1;
         s.1 += u64::from(error);
-        s.2.observe(ttft_s);
+        if !error {
+            w.ttft.observe(ttft_s);
+            s.2.observe(ttft_s);
+        }
     }
 
     /// A request routed to the candidate went to a provider for `cost`.

@@ -197,8 +197,10 @@ enum PodState {
 struct Pod {
     state: PodState,
     outstanding: u32,
-    /// `sim::rollout::{STABLE, CANDIDATE, PREVIOUS}`.
+    /// Its role: `sim::rollout::{STABLE, CANDIDATE, PREVIOUS}`.
     rev: u8,
+    /// It runs the new version (the candidate's speed and errors), whatever its role.
+    v2: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -356,6 +358,8 @@ struct Sim<'a> {
     rollout: Option<replay::Run>,
     weight: u32,
     candidate_desired: i32,
+    /// The stable runs the new version (after a promotion): its new pods do too.
+    stable_is_v2: bool,
     /// Which revision a request goes to, and the candidate's errors: a stream of their own.
     rev_rng: SplitMix64,
 }
@@ -503,8 +507,8 @@ impl Sim<'_> {
             Admission::Local(i) => {
                 let pod = self.ready[i];
                 // The candidate answers at its own speed, and some of its answers are errors.
-                let (slower, error_rate) = match (&self.rollout, self.pods[pod as usize].rev) {
-                    (Some(r), CANDIDATE) => (r.candidate.slower, r.candidate.error_rate),
+                let (slower, error_rate) = match (&self.rollout, self.pods[pod as usize].v2) {
+                    (Some(r), true) => (r.candidate.slower, r.candidate.error_rate),
                     _ => (1.0, 0.0),
                 };
                 let prefill = (self.params.prefill_ms as f64 * slower).round() as Millis;
@@ -594,8 +598,17 @@ impl Sim<'_> {
         let router = self.pick_router();
         // The candidate's share; one that may not burst goes to the stable while no candidate
         // replica is ready (it would wait out a whole cold start).
-        let may_burst =
-            !self.mix[class].rule.never_burst && self.policy.burst.mode != BurstMode::Never;
+        let may_burst = !self.mix[class].rule.never_burst
+            && match self.policy.burst.mode {
+                BurstMode::Never => false,
+                BurstMode::Saturated => true,
+                BurstMode::CapacityExhausted => self.exhausted,
+            }
+            && self.budget.allows(self.now)
+            && self
+                .providers
+                .iter()
+                .any(|p| self.mix[class].rule.may_use(&p.name));
         let rev = if self.weight > 0
             && self.rev_rng.next_f64() * 100.0 < self.weight as f64
             && (may_burst || self.ready_of(CANDIDATE) > 0)
@@ -773,10 +786,12 @@ impl Sim<'_> {
     fn reconcile_revision(&mut self, rev: u8, desired: i32) {
         let mut active = self.active_pods(rev) as i32;
         while active < desired {
+            let v2 = rev == CANDIDATE || (rev == STABLE && self.stable_is_v2);
             self.pods.push(Pod {
                 state: PodState::Unschedulable,
                 outstanding: 0,
                 rev,
+                v2,
             });
             let idx = self.pods.len() - 1;
             self.schedule_or_park(idx);
@@ -811,9 +826,11 @@ impl Sim<'_> {
             };
             active -= 1;
         }
-        // Quota freed by scale-down lets parked pods schedule.
+        // Quota freed by scale-down lets parked pods schedule (not a previous revision's: it
+        // only stays warm with what it has).
         for i in 0..self.pods.len() {
             if self.pods[i].state == PodState::Unschedulable
+                && self.pods[i].rev != PREVIOUS
                 && self
                     .params
                     .gpu_quota
@@ -883,9 +900,16 @@ impl Sim<'_> {
         self.history = d.history.clone();
         self.local_ttft = empty_ttft();
         self.exhausted = d.exhausted.is_some();
-        if self.policy.mode == PolicyMode::Active && d.desired != self.desired {
-            self.history.record_scale(self.now, self.desired, d.desired);
-            self.desired = d.desired;
+        // While a rollout moves traffic, the stable keeps what it has: the share it loses is
+        // the candidate's, which may still go back to it at once.
+        let desired = if self.rollout.as_ref().is_some_and(|r| r.active()) {
+            d.desired.max(self.desired)
+        } else {
+            d.desired
+        };
+        if self.policy.mode == PolicyMode::Active && desired != self.desired {
+            self.history.record_scale(self.now, self.desired, desired);
+            self.desired = desired;
             self.reconcile_pods();
             // New capacity or a freed quota may let waiting requests in.
             self.serve_queues();
@@ -930,6 +954,13 @@ impl Sim<'_> {
                 // stays warm, unrouted, until `keepPreviousSeconds` are over.
                 relabel(&mut self.pods, STABLE, PREVIOUS);
                 relabel(&mut self.pods, CANDIDATE, STABLE);
+                self.stable_is_v2 = true;
+                // The previous stays warm with the replicas it has ready; none still loading.
+                for p in self.pods.iter_mut().filter(|p| p.rev == PREVIOUS) {
+                    if matches!(p.state, PodState::Starting { .. } | PodState::Unschedulable) {
+                        p.state = PodState::Gone;
+                    }
+                }
                 self.desired = (self.active_pods(STABLE) as i32).max(self.policy.min_replicas);
                 self.history = History::starting_at(self.now, self.desired);
                 self.weight = 0;
@@ -944,6 +975,7 @@ impl Sim<'_> {
                     // Back within `keepPreviousSeconds`: the previous serves again at once.
                     relabel(&mut self.pods, STABLE, CANDIDATE);
                     relabel(&mut self.pods, PREVIOUS, STABLE);
+                    self.stable_is_v2 = false;
                     self.desired = self.active_pods(STABLE) as i32;
                     self.history = History::starting_at(self.now, self.desired);
                 }
@@ -1120,6 +1152,7 @@ pub fn simulate(
         rollout: params.rollout.clone().map(replay::Run::new),
         weight: 0,
         candidate_desired: 0,
+        stable_is_v2: false,
         rev_rng: SplitMix64::new(params.seed ^ 0x7e71_5107_ca2d_1da7),
     };
     // An established service: its minimum is up and warm at the start.
@@ -1128,6 +1161,7 @@ pub fn simulate(
             state: PodState::Ready,
             outstanding: 0,
             rev: STABLE,
+            v2: false,
         });
     }
     if let Some(q) = params.gpu_quota {

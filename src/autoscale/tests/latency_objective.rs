@@ -198,3 +198,53 @@ fn loading_replicas_are_not_asked_for_again() {
     let again = once(&p, &loading);
     assert_eq!(again.desired, first.desired, "{}", again.reason);
 }
+
+/// When the replicas asked for become ready, the window still holds answers measured on
+/// fewer: the ask stays in proportion to those, and does not compound (7 would become 24).
+#[test]
+fn new_replicas_do_not_compound_the_same_slow_answers() {
+    let p = policy(500);
+    let on = |ready: usize, current: i32| Observed {
+        current_replicas: current,
+        ready: vec![
+            PodSample {
+                queue_depth: Some(0.0),
+                in_flight: Some(1.0),
+                gpu_memory: Some(0.8),
+            };
+            ready
+        ],
+        created_at: -1_000_000 * S,
+        ttft: Some(p95_slow()),
+        ..Observed::default()
+    };
+    let mut history = History::default();
+    let first = decide(&p, SignalsConfigured::default(), &on(2, 2), &history, 0);
+    history = first.history.clone();
+    let asked = first.desired;
+    assert!(asked >= 7, "{}", first.reason);
+    // They load for 3 minutes while answers stay slow.
+    for tick in 1..90 {
+        let d = decide(
+            &p,
+            SignalsConfigured::default(),
+            &Observed {
+                starting: asked - 2,
+                ..on(2, asked)
+            },
+            &history,
+            tick * 2 * S,
+        );
+        history = d.history.clone();
+        assert_eq!(d.desired, asked, "{}", d.reason);
+    }
+    // Ready now; the 60 s window is still all slow answers from 2 replicas.
+    let d = decide(
+        &p,
+        SignalsConfigured::default(),
+        &on(asked as usize, asked),
+        &history,
+        180 * S,
+    );
+    assert_eq!(d.desired, asked, "{}", d.reason);
+}

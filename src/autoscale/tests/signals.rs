@@ -453,7 +453,10 @@ fn router_sample_reads_the_local_time_to_first_token_histogram() {
         .unwrap()
         .unwrap();
     assert_eq!(none.local_ttft, None);
-    // A broken histogram makes the whole page unusable, like any bad value.
-    let bad = "spillway_router_queue_length 0\nspillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"0.1\"} 5\n";
-    assert_eq!(router_sample(bad).unwrap(), None);
+    // A broken histogram is no latency reading; the queue still counts.
+    let bad = "spillway_router_queue_length 3\nspillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"0.1\"} 5\n";
+    let s = router_sample(bad).unwrap().expect("the queue still reads");
+    assert_eq!((s.queue, s.local_ttft), (3.0, None));
+    let nan = "spillway_router_queue_length 3\nspillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"+Inf\"} NaN\n";
+    assert_eq!(router_sample(nan).unwrap().unwrap().local_ttft, None);
 }

@@ -151,3 +151,38 @@ fn requests_that_may_not_burst_wait_for_a_ready_candidate_only() {
     assert_eq!(o.candidate_burst_requests, 0);
     assert!(o.candidate.requests > 100, "{o:?}");
 }
+
+/// A promoted candidate keeps its own speed: it is the version that changed, not its role.
+#[test]
+fn a_promoted_candidate_serves_at_its_own_speed() {
+    let same = replay(1.0, 0.0, None);
+    let slower = replay(1.2, 0.0, None);
+    assert_eq!(slower.rollout.as_ref().unwrap().phase, "Promoted");
+    // Most of the trace comes after the promotion (at 43 of 120 minutes): the median first
+    // token is the new version's 180 ms prefill, not the old one's 150.
+    assert_eq!((same.ttft_p50_ms, slower.ttft_p50_ms), (150, 180));
+}
+
+/// While traffic moves, the stable keeps its replicas: the share it loses to the candidate
+/// may come back to it at once (a failed gate), and the candidate is sized from it.
+#[test]
+fn the_stable_keeps_its_replicas_while_traffic_moves() {
+    let r = replay(
+        1.0,
+        0.0,
+        Some("steps: [{weight: 50, pauseSeconds: 900}]\nkeepPreviousSeconds: 0"),
+    );
+    let o = r.rollout.as_ref().expect("a rollout");
+    assert_eq!(o.phase, "Promoted", "{o:?}");
+    let during: Vec<i32> = r
+        .timeline
+        .iter()
+        .filter(|p| p.t_s >= o.started_s && p.t_s < o.ended_s.unwrap())
+        .map(|p| p.desired)
+        .collect();
+    assert!(during.len() > 400, "{}", during.len());
+    assert!(
+        during.windows(2).all(|w| w[1] >= w[0]),
+        "the stable scaled down during the rollout: {during:?}"
+    );
+}
