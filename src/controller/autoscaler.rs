@@ -565,7 +565,10 @@ mod tests {
         ];
         let sum = local_ttft_since(&now, &before).expect("two routers measured");
         assert_eq!(sum.count(), 9.0);
-        assert!(sum.quantile(0.9).unwrap() > 0.2, "the slow answers are in it");
+        assert!(
+            sum.quantile(0.9).unwrap() > 0.2,
+            "the slow answers are in it"
+        );
         // Nobody measured: no reading (not an empty one).
         assert_eq!(local_ttft_since(&now[3..], &before), None);
     }
