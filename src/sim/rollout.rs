@@ -71,6 +71,8 @@ pub struct Run {
     served: [(u64, u64, Buckets); 2],
     burst: (u64, f64),
     course: Vec<(f64, String)>,
+    /// The previous revision was let go (once, `keepPreviousSeconds` after promotion).
+    previous_dropped: bool,
 }
 
 /// What the world must do after a tick of the rollout.
@@ -102,6 +104,7 @@ impl Run {
             served: [(0, 0, buckets()), (0, 0, buckets())],
             burst: (0, 0.0),
             course: Vec::new(),
+            previous_dropped: false,
         }
     }
 
@@ -158,20 +161,17 @@ impl Run {
         }
         let r = self.state.clone().expect("started above");
         let keep_ms = Millis::from(spec.map_or(0, |s| s.keep_previous_seconds.max(0))) * 1000;
-        if r.phase == RolloutPhase::Promoted && r.ended.is_some_and(|t| now - t >= keep_ms) {
-            // The previous revision is let go once; the record stays as it ended.
-            let dropped = self
-                .course
-                .last()
-                .is_some_and(|(_, m)| m == "previous revision let go");
-            if !dropped {
-                self.course
-                    .push((now as f64 / 1000.0, "previous revision let go".into()));
-                return (
-                    machine::traffic(spec, &r, stable_ready),
-                    Change::DropPrevious,
-                );
-            }
+        if r.phase == RolloutPhase::Promoted
+            && !self.previous_dropped
+            && r.ended.is_some_and(|t| now - t >= keep_ms)
+        {
+            self.previous_dropped = true;
+            self.course
+                .push((now as f64 / 1000.0, "previous revision let go".into()));
+            return (
+                machine::traffic(spec, &r, stable_ready),
+                Change::DropPrevious,
+            );
         }
         let next = machine::advance(
             spec,
@@ -200,7 +200,7 @@ impl Run {
             (_, RolloutPhase::RolledBack | RolloutPhase::Failed) => Change::RolledBack,
             _ => Change::None,
         };
-        if next.message != r.message || next.phase != r.phase {
+        if next.stage != r.stage || next.phase != r.phase {
             self.note(now, &next);
         }
         let t = machine::traffic(spec, &next, stable_ready);
@@ -208,11 +208,8 @@ impl Run {
         (t, change)
     }
 
+    /// A change of stage or phase (not the waiting messages of every tick).
     fn note(&mut self, now: Millis, r: &Rollout) {
-        // The waiting messages change every tick; only stages and phases are kept.
-        if r.message.contains(" replicas ready") || r.message.contains("gate waits") {
-            return;
-        }
         self.course.push((
             now as f64 / 1000.0,
             format!("{}: {}", r.phase.as_str(), r.message),

@@ -584,6 +584,19 @@ impl Sim<'_> {
         }
     }
 
+    /// Whether a request of `class` could go to a provider now.
+    fn may_burst(&mut self, class: usize) -> bool {
+        let rule = &self.mix[class].rule;
+        let allowed = !rule.never_burst
+            && match self.policy.burst.mode {
+                BurstMode::Never => false,
+                BurstMode::Saturated => true,
+                BurstMode::CapacityExhausted => self.exhausted,
+            }
+            && self.providers.iter().any(|p| rule.may_use(&p.name));
+        allowed && self.budget.allows(self.now)
+    }
+
     fn priority(&self, req: &Queued) -> i32 {
         self.mix[req.class].rule.priority
     }
@@ -598,20 +611,9 @@ impl Sim<'_> {
         let router = self.pick_router();
         // The candidate's share; one that may not burst goes to the stable while no candidate
         // replica is ready (it would wait out a whole cold start).
-        let may_burst = !self.mix[class].rule.never_burst
-            && match self.policy.burst.mode {
-                BurstMode::Never => false,
-                BurstMode::Saturated => true,
-                BurstMode::CapacityExhausted => self.exhausted,
-            }
-            && self.budget.allows(self.now)
-            && self
-                .providers
-                .iter()
-                .any(|p| self.mix[class].rule.may_use(&p.name));
         let rev = if self.weight > 0
             && self.rev_rng.next_f64() * 100.0 < self.weight as f64
-            && (may_burst || self.ready_of(CANDIDATE) > 0)
+            && (self.ready_of(CANDIDATE) > 0 || self.may_burst(class))
         {
             CANDIDATE
         } else {
