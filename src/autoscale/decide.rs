@@ -375,10 +375,12 @@ pub fn decide(
             )
         })
         .flatten();
+    let over = |s: &Option<SignalReading>| {
+        s.as_ref()
+            .is_some_and(|s| s.per_replica > s.target * (1.0 + policy.tolerance))
+    };
     // Capacity is exhausted on what is seen now, not on a mean that lags it.
-    let gpu_over_now = gpu
-        .as_ref()
-        .is_some_and(|g| g.per_replica > g.target * (1.0 + policy.tolerance));
+    let gpu_over_now = over(&gpu);
     let gpu = average(
         gpu,
         &mut occupancy.gpu_memory,
@@ -404,9 +406,7 @@ pub fn decide(
     } else {
         None
     };
-    let concurrency_over_now = concurrency
-        .as_ref()
-        .is_some_and(|c| c.per_replica > c.target * (1.0 + policy.tolerance));
+    let concurrency_over_now = over(&concurrency);
     let concurrency = average(concurrency, &mut occupancy.concurrency, slots);
 
     // Which data is missing: a configured signal without any value, or a ready pod without one.
@@ -485,16 +485,7 @@ pub fn decide(
         .min()
         .unwrap_or(ready)
         .min(ready);
-    for &(name, q_ms) in &ttft_ms {
-        let Some(target) = policy
-            .targets
-            .time_to_first_token_milliseconds
-            .as_ref()
-            .and_then(|o| o.targets().find(|(n, _, _)| *n == name))
-            .map(|(_, _, ms)| ms as f64)
-        else {
-            continue;
-        };
+    for &(name, q_ms, target) in &ttft_ms {
         let ratio = q_ms / target;
         if ratio <= 1.0 || ready == 0 {
             continue;
@@ -747,10 +738,6 @@ pub fn decide(
     let reason = reason.trim_start_matches("; ").to_string();
 
     // 6. Capacity.
-    let over = |s: &Option<SignalReading>| {
-        s.as_ref()
-            .is_some_and(|s| s.per_replica > s.target * (1.0 + policy.tolerance))
-    };
     let saturated = over(&queue) || gpu_over_now || concurrency_over_now;
     let exhausted = if observed.unschedulable > 0 {
         Some(ExhaustedReason::Unschedulable)
@@ -778,7 +765,7 @@ pub fn decide(
         gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
         spilled: observed.spilled,
         forecast: forecast_replicas,
-        ttft_ms,
+        ttft_ms: ttft_ms.iter().map(|&(n, ms, _)| (n, ms)).collect(),
         history: hist,
     }
 }
@@ -813,13 +800,13 @@ fn averaged(
 }
 
 /// The objective's window with this tick's answers added, and each quantile it names that
-/// had enough answers, in milliseconds. Empty without an objective.
+/// had enough answers: (name, measured, target), in milliseconds. Empty without an objective.
 fn latency_window(
     policy: &ScalingPolicySpec,
     observed: &Observed,
     history: &History,
     now: Millis,
-) -> (LatencySeries, Vec<(&'static str, f64)>) {
+) -> (LatencySeries, Vec<(&'static str, f64, f64)>) {
     let Some(o) = policy.targets.time_to_first_token_milliseconds.as_ref() else {
         return Default::default();
     };
@@ -838,7 +825,11 @@ fn latency_window(
     let measured = o
         .targets()
         .filter(|(_, q, _)| window.count() >= min_samples(*q))
-        .filter_map(|(name, q, _)| window.quantile(q).map(|s| (name, s * 1000.0)))
+        .filter_map(|(name, q, target)| {
+            window
+                .quantile(q)
+                .map(|s| (name, s * 1000.0, target as f64))
+        })
         .collect();
     (series, measured)
 }

@@ -118,9 +118,6 @@ impl Buckets {
     }
 }
 
-/// The quantiles an objective can name.
-pub const QUANTILES: [(&str, f64); 3] = [("p50", 0.50), ("p95", 0.95), ("p99", 0.99)];
-
 /// Observations a window needs before its `q` quantile is trusted: 20, and enough that the
 /// quantile is not simply the slowest answer (40 for p95, 200 for p99).
 pub fn min_samples(q: f64) -> f64 {

@@ -11,7 +11,7 @@ pub fn buckets() -> Buckets {
 }
 
 /// What one revision answered in a step's window.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Window {
     /// Requests its engines answered.
     pub requests: f64,
@@ -19,6 +19,17 @@ pub struct Window {
     pub errors: f64,
     /// Time to first token of its streamed answers.
     pub ttft: Buckets,
+}
+
+impl Default for Window {
+    /// Empty, in the gate's buckets (a bucketless histogram would drop what it is given).
+    fn default() -> Self {
+        Self {
+            requests: 0.0,
+            errors: 0.0,
+            ttft: buckets(),
+        }
+    }
 }
 
 impl Window {

@@ -92,14 +92,10 @@ use crate::rollout::gate::buckets;
 
 impl Run {
     pub fn new(candidate: Candidate) -> Self {
-        let w = || Window {
-            ttft: buckets(),
-            ..Window::default()
-        };
         Self {
             candidate,
             state: None,
-            windows: [w(), w()],
+            windows: Default::default(),
             window_since: 0,
             served: [(0, 0, buckets()), (0, 0, buckets())],
             burst: (0, 0.0),
@@ -187,12 +183,7 @@ impl Run {
         );
         if next.since != self.window_since || next.stage != r.stage {
             self.window_since = next.since;
-            for w in &mut self.windows {
-                *w = Window {
-                    ttft: buckets(),
-                    ..Window::default()
-                };
-            }
+            self.windows = Default::default();
         }
         let change = match (r.phase, next.phase) {
             (a, b) if a == b => Change::None,
