@@ -126,7 +126,16 @@ mod tests {
         assert_eq!(
             cols,
             [
-                "READY", "REPLICAS", "DESIRED", "QUEUE", "GPU-MEM", "BURSTING", "AGE"
+                "READY",
+                "REPLICAS",
+                "DESIRED",
+                "QUEUE",
+                "GPU-MEM",
+                "BURSTING",
+                "STABLE",
+                "CANDIDATE",
+                "ROLLOUT",
+                "AGE"
             ]
         );
         assert!(

@@ -12,8 +12,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    ProviderEndpoint, RequestClasses, conditions_schema, default_provider_endpoints,
-    preserve_unknown_object,
+    ProviderEndpoint, RequestClasses, RevisionStatus, RolloutSpec, RolloutStatus,
+    conditions_schema, default_provider_endpoints, preserve_unknown_object,
 };
 
 /// A model served by the organisation's own inference engine on autoscaled GPU replicas,
@@ -57,6 +57,22 @@ use super::{
         json_path = ".status.burst.active"
     ),
     printcolumn(
+        name = "Stable",
+        type_ = "string",
+        json_path = ".status.stableRevision"
+    ),
+    printcolumn(
+        name = "Candidate",
+        type_ = "string",
+        json_path = ".status.candidateRevision"
+    ),
+    printcolumn(
+        name = "Rollout",
+        type_ = "string",
+        priority = 1,
+        json_path = ".status.rollout.phase"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -87,6 +103,12 @@ pub struct InferenceServiceSpec {
     /// Without them every request bursts as the ScalingPolicy says.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_classes: Option<RequestClasses>,
+    /// How a new revision (a changed model or engine) takes over from the one serving:
+    /// canary steps or a blue-green switch, with a gate on errors and time to first token.
+    /// Without it, a new revision takes all traffic once it has as many ready replicas as
+    /// the stable one, and the old one goes. Never an in-place roll of the serving engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
 }
 
 /// The model to serve.
@@ -441,6 +463,20 @@ pub struct InferenceServiceStatus {
     /// The in-cluster URL clients call.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url: Option<String>,
+    /// The revision serving (see `revisions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    /// The revision rolling out, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_revision: Option<String>,
+    /// The engine revisions that exist: the stable one, a candidate, and the previous one
+    /// kept warm after a promotion. Routers split traffic by their weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub revisions: Vec<RevisionStatus>,
+    /// The last rollout, or the one in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// Metrics the autoscaler last acted on.
@@ -656,6 +692,9 @@ impl InferenceServiceSpec {
                     ));
                 }
             }
+        }
+        if let Some(Err(m)) = self.rollout.as_ref().map(RolloutSpec::validate) {
+            errs.push(m);
         }
         if let Some(classes) = &self.request_classes {
             let providers = self.burst.as_ref().map_or(&[][..], |b| &b.providers[..]);

@@ -3,6 +3,7 @@
 mod conditions;
 mod endpoints;
 mod inference_service;
+pub mod labels;
 /// Whether the served version is pinned.
 pub mod pinning;
 mod request_classes;

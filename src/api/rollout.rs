@@ -1,6 +1,7 @@
 //! How a new revision of a service (a changed model or engine) takes over from the one that
 //! serves: `spec.rollout`, and what status reports of it.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::KubeSchema;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -179,6 +180,87 @@ impl RolloutPhase {
             RolloutPhase::Failed => "Failed",
         }
     }
+}
+
+/// What a revision is to the service.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevisionRole {
+    /// Serving (all traffic outside a rollout).
+    Stable,
+    /// Rolling out, or rolled back and idle until the spec changes again.
+    Candidate,
+    /// The stable one before a promotion, kept warm for `keepPreviousSeconds`.
+    Previous,
+}
+
+/// One engine revision: its Deployment and Service are both named `name`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionStatus {
+    pub name: String,
+    /// Hash of what defines it: model, engine image, args, env, GPUs and resources.
+    pub hash: String,
+    pub role: RevisionRole,
+    /// Replicas the autoscaler set, and of them ready.
+    #[serde(default)]
+    pub replicas: i32,
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Percent of requests routed to it.
+    #[serde(default)]
+    pub weight: i32,
+    /// Percent of the stable's requests mirrored to it (a candidate in its shadow stage).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shadow_percent: i32,
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
+/// A rollout as status reports it (and as the controller resumes it after a restart).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    pub stable: String,
+    pub candidate: String,
+    pub phase: RolloutPhase,
+    /// `Shadow`, `Step` or `Switch`.
+    pub stage: String,
+    /// The canary step (from 0), during `Step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<i32>,
+    #[serde(default)]
+    pub message: String,
+    pub started_at: Time,
+    /// When the current stage's clock began.
+    pub stage_started_at: Time,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<Time>,
+    #[serde(default)]
+    pub paused_seconds: i64,
+    /// When the candidate first had a ready replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<Time>,
+    /// When it was promoted, rolled back or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<Time>,
+    /// The gate's last figures.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateFigures>,
+}
+
+/// What the gate last measured over the candidate's step.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GateFigures {
+    /// Requests the candidate answered in the step.
+    pub requests: i64,
+    pub error_rate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub candidate_ttft_p95_milliseconds: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable_ttft_p95_milliseconds: Option<i64>,
 }
 
 /// The annotation that pauses, resumes, promotes or aborts a rollout.

@@ -8,11 +8,8 @@ use kube::Resource;
 
 use crate::api::InferenceService;
 
-pub const LABEL_NAME: &str = "app.kubernetes.io/name";
-pub const LABEL_INSTANCE: &str = "app.kubernetes.io/instance";
-pub const LABEL_COMPONENT: &str = "app.kubernetes.io/component";
-pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-pub const MANAGED_BY: &str = "spillway";
+pub use crate::api::labels::*;
+
 /// Selects the owned objects of every service (the controller's watches filter on it).
 pub const MANAGED_SELECTOR: &str = "app.kubernetes.io/managed-by=spillway";
 
