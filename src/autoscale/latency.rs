@@ -47,6 +47,11 @@ impl Buckets {
         Some(out)
     }
 
+    /// The upper bounds, +Inf last.
+    pub fn bounds(&self) -> &[f64] {
+        &self.bounds
+    }
+
     pub fn count(&self) -> f64 {
         self.counts.iter().sum()
     }

@@ -27,6 +27,9 @@ pub struct BackendLoad {
     /// Not for this request: a retry that failed on it, or a waiter behind a retry that was let
     /// by (see [`QueuePass`]).
     pub excluded: bool,
+    /// Of the revision the request is meant for (during a rollout): such engines go first,
+    /// others take it only when none of them has room, so a rollout never costs capacity.
+    pub preferred: bool,
 }
 
 /// One provider's load and health.
@@ -111,11 +114,12 @@ fn usable(backends: &[BackendLoad]) -> impl Iterator<Item = (usize, &BackendLoad
 }
 
 /// The local backend with the fewest outstanding requests that is below its limit, neither
-/// excluded nor set aside (ties: the lowest index, so the choice is deterministic).
+/// excluded nor set aside, a preferred one first (ties: the lowest index, so the choice is
+/// deterministic).
 pub fn pick_local(backends: &[BackendLoad]) -> Option<usize> {
     usable(backends)
         .filter(|(_, b)| b.outstanding < b.limit)
-        .min_by_key(|(i, b)| (b.outstanding, *i))
+        .min_by_key(|(i, b)| (!b.preferred, b.outstanding, *i))
         .map(|(i, _)| i)
 }
 
@@ -268,6 +272,18 @@ mod tests {
     }
 
     #[test]
+    fn the_revision_a_request_is_meant_for_goes_first_while_it_has_room() {
+        let pref = |outstanding, limit| BackendLoad {
+            preferred: true,
+            ..b(outstanding, limit)
+        };
+        // Busier, but of its revision.
+        assert_eq!(pick_local(&[b(0, 4), pref(3, 4)]), Some(1));
+        // Full: another revision's engine takes it rather than a provider or the queue.
+        assert_eq!(pick_local(&[b(2, 4), pref(4, 4)]), Some(0));
+    }
+
+    #[test]
     fn local_first_then_spill_only_when_every_engine_is_full() {
         let providers = [p(0, 2, true)];
         assert_eq!(admit(&input(&[b(3, 4)], &providers)), Admission::Local(0));
@@ -397,6 +413,7 @@ mod tests {
             room: 4,
             aside,
             excluded,
+            preferred: false,
         };
         let table: &[(&[BackendLoad], Option<usize>)] = &[
             (&[e(0, true, false), e(3, false, false)], Some(1)),

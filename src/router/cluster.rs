@@ -1,10 +1,12 @@
-//! Cluster sources: backends from the engine Service's EndpointSlices (a reflector), the config
-//! from ConfigMap `<name>-router`, and the capacity state from the InferenceService status, all
+//! Cluster sources: backends from the engine Services' EndpointSlices (a reflector), the config
+//! from ConfigMap `<name>-router`, and the capacity state and revision weights from the
+//! InferenceService status, all
 //! watched through the API so changes apply within seconds. The conversions are pure.
 //!
 //! RBAC the router needs in its namespace: `get`, `list`, `watch` on
 //! `discovery.k8s.io/endpointslices`, `configmaps` and `spillway.dev/inferenceservices`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -16,8 +18,10 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
 use super::config::{CONFIG_KEY, ClusterConfig, ConfigError, RouterConfig};
+use super::revisions::Route;
 use super::sources;
 use super::state::RouterState;
+use crate::api::labels::{LABEL_COMPONENT, LABEL_INSTANCE};
 use crate::api::{CAPACITY_EXHAUSTED, InferenceService};
 
 /// The label EndpointSlices carry naming their Service.
@@ -137,28 +141,64 @@ pub fn spawn(client: Client, cluster: ClusterConfig, state: Arc<RouterState>) {
     spawn_capacity(client, &cluster, state);
 }
 
-/// Backends from the engine Service's EndpointSlices.
+/// Ready engine addresses by Service name: every revision's Service, and `<name>-engine`
+/// over them all (see `router::revisions`).
+pub fn engines_by_service<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: u16,
+) -> BTreeMap<String, Vec<String>> {
+    let mut by: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    for s in slices {
+        if let Some(svc) = s
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+        {
+            by.entry(svc.clone()).or_default().push(s);
+        }
+    }
+    by.into_iter()
+        .map(|(svc, s)| (svc, backends_from_slices(s, port)))
+        .collect()
+}
+
+/// The revisions taking requests, by weight, as the controller publishes them; empty before
+/// it lists any (an older controller): then every engine of `<name>-engine` serves.
+pub fn routes(isvc: &InferenceService) -> Vec<Route> {
+    isvc.status
+        .iter()
+        .flat_map(|s| &s.revisions)
+        .map(|r| Route {
+            name: r.name.as_str().into(),
+            weight: r.weight.clamp(0, 100) as u32,
+        })
+        .collect()
+}
+
+/// Backends from the EndpointSlices of the service's engine Services (found by the labels
+/// the controller puts on them, which their slices carry too).
 pub fn spawn_endpoints(
     client: Client,
     cluster: &ClusterConfig,
     state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
     let port = cluster.engine_port;
+    let broad = cluster.engine_service.clone();
     state.set_synced(false);
-    watch_slices(
-        client,
-        cluster,
-        &cluster.engine_service,
-        move |slices, listed| {
-            let b = backends_from_slices(slices, port);
-            tracing::debug!(backends = b.len(), "engine endpoints changed");
-            state.set_backends(b);
-            if listed && !state.synced() {
-                tracing::info!("engine endpoints listed; ready");
-                state.set_synced(true);
-            }
-        },
-    )
+    let selector = format!(
+        "{LABEL_INSTANCE}={},{LABEL_COMPONENT}=engine",
+        cluster.inference_service
+    );
+    watch_slices(client, cluster, &selector, move |slices, listed| {
+        let by = engines_by_service(slices, port);
+        tracing::debug!(services = by.len(), "engine endpoints changed");
+        state.set_engine_addrs(broad.clone(), by);
+        if listed && !state.synced() {
+            tracing::info!("engine endpoints listed; ready");
+            state.set_synced(true);
+        }
+    })
 }
 
 /// Peer routers from the client Service's EndpointSlices (the routers behind it), but this
@@ -173,7 +213,7 @@ pub fn spawn_peers(
     watch_slices(
         client,
         cluster,
-        &cluster.router_service,
+        &format!("{SERVICE_NAME_LABEL}={}", cluster.router_service),
         move |slices, _| {
             let peers = peers_from_slices(slices, port, &own);
             tracing::debug!(peers = peers.len(), "peer routers changed");
@@ -182,16 +222,16 @@ pub fn spawn_peers(
     )
 }
 
-/// Calls `changed` with every EndpointSlice of `service` whenever one changes, and whether
-/// they have been listed once.
+/// Calls `changed` with every EndpointSlice `selector` selects whenever one changes, and
+/// whether they have been listed once.
 fn watch_slices(
     client: Client,
     cluster: &ClusterConfig,
-    service: &str,
+    selector: &str,
     changed: impl Fn(&mut dyn Iterator<Item = &EndpointSlice>, bool) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
     let slices: Api<EndpointSlice> = Api::namespaced(client, &cluster.namespace);
-    let cfg = watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={service}"));
+    let cfg = watcher::Config::default().labels(selector);
     let (reader, writer) = reflector::store();
     tokio::spawn(
         reflector::reflector(writer, watcher::watcher(slices, cfg).default_backoff()).for_each(
@@ -259,7 +299,10 @@ pub fn spawn_capacity(
             .applied_objects()
             .for_each(move |isvc| {
                 match isvc {
-                    Ok(i) => state.set_capacity_exhausted(capacity_exhausted(&i)),
+                    Ok(i) => {
+                        state.set_capacity_exhausted(capacity_exhausted(&i));
+                        state.set_routes(routes(&i));
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "InferenceService watch error (retrying)")
                     }
@@ -466,7 +509,8 @@ mod tests {
         let slice = |ips: &[&str], rv: &str| {
             serde_json::json!({
                 "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                "metadata": {"name": "llama-engine-abc", "namespace": "ml", "resourceVersion": rv},
+                "metadata": {"name": "llama-engine-abc", "namespace": "ml", "resourceVersion": rv,
+                    "labels": {"kubernetes.io/service-name": "llama-engine"}},
                 "addressType": "IPv4",
                 "endpoints": ips.iter().map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}})).collect::<Vec<_>>(),
             })
@@ -487,7 +531,7 @@ mod tests {
         assert!(
             queries
                 .iter()
-                .all(|q| q.contains("labelSelector=kubernetes.io%2Fservice-name%3Dllama-engine")),
+                .all(|q| q.contains("labelSelector=app.kubernetes.io%2Finstance%3Dllama%2Capp.kubernetes.io%2Fcomponent%3Dengine")),
             "{queries:?}"
         );
         wait_until("both endpoints are backends", || {

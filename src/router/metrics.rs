@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use std::sync::atomic::AtomicU64;
 
@@ -80,6 +81,49 @@ pub struct RouterMetrics {
     pub peer_report_age: Family<PeerLabel, Gauge<f64, AtomicU64>>,
     /// The peers `peer_report_age` shows, to drop those no longer listed.
     peers_shown: std::sync::Mutex<Vec<PeerLabel>>,
+    revision_requests: Family<RevisionOutcome, sharded::Counter>,
+    revision_ttft: GateHistogram,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevisionOutcome {
+    pub revision: String,
+    /// `ok` or `error` (a 5xx or 429 answer, or one cut off mid-way).
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RevisionLabel {
+    pub revision: String,
+}
+
+type GateHistogram = Family<RevisionLabel, Histogram, fn() -> Histogram>;
+
+fn gate_histogram() -> Histogram {
+    let b = crate::rollout::gate::buckets();
+    Histogram::new(b.bounds().iter().copied().filter(|x| x.is_finite()))
+}
+
+/// One revision's handles, for the rollout gate: what its engines answered, and how soon.
+#[derive(Debug)]
+pub struct RevisionMetrics {
+    pub name: std::sync::Arc<str>,
+    ok: sharded::Counter,
+    errors: sharded::Counter,
+    /// Locked (it has 120 buckets, too many to shard), but observed once per streamed answer
+    /// only: a stream costs far more than the lock.
+    pub ttft: Histogram,
+}
+
+impl RevisionMetrics {
+    /// Counts an answer from one of its engines; a client that went away says nothing of it.
+    pub fn answered(&self, outcome: Outcome) {
+        match outcome {
+            Outcome::Success | Outcome::ClientError => self.ok.inc(),
+            Outcome::UpstreamError | Outcome::Aborted => self.errors.inc(),
+            _ => {}
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,6 +181,19 @@ impl Default for RouterMetrics {
         let engine_set_asides = Counter::default();
         let spilled_with_local_room = Counter::default();
         let peer_report_age = Family::<PeerLabel, Gauge<f64, AtomicU64>>::default();
+        let revision_requests = Family::<RevisionOutcome, sharded::Counter>::default();
+        let revision_ttft = GateHistogram::new_with_constructor(gate_histogram);
+        registry.register(
+            "revision_requests",
+            "Answers from each revision's engines, by outcome (ok, error): the rollout gate's input",
+            revision_requests.clone(),
+        );
+        registry.register_with_unit(
+            "revision_time_to_first_token",
+            "Time to first token of streamed answers from each revision's engines, in buckets 10% apart",
+            Unit::Seconds,
+            revision_ttft.clone(),
+        );
         registry.register(
             "spilled_with_local_room",
             "Requests sent to a provider while the peer routers' last reports showed a local engine slot free",
@@ -242,6 +299,8 @@ impl Default for RouterMetrics {
             spilled_with_local_room,
             peer_report_age,
             peers_shown: Default::default(),
+            revision_requests,
+            revision_ttft,
         }
     }
 }
@@ -271,6 +330,28 @@ impl RouterMetrics {
             ttfb: self.ttfb.get_or_create(&d).clone(),
             ttft: self.ttft.get_or_create(&d).clone(),
             slot: self.slot.get_or_create(&d).clone(),
+        }
+    }
+
+    pub fn for_revision(&self, name: std::sync::Arc<str>) -> RevisionMetrics {
+        let counter = |outcome| {
+            self.revision_requests
+                .get_or_create(&RevisionOutcome {
+                    revision: name.to_string(),
+                    outcome,
+                })
+                .clone()
+        };
+        RevisionMetrics {
+            ok: counter("ok"),
+            errors: counter("error"),
+            ttft: self
+                .revision_ttft
+                .get_or_create(&RevisionLabel {
+                    revision: name.to_string(),
+                })
+                .clone(),
+            name,
         }
     }
 

@@ -22,6 +22,8 @@ pub mod outcome;
 pub mod peers;
 /// The FIFO of waiting requests.
 pub mod queue;
+/// Revisions: which engines serve which, and which one a request is meant for.
+pub mod revisions;
 /// Usage read from provider answers as they pass.
 pub mod usage;
 

@@ -155,6 +155,11 @@ fn observe(
             l.metrics().ttfb.observe(s);
             if streamed {
                 l.metrics().ttft.observe(s);
+                if let Dest::Local(b) = &l.dest
+                    && let Some(r) = &b.revision
+                {
+                    r.ttft.observe(s);
+                }
             }
         }
     }
@@ -429,6 +434,11 @@ impl Relay {
         state
             .metrics
             .request(lease.dest.label(), &lease.class.name, outcome);
+        if let Dest::Local(b) = &lease.dest
+            && let Some(r) = &b.revision
+        {
+            r.answered(outcome);
+        }
         dm.duration.observe(self.arrived.elapsed().as_secs_f64());
         // Answered requests only: an attempt that failed before any answer held no real slot
         // time, and would count as spilled demand.

@@ -452,6 +452,7 @@ impl Sim<'_> {
                 limit,
                 room,
                 aside: false,
+                preferred: false,
                 excluded: !ask.locals_open || self.pods[i].rev != ask.rev,
             });
         }

@@ -8,6 +8,8 @@ use crate::api::ProviderEndpoint;
 use crate::clock::Millis;
 use crate::router::admission::{BackendLoad, local_first};
 use crate::router::classes::{Class, Classes};
+use crate::router::metrics::RevisionMetrics;
+use crate::router::revisions::{Route, choose};
 
 /// A local engine.
 #[derive(Debug)]
@@ -30,11 +32,18 @@ pub struct Backend {
     /// Parsed once, with the `Host` header it makes; `None` for an address that is no URI
     /// authority (fails like a dead engine).
     pub authority: Option<(http::uri::Authority, http::HeaderValue)>,
+    /// The revision it serves, during and after a rollout (see `router::revisions`).
+    pub revision: Option<Arc<RevisionMetrics>>,
 }
 
 impl Backend {
     pub fn new(addr: String) -> Self {
+        Self::of_revision(addr, None)
+    }
+
+    pub fn of_revision(addr: String, revision: Option<Arc<RevisionMetrics>>) -> Self {
         Self {
+            revision,
             outstanding: AtomicU32::new(0),
             cap: AtomicU32::new(0),
             room: AtomicU32::new(0),
@@ -81,14 +90,22 @@ impl Backend {
         self.cap.load(Ordering::SeqCst)
     }
 
-    /// Its load as admission sees it; `excluded`: not for this request.
-    pub fn load(&self, now: impl Fn() -> Millis, excluded: bool) -> BackendLoad {
+    /// Its load as admission sees it; `excluded`: not for this request; `revision`: the one
+    /// the request is meant for.
+    pub fn load(
+        &self,
+        now: impl Fn() -> Millis,
+        excluded: bool,
+        revision: Option<&str>,
+    ) -> BackendLoad {
         BackendLoad {
             outstanding: self.outstanding(),
             limit: self.cap(),
             room: self.room.load(Ordering::Relaxed),
             aside: self.aside(now),
             excluded,
+            preferred: revision
+                .is_some_and(|r| self.revision.as_ref().is_some_and(|m| *m.name == *r)),
         }
     }
 
@@ -132,6 +149,10 @@ pub struct View {
     pub classes: Option<Arc<Classes>>,
     /// Each provider's name and the endpoints requests may spill to it on.
     pub providers: Vec<(String, Vec<ProviderEndpoint>)>,
+    /// The revisions taking requests, by weight (empty outside rollouts).
+    pub routes: Vec<Route>,
+    /// This thread's requests so far, for [`crate::router::revisions::choose`].
+    pub turn: u64,
     loads: Vec<BackendLoad>,
 }
 
@@ -142,6 +163,8 @@ thread_local! {
             backends: Vec::new(),
             classes: None,
             providers: Vec::new(),
+            routes: Vec::new(),
+            turn: 0,
             loads: Vec::new(),
         })
     };
@@ -206,11 +229,21 @@ impl LocalPath {
         self.with_view(current, |v| f(v))
     }
 
-    /// A local slot without the lock, when nobody waits and an engine has room.
+    /// The revision this thread's next request is meant for, by the weights.
+    pub fn choose_revision(&self, current: impl FnOnce(&mut View)) -> Option<Arc<str>> {
+        self.with_view(current, |v| {
+            v.turn = v.turn.wrapping_add(1);
+            choose(&v.routes, v.turn).cloned()
+        })
+    }
+
+    /// A local slot without the lock, when nobody waits and an engine has room (one of
+    /// `revision`'s first).
     pub fn take(
         &self,
         current: impl FnOnce(&mut View),
         now: impl Fn() -> Millis,
+        revision: Option<&str>,
     ) -> Option<Arc<Backend>> {
         self.with_view(current, |v| {
             loop {
@@ -219,7 +252,7 @@ impl LocalPath {
                 let queued = u32::try_from(queued).unwrap_or(u32::MAX);
                 v.loads.clear();
                 v.loads
-                    .extend(v.backends.iter().map(|b| b.load(&now, false)));
+                    .extend(v.backends.iter().map(|b| b.load(&now, false, revision)));
                 let b = &v.backends[local_first(&v.loads, queued, false)?];
                 if b.try_take() {
                     return Some(b.clone());
@@ -275,19 +308,22 @@ mod tests {
                 v.backends.extend_from_slice(l);
             }
         }
-        let got = path.take(copy(&list), || 0).expect("room");
+        let got = path.take(copy(&list), || 0, None).expect("room");
         assert_eq!(got.addr, "a:1");
         // The copy is current: not asked for again, and the one slot is taken.
-        assert!(path.take(|_| panic!("copied again"), || 0).is_none());
+        assert!(path.take(|_| panic!("copied again"), || 0, None).is_none());
         path.release(&got);
         path.queue_changed(1);
         assert!(
-            path.take(|_| panic!("copied again"), || 0).is_none(),
+            path.take(|_| panic!("copied again"), || 0, None).is_none(),
             "overtook"
         );
         path.queue_changed(0);
         let other = vec![one("b:1")];
         path.backends_changed();
-        assert_eq!(path.take(copy(&other), || 0).expect("room").addr, "b:1");
+        assert_eq!(
+            path.take(copy(&other), || 0, None).expect("room").addr,
+            "b:1"
+        );
     }
 }

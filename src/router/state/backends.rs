@@ -10,7 +10,7 @@ use crate::router::breaker::CircuitBreaker;
 use crate::router::config::{ProviderConfig, RouterConfig};
 use crate::router::fast::Backend;
 use crate::router::keys::{KeyState, read_key};
-use crate::router::metrics::{self, DestMetrics, RouterMetrics};
+use crate::router::metrics::{self, DestMetrics, RevisionMetrics, RouterMetrics};
 
 /// A burst provider as configured; in-flight requests keep the snapshot they started with.
 #[derive(Debug)]
@@ -85,14 +85,18 @@ impl Default for BreakerSettings {
     }
 }
 
-/// Destinations a retried request must not go back to.
+/// Destinations a retried request must not go back to, and the revision it is meant for.
 #[derive(Clone, Debug, Default)]
 pub struct Excluded {
     pub locals: Vec<String>,
     pub providers: Vec<String>,
+    /// Not an exclusion: the revision whose engines it goes to first (see
+    /// `BackendLoad::preferred`). Chosen once, kept through retries and the queue.
+    pub revision: Option<Arc<str>>,
 }
 
 impl Excluded {
+    /// Nothing excluded (whatever the revision).
     pub fn is_empty(&self) -> bool {
         self.locals.is_empty() && self.providers.is_empty()
     }
@@ -102,6 +106,7 @@ impl Excluded {
     pub fn providers_only(&self) -> Self {
         Self {
             providers: self.providers.clone(),
+            revision: self.revision.clone(),
             ..Self::default()
         }
     }
@@ -184,21 +189,26 @@ pub(super) fn release_provider(
     }
 }
 
-/// The engine list for `addrs` (duplicates dropped): engines already known keep their count.
-/// Returns it with the removed engines something still holds (a lease, a thread's copy), kept
-/// so that one that comes back keeps its count and is not overloaded.
+/// The engine list for `addrs`, each with its revision (duplicates dropped): engines already
+/// known (of the same revision) keep their count. Returns it with the removed engines
+/// something still holds (a lease, a thread's copy), kept so that one that comes back keeps
+/// its count and is not overloaded.
 pub(super) fn replace_backends(
     mut old: Vec<Arc<Backend>>,
-    addrs: Vec<String>,
+    addrs: Vec<(String, Option<Arc<RevisionMetrics>>)>,
 ) -> (Vec<Arc<Backend>>, Vec<Arc<Backend>>) {
     let mut next: Vec<Arc<Backend>> = Vec::with_capacity(addrs.len());
-    for a in addrs {
+    let name = |r: &Option<Arc<RevisionMetrics>>| r.as_ref().map(|m| m.name.clone());
+    for (a, rev) in addrs {
         if next.iter().any(|b| b.addr == a) {
             continue;
         }
-        let b = match old.iter().position(|b| b.addr == a) {
+        let b = match old
+            .iter()
+            .position(|b| b.addr == a && name(&b.revision) == name(&rev))
+        {
             Some(i) => old.swap_remove(i),
-            None => Arc::new(Backend::new(a)),
+            None => Arc::new(Backend::of_revision(a, rev)),
         };
         next.push(b);
     }

@@ -6,6 +6,7 @@ mod backends;
 mod lease;
 mod routing;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,6 +32,7 @@ use super::fast::{Backend, LocalPath, View};
 use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::peers::{Ledger, Report};
+use super::revisions::{self, Route};
 use super::usage::Usage;
 use crate::api::{BurstMode, ProviderEndpoint};
 use crate::clock::Millis;
@@ -116,6 +118,7 @@ impl RouterState {
     fn copy_view(&self, v: &mut View) {
         let routing = self.lock();
         v.backends.clone_from(&routing.backends);
+        v.routes.clone_from(&routing.routes);
         v.classes = Some(routing.classes.clone());
         v.providers.clear();
         v.providers.extend(
@@ -126,9 +129,11 @@ impl RouterState {
         );
     }
 
-    /// A local slot without the lock, when nobody waits and an engine has room.
-    fn take_local(&self) -> Option<Arc<Backend>> {
-        self.fast.take(|v| self.copy_view(v), || self.now_ms())
+    /// A local slot without the lock, when nobody waits and an engine has room (one of
+    /// `revision`'s first).
+    fn take_local(&self, revision: Option<&str>) -> Option<Arc<Backend>> {
+        self.fast
+            .take(|v| self.copy_view(v), || self.now_ms(), revision)
     }
 
     /// The request class a request's `x-spillway-class` header names (the default class when
@@ -169,19 +174,63 @@ impl RouterState {
 
     /// Replaces the set of ready local engines (`host:port`), keeping counts of those that stay.
     pub fn set_backends(self: &Arc<Self>, addrs: Vec<String>) {
+        self.set_engine_addrs(String::new(), BTreeMap::from([(String::new(), addrs)]));
+    }
+
+    /// Replaces the ready engine addresses by Service (`broad`: the Service that selects
+    /// every engine pod), keeping counts of those that stay.
+    pub fn set_engine_addrs(
+        self: &Arc<Self>,
+        broad: String,
+        by_service: BTreeMap<String, Vec<String>>,
+    ) {
         {
             let mut routing = self.lock();
-            let r = &mut *routing;
-            let mut old = std::mem::take(&mut r.backends);
-            old.append(&mut r.draining);
-            let (next, draining) = replace_backends(old, addrs);
-            self.metrics.backends.set(next.len() as i64);
-            r.backends = next;
-            r.draining = draining;
-            r.refresh_caps(self.now_ms());
-            self.fast.backends_changed();
+            routing.broad = broad;
+            routing.engine_addrs = by_service;
+            self.engines_changed(&mut routing);
         }
         self.pump();
+    }
+
+    /// The revisions taking requests and their weights, as the controller publishes them.
+    pub fn set_routes(self: &Arc<Self>, routes: Vec<Route>) {
+        {
+            let mut routing = self.lock();
+            if routing.routes == routes {
+                return;
+            }
+            tracing::info!(?routes, "revision weights changed");
+            routing.routes = routes;
+            self.engines_changed(&mut routing);
+        }
+        self.pump();
+    }
+
+    /// Under the lock: the engine list again from the addresses and the revisions.
+    fn engines_changed(&self, routing: &mut Routing) {
+        let r = routing;
+        let listed = revisions::engines(&r.engine_addrs, &r.broad, &r.routes);
+        let tagged = listed
+            .into_iter()
+            .map(|(addr, rev)| {
+                let m = rev.map(|name| {
+                    r.revision_metrics
+                        .entry(name.clone())
+                        .or_insert_with(|| Arc::new(self.metrics.for_revision(name)))
+                        .clone()
+                });
+                (addr, m)
+            })
+            .collect();
+        let mut old = std::mem::take(&mut r.backends);
+        old.append(&mut r.draining);
+        let (next, draining) = replace_backends(old, tagged);
+        self.metrics.backends.set(next.len() as i64);
+        r.backends = next;
+        r.draining = draining;
+        r.refresh_caps(self.now_ms());
+        self.fast.backends_changed();
     }
 
     /// Whether the backend list is known (always, standalone; after the first list, in a cluster).
@@ -266,7 +315,7 @@ impl RouterState {
     /// The providers a request that may spill as `burst` (`None`: not at all) must not go to:
     /// those that do not declare its endpoint. Read without the lock.
     pub fn kept_from(&self, burst: Option<ProviderEndpoint>) -> Excluded {
-        self.fast.read(
+        let kept = self.fast.read(
             |v| self.copy_view(v),
             |v| Excluded {
                 providers: v
@@ -277,14 +326,18 @@ impl RouterState {
                     .collect(),
                 ..Excluded::default()
             },
-        )
+        );
+        Excluded {
+            revision: self.fast.choose_revision(|v| self.copy_view(v)),
+            ..kept
+        }
     }
 
     /// A decision for a request that just arrived: a lease now, a 503 now, or a place in the
     /// queue until a slot frees, its spill wait passes, or it times out. It never goes to a
     /// provider in `kept_from` (see [`Self::kept_from`]).
     pub async fn acquire(self: &Arc<Self>, class: &Class, kept_from: Excluded) -> Ticket {
-        if let Some(b) = self.take_local() {
+        if let Some(b) = self.take_local(kept_from.revision.as_deref()) {
             return Ticket::Go(Lease::new(
                 self.clone(),
                 Dest::Local(b),

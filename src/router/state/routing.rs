@@ -3,6 +3,7 @@
 //! queue may go where is [`QueuePass`]'s; this only gathers their input and carries out the
 //! answer.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,10 +21,11 @@ use crate::router::classes::{Class, Classes};
 use crate::router::config::{RouterConfig, SharedLimits};
 use crate::router::fast::Backend;
 use crate::router::keys::Bearer;
-use crate::router::metrics::ClassLabel;
+use crate::router::metrics::{ClassLabel, RevisionMetrics};
 use crate::router::peers::wire::{RPM, engine_key, provider_key};
 use crate::router::peers::{Counts, Ledger, Room};
 use crate::router::queue::{Fifo, Waiter};
+use crate::router::revisions::Route;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -61,6 +63,14 @@ pub(super) struct Ask<'a> {
 pub(super) struct Routing {
     pub config: Arc<RouterConfig>,
     pub backends: Vec<Arc<Backend>>,
+    /// Ready engine addresses by Service (in a cluster: every revision's Service), and the
+    /// Service that selects them all (see `router::revisions`).
+    pub engine_addrs: BTreeMap<String, Vec<String>>,
+    pub broad: String,
+    /// The revisions taking requests, as the controller last published them.
+    pub routes: Vec<Route>,
+    /// Each revision's metric handles, made once.
+    pub revision_metrics: BTreeMap<Arc<str>, Arc<RevisionMetrics>>,
     /// Removed backends that something still holds (a lease, a thread's copy of the list): not
     /// chosen, but a backend that comes back keeps its count so it is not overloaded.
     pub draining: Vec<Arc<Backend>>,
@@ -108,6 +118,10 @@ impl Routing {
             classes,
             config: Arc::new(config),
             backends: Vec::new(),
+            engine_addrs: BTreeMap::new(),
+            broad: String::new(),
+            routes: Vec::new(),
+            revision_metrics: BTreeMap::new(),
             draining: Vec::new(),
             providers,
             retired: Vec::new(),
@@ -244,7 +258,7 @@ impl Routing {
         let (ex, class) = (ask.excluded, ask.class);
         bl.extend(self.backends.iter().map(|b| {
             let excluded = !ask.locals_open || ex.locals.contains(&b.addr);
-            b.load(|| now, excluded)
+            b.load(|| now, excluded, ex.revision.as_deref())
         }));
         pl.extend(self.providers.iter().map(|p| ProviderLoad {
             in_flight: p.in_flight,
