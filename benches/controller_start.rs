@@ -188,6 +188,7 @@ async fn floor_run(n: usize) -> anyhow::Result<f64> {
             isvc,
             policy: &policy,
             router_image: operator::IMAGE,
+            revision: None,
         })?;
         let router = r.router.context("the router is on by default")?;
         let objects = [

@@ -84,8 +84,8 @@ fn grants(rules: &[PolicyRule]) -> BTreeMap<(String, String), BTreeSet<String>> 
 /// What the controller needs, and nothing more (README: "RBAC the controller needs").
 fn expected_grants() -> BTreeMap<(String, String), BTreeSet<String>> {
     let read = ["get", "list", "watch"].as_slice();
-    let own = ["get", "list", "watch", "create", "patch"].as_slice();
-    // Router objects are also deleted when a service sets router.enabled: false.
+    // Router objects are also deleted when a service sets router.enabled: false, revisions'
+    // when they no longer serve.
     let own_deletable = ["get", "list", "watch", "create", "patch", "delete"].as_slice();
     let table: &[(&str, &[&str], &[&str])] = &[
         (
@@ -98,8 +98,9 @@ fn expected_grants() -> BTreeMap<(String, String), BTreeSet<String>> {
             &["inferenceservices/status", "scalingpolicies/status"],
             &["get", "patch"],
         ),
+        ("spillway.dev", &["inferenceservices"], &["patch"]),
         ("apps", &["deployments"], own_deletable),
-        ("", &["services"], own),
+        ("", &["services"], own_deletable),
         ("", &["configmaps", "serviceaccounts"], own_deletable),
         (
             "rbac.authorization.k8s.io",
@@ -112,13 +113,12 @@ fn expected_grants() -> BTreeMap<(String, String), BTreeSet<String>> {
         ("", &["secrets"], &["get"]),
         ("events.k8s.io", &["events"], &["create", "patch"]),
     ];
-    let mut out = BTreeMap::new();
+    let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for (group, resources, verbs) in table {
         for r in *resources {
-            out.insert(
-                (group.to_string(), r.to_string()),
-                verbs.iter().map(|v| v.to_string()).collect(),
-            );
+            out.entry((group.to_string(), r.to_string()))
+                .or_default()
+                .extend(verbs.iter().map(|v| v.to_string()));
         }
     }
     out

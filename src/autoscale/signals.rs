@@ -20,10 +20,16 @@
 //!   series would under-count and could cause a scale-down.
 //! - GPU memory is a fraction clamped to [0, 1]; a used/total pair with no positive total is `None`.
 
+use std::collections::BTreeMap;
+
 use super::latency::{Buckets, ROUTER_TTFT_METRIC};
 use super::promtext::{ParseError, Sample, for_each_sample};
 use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
 
+/// A router's answers by revision and outcome (`ok`, `error`): the rollout gate's input.
+pub const REVISION_REQUESTS_METRIC: &str = "spillway_router_revision_requests_total";
+/// A router's time to first token by revision, in the gate's buckets (`rollout::gate`).
+pub const REVISION_TTFT_METRIC: &str = "spillway_router_revision_time_to_first_token_seconds";
 /// The gauge the router exposes for requests queued in it.
 pub const ROUTER_QUEUE_METRIC: &str = "spillway_router_queue_length";
 /// The router's histogram of how long requests held a slot, by `destination` (`local` or a
@@ -308,6 +314,17 @@ pub struct RouterSample {
     /// `None` when the page has no usable such histogram (none yet, an older router, or a
     /// malformed one).
     pub local_ttft: Option<Buckets>,
+    /// What each revision's engines answered since the router started (during rollouts).
+    pub revisions: BTreeMap<String, RevisionTotals>,
+}
+
+/// One revision's answers as a router counts them.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RevisionTotals {
+    pub requests: f64,
+    pub errors: f64,
+    /// Time to first token of streamed answers; `None` when unusable or absent.
+    pub ttft: Option<Buckets>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
@@ -327,9 +344,34 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
     let mut out = RouterSample::default();
     let mut ttft_pairs: Vec<(f64, f64)> = Vec::new();
     let mut ttft_bad = false;
+    let rev_ttft = format!("{REVISION_TTFT_METRIC}_bucket");
+    // By revision: its bucket pairs, or `None` once one was unusable.
+    let mut rev_pairs: BTreeMap<String, Option<Vec<(f64, f64)>>> = BTreeMap::new();
     for_each_sample(text, |s| {
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
+            return;
+        }
+        if s.name == REVISION_REQUESTS_METRIC || s.name == rev_ttft {
+            let Some(rev) = s.label("revision").map(|r| r.unescaped().into_owned()) else {
+                return;
+            };
+            let usable = s.value.is_finite() && s.value >= 0.0;
+            if s.name == REVISION_REQUESTS_METRIC {
+                let t = out.revisions.entry(rev).or_default();
+                let v = if usable { s.value } else { 0.0 };
+                t.requests += v;
+                if s.label("outcome").is_some_and(|o| o.matches("error")) {
+                    t.errors += v;
+                }
+            } else {
+                let le = s.label("le").and_then(|l| parse_le(&l.unescaped()));
+                let pairs = rev_pairs.entry(rev).or_insert_with(|| Some(Vec::new()));
+                match (le, pairs.as_mut()) {
+                    (Some(le), Some(p)) if usable => p.push((le, s.value)),
+                    _ => *pairs = None,
+                }
+            }
             return;
         }
         if s.name == ttft {
@@ -365,6 +407,9 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
     // An unusable histogram is no latency reading; the queue and the spill still count.
     if !ttft_pairs.is_empty() && !ttft_bad {
         out.local_ttft = Buckets::from_cumulative(ttft_pairs);
+    }
+    for (rev, pairs) in rev_pairs {
+        out.revisions.entry(rev).or_default().ttft = pairs.and_then(Buckets::from_cumulative);
     }
     Ok(queue
         .get()

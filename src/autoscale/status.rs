@@ -7,8 +7,8 @@ use serde::Serialize;
 use super::decide::{Decision, MetricsState};
 use crate::api::{
     BURSTING, BurstMode, BurstStatus, CAPACITY_EXHAUSTED, DesiredCondition, InferenceService,
-    MeasuredLatency, MetricsSnapshot, PolicyMode, SCALING_ACTIVE, ScaleDecisionRecord,
-    settle_condition,
+    MeasuredLatency, MetricsSnapshot, PolicyMode, RevisionStatus, RolloutStatus, SCALING_ACTIVE,
+    ScaleDecisionRecord, settle_condition,
 };
 
 /// Decisions kept in status.
@@ -30,6 +30,15 @@ pub struct AutoscalerStatus {
     pub decisions: Vec<ScaleDecisionRecord>,
     pub burst: BurstStatus,
     pub conditions: Vec<Condition>,
+    /// The revisions and the rollout (`rollout::drive`); set by the loop after the decision.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub revisions: Vec<RevisionStatus>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stable_revision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub candidate_revision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
 }
 
 /// What happened this tick besides the decision.
@@ -219,6 +228,10 @@ pub fn autoscaler_status(isvc: &InferenceService, facts: &TickFacts<'_>) -> Auto
         decisions,
         burst,
         conditions,
+        revisions: Vec::new(),
+        stable_revision: None,
+        candidate_revision: None,
+        rollout: None,
     }
 }
 

@@ -2,7 +2,7 @@
 //! another), scraping the ready engine pods, calling `decide()`, patching replicas under the
 //! autoscaler's field manager, and writing its status fields and Events.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +10,7 @@ use futures::future::join_all;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::Api;
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
@@ -21,13 +21,20 @@ use super::cache::Cache;
 use super::metrics::Metrics;
 use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, engine_name};
 use super::scrape::{Scraper, metrics_url};
-use crate::api::{InferenceService, PolicyMode, ScalingPolicy, ScalingPolicySpec};
+use crate::api::{
+    InferenceService, PolicyMode, ROLLOUT_ANNOTATION, RevisionRole, RolloutCommand, RolloutPhase,
+    ScalingPolicy, ScalingPolicySpec,
+};
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use crate::autoscale::latency::Buckets;
 use crate::autoscale::observe::{ColdStart, EnginePod, PodState, classify_one};
 use crate::autoscale::signals::{self, RouterSample, SignalSelectors};
 use crate::autoscale::status::{AutoscalerStatus, TickFacts, autoscaler_status, needs_write};
 use crate::clock::Millis;
+use crate::rollout::gate::Window;
+use crate::rollout::machine::{Rollout, Stage};
+use crate::rollout::revision::revision_hash;
+use crate::rollout::{drive, record};
 use crate::router::config::ROUTER_PORT;
 
 /// What a service's loop remembers between ticks.
@@ -41,6 +48,20 @@ pub struct ServiceState {
     last_patch: Option<(i32, Millis)>,
     /// Each router pod's last sample, for the spill rate since.
     routers: HashMap<String, (Millis, RouterSample)>,
+    /// What each revision's engines answered this tick, by the routers' counts.
+    revision_added: BTreeMap<String, Window>,
+    /// The rollout as this loop last decided it (read from status once, at the start).
+    rollout: Option<Rollout>,
+    rollout_read: bool,
+    /// The gate's windows: the candidate's and the stable's answers in the current stage.
+    gate: Option<GateWindows>,
+}
+
+/// Answers since a stage began: they belong to the stage `key` names.
+struct GateWindows {
+    key: (String, Stage, Millis),
+    candidate: Window,
+    stable: Window,
 }
 
 /// How long a patched replica count is trusted over a cache that does not show it yet.
@@ -138,6 +159,7 @@ pub async fn observe_and_decide(
         })
         .collect();
     let ttft = local_ttft_since(&router, &state.routers);
+    state.revision_added = revisions_since(&router, &state.routers);
     // A router whose scrape failed keeps its last sample as the base for its next rate.
     for (pod, s) in &router {
         state.routers.insert((*pod).clone(), (now, s.clone()));
@@ -208,6 +230,26 @@ fn local_ttft_since(
     sum
 }
 
+/// What each revision's engines answered since the routers' last samples, summed; a router
+/// seen for the first time (or restarted) gives its increments from the next tick on.
+fn revisions_since(
+    now: &[(&String, RouterSample)],
+    before: &HashMap<String, (Millis, RouterSample)>,
+) -> BTreeMap<String, Window> {
+    let mut out: BTreeMap<String, Window> = BTreeMap::new();
+    for (pod, cur) in now {
+        let Some((_, prev)) = before.get(*pod) else {
+            continue;
+        };
+        for (rev, totals) in &cur.revisions {
+            if let Some(w) = Window::since(totals, prev.revisions.get(rev)) {
+                out.entry(rev.clone()).or_insert_with(Window::empty).add(&w);
+            }
+        }
+    }
+    out
+}
+
 /// Everything the loops share.
 pub struct Autoscaler {
     pub client: Client,
@@ -274,10 +316,17 @@ impl Autoscaler {
         let interval = Duration::from_secs(policy.interval_seconds.max(1) as u64);
         let ns = isvc.namespace().unwrap_or_default();
         let name = isvc.name_any();
+        let view = with_last_written(isvc, state.last_written.as_ref().map(|(s, _)| s));
+        let plan = drive::plan(
+            &name,
+            &engine_name(&name),
+            &revision_hash(&isvc.spec),
+            view.status.as_ref(),
+        );
         let Some(deployment) = self
             .deployments
             .store
-            .get(&ObjectRef::new(&engine_name(&name)).within(&ns))
+            .get(&ObjectRef::new(&plan.stable.name).within(&ns))
         else {
             return interval; // not created yet: reconcile's job
         };
@@ -314,16 +363,27 @@ impl Autoscaler {
             routers: &router_urls,
             now,
         };
-        let d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;
+        let mut d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;
         self.metrics.decision_observed(&ns, &name, current, &d);
+        let pass = self.rollout_pass(isvc, &view, &plan, state, now).await;
+        if pass.hold_stable && d.desired < current {
+            d.desired = current;
+            d.reason = format!("holding {current} while traffic moves to a new revision");
+        }
+        // Promoted this tick: the new stable keeps what it has until the next tick decides.
+        let stable_same = pass.stable.name == plan.stable.name;
 
         let mut scaled = false;
-        if policy.mode == PolicyMode::Active && d.desired != current && *self.leader.borrow() {
+        if policy.mode == PolicyMode::Active
+            && stable_same
+            && d.desired != current
+            && *self.leader.borrow()
+        {
             let patched = self
                 .write(patch_replicas(
                     &self.client,
                     &ns,
-                    &engine_name(&name),
+                    &plan.stable.name,
                     d.desired,
                 ))
                 .await;
@@ -368,7 +428,6 @@ impl Autoscaler {
             .await;
         }
 
-        let view = with_last_written(isvc, state.last_written.as_ref().map(|(s, _)| s));
         let facts = TickFacts {
             decision: &d,
             current,
@@ -384,7 +443,15 @@ impl Autoscaler {
                 jiff::Timestamp::from_millisecond(now).unwrap_or_else(|_| jiff::Timestamp::now()),
             ),
         };
-        let status = autoscaler_status(&view, &facts);
+        let mut status = autoscaler_status(&view, &facts);
+        status.stable_revision = Some(pass.stable.name.clone());
+        status.candidate_revision = pass
+            .revisions
+            .iter()
+            .find(|r| r.role == RevisionRole::Candidate)
+            .map(|r| r.name.clone());
+        status.revisions = pass.revisions;
+        status.rollout = pass.rollout.as_ref().map(record::to_status);
         let since = state
             .last_written
             .as_ref()
@@ -403,6 +470,151 @@ impl Autoscaler {
             }
         }
         interval
+    }
+
+    /// One pass of the service's rollout: the gate's windows fed, the machine advanced, the
+    /// candidate sized, a command acted on once (and its annotation removed), Events on each
+    /// turn. Runs whatever the policy mode: a rollout is not autoscaling.
+    async fn rollout_pass(
+        &self,
+        isvc: &InferenceService,
+        view: &InferenceService,
+        plan: &drive::Plan,
+        state: &mut ServiceState,
+        now: Millis,
+    ) -> drive::Pass {
+        let ns = isvc.namespace().unwrap_or_default();
+        let name = isvc.name_any();
+        if !state.rollout_read {
+            state.rollout = view
+                .status
+                .as_ref()
+                .and_then(|s| s.rollout.as_ref())
+                .and_then(record::from_status);
+            state.rollout_read = true;
+        }
+        // This tick's answers go to the stage they were given in.
+        if let Some(r) = &state.rollout {
+            let key = (r.candidate.clone(), r.stage, r.since);
+            let g = state.gate.get_or_insert_with(|| GateWindows {
+                key: key.clone(),
+                candidate: Window::empty(),
+                stable: Window::empty(),
+            });
+            if g.key != key {
+                *g = GateWindows {
+                    key,
+                    candidate: Window::empty(),
+                    stable: Window::empty(),
+                };
+            }
+            if let Some(w) = state.revision_added.get(&r.candidate) {
+                g.candidate.add(w);
+            }
+            if let Some(w) = state.revision_added.get(&r.stable) {
+                g.stable.add(w);
+            }
+        }
+        let replicas = |r: Option<&drive::Revision>| {
+            r.and_then(|r| {
+                self.deployments
+                    .store
+                    .get(&ObjectRef::new(&r.name).within(&ns))
+            })
+            .map(|d| drive::Replicas {
+                replicas: d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(0),
+                ready: d
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.ready_replicas)
+                    .unwrap_or(0),
+            })
+            .unwrap_or_default()
+        };
+        let annotation = isvc.annotations().get(ROLLOUT_ANNOTATION).cloned();
+        let command = annotation.as_deref().and_then(RolloutCommand::parse);
+        let startup = i64::from(isvc.spec.engine.startup_timeout_seconds.max(0));
+        let seen = drive::Seen {
+            spec: isvc.spec.rollout.as_ref(),
+            plan,
+            rollout: state.rollout.as_ref(),
+            stable: replicas(Some(&plan.stable)),
+            candidate: replicas(plan.candidate.as_ref()),
+            previous: replicas(plan.previous.as_ref()),
+            now,
+            windows: state.gate.as_ref().map(|g| (&g.candidate, &g.stable)),
+            command,
+            ready_deadline_ms: (startup + 600) * 1000,
+        };
+        let pass = drive::pass(&seen);
+        let leader = *self.leader.borrow();
+        if let Some((c, want)) = &pass.candidate_replicas
+            && leader
+            && replicas(Some(c)).replicas != *want
+            && self
+                .deployments
+                .store
+                .get(&ObjectRef::new(&c.name).within(&ns))
+                .is_some()
+        {
+            match self
+                .write(patch_replicas(&self.client, &ns, &c.name, *want))
+                .await
+            {
+                Ok(_) => {
+                    tracing::info!(service = %name, revision = %c.name, replicas = want, "candidate sized")
+                }
+                Err(e) => {
+                    tracing::warn!(service = %name, revision = %c.name, error = %e, "sizing the candidate failed")
+                }
+            }
+        }
+        // Read once, acted on or not: a command left standing would act on the next rollout.
+        if let Some(a) = &annotation
+            && leader
+        {
+            if !pass.command_used {
+                let why = if command.is_none() {
+                    format!(
+                        "unknown {ROLLOUT_ANNOTATION} command {a:?}: use pause, resume, promote or abort"
+                    )
+                } else {
+                    format!("{ROLLOUT_ANNOTATION}={a} ignored: no rollout it applies to")
+                };
+                self.event(isvc, EventType::Warning, "RolloutCommandIgnored", why)
+                    .await;
+            }
+            if let Err(e) = self
+                .write(remove_annotation(&self.client, &ns, &name))
+                .await
+            {
+                tracing::warn!(service = %name, error = %e, "removing the rollout command failed");
+            }
+        }
+        let before = state
+            .rollout
+            .as_ref()
+            .map(|r| (r.candidate.clone(), r.phase));
+        let after = pass
+            .rollout
+            .as_ref()
+            .map(|r| (r.candidate.clone(), r.phase));
+        if let Some(r) = pass.rollout.as_ref().filter(|_| before != after && leader) {
+            let (type_, reason) = match r.phase {
+                RolloutPhase::Progressing if before.is_none_or(|b| b.0 != r.candidate) => {
+                    (EventType::Normal, "RolloutStarted")
+                }
+                RolloutPhase::Progressing => (EventType::Normal, "RolloutResumed"),
+                RolloutPhase::Paused => (EventType::Normal, "RolloutPaused"),
+                RolloutPhase::Promoted => (EventType::Normal, "RolloutPromoted"),
+                RolloutPhase::RolledBack => (EventType::Warning, "RolloutRolledBack"),
+                RolloutPhase::Failed => (EventType::Warning, "RolloutFailed"),
+            };
+            tracing::info!(service = %name, candidate = %r.candidate, phase = r.phase.as_str(), message = %r.message, "rollout");
+            self.event(isvc, type_, reason, r.message.clone()).await;
+        }
+        state.rollout = pass.rollout.clone();
+        pass
     }
 
     async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
@@ -505,12 +717,26 @@ fn with_last_written(isvc: &InferenceService, last: Option<&AutoscalerStatus>) -
         s.desired_replicas = Some(w.desired_replicas);
         s.decisions = w.decisions.clone();
         s.last_scale_time = w.last_scale_time.clone().or(s.last_scale_time.clone());
+        if !w.revisions.is_empty() {
+            s.revisions = w.revisions.clone();
+            s.rollout = w.rollout.clone();
+        }
         for c in &w.conditions {
             s.conditions.retain(|x| x.type_ != c.type_);
             s.conditions.push(c.clone());
         }
     }
     view
+}
+
+/// Removes the rollout command annotation once acted on (a standing command would act on
+/// the next rollout too).
+async fn remove_annotation(client: &Client, ns: &str, name: &str) -> Result<(), kube::Error> {
+    let api: Api<InferenceService> = Api::namespaced(client.clone(), ns);
+    let patch = serde_json::json!({"metadata": {"annotations": {ROLLOUT_ANNOTATION: null}}});
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
 }
 
 /// Writes the autoscaler's status fields (server-side apply, its own field manager).

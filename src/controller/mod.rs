@@ -33,7 +33,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::api::{InferenceService, ScalingPolicy};
+use crate::api::{InferenceService, RevisionRole, ScalingPolicy};
 use metrics::{Health, Metrics};
 use reconcile::{Context, Settings};
 
@@ -194,8 +194,11 @@ async fn run_controllers(
     let service_cache = {
         let tx = isvc_tx.clone();
         // Status writes (the autoscaler's every few seconds, reconcile's own) change nothing
-        // to reconcile: only a service's spec changes trigger it.
+        // to reconcile: only a service's spec changes trigger it, and the autoscaler's turns
+        // of a rollout (which revisions exist, and their roles: what reconcile renders).
         let mut generations = cache::Generations::default();
+        let mut roles: std::collections::HashMap<String, Vec<(String, RevisionRole)>> =
+            Default::default();
         cache::spawn(
             watcher::watcher(
                 owned::api::<InferenceService>(&client, ns),
@@ -204,7 +207,26 @@ async fn run_controllers(
             .default_backoff()
             .modify(|s: &mut InferenceService| s.managed_fields_mut().clear()),
             move |change| {
-                if generations.moved(change)
+                let moved = generations.moved(change);
+                let uid = change.object().metadata.uid.clone().unwrap_or_default();
+                let turned = match change {
+                    cache::Change::Applied(s) => {
+                        let now: Vec<(String, RevisionRole)> = s
+                            .status
+                            .iter()
+                            .flat_map(|st| &st.revisions)
+                            .map(|r| (r.name.clone(), r.role))
+                            .collect();
+                        roles
+                            .insert(uid, now.clone())
+                            .is_some_and(|before| before != now)
+                    }
+                    cache::Change::Deleted(_) => {
+                        roles.remove(&uid);
+                        false
+                    }
+                };
+                if (moved || turned)
                     && let cache::Change::Applied(s) = change
                 {
                     let _ = tx.unbounded_send(ObjectRef::from_obj(s));

@@ -25,7 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use super::cache::{self, Cache, Change};
-use super::names::MANAGED_SELECTOR;
+use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, MANAGED_SELECTOR, is_owned_by};
 use crate::api::InferenceService;
 
 /// Where a change to an owned object is sent: the owning service, to reconcile.
@@ -187,6 +187,37 @@ impl OwnedObjects {
     }
 
     /// The cached metadata of the owned object `kind` `ns/name`.
+    /// The engine Deployments and Services of `owner` in the caches: every revision's.
+    pub fn engines(&self, owner: &InferenceService) -> (Vec<String>, Vec<String>) {
+        let ns = owner.namespace();
+        let name = owner.name_any();
+        let mine = |m: &ObjectMeta| {
+            m.namespace == ns
+                && is_owned_by(m, owner)
+                && m.labels.as_ref().is_some_and(|l| {
+                    l.get(LABEL_INSTANCE) == Some(&name)
+                        && l.get(LABEL_COMPONENT).map(String::as_str) == Some("engine")
+                })
+        };
+        let deployments = self
+            .deployments
+            .store
+            .state()
+            .iter()
+            .filter(|d| mine(&d.metadata))
+            .map(|d| d.name_any())
+            .collect();
+        let services = self
+            .services
+            .store
+            .state()
+            .iter()
+            .filter(|s| mine(&s.metadata))
+            .map(|s| s.name_any())
+            .collect();
+        (deployments, services)
+    }
+
     pub fn cached(&self, kind: &str, ns: &str, name: &str) -> Option<ObjectMeta> {
         fn get<K: Resource<DynamicType = ()> + Clone>(
             c: &Meta<K>,

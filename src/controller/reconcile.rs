@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -28,6 +28,8 @@ use super::status::{
     policy_status, reconcile_status,
 };
 use crate::api::{InferenceService, ScalingPolicy, ScalingPolicySpec};
+use crate::rollout::drive;
+use crate::rollout::revision::revision_hash;
 
 /// How often a healthy object is looked at again even without a change (drift repair).
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -183,6 +185,15 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
         problems.push(Problem::RouterReplicasOverLimit(msg));
     }
     let policy = resolve_policy(&ctx, &ns, &isvc, &mut problems).await?;
+    // The revisions that exist; the spec's is rendered, a stable one serving something else
+    // is left as it runs (a changed model or engine never rolls it in place).
+    let plan = drive::plan(
+        &name,
+        &engine_name(&name),
+        &revision_hash(&isvc.spec),
+        isvc.status.as_ref(),
+    );
+    let serving = plan.candidate.as_ref().unwrap_or(&plan.stable);
 
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let engine = if problems
@@ -191,7 +202,7 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
     {
         // Leave objects as they are; just report what exists.
         deployments
-            .get_opt(&engine_name(&name))
+            .get_opt(&plan.stable.name)
             .await?
             .filter(|d| is_owned_by(&d.metadata, &isvc))
             .map(|d| engine_replicas(&d))
@@ -200,8 +211,19 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
             isvc: &isvc,
             policy: &policy,
             router_image: &ctx.settings.router_image,
+            revision: Some(serving),
         })?;
-        match ensure_objects(&ctx, &isvc, &rendered, &policy, &mut problems).await {
+        let ensured = match ensure_objects(&ctx, &isvc, &rendered, &policy, &mut problems).await {
+            Ok(e) => remove_stale_revisions(&ctx, &isvc, &plan).await.map(|()| e),
+            Err(e) => Err(e),
+        };
+        match ensured {
+            // Status counts the revision that serves.
+            Ok(_) if plan.candidate.is_some() => deployments
+                .get_opt(&plan.stable.name)
+                .await?
+                .filter(|d| is_owned_by(&d.metadata, &isvc))
+                .map(|d| engine_replicas(&d)),
             Ok(engine) => engine,
             // The namespace is being deleted, and the service with it: recreating what the
             // namespace deletion removes would fight it (and fail). Nothing to report.
@@ -215,7 +237,7 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
                     .await;
                 // Report what still serves: a failed PDB or Role must not read as an outage.
                 let engine = deployments
-                    .get_opt(&engine_name(&name))
+                    .get_opt(&plan.stable.name)
                     .await
                     .ok()
                     .flatten()
@@ -413,7 +435,11 @@ async fn ensure_objects(
         }
     };
 
-    ensure_owned(ctx, isvc, vec![owned(&rendered.engine_service)?], problems).await?;
+    let mut services = vec![owned(&rendered.engine_service)?];
+    if let Some(r) = &rendered.revision_service {
+        services.push(owned(r)?);
+    }
+    ensure_owned(ctx, isvc, services, problems).await?;
     let client = vec![owned(&rendered.client_service)?];
     match &rendered.router {
         Some(r) => {
@@ -474,6 +500,64 @@ async fn ensure_owned(
                 ctx.owned.record(key, hash, &applied.metadata);
             }
         }
+    }
+    Ok(())
+}
+
+/// Deletes the engine Deployments and Services of revisions the plan no longer names (a
+/// previous revision whose time is up, a candidate rolled back and replaced). Only objects
+/// this service owns, found in the caches by the engine labels.
+async fn remove_stale_revisions(
+    ctx: &Context,
+    isvc: &InferenceService,
+    plan: &drive::Plan,
+) -> Result<(), Error> {
+    let ns = isvc.namespace().unwrap_or_default();
+    let name = isvc.name_any();
+    let keep = |n: &str| {
+        n == plan.stable.name
+            || plan.candidate.as_ref().is_some_and(|c| c.name == n)
+            || plan.previous.as_ref().is_some_and(|p| p.name == n)
+    };
+    let (all_d, all_s) = ctx.owned.engines(isvc);
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let stale_d: Vec<String> = all_d.into_iter().filter(|n| !keep(n)).collect();
+    // `<name>-engine` selects every revision's pods: it stays (routers fall back on it).
+    let stale_s: Vec<String> = all_s
+        .into_iter()
+        .filter(|n| !keep(n) && *n != engine_name(&name))
+        .collect();
+    // Already gone (the cache lags behind a delete): nothing to do.
+    let deleted = |r: Result<(), kube::Error>| match r {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+        Err(e) => Err(e),
+        Ok(()) => Ok(true),
+    };
+    for d in &stale_d {
+        if !deleted(
+            deployments
+                .delete(d, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )? {
+            continue;
+        }
+        ctx.event(
+            isvc,
+            EventType::Normal,
+            "RevisionRemoved",
+            format!("Deleted engine Deployment {d}: its revision no longer serves"),
+        )
+        .await;
+    }
+    for s in &stale_s {
+        deleted(
+            services
+                .delete(s, &DeleteParams::default())
+                .await
+                .map(|_| ()),
+        )?;
     }
     Ok(())
 }

@@ -2,6 +2,7 @@
 
 use crate::api::RolloutGate;
 use crate::autoscale::latency::{Buckets, min_samples};
+use crate::autoscale::signals::RevisionTotals;
 
 /// The buckets a revision's time to first token is kept in for the gate: 1 ms growing by
 /// 10 % to about 85 s. The routers' latency buckets grow 2.5× at a time, too coarse to tell a
@@ -33,6 +34,43 @@ impl Default for Window {
 }
 
 impl Window {
+    /// Empty, in the buckets of whatever is added first.
+    pub fn empty() -> Self {
+        Self {
+            requests: 0.0,
+            errors: 0.0,
+            ttft: Buckets::default(),
+        }
+    }
+
+    /// What a router's totals for a revision gained since `prev` (`None`: it had none, so all
+    /// of them); `None` when they went down (the router restarted).
+    pub fn since(cur: &RevisionTotals, prev: Option<&RevisionTotals>) -> Option<Self> {
+        let zero = RevisionTotals::default();
+        let p = prev.unwrap_or(&zero);
+        if cur.requests < p.requests || cur.errors < p.errors {
+            return None;
+        }
+        let ttft = match (&cur.ttft, &p.ttft) {
+            (Some(c), Some(b)) => c.since(b)?,
+            (Some(c), None) => c.clone(),
+            (None, _) => Buckets::default(),
+        };
+        Some(Self {
+            requests: cur.requests - p.requests,
+            errors: cur.errors - p.errors,
+            ttft,
+        })
+    }
+
+    pub fn add(&mut self, other: &Window) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        if !other.ttft.bounds().is_empty() {
+            self.ttft.add(&other.ttft);
+        }
+    }
+
     fn p95_ms(&self) -> Option<f64> {
         (self.ttft.count() >= min_samples(0.95))
             .then(|| self.ttft.quantile(0.95))

@@ -409,6 +409,7 @@ fn spilled_demand_is_spill_rate_times_local_hold_time() {
             seconds: spilled.1,
         },
         local_ttft: None,
+        revisions: Default::default(),
     };
     // Local requests hold a slot 8 s; 18 requests went to a fast provider in 2 s: 9/s × 8 s
     // = 72 slots of demand, although each held the provider for only 0.1 s.

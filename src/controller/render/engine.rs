@@ -16,19 +16,23 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 
 use crate::api::{InferenceService, InferenceServiceSpec};
-use crate::controller::names::{labels, selector_labels};
+use crate::controller::names::{LABEL_REVISION, labels, selector_labels};
 
 /// Seconds between startup probes; the failure threshold is sized from `startupTimeoutSeconds`.
 const STARTUP_PERIOD_SECONDS: i32 = 10;
 /// The engine Deployment, without `spec.replicas` (the autoscaler owns it).
-pub(super) fn deployment(isvc: &InferenceService, metadata: ObjectMeta) -> Deployment {
+pub(super) fn deployment(
+    isvc: &InferenceService,
+    metadata: ObjectMeta,
+    revision: Option<&str>,
+) -> Deployment {
     let name = isvc.name_any();
     Deployment {
         metadata,
         spec: Some(DeploymentSpec {
             replicas: None,
             selector: LabelSelector {
-                match_labels: Some(selector_labels(&name, "engine")),
+                match_labels: Some(revision_selector(&name, revision)),
                 ..LabelSelector::default()
             },
             // Surge, never go below the ready count: the warm replica must survive a rollout.
@@ -45,7 +49,11 @@ pub(super) fn deployment(isvc: &InferenceService, metadata: ObjectMeta) -> Deplo
             ),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&name, "engine")),
+                    labels: Some({
+                        let mut l = labels(&name, "engine");
+                        l.extend(revision_selector(&name, revision));
+                        l
+                    }),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod_spec(&isvc.spec)),
@@ -57,13 +65,27 @@ pub(super) fn deployment(isvc: &InferenceService, metadata: ObjectMeta) -> Deplo
 }
 
 /// Headless Service over the engine pods (the router reads its EndpointSlices).
-pub(super) fn service(isvc: &InferenceService, metadata: ObjectMeta) -> Service {
+/// The engine pods of one revision (`None`: of all, as the first revision selects them).
+fn revision_selector(isvc_name: &str, revision: Option<&str>) -> BTreeMap<String, String> {
+    let mut l = selector_labels(isvc_name, "engine");
+    if let Some(hash) = revision {
+        l.insert(LABEL_REVISION.into(), hash.into());
+    }
+    l
+}
+
+/// Headless Service over the engine pods of `revision` (`None`: every revision's).
+pub(super) fn service(
+    isvc: &InferenceService,
+    metadata: ObjectMeta,
+    revision: Option<&str>,
+) -> Service {
     let name = isvc.name_any();
     Service {
         metadata,
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
-            selector: Some(selector_labels(&name, "engine")),
+            selector: Some(revision_selector(&name, revision)),
             ports: Some(vec![http_port(isvc.spec.engine.port)]),
             ..ServiceSpec::default()
         }),

@@ -13,8 +13,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference}
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
-use super::names::{engine_name, labels, selector_labels};
+use super::names::{LABEL_REVISION, engine_name, labels, selector_labels};
 use crate::api::{InferenceService, ScalingPolicySpec};
+use crate::rollout::drive::Revision;
 
 /// The client Service's port.
 pub const CLIENT_PORT: i32 = 80;
@@ -27,15 +28,23 @@ pub struct RenderInput<'a> {
     pub policy: &'a ScalingPolicySpec,
     /// Image of the per-service router.
     pub router_image: &'a str,
+    /// The revision that serves what the spec says (`rollout::drive::plan`); `None`: the
+    /// service's first, `<name>-engine`.
+    pub revision: Option<&'a Revision>,
 }
 
 /// Every object a service owns, rendered.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rendered {
-    /// The engine Deployment, without `spec.replicas` (the autoscaler owns it).
+    /// The Deployment of the revision the spec describes, without `spec.replicas` (the
+    /// autoscaler owns it).
     pub engine_deployment: Deployment,
-    /// Headless Service over the engine pods (the router reads its EndpointSlices).
+    /// Headless Service `<name>-engine` over every engine pod of the service (the router
+    /// reads its EndpointSlices).
     pub engine_service: Service,
+    /// Headless Service over that revision's pods alone, unless it is the first revision (the
+    /// router gives its addresses to it rather than to `<name>-engine`).
+    pub revision_service: Option<Service>,
     /// The stable client Service `<name>`: to the router, or to the engines without one.
     pub client_service: Service,
     /// The router's objects, unless `router.enabled` is false.
@@ -68,8 +77,23 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
         ..ObjectMeta::default()
     };
 
-    let engine_deployment = engine::deployment(isvc, meta(&engine, "engine"));
-    let engine_service = engine::service(isvc, meta(&engine, "engine"));
+    let engine_service = engine::service(isvc, meta(&engine, "engine"), None);
+    let (engine_deployment, revision_service) = match input.revision {
+        Some(r) if r.name != engine => {
+            let mut m = meta(&r.name, "engine");
+            m.labels
+                .get_or_insert_with(Default::default)
+                .insert(LABEL_REVISION.into(), r.hash.clone());
+            (
+                engine::deployment(isvc, m.clone(), Some(&r.hash)),
+                Some(engine::service(isvc, m, Some(&r.hash))),
+            )
+        }
+        _ => (
+            engine::deployment(isvc, meta(&engine, "engine"), None),
+            None,
+        ),
+    };
 
     let router = isvc
         .spec
@@ -100,6 +124,7 @@ pub fn render(input: &RenderInput<'_>) -> Result<Rendered, RenderError> {
     Ok(Rendered {
         engine_deployment,
         engine_service,
+        revision_service,
         client_service,
         router,
     })
@@ -146,6 +171,7 @@ spec:
             isvc: &isvc,
             policy: &ScalingPolicySpec::default(),
             router_image: "spillway:test",
+            revision: None,
         })
         .unwrap()
     }
@@ -211,6 +237,7 @@ spec:
             isvc: &isvc,
             policy: &ScalingPolicySpec::default(),
             router_image: "spillway:test",
+            revision: None,
         })
         .unwrap();
         assert_eq!(engine_container(&r).resources.unwrap().limits, None);
@@ -315,6 +342,7 @@ spec:
             isvc: &isvc,
             policy: &ScalingPolicySpec::default(),
             router_image: "spillway:test",
+            revision: None,
         })
         .unwrap();
         assert!(direct.router.is_none());
@@ -357,6 +385,7 @@ spec:
             isvc: &isvc,
             policy: &ScalingPolicySpec::default(),
             router_image: "spillway:test",
+            revision: None,
         })
         .unwrap_err();
         assert_eq!(err, RenderError::NoUid);

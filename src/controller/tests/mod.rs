@@ -99,6 +99,7 @@ fn deployment_json(isvc: &InferenceService, replicas: i32, ready: i32) -> Value 
             isvc,
             policy: &crate::api::ScalingPolicySpec::default(),
             router_image: "spillway:test",
+            revision: None,
         })
         .unwrap()
         .engine_deployment,

@@ -1,0 +1,262 @@
+//! Which revisions exist, and what each pass makes of them.
+
+use super::drive::*;
+use super::machine::Rollout;
+use super::record::{from_status, to_status};
+use crate::api::{
+    InferenceServiceStatus, RevisionRole, RevisionStatus, RolloutCommand, RolloutPhase,
+    RolloutSpec, RolloutStep, RolloutStrategy,
+};
+use crate::clock::Millis;
+
+const S: Millis = 1000;
+
+fn status(revs: &[(&str, &str, RevisionRole)]) -> InferenceServiceStatus {
+    InferenceServiceStatus {
+        revisions: revs
+            .iter()
+            .map(|(name, hash, role)| RevisionStatus {
+                name: name.to_string(),
+                hash: hash.to_string(),
+                role: *role,
+                replicas: 0,
+                ready_replicas: 0,
+                weight: 0,
+                shadow_percent: 0,
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn rev(name: &str, hash: &str) -> Revision {
+    Revision {
+        name: name.into(),
+        hash: hash.into(),
+    }
+}
+
+#[test]
+fn the_first_revision_is_the_engine_deployment_and_a_changed_spec_adds_a_candidate() {
+    let p = plan("svc", "svc-engine", "aaaaaaaaaa", None);
+    assert_eq!(p.stable, rev("svc-engine", "aaaaaaaaaa"));
+    assert_eq!((p.candidate, p.previous), (None, None));
+
+    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
+    let p = plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st));
+    assert_eq!(p.stable, rev("svc-engine", "aaaaaaaaaa"));
+    assert_eq!(p.candidate, Some(rev("svc-bbbbbb", "bbbbbbbbbb")));
+
+    // Back at the previous revision's hash: that warm revision is the candidate.
+    let st = status(&[
+        ("svc-bbbbbb", "bbbbbbbbbb", RevisionRole::Stable),
+        ("svc-engine", "aaaaaaaaaa", RevisionRole::Previous),
+    ]);
+    let p = plan("svc", "svc-engine", "aaaaaaaaaa", Some(&st));
+    assert_eq!(p.candidate, Some(rev("svc-engine", "aaaaaaaaaa")));
+    assert_eq!(p.previous, None);
+}
+
+fn canary() -> RolloutSpec {
+    RolloutSpec {
+        strategy: RolloutStrategy::Canary,
+        steps: vec![RolloutStep {
+            weight: 20,
+            pause_seconds: 60,
+        }],
+        keep_previous_seconds: 300,
+        ..RolloutSpec::default()
+    }
+}
+
+fn n(replicas: i32, ready: i32) -> Replicas {
+    Replicas { replicas, ready }
+}
+
+struct World {
+    spec: RolloutSpec,
+    plan: Plan,
+    rollout: Option<Rollout>,
+}
+
+impl World {
+    /// One pass, then status as the controller writes it becomes the next pass's plan.
+    fn pass(
+        &mut self,
+        now: Millis,
+        ready: (i32, i32, i32),
+        command: Option<RolloutCommand>,
+    ) -> Pass {
+        let p = pass(&Seen {
+            spec: Some(&self.spec),
+            plan: &self.plan,
+            rollout: self.rollout.as_ref(),
+            stable: n(ready.0, ready.0),
+            candidate: n(ready.1, ready.1),
+            previous: n(ready.2, ready.2),
+            now,
+            windows: None,
+            command,
+            ready_deadline_ms: 600 * S,
+        });
+        let st = InferenceServiceStatus {
+            revisions: p.revisions.clone(),
+            ..Default::default()
+        };
+        self.plan = plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st));
+        // Through status and back, as after a controller restart.
+        self.rollout = p
+            .rollout
+            .as_ref()
+            .map(|r| from_status(&to_status(r)).unwrap());
+        p
+    }
+}
+
+fn weight(p: &Pass, role: RevisionRole) -> Option<(String, i32)> {
+    p.revisions
+        .iter()
+        .find(|r| r.role == role)
+        .map(|r| (r.name.clone(), r.weight))
+}
+
+/// The candidate loads while the stable holds; the step gives it 20 %; promotion
+/// makes it the stable and keeps the old one warm for keepPreviousSeconds, then lets it go.
+#[test]
+fn a_canary_moves_weight_then_promotes_and_keeps_the_previous_for_a_while() {
+    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
+    let mut w = World {
+        spec: canary(),
+        plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
+        rollout: None,
+    };
+    let p = w.pass(0, (4, 0, 0), None);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::Progressing);
+    assert!(p.hold_stable);
+    // The step's weight from the start: routers send that share to the candidate's ready
+    // engines first, to the stable's while it has none.
+    assert_eq!(
+        weight(&p, RevisionRole::Stable),
+        Some(("svc-engine".into(), 80))
+    );
+    assert_eq!(
+        weight(&p, RevisionRole::Candidate),
+        Some(("svc-bbbbbb".into(), 20))
+    );
+    // The step needs 1 of 4 ready, and promotion all 4 loaded ahead.
+    assert_eq!(p.candidate_replicas.as_ref().unwrap().1, 4);
+
+    let p = w.pass(10 * S, (4, 1, 0), None);
+    assert_eq!(
+        weight(&p, RevisionRole::Candidate),
+        Some(("svc-bbbbbb".into(), 20))
+    );
+    assert_eq!(
+        weight(&p, RevisionRole::Stable),
+        Some(("svc-engine".into(), 80))
+    );
+
+    // The step's time is up with the candidate as ready as the stable: promoted.
+    let p = w.pass(71 * S, (4, 4, 0), None);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::Promoted);
+    assert_eq!(p.stable, rev("svc-bbbbbb", "bbbbbbbbbb"));
+    assert_eq!(
+        weight(&p, RevisionRole::Stable),
+        Some(("svc-bbbbbb".into(), 100))
+    );
+    assert_eq!(
+        weight(&p, RevisionRole::Previous),
+        Some(("svc-engine".into(), 0))
+    );
+    assert!(!p.hold_stable && p.candidate_replicas.is_none());
+
+    let p = w.pass(200 * S, (4, 0, 4), None);
+    assert_eq!(
+        weight(&p, RevisionRole::Previous),
+        Some(("svc-engine".into(), 0))
+    );
+    let p = w.pass(71 * S + 300 * S, (4, 0, 4), None);
+    assert_eq!(weight(&p, RevisionRole::Previous), None, "let go");
+    assert_eq!(w.plan.previous, None);
+}
+
+/// Aborted within keepPreviousSeconds of promotion: a switch back to the warm previous
+/// revision, and the candidate stays rolled back (at 0 replicas) while the spec asks for it.
+#[test]
+fn an_abort_after_promotion_switches_back_to_the_warm_previous_revision() {
+    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
+    let mut w = World {
+        spec: canary(),
+        plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
+        rollout: None,
+    };
+    w.pass(0, (2, 0, 0), None);
+    w.pass(1, (2, 2, 0), Some(RolloutCommand::Promote));
+    assert_eq!(w.plan.stable.name, "svc-bbbbbb");
+    let p = w.pass(100 * S, (2, 0, 2), Some(RolloutCommand::Abort));
+    assert!(p.command_used);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
+    assert_eq!(p.stable, rev("svc-engine", "aaaaaaaaaa"));
+    assert_eq!(
+        weight(&p, RevisionRole::Stable),
+        Some(("svc-engine".into(), 100))
+    );
+    assert_eq!(
+        weight(&p, RevisionRole::Candidate),
+        Some(("svc-bbbbbb".into(), 0))
+    );
+    let p = w.pass(101 * S, (2, 2, 0), None);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
+    assert_eq!(
+        p.candidate_replicas.as_ref().unwrap().1,
+        0,
+        "idle candidate"
+    );
+    assert!(!p.hold_stable);
+}
+
+/// A spec set back to the stable's revision mid-rollout ends it; the candidate goes.
+#[test]
+fn a_spec_back_at_the_stable_revision_ends_the_rollout() {
+    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
+    let mut w = World {
+        spec: canary(),
+        plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
+        rollout: None,
+    };
+    w.pass(0, (2, 0, 0), None);
+    let st = status(&[
+        ("svc-engine", "aaaaaaaaaa", RevisionRole::Stable),
+        ("svc-bbbbbb", "bbbbbbbbbb", RevisionRole::Candidate),
+    ]);
+    w.plan = plan("svc", "svc-engine", "aaaaaaaaaa", Some(&st));
+    assert_eq!(w.plan.candidate, None);
+    let p = w.pass(5 * S, (2, 1, 0), None);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
+    assert!(
+        p.rollout
+            .as_ref()
+            .unwrap()
+            .message
+            .contains("back at svc-engine")
+    );
+    assert_eq!(p.revisions.len(), 1);
+    assert_eq!(
+        weight(&p, RevisionRole::Stable),
+        Some(("svc-engine".into(), 100))
+    );
+}
+
+/// A command that finds no rollout to act on is not used (the controller says so and removes
+/// it).
+#[test]
+fn a_command_without_a_rollout_is_not_used() {
+    let mut w = World {
+        spec: canary(),
+        plan: plan("svc", "svc-engine", "bbbbbbbbbb", None),
+        rollout: None,
+    };
+    let p = w.pass(0, (2, 0, 0), Some(RolloutCommand::Promote));
+    assert!(!p.command_used);
+    assert!(p.rollout.is_none());
+}
