@@ -8,6 +8,7 @@ mod latency;
 mod lifecycle;
 mod metrics_lost;
 mod rbac;
+mod rollout;
 mod scale_up;
 mod shared;
 mod startup;
@@ -41,6 +42,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("h-shared", |e| Box::pin(shared::run(e))),
     Scenario("i-forecast", |e| Box::pin(forecast::run(e))),
     Scenario("j-latency", |e| Box::pin(latency::run(e))),
+    Scenario("k-rollout", |e| Box::pin(rollout::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];
