@@ -419,6 +419,54 @@ mod tests {
     }
 
     #[test]
+    fn engines_are_grouped_by_service_and_routes_come_from_status() {
+        let mut a = slice("IPv4", vec![endpoint("10.0.0.1", Some(true))]);
+        a.metadata.labels =
+            Some([(SERVICE_NAME_LABEL.to_string(), "llama-engine".to_string())].into());
+        let mut b = slice(
+            "IPv4",
+            vec![
+                endpoint("10.0.0.2", Some(true)),
+                endpoint("10.0.0.3", Some(false)),
+            ],
+        );
+        b.metadata.labels =
+            Some([(SERVICE_NAME_LABEL.to_string(), "llama-1a2b3c".to_string())].into());
+        let unlabelled = slice("IPv4", vec![endpoint("10.0.0.9", Some(true))]);
+        let by = engines_by_service([&a, &b, &unlabelled], 8000);
+        assert_eq!(
+            by,
+            BTreeMap::from([
+                (
+                    "llama-1a2b3c".to_string(),
+                    vec!["10.0.0.2:8000".to_string()]
+                ),
+                (
+                    "llama-engine".to_string(),
+                    vec!["10.0.0.1:8000".to_string()]
+                ),
+            ])
+        );
+        let mut isvc: InferenceService = serde_json::from_value(serde_json::json!({
+            "apiVersion": "spillway.dev/v1alpha1", "kind": "InferenceService",
+            "metadata": {"name": "llama", "namespace": "ml"},
+            "spec": {"model": {"name": "m"}, "engine": {"image": "e"}},
+        }))
+        .unwrap();
+        assert!(routes(&isvc).is_empty(), "no revisions listed: no routes");
+        isvc.status = Some(
+            serde_json::from_value(serde_json::json!({"revisions": [
+                {"name": "llama-engine", "hash": "a", "role": "Stable", "weight": 90},
+                {"name": "llama-1a2b3c", "hash": "b", "role": "Candidate", "weight": 10},
+            ]}))
+            .unwrap(),
+        );
+        let r = routes(&isvc);
+        assert_eq!(r.len(), 2);
+        assert_eq!((&*r[1].name, r[1].weight), ("llama-1a2b3c", 10));
+    }
+
+    #[test]
     fn config_from_the_rendered_configmap() {
         let mut cm = ConfigMap::default();
         assert!(matches!(

@@ -189,6 +189,72 @@ spec:
             .clone()
     }
 
+    /// A candidate revision gets a Deployment and a Service of its own, selecting its pods by
+    /// their revision label; the first revision keeps `<name>-engine` and its selector (which
+    /// can never change), and no Service of its own.
+    #[test]
+    fn a_revision_selects_its_own_pods_and_the_first_keeps_its_selector() {
+        let isvc = isvc_from_yaml(ISVC);
+        let rev = Revision {
+            name: "llama-8b-1a2b3c".into(),
+            hash: "1a2b3c4d5e".into(),
+        };
+        let r = render(&RenderInput {
+            isvc: &isvc,
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
+            revision: Some(&rev),
+        })
+        .unwrap();
+        let d = &r.engine_deployment;
+        assert_eq!(d.metadata.name.as_deref(), Some("llama-8b-1a2b3c"));
+        let spec = d.spec.as_ref().unwrap();
+        let selector = spec.selector.match_labels.as_ref().unwrap();
+        assert_eq!(
+            selector.get(LABEL_REVISION).map(String::as_str),
+            Some("1a2b3c4d5e")
+        );
+        let pod_labels = spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .labels
+            .as_ref()
+            .unwrap();
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        let svc = r.revision_service.as_ref().expect("its own Service");
+        assert_eq!(svc.metadata.name.as_deref(), Some("llama-8b-1a2b3c"));
+        assert_eq!(svc.spec.as_ref().unwrap().selector.as_ref(), Some(selector));
+        // `<name>-engine` still selects every engine pod.
+        let broad = r
+            .engine_service
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .as_ref()
+            .unwrap();
+        assert_eq!(broad.get(LABEL_REVISION), None);
+
+        let first = Revision {
+            name: "llama-8b-engine".into(),
+            hash: "1a2b3c4d5e".into(),
+        };
+        let r = render(&RenderInput {
+            isvc: &isvc,
+            policy: &ScalingPolicySpec::default(),
+            router_image: "spillway:test",
+            revision: Some(&first),
+        })
+        .unwrap();
+        assert_eq!(
+            r,
+            rendered(),
+            "the first revision renders as before revisions"
+        );
+    }
+
     #[test]
     fn engine_deployment_leaves_replicas_to_the_autoscaler() {
         let r = rendered();
