@@ -452,8 +452,10 @@ impl Sim<'_> {
                 limit,
                 room,
                 aside: false,
-                preferred: false,
-                excluded: !ask.locals_open || self.pods[i].rev != ask.rev,
+                // As the router: the revision a request is meant for first, any other that
+                // takes requests when it has no room.
+                preferred: self.pods[i].rev == ask.rev,
+                excluded: !ask.locals_open || !self.takes_requests(self.pods[i].rev),
             });
         }
         self.providers_buf.clear();
@@ -585,17 +587,9 @@ impl Sim<'_> {
         }
     }
 
-    /// Whether a request of `class` could go to a provider now.
-    fn may_burst(&mut self, class: usize) -> bool {
-        let rule = &self.mix[class].rule;
-        let allowed = !rule.never_burst
-            && match self.policy.burst.mode {
-                BurstMode::Never => false,
-                BurstMode::Saturated => true,
-                BurstMode::CapacityExhausted => self.exhausted,
-            }
-            && self.providers.iter().any(|p| rule.may_use(&p.name));
-        allowed && self.budget.allows(self.now)
+    /// Whether `rev`'s engines take requests: the stable's, and the candidate's at a weight.
+    fn takes_requests(&self, rev: u8) -> bool {
+        rev == STABLE || (rev == CANDIDATE && self.weight > 0)
     }
 
     fn priority(&self, req: &Queued) -> i32 {
@@ -610,12 +604,8 @@ impl Sim<'_> {
             .position(|c| u < c.upto)
             .unwrap_or(self.mix.len() - 1);
         let router = self.pick_router();
-        // The candidate's share; one that may not burst goes to the stable while no candidate
-        // replica is ready (it would wait out a whole cold start).
-        let rev = if self.weight > 0
-            && self.rev_rng.next_f64() * 100.0 < self.weight as f64
-            && (self.ready_of(CANDIDATE) > 0 || self.may_burst(class))
-        {
+        // The candidate's share (served by the stable while the candidate has no room).
+        let rev = if self.weight > 0 && self.rev_rng.next_f64() * 100.0 < self.weight as f64 {
             CANDIDATE
         } else {
             STABLE

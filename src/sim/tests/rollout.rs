@@ -64,10 +64,27 @@ fn a_candidate_as_good_as_the_stable_is_promoted_step_by_step() {
         (let_go - promoted - 900.0).abs() <= 2.0,
         "{promoted} {let_go}"
     );
-    // The candidate answered its share, and the providers took what its loading replicas
-    // could not.
+    // The candidate answered its share; what its loading replicas could not take went to the
+    // stable's free engines, and to providers only while those were full too.
     assert!(o.candidate.requests >= 100, "{o:?}");
     assert!(o.candidate_burst_requests > 0, "{o:?}");
+}
+
+/// With the stable's engines far from full, the candidate's share while it loads is served by
+/// them: nothing of it goes to a provider (as in the routers, where another revision's engine
+/// takes a request whose own revision has no room).
+#[test]
+fn the_candidates_share_goes_to_free_stable_engines_before_providers() {
+    let roomy = |p: &mut crate::api::ScalingPolicySpec| {
+        p.min_replicas = 10;
+        p.max_replicas = 10;
+    };
+    let o = replay_with(1.0, 0.0, None, roomy)
+        .rollout
+        .expect("a rollout");
+    assert_eq!(o.phase, "Promoted", "{o:?}");
+    assert!(o.candidate.requests >= 100, "{o:?}");
+    assert_eq!(o.candidate_burst_requests, 0, "{o:?}");
 }
 
 #[test]
@@ -125,10 +142,10 @@ fn by_default_traffic_switches_at_once_when_the_candidate_is_ready() {
     assert_eq!(slow.phase, "Promoted");
 }
 
-/// Requests that may not burst are not sent to a candidate with no ready replica (they would
-/// wait out its cold start); once it has one, they wait for its slots like any other, and the
-/// candidate loads each step's replicas before the step: the rollout refuses nothing more than
-/// the load step does without it (the stable's own cold start, with no provider).
+/// Requests that may not burst are served by the stable while the candidate has no room (no
+/// ready replica yet, or its slots full), and the candidate loads each step's replicas before
+/// the step: the rollout refuses nothing more than the load step does without it (the
+/// stable's own cold start, with no provider).
 #[test]
 fn requests_that_may_not_burst_wait_for_a_ready_candidate_only() {
     let never = |p: &mut crate::api::ScalingPolicySpec| p.burst.mode = crate::api::BurstMode::Never;
