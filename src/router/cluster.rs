@@ -172,6 +172,7 @@ pub fn routes(isvc: &InferenceService) -> Vec<Route> {
         .map(|r| Route {
             name: r.name.as_str().into(),
             weight: r.weight.clamp(0, 100) as u32,
+            shadow: r.shadow_percent.clamp(0, 100) as u32,
         })
         .collect()
 }

@@ -83,6 +83,7 @@ pub struct RouterMetrics {
     peers_shown: std::sync::Mutex<Vec<PeerLabel>>,
     revision_requests: Family<RevisionOutcome, sharded::Counter>,
     revision_ttft: GateHistogram,
+    shadow: Family<ShadowLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,9 +114,28 @@ pub struct RevisionMetrics {
     /// Locked (it has 120 buckets, too many to shard), but observed once per streamed answer
     /// only: a stream costs far more than the lock.
     pub ttft: Histogram,
+    shadow: Family<ShadowLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShadowLabels {
+    pub revision: String,
+    /// `same`, `different`, `unanswered` (see `router::shadow::Compared`), or `skipped` (no
+    /// free slot on the revision's engines: a mirror never waits).
+    pub result: &'static str,
 }
 
 impl RevisionMetrics {
+    /// Counts a mirrored request to this revision by how it went.
+    pub fn shadowed(&self, result: &'static str) {
+        self.shadow
+            .get_or_create(&ShadowLabels {
+                revision: self.name.to_string(),
+                result,
+            })
+            .inc();
+    }
+
     /// Counts an answer from one of its engines; a client that went away says nothing of it.
     pub fn answered(&self, outcome: Outcome) {
         match outcome {
@@ -183,6 +203,12 @@ impl Default for RouterMetrics {
         let peer_report_age = Family::<PeerLabel, Gauge<f64, AtomicU64>>::default();
         let revision_requests = Family::<RevisionOutcome, sharded::Counter>::default();
         let revision_ttft = GateHistogram::new_with_constructor(gate_histogram);
+        let shadow = Family::<ShadowLabels, Counter>::default();
+        registry.register(
+            "shadow_requests",
+            "Requests mirrored to a revision in its shadow stage, by how its answer compared with the client's (same, different, unanswered) or skipped for want of a free slot",
+            shadow.clone(),
+        );
         registry.register(
             "revision_requests",
             "Answers from each revision's engines, by outcome (ok, error): the rollout gate's input",
@@ -301,6 +327,7 @@ impl Default for RouterMetrics {
             peers_shown: Default::default(),
             revision_requests,
             revision_ttft,
+            shadow,
         }
     }
 }
@@ -351,6 +378,7 @@ impl RouterMetrics {
                     revision: name.to_string(),
                 })
                 .clone(),
+            shadow: self.shadow.clone(),
             name,
         }
     }

@@ -24,6 +24,8 @@ pub mod peers;
 pub mod queue;
 /// Revisions: which engines serve which, and which one a request is meant for.
 pub mod revisions;
+/// Shadow traffic: which requests are mirrored, and how answers compare.
+pub mod shadow;
 /// Usage read from provider answers as they pass.
 pub mod usage;
 
@@ -50,6 +52,7 @@ pub mod engine;
 pub mod exchange;
 /// Accepting connections and spreading them over the threads.
 mod listen;
+mod mirror;
 /// A completion's way upstream, with the retry policy.
 mod proxy;
 /// The answer's way back to the client.

@@ -17,8 +17,10 @@ use super::classes::Class;
 use super::endpoints::{Endpoint, usage_on_request};
 use super::engine::EngineFailure;
 use super::engine::Outgoing;
+use super::fast::Mirror;
 use super::metrics;
 use super::metrics::NO_CLASS;
+use super::mirror::{self, MirrorPair};
 use super::outcome::{Outcome, answer, reject_message};
 use super::relay::{HOP_BY_HOP, RouterBody, Stall, Upstream, read_to_end, relay};
 use super::state::{Dest, Excluded, Lease, Ticket};
@@ -83,18 +85,52 @@ pub(super) async fn proxy(
         Ticket::Go(l) => l,
         Ticket::Reject(r) => return rejected(app, r, &class),
     };
+    let mut shadow = mirror_of(app, &lease, &parts, &body, burst);
     let mut tries = Tries::new(arrived, class, kept_from);
     loop {
         let failure = match send(app, &lease, &parts, &body, burst).await {
             // Nothing has reached the client yet, and the provider's body may quote the key.
             Ok(resp) if refused(&lease.dest, resp.status()) => SendError::Refused(resp.status()),
-            Ok(resp) => return relay(resp, lease, arrived).await,
+            Ok(resp) => return relay(resp, lease, arrived, shadow).await,
             Err(e) => e,
         };
         lease = match retry(app, lease, failure, &mut tries).await {
             Ok(next) => next,
-            Err(answer) => return answer,
+            Err(answer) => {
+                if let Some(s) = shadow.take() {
+                    s.deposit(None);
+                }
+                return answer;
+            }
         };
+    }
+}
+
+/// A copy of the request for a revision in its shadow stage, when this one is to be mirrored:
+/// stable traffic (its lease is on a local engine) on an endpoint that keeps no state.
+fn mirror_of(
+    app: &Arc<App>,
+    lease: &Lease,
+    parts: &http::request::Parts,
+    body: &Bytes,
+    burst: Option<ProviderEndpoint>,
+) -> Option<Arc<MirrorPair>> {
+    if burst.is_none() || !matches!(lease.dest, Dest::Local(_)) {
+        return None;
+    }
+    match app.state.mirror() {
+        Mirror::No => None,
+        Mirror::Skipped(m) => {
+            if let Some(m) = m {
+                m.shadowed("skipped");
+            }
+            None
+        }
+        Mirror::Take(b) => mirror::start(app, b, |host| {
+            let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            let headers = parts.headers.iter().filter(|(k, _)| forwarded(k, false));
+            Outgoing::new(&parts.method, pq, host, headers, body)
+        }),
     }
 }
 

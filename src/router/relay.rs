@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
@@ -13,8 +14,10 @@ use http::header::{self, HeaderName, HeaderValue};
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 
 use super::engine::EngineBody;
+use super::mirror::MirrorPair;
 use super::model_name::rewrite_model;
 use super::outcome::{Outcome, answer, upstream_failed};
+use super::shadow::Capture;
 use super::state::{Dest, Lease};
 use super::usage::{StreamFilter, UsageScanner};
 
@@ -40,6 +43,7 @@ pub(super) async fn relay(
     resp: Response<Upstream>,
     lease: Lease,
     arrived: Instant,
+    shadow: Option<Arc<MirrorPair>>,
 ) -> Response<RouterBody> {
     let status = resp.status();
     let (mut parts, body) = resp.into_parts();
@@ -99,6 +103,7 @@ pub(super) async fn relay(
         streamed: sse && status.is_success(),
         outcome: Outcome::of_status(status),
         breaker_pending,
+        shadow: shadow.map(|p| Box::new((Capture::default(), p))),
     };
     if small || rename.is_some() {
         // A small sized answer (no stream) goes out with its head in one write, as nginx
@@ -143,11 +148,15 @@ pub(super) async fn relay(
 fn observe(
     lease: Option<&Lease>,
     tap: &mut Option<UsageScanner>,
+    shadow: &mut Option<Box<(Capture, Arc<MirrorPair>)>>,
     arrived: Instant,
     first_byte: &mut bool,
     streamed: bool,
     d: &Bytes,
 ) {
+    if let Some(s) = shadow {
+        s.0.feed(d);
+    }
     if !*first_byte {
         *first_byte = true;
         if let Some(l) = lease {
@@ -319,6 +328,8 @@ pub struct Relay {
     outcome: Outcome,
     /// The provider's breaker still waits for this answer's outcome.
     breaker_pending: bool,
+    /// A mirrored request's: the client's answer as it passes, for the comparison.
+    shadow: Option<Box<(Capture, Arc<MirrorPair>)>>,
 }
 
 impl Relay {
@@ -335,13 +346,22 @@ impl Relay {
             inner,
             lease,
             tap,
+            shadow,
             arrived,
             first_byte,
             streamed,
             ..
         } = self;
         let r = read_to_end(inner, limit, |d| {
-            observe(lease.as_ref(), tap, *arrived, first_byte, *streamed, d)
+            observe(
+                lease.as_ref(),
+                tap,
+                shadow,
+                *arrived,
+                first_byte,
+                *streamed,
+                d,
+            )
         })
         .await;
         let b = r?;
@@ -361,6 +381,7 @@ impl Relay {
         observe(
             self.lease.as_ref(),
             &mut self.tap,
+            &mut self.shadow,
             self.arrived,
             &mut self.first_byte,
             self.streamed,
@@ -426,6 +447,15 @@ impl Relay {
     }
 
     fn finish(&mut self, outcome: Outcome) {
+        if let Some(s) = self.shadow.take() {
+            let (capture, pair) = *s;
+            // Success implies `streamed` is whether it is an event stream.
+            pair.deposit(
+                (outcome == Outcome::Success)
+                    .then(|| capture.digest(self.streamed))
+                    .flatten(),
+            );
+        }
         let Some(lease) = self.lease.take() else {
             return;
         };

@@ -8,11 +8,34 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-/// A revision that takes requests, and its weight (percent).
+/// A revision that takes requests, and its weight (percent); or, at weight 0, the share of
+/// the others' requests mirrored to it (`shadow`, percent).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Route {
     pub name: Arc<str>,
     pub weight: u32,
+    pub shadow: u32,
+}
+
+/// The revision requests are mirrored to, its share, and its engines' addresses.
+pub fn mirrors(
+    by_service: &BTreeMap<String, Vec<String>>,
+    broad: &str,
+    routes: &[Route],
+) -> Option<(Arc<str>, u32, Vec<String>)> {
+    let r = routes.iter().find(|r| r.weight == 0 && r.shadow > 0)?;
+    let claimed: BTreeSet<&String> = by_service
+        .iter()
+        .filter(|(s, _)| *s != broad)
+        .flat_map(|(_, a)| a)
+        .collect();
+    let all = by_service.get(&*r.name).into_iter().flatten().cloned();
+    let own: Vec<String> = if &*r.name == broad {
+        all.filter(|a| !claimed.contains(a)).collect()
+    } else {
+        all.collect()
+    };
+    Some((r.name.clone(), r.shadow.min(100), own))
 }
 
 /// The engines that take requests, each with its revision (`None` without revisions: all of
@@ -72,7 +95,27 @@ mod tests {
         Route {
             name: name.into(),
             weight,
+            shadow: 0,
         }
+    }
+
+    #[test]
+    fn a_shadowed_revision_takes_no_requests_but_its_engines_are_mirrored_to() {
+        let s = slices(&[("svc-engine", &["a", "c"]), ("svc-1a2b3c", &["c"])]);
+        let shadowed = Route {
+            shadow: 10,
+            ..route("svc-1a2b3c", 0)
+        };
+        let routes = [route("svc-engine", 100), shadowed];
+        assert_eq!(
+            engines(&s, "svc-engine", &routes),
+            vec![("a".to_string(), Some(Arc::<str>::from("svc-engine")))]
+        );
+        assert_eq!(
+            mirrors(&s, "svc-engine", &routes),
+            Some((Arc::<str>::from("svc-1a2b3c"), 10, vec!["c".to_string()]))
+        );
+        assert_eq!(mirrors(&s, "svc-engine", &routes[..1]), None);
     }
 
     fn slices(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {

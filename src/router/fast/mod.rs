@@ -25,4 +25,4 @@
 pub mod sharded;
 mod slots;
 
-pub use slots::{Backend, LocalPath, View};
+pub use slots::{Backend, LocalPath, Mirror, View};

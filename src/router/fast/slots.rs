@@ -10,6 +10,7 @@ use crate::router::admission::{BackendLoad, local_first};
 use crate::router::classes::{Class, Classes};
 use crate::router::metrics::RevisionMetrics;
 use crate::router::revisions::{Route, choose};
+use crate::router::shadow::mirrored;
 
 /// A local engine.
 #[derive(Debug)]
@@ -137,6 +138,16 @@ pub struct LocalPath {
     view: AtomicU64,
 }
 
+/// Whether a request is mirrored to a revision in its shadow stage.
+#[derive(Debug)]
+pub enum Mirror {
+    No,
+    /// A slot taken on this engine: the mirrored request's, freed when it ends.
+    Take(Arc<Backend>),
+    /// Its turn, but no engine had a free slot (the revision's metrics, to count it).
+    Skipped(Option<Arc<RevisionMetrics>>),
+}
+
 /// View ids are unique in the process (from 1; a thread starts with none), so a thread's copy
 /// never matches another router's.
 static NEXT_VIEW: AtomicU64 = AtomicU64::new(1);
@@ -153,6 +164,11 @@ pub struct View {
     pub routes: Vec<Route>,
     /// This thread's requests so far, for [`crate::router::revisions::choose`].
     pub turn: u64,
+    /// The engines of a revision in its shadow stage, and the share mirrored to them.
+    pub mirrors: Vec<Arc<Backend>>,
+    pub shadow_percent: u32,
+    /// This thread's mirror decisions so far, for [`crate::router::shadow::mirrored`].
+    pub mirror_turn: u64,
     loads: Vec<BackendLoad>,
 }
 
@@ -165,6 +181,9 @@ thread_local! {
             providers: Vec::new(),
             routes: Vec::new(),
             turn: 0,
+            mirrors: Vec::new(),
+            shadow_percent: 0,
+            mirror_turn: 0,
             loads: Vec::new(),
         })
     };
@@ -234,6 +253,30 @@ impl LocalPath {
         self.with_view(current, |v| {
             v.turn = v.turn.wrapping_add(1);
             choose(&v.routes, v.turn).cloned()
+        })
+    }
+
+    /// Whether this thread's next request is mirrored (see [`Mirror`]). A mirror slot is taken
+    /// as any other (invariant 1) but nobody queues for one, so it is freed without a pump.
+    pub fn mirror(&self, current: impl FnOnce(&mut View), now: impl Fn() -> Millis) -> Mirror {
+        self.with_view(current, |v| {
+            if v.shadow_percent == 0 {
+                return Mirror::No;
+            }
+            v.mirror_turn = v.mirror_turn.wrapping_add(1);
+            if !mirrored(v.shadow_percent, v.mirror_turn) {
+                return Mirror::No;
+            }
+            let mut free: Vec<&Arc<Backend>> = v
+                .mirrors
+                .iter()
+                .filter(|b| !b.aside(&now) && b.outstanding() < b.cap())
+                .collect();
+            free.sort_by_key(|b| b.outstanding());
+            match free.into_iter().find(|b| b.try_take()) {
+                Some(b) => Mirror::Take(b.clone()),
+                None => Mirror::Skipped(v.mirrors.first().and_then(|b| b.revision.clone())),
+            }
         })
     }
 

@@ -28,7 +28,7 @@ use super::breaker::BreakerState;
 use super::budget::{BudgetTracker, cost};
 use super::classes::{Class, Classes};
 use super::config::RouterConfig;
-use super::fast::{Backend, LocalPath, View};
+use super::fast::{Backend, LocalPath, Mirror, View};
 use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::peers::{Ledger, Report};
@@ -119,6 +119,8 @@ impl RouterState {
         let routing = self.lock();
         v.backends.clone_from(&routing.backends);
         v.routes.clone_from(&routing.routes);
+        v.mirrors.clone_from(&routing.mirrors);
+        v.shadow_percent = routing.shadow_percent;
         v.classes = Some(routing.classes.clone());
         v.providers.clear();
         v.providers.extend(
@@ -134,6 +136,12 @@ impl RouterState {
     fn take_local(&self, revision: Option<&str>) -> Option<Arc<Backend>> {
         self.fast
             .take(|v| self.copy_view(v), || self.now_ms(), revision)
+    }
+
+    /// Whether this request is mirrored to a revision in its shadow stage: a slot taken on one
+    /// of its engines, or `Skipped` when none has one free (a mirror never waits).
+    pub fn mirror(&self) -> Mirror {
+        self.fast.mirror(|v| self.copy_view(v), || self.now_ms())
     }
 
     /// The request class a request's `x-spillway-class` header names (the default class when
@@ -225,6 +233,28 @@ impl RouterState {
             .collect();
         let mut old = std::mem::take(&mut r.backends);
         old.append(&mut r.draining);
+        // Mirror targets: known ones keep their count (mirrored requests on them).
+        let (mirrors, percent) = match revisions::mirrors(&r.engine_addrs, &r.broad, &r.routes) {
+            Some((name, percent, addrs)) => {
+                let m = r
+                    .revision_metrics
+                    .entry(name.clone())
+                    .or_insert_with(|| Arc::new(self.metrics.for_revision(name)))
+                    .clone();
+                let kept = std::mem::take(&mut r.mirrors);
+                let list = addrs
+                    .into_iter()
+                    .map(|a| match kept.iter().find(|b| b.addr == a) {
+                        Some(b) => b.clone(),
+                        None => Arc::new(Backend::of_revision(a, Some(m.clone()))),
+                    })
+                    .collect();
+                (list, percent)
+            }
+            None => (Vec::new(), 0),
+        };
+        r.mirrors = mirrors;
+        r.shadow_percent = percent;
         let (next, draining) = replace_backends(old, tagged);
         self.metrics.backends.set(next.len() as i64);
         r.backends = next;

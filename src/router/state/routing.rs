@@ -71,6 +71,10 @@ pub(super) struct Routing {
     pub routes: Vec<Route>,
     /// Each revision's metric handles, made once.
     pub revision_metrics: BTreeMap<Arc<str>, Arc<RevisionMetrics>>,
+    /// The engines of a revision in its shadow stage (they take mirrored requests only), and
+    /// the share of requests mirrored to them.
+    pub mirrors: Vec<Arc<Backend>>,
+    pub shadow_percent: u32,
     /// Removed backends that something still holds (a lease, a thread's copy of the list): not
     /// chosen, but a backend that comes back keeps its count so it is not overloaded.
     pub draining: Vec<Arc<Backend>>,
@@ -122,6 +126,8 @@ impl Routing {
             broad: String::new(),
             routes: Vec::new(),
             revision_metrics: BTreeMap::new(),
+            mirrors: Vec::new(),
+            shadow_percent: 0,
             draining: Vec::new(),
             providers,
             retired: Vec::new(),
@@ -186,7 +192,12 @@ impl Routing {
     /// whenever either changes (and on the exchange's heartbeat, as peers fall silent).
     pub fn refresh_caps(&mut self, now: Millis) {
         let limit = self.engine_limit();
-        for b in self.backends.iter().chain(&self.draining) {
+        for b in self
+            .backends
+            .iter()
+            .chain(&self.draining)
+            .chain(&self.mirrors)
+        {
             let r = self.room(&engine_key(&b.addr), limit, now);
             b.set_limits(r.cap, r.room);
         }
@@ -222,7 +233,12 @@ impl Routing {
     /// This router's use of every shared limit, for its report to its peers.
     pub fn counts(&mut self, now: Millis) -> Counts {
         let mut c = Counts::default();
-        for b in self.backends.iter().chain(&self.draining) {
+        for b in self
+            .backends
+            .iter()
+            .chain(&self.draining)
+            .chain(&self.mirrors)
+        {
             c.set(engine_key(&b.addr), b.outstanding());
         }
         for p in &self.providers {

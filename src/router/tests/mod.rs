@@ -18,6 +18,7 @@ mod queue;
 mod relay;
 mod reload;
 mod retry;
+mod revisions;
 mod spill;
 mod surface;
 mod threads;

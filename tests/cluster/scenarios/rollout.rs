@@ -1,8 +1,9 @@
-//! k. Safe upgrades: a changed image makes a candidate revision next to the serving one, a
-//! canary step sends it its weight of the requests (counted at the engines), the gate passes
-//! and promotes it, and the previous revision goes after `keepPreviousSeconds`. Then a slower
-//! candidate (prefill 4x) fails the gate at its step: all traffic returns to the stable and
-//! the candidate is scaled to 0. Streamed load runs throughout, and every request is answered.
+//! k. Safe upgrades: a changed image makes a candidate revision next to the serving one; it
+//! first gets half the requests mirrored (shadow: answered for nobody), then a canary step
+//! sends it its weight of the requests (counted at the engines), the gate passes and promotes
+//! it, and the previous revision goes after `keepPreviousSeconds`. Then a slower candidate
+//! (prefill 4x) fails the gate in its shadow stage, before any client saw it: it is scaled to
+//! 0. Streamed load runs throughout, and every request is answered.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -18,7 +19,7 @@ use crate::support::traffic::{Load, metric};
 
 const NS: &str = "k-rollout";
 
-const ROLLOUT: &str = "  router: {replicas: 1}\n  rollout: {strategy: Canary, steps: [{weight: 50, pauseSeconds: 30}], gate: {minRequests: 40, maxErrorRate: 0.05, maxTtftP95Ratio: 1.5}, keepPreviousSeconds: 10}\n";
+const ROLLOUT: &str = "  router: {replicas: 1}\n  rollout: {strategy: Canary, shadowPercent: 50, steps: [{weight: 50, pauseSeconds: 30}], gate: {minRequests: 40, maxErrorRate: 0.05, maxTtftP95Ratio: 1.5}, keepPreviousSeconds: 10}\n";
 
 fn spec(prefill_ms: u32, image_suffix: &str) -> String {
     service("svc", NS, "one", 4, ROLLOUT)
@@ -86,7 +87,7 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
     )
     .await?;
     let router = env.router_addr(NS)?;
-    let load = Load::streaming(router, MODEL, 3, 5);
+    let load = Load::streaming(router.clone(), MODEL, 3, 5);
     let started = Instant::now();
     let result = async {
         // 1. A new image: a candidate Deployment beside the serving one.
@@ -171,7 +172,9 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
                 .map(|r| (r.message, r.candidate)))
         })
         .await?;
-        ensure!(why.contains("time to first token"), "{why}");
+        ensure!(why.contains("shadow") && why.contains("time to first token"), "{why}");
+        let mirrored = metric(&router, "spillway_router_shadow_requests_total", &[]).await?;
+        ensure!(mirrored > 0.0, "no mirrored request was compared");
         let s = status(env).await?;
         ensure!(weight_of(&s, &candidate) == Some(100), "stable weight after rollback");
         ensure!(weight_of(&s, &slow) == Some(0), "candidate weight after rollback");
@@ -182,7 +185,7 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         })
         .await?;
         Ok(format!(
-            "candidate {candidate} took {:.0}% of requests at weight 50 ({cand_n} vs {stable_n}); promoted {:.0}s after the change (\"{}\", gate {:?}); previous removed {kept:.0}s later; slower {slow} rolled back (\"{why}\"), scaled to {slow_replicas}",
+            "candidate {candidate} took {:.0}% of requests at weight 50 ({cand_n} vs {stable_n}); promoted {:.0}s after the change (\"{}\", gate {:?}); previous removed {kept:.0}s later; {mirrored} mirrored pairs compared; slower {slow} rolled back (\"{why}\"), scaled to {slow_replicas}",
             share * 100.0,
             promoted_after,
             promoted.0,
