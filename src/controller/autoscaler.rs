@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use super::apply::{REPLICAS_FIELD_MANAGER, apply_status, patch_replicas, publish_event};
 use super::cache::Cache;
 use super::metrics::Metrics;
-use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, engine_name};
+use super::names::{LABEL_COMPONENT, LABEL_INSTANCE, LABEL_REVISION, engine_name};
 use super::scrape::{Scraper, metrics_url};
 use crate::api::{
     InferenceService, PolicyMode, ROLLOUT_ANNOTATION, RevisionRole, RolloutCommand, RolloutPhase,
@@ -55,6 +55,20 @@ pub struct ServiceState {
     rollout_read: bool,
     /// The gate's windows: the candidate's and the stable's answers in the current stage.
     gate: Option<GateWindows>,
+    /// The candidate's own loop state while traffic moves to it (by its name).
+    candidate: Option<(String, Box<ServiceState>)>,
+}
+
+/// An engine pod and its revision's hash (`None`: the first revision's, `<name>-engine`).
+type RevisionPod = (Option<String>, EnginePod);
+
+/// The pods of revision `rev` (`initial`: the first revision's name).
+fn pods_of(pods: &[RevisionPod], rev: &drive::Revision, initial: &str) -> Vec<EnginePod> {
+    let want = (rev.name != initial).then_some(rev.hash.as_str());
+    pods.iter()
+        .filter(|(h, _)| h.as_deref() == want)
+        .map(|(_, p)| p.clone())
+        .collect()
 }
 
 /// Answers since a stage began: they belong to the stage `key` names.
@@ -288,9 +302,9 @@ fn now_ms() -> Millis {
 }
 
 impl Autoscaler {
-    /// The service's engine and router pods, classified, in one pass over the cache and
-    /// without copying any pod.
-    fn service_pods(&self, isvc: &InferenceService) -> (Vec<EnginePod>, Vec<EnginePod>) {
+    /// The service's engine pods (with their revision's hash; none for the first revision's)
+    /// and router pods, classified, in one pass over the cache and without copying any pod.
+    fn service_pods(&self, isvc: &InferenceService) -> (Vec<RevisionPod>, Vec<EnginePod>) {
         let ns = isvc.namespace();
         let name = isvc.name_any();
         let (mut engines, mut routers) = (Vec::new(), Vec::new());
@@ -298,12 +312,14 @@ impl Autoscaler {
             if p.namespace() != ns || p.labels().get(LABEL_INSTANCE) != Some(&name) {
                 continue;
             }
-            let into = match p.labels().get(LABEL_COMPONENT).map(String::as_str) {
-                Some("engine") => &mut engines,
-                Some("router") => &mut routers,
+            match p.labels().get(LABEL_COMPONENT).map(String::as_str) {
+                Some("engine") => {
+                    let rev = p.labels().get(LABEL_REVISION).cloned();
+                    engines.extend(classify_one(&p).map(|e| (rev, e)));
+                }
+                Some("router") => routers.extend(classify_one(&p)),
                 _ => continue,
-            };
-            into.extend(classify_one(&p));
+            }
         }
         (engines, routers)
     }
@@ -341,7 +357,10 @@ impl Autoscaler {
             Some((value, at)) if cached != value && now_ms() - at < PATCH_VISIBLE_MS => value,
             _ => cached,
         };
-        let (pods, routers) = self.service_pods(isvc);
+        let (all_pods, routers) = self.service_pods(isvc);
+        // The stable scales on its own engines (a candidate's or a previous revision's are
+        // not its capacity).
+        let pods = pods_of(&all_pods, &plan.stable, &engine_name(&name));
         // Ready routers' metrics: their queue and what they spill.
         let router_urls: Vec<(String, String)> = routers
             .iter()
@@ -365,7 +384,9 @@ impl Autoscaler {
         };
         let mut d = observe_and_decide(&self.scraper, &input, state, Some(&self.metrics)).await;
         self.metrics.decision_observed(&ns, &name, current, &d);
-        let pass = self.rollout_pass(isvc, &view, &plan, state, now).await;
+        let pass = self
+            .rollout_pass(isvc, &view, &plan, state, now, &policy, &all_pods)
+            .await;
         if pass.hold_stable && d.desired < current {
             d.desired = current;
             d.reason = format!("holding {current} while traffic moves to a new revision");
@@ -475,6 +496,7 @@ impl Autoscaler {
     /// One pass of the service's rollout: the gate's windows fed, the machine advanced, the
     /// candidate sized, a command acted on once (and its annotation removed), Events on each
     /// turn. Runs whatever the policy mode: a rollout is not autoscaling.
+    #[allow(clippy::too_many_arguments)]
     async fn rollout_pass(
         &self,
         isvc: &InferenceService,
@@ -482,6 +504,8 @@ impl Autoscaler {
         plan: &drive::Plan,
         state: &mut ServiceState,
         now: Millis,
+        policy: &ScalingPolicySpec,
+        pods: &[RevisionPod],
     ) -> drive::Pass {
         let ns = isvc.namespace().unwrap_or_default();
         let name = isvc.name_any();
@@ -548,7 +572,21 @@ impl Autoscaler {
         };
         let pass = drive::pass(&seen);
         let leader = *self.leader.borrow();
-        if let Some((c, want)) = &pass.candidate_replicas
+        let target = match &pass.candidate_replicas {
+            // Advisory: the stage's need only (a rollout is not autoscaling).
+            Some((c, want)) if pass.hold_stable && policy.mode == PolicyMode::Active => {
+                let d = self
+                    .candidate_decision(isvc, c, *want, state, now, policy, pods)
+                    .await;
+                Some((c, (*want).max(d)))
+            }
+            Some((c, want)) => Some((c, *want)),
+            None => {
+                state.candidate = None;
+                None
+            }
+        };
+        if let Some((c, want)) = &target
             && leader
             && replicas(Some(c)).replicas != *want
             && self
@@ -615,6 +653,47 @@ impl Autoscaler {
         }
         state.rollout = pass.rollout.clone();
         pass
+    }
+
+    /// What the candidate's own engines ask for while traffic moves to it: its queue, memory
+    /// and concurrency, within the policy, and never below what its stage needs (`need`).
+    #[allow(clippy::too_many_arguments)]
+    async fn candidate_decision(
+        &self,
+        isvc: &InferenceService,
+        c: &drive::Revision,
+        need: i32,
+        state: &mut ServiceState,
+        now: Millis,
+        policy: &ScalingPolicySpec,
+        pods: &[RevisionPod],
+    ) -> i32 {
+        let ns = isvc.namespace().unwrap_or_default();
+        let current = self
+            .deployments
+            .store
+            .get(&ObjectRef::new(&c.name).within(&ns))
+            .and_then(|d| d.spec.as_ref().and_then(|s| s.replicas))
+            .unwrap_or(0);
+        let within = drive::candidate_policy(policy, need);
+        let pods = pods_of(pods, c, &engine_name(&isvc.name_any()));
+        let s = match &mut state.candidate {
+            Some((name, s)) if *name == c.name => s,
+            slot => &mut slot.insert((c.name.clone(), Box::default())).1,
+        };
+        let input = TickInput {
+            isvc,
+            policy: &within,
+            pods: &pods,
+            current_replicas: current,
+            routers: &[],
+            now,
+        };
+        let d = observe_and_decide(&self.scraper, &input, s, None).await;
+        if d.desired != current {
+            s.history.record_scale(now, current, d.desired);
+        }
+        d.desired
     }
 
     async fn event(&self, isvc: &InferenceService, type_: EventType, reason: &str, note: String) {
@@ -765,6 +844,39 @@ mod tests {
             local_ttft: Some(b),
             ..RouterSample::default()
         }
+    }
+
+    /// A revision's pods by their label: the first revision's have none (its selector
+    /// predates revisions), every later one's carry its hash.
+    #[test]
+    fn each_revision_scales_on_its_own_pods() {
+        let pod = |name: &str| EnginePod {
+            name: name.into(),
+            ip: None,
+            state: PodState::Ready,
+            cold_start_ms: None,
+        };
+        let pods: Vec<RevisionPod> = vec![
+            (None, pod("svc-engine-a")),
+            (Some("1a2b3c4d5e".into()), pod("svc-1a2b3c-b")),
+            (Some("1a2b3c4d5e".into()), pod("svc-1a2b3c-c")),
+        ];
+        let names = |r: &drive::Revision| -> Vec<String> {
+            pods_of(&pods, r, "svc-engine")
+                .into_iter()
+                .map(|p| p.name)
+                .collect()
+        };
+        let first = drive::Revision {
+            name: "svc-engine".into(),
+            hash: "ffffffffff".into(),
+        };
+        let candidate = drive::Revision {
+            name: "svc-1a2b3c".into(),
+            hash: "1a2b3c4d5e".into(),
+        };
+        assert_eq!(names(&first), ["svc-engine-a"]);
+        assert_eq!(names(&candidate), ["svc-1a2b3c-b", "svc-1a2b3c-c"]);
     }
 
     /// Each router's increment since its last sample, summed; a router seen for the first

@@ -5,7 +5,8 @@
 use super::gate::Window;
 use super::machine::{Observed, Rollout, advance, start, traffic};
 use crate::api::{
-    InferenceServiceStatus, RevisionRole, RevisionStatus, RolloutCommand, RolloutPhase, RolloutSpec,
+    InferenceServiceStatus, RevisionRole, RevisionStatus, RolloutCommand, RolloutPhase,
+    RolloutSpec, ScalingPolicySpec,
 };
 use crate::clock::Millis;
 
@@ -69,6 +70,16 @@ pub fn plan(
         stable,
         candidate,
         previous,
+    }
+}
+
+/// The policy a candidate scales by on its own engines while traffic moves to it: the
+/// service's, with at least what its stage needs (`need`) and room for that.
+pub fn candidate_policy(policy: &ScalingPolicySpec, need: i32) -> ScalingPolicySpec {
+    ScalingPolicySpec {
+        min_replicas: need.max(1),
+        max_replicas: policy.max_replicas.max(need),
+        ..policy.clone()
     }
 }
 

@@ -260,3 +260,51 @@ fn a_command_without_a_rollout_is_not_used() {
     assert!(!p.command_used);
     assert!(p.rollout.is_none());
 }
+
+/// The candidate scales on its own engines within the policy, never below its stage's need:
+/// a queue on its one replica asks for more; idle, it keeps what the stage needs.
+#[test]
+fn a_candidate_scales_on_its_own_queue_never_below_its_need() {
+    use crate::autoscale::decide::{History, Observed, PodSample, SignalsConfigured, decide};
+    let policy = crate::api::ScalingPolicySpec {
+        min_replicas: 1,
+        max_replicas: 6,
+        ..Default::default()
+    };
+    let within = candidate_policy(&policy, 2);
+    assert_eq!((within.min_replicas, within.max_replicas), (2, 6));
+    assert_eq!(
+        candidate_policy(&policy, 8).max_replicas,
+        8,
+        "room for its need"
+    );
+    let configured = SignalsConfigured {
+        queue_depth: true,
+        gpu_memory: false,
+        max_concurrency: 4,
+    };
+    let observed = |queue: f64| Observed {
+        current_replicas: 2,
+        ready: vec![
+            PodSample {
+                queue_depth: Some(queue),
+                in_flight: Some(4.0),
+                gpu_memory: None,
+            };
+            2
+        ],
+        starting: 0,
+        unschedulable: 0,
+        router_queue: None,
+        spilled: None,
+        spill_incomplete: false,
+        created_at: 0,
+        cold_start_ms: None,
+        ttft: None,
+    };
+    let history = History::starting_at(0, 2);
+    let busy = decide(&within, configured, &observed(20.0), &history, 60 * S);
+    assert!(busy.desired > 2, "{busy:?}");
+    let idle = decide(&within, configured, &observed(0.0), &history, 60 * S);
+    assert_eq!(idle.desired, 2, "{idle:?}");
+}
