@@ -1,9 +1,10 @@
-//! k. Safe upgrades: a changed image makes a candidate revision next to the serving one; it
-//! first gets half the requests mirrored (shadow: answered for nobody), then a canary step
-//! sends it its weight of the requests (counted at the engines), the gate passes and promotes
-//! it, and the previous revision goes after `keepPreviousSeconds`. Then a slower candidate
-//! (prefill 4x) fails the gate in its shadow stage, before any client saw it: it is scaled to
-//! 0. Streamed load runs throughout, and every request is answered.
+//! k. Safe upgrades: a changed image makes a candidate revision next to the serving one, which
+//! is paused and resumed by annotation. It first gets half the requests mirrored (shadow:
+//! answered for nobody), then a canary step sends it its weight of the requests (counted at the
+//! engines); the gate passes and promotes it, and the previous revision goes after
+//! `keepPreviousSeconds`. Then a slower candidate (prefill 4x) fails the gate in its shadow
+//! stage, before any client saw it, and is scaled to 0. Streamed load runs throughout, and
+//! every request is answered.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -49,6 +50,19 @@ async fn status(env: &Env) -> anyhow::Result<InferenceService> {
     isvc(&env.client, NS, "svc")
         .await
         .map_err(anyhow::Error::msg)
+}
+
+/// `kubectl annotate infsvc svc spillway.dev/rollout=<command>`.
+async fn annotate(env: &Env, command: &str) -> anyhow::Result<()> {
+    let api: Api<InferenceService> = Api::namespaced(env.client.clone(), NS);
+    let patch = serde_json::json!({"metadata": {"annotations": {spillway::api::ROLLOUT_ANNOTATION: command}}});
+    api.patch(
+        "svc",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 fn weight_of(s: &InferenceService, name: &str) -> Option<i32> {
@@ -102,6 +116,26 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
             .get(&candidate)
             .await
             .context("the candidate's Deployment")?;
+        // Paused and resumed by annotation, each acted on once and the annotation removed.
+        for (command, phase) in [
+            ("pause", spillway::api::RolloutPhase::Paused),
+            ("resume", spillway::api::RolloutPhase::Progressing),
+        ] {
+            annotate(env, command).await?;
+            eventually(
+                &format!("{command} acted on and removed"),
+                Duration::from_secs(20),
+                || async {
+                    let s = status(env).await.map_err(|e| e.to_string())?;
+                    let standing = s.metadata.annotations.as_ref().is_some_and(|a| {
+                        a.contains_key(spillway::api::ROLLOUT_ANNOTATION)
+                    });
+                    let at = s.status.and_then(|st| st.rollout).map(|r| r.phase);
+                    Ok((at == Some(phase) && !standing).then_some(()))
+                },
+            )
+            .await?;
+        }
         // 2. At its step, with a ready replica: the engines' counts follow the weights.
         eventually("the candidate ready at weight 50", Duration::from_secs(60), || async {
             let s = status(env).await.map_err(|e| e.to_string())?;
