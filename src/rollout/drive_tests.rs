@@ -113,70 +113,56 @@ impl World {
     }
 }
 
-fn weight(p: &Pass, role: RevisionRole) -> Option<(String, i32)> {
+/// Each revision's name, role and weight, in status order (stable, candidate, previous).
+fn weights(p: &Pass) -> Vec<(&str, RevisionRole, i32)> {
     p.revisions
         .iter()
-        .find(|r| r.role == role)
-        .map(|r| (r.name.clone(), r.weight))
+        .map(|r| (r.name.as_str(), r.role, r.weight))
+        .collect()
 }
 
-/// The candidate loads while the stable holds; the step gives it 20 %; promotion
-/// makes it the stable and keeps the old one warm for keepPreviousSeconds, then lets it go.
-#[test]
-fn a_canary_moves_weight_then_promotes_and_keeps_the_previous_for_a_while() {
+/// A service serving `svc-engine` (hash aaaa...) whose spec now asks for bbbb....
+fn upgrading() -> World {
     let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
-    let mut w = World {
+    World {
         spec: canary(),
         plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
         rollout: None,
-    };
+    }
+}
+
+use RevisionRole::{Candidate, Previous, Stable};
+
+/// The candidate loads while the stable holds; the step gives it 20 %; promotion makes it
+/// the stable and keeps the old one warm for keepPreviousSeconds, then lets it go.
+#[test]
+fn a_canary_moves_weight_then_promotes_and_keeps_the_previous_for_a_while() {
+    let mut w = upgrading();
     let p = w.pass(0, (4, 0, 0), None);
     assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::Progressing);
     assert!(p.hold_stable);
     // The step's weight from the start: routers send that share to the candidate's ready
     // engines first, to the stable's while it has none.
-    assert_eq!(
-        weight(&p, RevisionRole::Stable),
-        Some(("svc-engine".into(), 80))
-    );
-    assert_eq!(
-        weight(&p, RevisionRole::Candidate),
-        Some(("svc-bbbbbb".into(), 20))
-    );
+    let moving = [("svc-engine", Stable, 80), ("svc-bbbbbb", Candidate, 20)];
+    assert_eq!(weights(&p), moving);
     // The step needs 1 of 4 ready, and promotion all 4 loaded ahead.
     assert_eq!(p.candidate_replicas.as_ref().unwrap().1, 4);
 
     let p = w.pass(10 * S, (4, 1, 0), None);
-    assert_eq!(
-        weight(&p, RevisionRole::Candidate),
-        Some(("svc-bbbbbb".into(), 20))
-    );
-    assert_eq!(
-        weight(&p, RevisionRole::Stable),
-        Some(("svc-engine".into(), 80))
-    );
+    assert_eq!(weights(&p), moving);
 
     // The step's time is up with the candidate as ready as the stable: promoted.
     let p = w.pass(71 * S, (4, 4, 0), None);
     assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::Promoted);
     assert_eq!(p.stable, rev("svc-bbbbbb", "bbbbbbbbbb"));
-    assert_eq!(
-        weight(&p, RevisionRole::Stable),
-        Some(("svc-bbbbbb".into(), 100))
-    );
-    assert_eq!(
-        weight(&p, RevisionRole::Previous),
-        Some(("svc-engine".into(), 0))
-    );
+    let promoted = [("svc-bbbbbb", Stable, 100), ("svc-engine", Previous, 0)];
+    assert_eq!(weights(&p), promoted);
     assert!(!p.hold_stable && p.candidate_replicas.is_none());
 
     let p = w.pass(200 * S, (4, 0, 4), None);
-    assert_eq!(
-        weight(&p, RevisionRole::Previous),
-        Some(("svc-engine".into(), 0))
-    );
+    assert_eq!(weights(&p), promoted);
     let p = w.pass(71 * S + 300 * S, (4, 0, 4), None);
-    assert_eq!(weight(&p, RevisionRole::Previous), None, "let go");
+    assert_eq!(weights(&p), [("svc-bbbbbb", Stable, 100)], "let go");
     assert_eq!(w.plan.previous, None);
 }
 
@@ -184,12 +170,7 @@ fn a_canary_moves_weight_then_promotes_and_keeps_the_previous_for_a_while() {
 /// revision, and the candidate stays rolled back (at 0 replicas) while the spec asks for it.
 #[test]
 fn an_abort_after_promotion_switches_back_to_the_warm_previous_revision() {
-    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
-    let mut w = World {
-        spec: canary(),
-        plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
-        rollout: None,
-    };
+    let mut w = upgrading();
     w.pass(0, (2, 0, 0), None);
     w.pass(1, (2, 2, 0), Some(RolloutCommand::Promote));
     assert_eq!(w.plan.stable.name, "svc-bbbbbb");
@@ -198,12 +179,8 @@ fn an_abort_after_promotion_switches_back_to_the_warm_previous_revision() {
     assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
     assert_eq!(p.stable, rev("svc-engine", "aaaaaaaaaa"));
     assert_eq!(
-        weight(&p, RevisionRole::Stable),
-        Some(("svc-engine".into(), 100))
-    );
-    assert_eq!(
-        weight(&p, RevisionRole::Candidate),
-        Some(("svc-bbbbbb".into(), 0))
+        weights(&p),
+        [("svc-engine", Stable, 100), ("svc-bbbbbb", Candidate, 0)]
     );
     let p = w.pass(101 * S, (2, 2, 0), None);
     assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
@@ -218,12 +195,7 @@ fn an_abort_after_promotion_switches_back_to_the_warm_previous_revision() {
 /// A spec set back to the stable's revision mid-rollout ends it; the candidate goes.
 #[test]
 fn a_spec_back_at_the_stable_revision_ends_the_rollout() {
-    let st = status(&[("svc-engine", "aaaaaaaaaa", RevisionRole::Stable)]);
-    let mut w = World {
-        spec: canary(),
-        plan: plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st)),
-        rollout: None,
-    };
+    let mut w = upgrading();
     w.pass(0, (2, 0, 0), None);
     let st = status(&[
         ("svc-engine", "aaaaaaaaaa", RevisionRole::Stable),
@@ -240,11 +212,7 @@ fn a_spec_back_at_the_stable_revision_ends_the_rollout() {
             .message
             .contains("back at svc-engine")
     );
-    assert_eq!(p.revisions.len(), 1);
-    assert_eq!(
-        weight(&p, RevisionRole::Stable),
-        Some(("svc-engine".into(), 100))
-    );
+    assert_eq!(weights(&p), [("svc-engine", Stable, 100)]);
 }
 
 /// A command that finds no rollout to act on is not used (the controller says so and removes
