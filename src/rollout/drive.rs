@@ -149,8 +149,10 @@ pub fn pass(s: &Seen<'_>) -> Pass {
         (Some(c), Some(r)) if r.candidate == c.name => {
             let next = advance(s.spec, r, &observed);
             command_used = s.command.is_some();
-            if next.phase == RolloutPhase::Promoted && r.phase != RolloutPhase::Promoted {
-                // The candidate serves; the stable stays warm as the previous revision.
+            // Promoted (now, or before a status write that did not land: status still lists
+            // the candidate as such): the candidate serves; the stable stays warm as the
+            // previous revision.
+            if next.phase == RolloutPhase::Promoted {
                 previous = Some(std::mem::replace(&mut stable, c.clone()));
                 previous_n = std::mem::replace(&mut stable_n, candidate_n);
                 candidate = None;
@@ -158,12 +160,16 @@ pub fn pass(s: &Seen<'_>) -> Pass {
             Some(next)
         }
         (Some(c), _) => Some(start(s.spec, &stable.name, &c.name, s.now)),
-        // Promoted: an abort within keepPreviousSeconds switches back to the previous.
-        (None, Some(r)) if r.phase == RolloutPhase::Promoted && r.candidate == stable.name => {
+        // Promoted: an abort within keepPreviousSeconds switches back to the previous (also
+        // when the switch is decided but status does not show it yet).
+        (None, Some(r))
+            if r.candidate == stable.name
+                && matches!(r.phase, RolloutPhase::Promoted | RolloutPhase::RolledBack) =>
+        {
             let next = advance(s.spec, r, &observed);
             command_used = s.command.is_some();
             if next.phase == RolloutPhase::RolledBack
-                && let Some(p) = previous.take()
+                && let Some(p) = previous.take_if(|p| p.name == r.stable)
             {
                 candidate = Some(std::mem::replace(&mut stable, p));
                 candidate_n = std::mem::replace(&mut stable_n, previous_n);

@@ -192,6 +192,31 @@ fn an_abort_after_promotion_switches_back_to_the_warm_previous_revision() {
     assert!(!p.hold_stable);
 }
 
+/// Status is where the roles live: a promotion (or a switch back) whose status write did not
+/// land is made again on the next pass, not left half done.
+#[test]
+fn a_turn_that_status_does_not_show_yet_is_made_again() {
+    let mut w = upgrading();
+    w.pass(0, (2, 0, 0), None);
+    let before = w.plan.clone();
+    w.pass(1, (2, 2, 0), Some(RolloutCommand::Promote));
+    // The write was lost: status still shows the old roles.
+    w.plan = before;
+    let p = w.pass(2, (2, 2, 0), None);
+    assert_eq!(
+        weights(&p),
+        [("svc-bbbbbb", Stable, 100), ("svc-engine", Previous, 0)]
+    );
+    let promoted = w.plan.clone();
+    w.pass(3, (2, 0, 2), Some(RolloutCommand::Abort));
+    w.plan = promoted;
+    let p = w.pass(4, (2, 0, 2), None);
+    assert_eq!(
+        weights(&p),
+        [("svc-engine", Stable, 100), ("svc-bbbbbb", Candidate, 0)]
+    );
+}
+
 /// A spec set back to the stable's revision mid-rollout ends it; the candidate goes.
 #[test]
 fn a_spec_back_at_the_stable_revision_ends_the_rollout() {
