@@ -83,6 +83,7 @@ pub struct RouterMetrics {
     peers_shown: std::sync::Mutex<Vec<PeerLabel>>,
     revision_requests: Family<RevisionOutcome, sharded::Counter>,
     revision_ttft: GateHistogram,
+    revision_duration: Family<RevisionLabel, sharded::Histogram>,
     shadow: Family<ShadowLabels, Counter>,
 }
 
@@ -114,6 +115,8 @@ pub struct RevisionMetrics {
     /// Locked (it has 120 buckets, too many to shard), but observed once per streamed answer
     /// only: a stream costs far more than the lock.
     pub ttft: Histogram,
+    /// Arrival to the end of the answer, in the latency buckets.
+    pub duration: sharded::Histogram,
     shadow: Family<ShadowLabels, Counter>,
 }
 
@@ -203,6 +206,14 @@ impl Default for RouterMetrics {
         let peer_report_age = Family::<PeerLabel, Gauge<f64, AtomicU64>>::default();
         let revision_requests = Family::<RevisionOutcome, sharded::Counter>::default();
         let revision_ttft = GateHistogram::new_with_constructor(gate_histogram);
+        let revision_duration =
+            Family::<RevisionLabel, sharded::Histogram>::new_with_constructor(buckets);
+        registry.register_with_unit(
+            "revision_request_duration",
+            "Time from request arrival to the end of the answer, by the revision whose engine answered",
+            Unit::Seconds,
+            revision_duration.clone(),
+        );
         let shadow = Family::<ShadowLabels, Counter>::default();
         registry.register(
             "shadow_requests",
@@ -327,6 +338,7 @@ impl Default for RouterMetrics {
             peers_shown: Default::default(),
             revision_requests,
             revision_ttft,
+            revision_duration,
             shadow,
         }
     }
@@ -374,6 +386,12 @@ impl RouterMetrics {
             errors: counter("error"),
             ttft: self
                 .revision_ttft
+                .get_or_create(&RevisionLabel {
+                    revision: name.to_string(),
+                })
+                .clone(),
+            duration: self
+                .revision_duration
                 .get_or_create(&RevisionLabel {
                     revision: name.to_string(),
                 })

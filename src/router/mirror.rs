@@ -107,6 +107,7 @@ async fn send(app: &App, backend: &Backend, m: &RevisionMetrics, req: &Outgoing)
         Ok(_) => m.answered(Outcome::of_status(status)),
         Err(_) => m.answered(Outcome::Aborted),
     }
+    m.duration.observe(started.elapsed().as_secs_f64());
     (read.is_ok() && status.is_success())
         .then(|| capture.digest(sse))
         .flatten()

@@ -468,6 +468,7 @@ impl Relay {
             && let Some(r) = &b.revision
         {
             r.answered(outcome);
+            r.duration.observe(self.arrived.elapsed().as_secs_f64());
         }
         dm.duration.observe(self.arrived.elapsed().as_secs_f64());
         // Answered requests only: an attempt that failed before any answer held no real slot

@@ -71,6 +71,9 @@ async fn requests_split_by_weight_and_are_counted_per_revision() {
             ),
             Some(70.0)
         );
+        let durations =
+            "spillway_router_revision_request_duration_seconds_count{revision=\"svc-c\"}";
+        assert_eq!(sample(&t, durations), Some(30.0));
         r.stop().await;
         stable.stop().await.unwrap();
         candidate.stop().await.unwrap();
