@@ -91,8 +91,8 @@ pub struct SimulateArgs {
     #[arg(long)]
     pub exchange_ms: Option<u64>,
     /// Replay a rollout: a new revision arrives at this time (e.g. 30m) and takes over as the
-    /// service's `spec.rollout` says (given as the `sim.spillway.dev/rollout` annotation, a
-    /// YAML mapping; without it, the default: all at once when as ready as the stable).
+    /// service's `spec.rollout` says (without it, the default: all at once when as ready as
+    /// the stable).
     #[arg(long)]
     pub rollout_at: Option<String>,
     /// The candidate's prefill and decode take this many times the stable's (default 1).
@@ -348,7 +348,7 @@ pub fn settings(
             &d.exchange_ms.to_string(),
         ),
     )?;
-    let rollout = candidate(args, &ann)?;
+    let rollout = candidate(args, &ann, service.spec.rollout.as_ref())?;
     Ok((
         trace,
         ModelParams {
@@ -362,10 +362,13 @@ pub fn settings(
     ))
 }
 
-/// The rollout to replay, if `--rollout-at` (or its annotation) is given.
+/// The rollout to replay, if `--rollout-at` (or its annotation) is given: by the service's
+/// `spec.rollout`, or the `sim.spillway.dev/rollout` annotation (files written before the
+/// field existed).
 fn candidate(
     args: &SimulateArgs,
     ann: &BTreeMap<String, String>,
+    in_spec: Option<&crate::api::RolloutSpec>,
 ) -> anyhow::Result<Option<rollout::Candidate>> {
     let at = setting(args.rollout_at.clone(), ann, "rollout-at", "");
     if at.is_empty() {
@@ -394,19 +397,20 @@ fn candidate(
         bail!("--candidate-slower must be positive and --candidate-errors in [0, 1]");
     }
     let spec = match ann.get(&format!("{ANNOTATION_PREFIX}rollout")) {
-        Some(text) => {
-            let spec = serde_saphyr::from_str::<crate::api::RolloutSpec>(text)
-                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?;
-            spec.validate()
-                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?;
-            if spec.shadow_percent > 0 {
-                // Nothing would be mirrored, and the shadow's gate would wait for ever.
-                bail!("{ANNOTATION_PREFIX}rollout: the simulator does not model shadowPercent yet");
-            }
-            Some(spec)
-        }
-        None => None,
+        Some(text) => Some(
+            serde_saphyr::from_str::<crate::api::RolloutSpec>(text)
+                .map_err(|e| anyhow::anyhow!("{ANNOTATION_PREFIX}rollout: {e}"))?,
+        ),
+        None => in_spec.cloned(),
     };
+    if let Some(spec) = &spec {
+        spec.validate()
+            .map_err(|e| anyhow::anyhow!("rollout: {e}"))?;
+        if spec.shadow_percent > 0 {
+            // Nothing would be mirrored, and the shadow's gate would wait for ever.
+            bail!("rollout: the simulator does not model shadowPercent (the routers mirror it)");
+        }
+    }
     Ok(Some(rollout::Candidate {
         at_ms: at_s as i64 * 1000,
         slower,

@@ -4,8 +4,8 @@
 use super::{assert_nothing_lost, scenario};
 use crate::sim::world::{SimResult, simulate};
 
-/// The example, with the candidate `slower` and erring at `errors`; `spec` replaces its
-/// `sim.spillway.dev/rollout` (`Some("")`: no `spec.rollout`, the default).
+/// The example, with the candidate `slower` and erring at `errors`; `spec` (YAML) replaces its
+/// `spec.rollout` (`Some("")`: none, the default).
 fn replay(slower: f64, errors: f64, spec: Option<&str>) -> SimResult {
     let r = replay_with(slower, errors, spec, |_| {});
     assert_eq!(r.outcomes.rejected, 0, "a rollout never drops a request");
@@ -20,18 +20,9 @@ fn replay_with(
 ) -> SimResult {
     let mut s = scenario("rollout.yaml");
     tweak(&mut s.policies[0].1);
-    let ann = s
-        .service
-        .metadata
-        .annotations
-        .get_or_insert_with(Default::default);
     match spec {
-        Some("") => {
-            ann.remove("sim.spillway.dev/rollout");
-        }
-        Some(y) => {
-            ann.insert("sim.spillway.dev/rollout".into(), y.into());
-        }
+        Some("") => s.service.spec.rollout = None,
+        Some(y) => s.service.spec.rollout = Some(serde_saphyr::from_str(y).unwrap()),
         None => {}
     }
     let mut args = super::default_args();
