@@ -18,7 +18,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 
 use super::config::{CONFIG_KEY, ClusterConfig, ConfigError, RouterConfig};
-use super::revisions::Route;
+use super::revisions::{Listed, Route};
 use super::sources;
 use super::state::RouterState;
 use crate::api::labels::{LABEL_COMPONENT, LABEL_INSTANCE};
@@ -141,26 +141,41 @@ pub fn spawn(client: Client, cluster: ClusterConfig, state: Arc<RouterState>) {
     spawn_capacity(client, &cluster, state);
 }
 
-/// Ready engine addresses by Service name: every revision's Service, and `<name>-engine`
-/// over them all (see `router::revisions`).
+/// Ready engine addresses by Service name (every revision's Service, and `<name>-engine`
+/// over them all), and the pod behind each (see `router::revisions`).
 pub fn engines_by_service<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     port: u16,
-) -> BTreeMap<String, Vec<String>> {
+) -> Listed {
     let mut by: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut pods = BTreeMap::new();
     for s in slices {
-        if let Some(svc) = s
+        let Some(svc) = s
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
-        {
-            by.entry(svc.clone()).or_default().push(s);
+        else {
+            continue;
+        };
+        by.entry(svc.clone()).or_default().push(s);
+        let v6 = s.address_type == "IPv6";
+        for e in &s.endpoints {
+            let Some(pod) = e.target_ref.as_ref().and_then(|r| r.name.clone()) else {
+                continue;
+            };
+            for a in &e.addresses {
+                pods.insert(host_port(a, v6, port), pod.clone());
+            }
         }
     }
-    by.into_iter()
-        .map(|(svc, s)| (svc, backends_from_slices(s, port)))
-        .collect()
+    Listed {
+        by_service: by
+            .into_iter()
+            .map(|(svc, s)| (svc, backends_from_slices(s, port)))
+            .collect(),
+        pods,
+    }
 }
 
 /// The revisions taking requests, by weight, as the controller publishes them; empty before
@@ -193,10 +208,10 @@ pub fn spawn_endpoints(
     );
     watch_slices(client, cluster, &selector, move |slices, listed| {
         let by = engines_by_service(slices, port);
-        tracing::debug!(services = by.len(), "engine endpoints changed");
+        tracing::debug!(services = by.by_service.len(), "engine endpoints changed");
         state.set_engine_addrs(broad.clone(), by);
-        if listed && !state.synced() {
-            tracing::info!("engine endpoints listed; ready");
+        if listed && !state.endpoints_listed() {
+            tracing::info!("engine endpoints listed");
             state.set_synced(true);
         }
     })
@@ -291,6 +306,7 @@ pub fn spawn_capacity(
     cluster: &ClusterConfig,
     state: Arc<RouterState>,
 ) -> tokio::task::JoinHandle<()> {
+    state.set_routes_known(false);
     let isvcs: Api<InferenceService> = Api::namespaced(client, &cluster.namespace);
     let cfg =
         watcher::Config::default().fields(&format!("metadata.name={}", cluster.inference_service));
@@ -303,6 +319,7 @@ pub fn spawn_capacity(
                     Ok(i) => {
                         state.set_capacity_exhausted(capacity_exhausted(&i));
                         state.set_routes(routes(&i));
+                        state.set_routes_known(true);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "InferenceService watch error (retrying)")
@@ -433,10 +450,22 @@ mod tests {
         );
         b.metadata.labels =
             Some([(SERVICE_NAME_LABEL.to_string(), "llama-1a2b3c".to_string())].into());
+        b.endpoints[0].target_ref = Some(k8s_openapi::api::core::v1::ObjectReference {
+            kind: Some("Pod".into()),
+            name: Some("llama-1a2b3c-7f6d5c4b3-9zz8k".into()),
+            ..Default::default()
+        });
         let unlabelled = slice("IPv4", vec![endpoint("10.0.0.9", Some(true))]);
         let by = engines_by_service([&a, &b, &unlabelled], 8000);
         assert_eq!(
-            by,
+            by.pods,
+            BTreeMap::from([(
+                "10.0.0.2:8000".to_string(),
+                "llama-1a2b3c-7f6d5c4b3-9zz8k".to_string()
+            )])
+        );
+        assert_eq!(
+            by.by_service,
             BTreeMap::from([
                 (
                     "llama-1a2b3c".to_string(),

@@ -1,11 +1,13 @@
 //! Revisions in the router (pure): which engines serve which revision, and which revision a
 //! request is meant for. The controller publishes each revision's weight in the
-//! InferenceService status (`status.revisions`); each revision's engines are the endpoints of
-//! its own Service. The first revision's Service, `<name>-engine`, selects every engine pod of
-//! the service (its selector predates revisions), so an address another revision's Service
-//! lists is that revision's.
+//! InferenceService status (`status.revisions`). An engine's revision is its pod's: the
+//! Deployment that made it names it (`<revision>-<replica set hash>-<suffix>`), whichever
+//! Service lists it, so a pod never changes revision as the Services' endpoints update one
+//! after the other. Without a pod name, an address another revision's Service lists is that
+//! revision's, and the rest of `<name>-engine`'s (whose selector spans every engine pod) the
+//! first revision's.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 /// A revision that takes requests, and its weight (percent); or, at weight 0, the share of
@@ -17,53 +19,69 @@ pub struct Route {
     pub shadow: u32,
 }
 
-/// The revision requests are mirrored to, its share, and its engines' addresses.
-pub fn mirrors(
-    by_service: &BTreeMap<String, Vec<String>>,
-    broad: &str,
-    routes: &[Route],
-) -> Option<(Arc<str>, u32, Vec<String>)> {
-    let r = routes.iter().find(|r| r.weight == 0 && r.shadow > 0)?;
-    let claimed: BTreeSet<&String> = by_service
+/// Where the engines are: ready addresses by Service name, and the pod behind each address
+/// (when the endpoint names one).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listed {
+    pub by_service: BTreeMap<String, Vec<String>>,
+    pub pods: BTreeMap<String, String>,
+}
+
+/// The revision whose Deployment made pod `pod`: the route named as its prefix, followed by
+/// the replica set's hash and the pod's own suffix.
+fn of_pod<'a>(pod: &str, routes: &'a [Route]) -> Option<&'a Route> {
+    routes.iter().find(|r| {
+        pod.strip_prefix(&*r.name)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|rest| rest.split('-').count() == 2)
+    })
+}
+
+/// Every address with its revision, sorted by address.
+fn tagged<'a>(l: &Listed, broad: &str, routes: &'a [Route]) -> Vec<(String, Option<&'a Route>)> {
+    let mut out: BTreeMap<&String, Option<&Route>> = BTreeMap::new();
+    // Other revisions' Services first: an address they list is theirs, not the broad one's.
+    let services = l
+        .by_service
         .iter()
         .filter(|(s, _)| *s != broad)
-        .flat_map(|(_, a)| a)
+        .chain(l.by_service.get_key_value(broad));
+    for (svc, addrs) in services {
+        for a in addrs {
+            out.entry(a).or_insert_with(|| match l.pods.get(a) {
+                Some(pod) => of_pod(pod, routes),
+                None => routes.iter().find(|r| *r.name == **svc),
+            });
+        }
+    }
+    out.into_iter().map(|(a, r)| (a.clone(), r)).collect()
+}
+
+/// The revision requests are mirrored to, its share, and its engines' addresses.
+pub fn mirrors(l: &Listed, broad: &str, routes: &[Route]) -> Option<(Arc<str>, u32, Vec<String>)> {
+    let r = routes.iter().find(|r| r.weight == 0 && r.shadow > 0)?;
+    let own = tagged(l, broad, routes)
+        .into_iter()
+        .filter(|(_, t)| t.is_some_and(|t| t.name == r.name))
+        .map(|(a, _)| a)
         .collect();
-    let all = by_service.get(&*r.name).into_iter().flatten().cloned();
-    let own: Vec<String> = if &*r.name == broad {
-        all.filter(|a| !claimed.contains(a)).collect()
-    } else {
-        all.collect()
-    };
     Some((r.name.clone(), r.shadow.min(100), own))
 }
 
 /// The engines that take requests, each with its revision (`None` without revisions: all of
-/// `broad`'s, as before revisions existed). `by_service`: ready addresses by Service name.
-pub fn engines(
-    by_service: &BTreeMap<String, Vec<String>>,
-    broad: &str,
-    routes: &[Route],
-) -> Vec<(String, Option<Arc<str>>)> {
-    let all = |s: &str| by_service.get(s).into_iter().flatten().cloned();
+/// `broad`'s, as before revisions existed).
+pub fn engines(l: &Listed, broad: &str, routes: &[Route]) -> Vec<(String, Option<Arc<str>>)> {
     if routes.is_empty() {
-        return all(broad).map(|a| (a, None)).collect();
+        let all = l.by_service.get(broad).into_iter().flatten().cloned();
+        return all.map(|a| (a, None)).collect();
     }
-    let claimed: BTreeSet<&String> = by_service
-        .iter()
-        .filter(|(s, _)| *s != broad)
-        .flat_map(|(_, a)| a)
-        .collect();
-    let mut out = Vec::new();
-    for r in routes.iter().filter(|r| r.weight > 0) {
-        let own: Vec<String> = if &*r.name == broad {
-            all(broad).filter(|a| !claimed.contains(a)).collect()
-        } else {
-            all(&r.name).collect()
-        };
-        out.extend(own.into_iter().map(|a| (a, Some(r.name.clone()))));
-    }
-    out
+    tagged(l, broad, routes)
+        .into_iter()
+        .filter_map(|(a, t)| {
+            let t = t.filter(|t| t.weight > 0)?;
+            Some((a, Some(t.name.clone())))
+        })
+        .collect()
 }
 
 /// The revision request number `turn` (of a thread's sequence) is meant for: over any 100 turns
@@ -118,11 +136,34 @@ mod tests {
         assert_eq!(mirrors(&s, "svc-engine", &routes[..1]), None);
     }
 
-    fn slices(pairs: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
-        pairs
-            .iter()
-            .map(|(s, a)| (s.to_string(), a.iter().map(|x| x.to_string()).collect()))
-            .collect()
+    fn slices(pairs: &[(&str, &[&str])]) -> Listed {
+        Listed {
+            by_service: pairs
+                .iter()
+                .map(|(s, a)| (s.to_string(), a.iter().map(|x| x.to_string()).collect()))
+                .collect(),
+            pods: BTreeMap::new(),
+        }
+    }
+
+    /// A pod is its Deployment's revision whichever Service lists it: a new candidate pod that
+    /// `<name>-engine`'s endpoints show before its own Service's is never the stable's.
+    #[test]
+    fn a_pod_is_of_the_revision_whose_deployment_made_it() {
+        let mut l = slices(&[("svc-engine", &["a", "c"])]);
+        l.pods = BTreeMap::from([
+            ("a".to_string(), "svc-engine-5d8f9c7b6-x2x4q".to_string()),
+            ("c".to_string(), "svc-1a2b3c-7f6d5c4b3-9zz8k".to_string()),
+        ]);
+        let routes = [route("svc-engine", 100), route("svc-1a2b3c", 0)];
+        assert_eq!(
+            engines(&l, "svc-engine", &routes),
+            vec![("a".to_string(), Some(Arc::<str>::from("svc-engine")))]
+        );
+        // A pod of no listed revision (one being deleted) takes nothing.
+        l.pods
+            .insert("a".into(), "svc-0f0f0f-5d8f9c7b6-x2x4q".into());
+        assert_eq!(engines(&l, "svc-engine", &routes), vec![]);
     }
 
     #[test]

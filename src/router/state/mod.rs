@@ -32,7 +32,7 @@ use super::fast::{Backend, LocalPath, Mirror, View};
 use super::keys::{KeyState, read_key};
 use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
 use super::peers::{Ledger, Report};
-use super::revisions::{self, Route};
+use super::revisions::{self, Listed, Route};
 use super::usage::Usage;
 use crate::api::{BurstMode, ProviderEndpoint};
 use crate::clock::Millis;
@@ -63,6 +63,9 @@ pub struct RouterState {
     /// False while the engine endpoints have not been listed yet (in a cluster): the router is
     /// not ready, since an empty backend list would send everything to providers or the queue.
     synced: AtomicBool,
+    /// False until the service's status (the revisions and their weights) has been read, in a
+    /// cluster: before, every engine would look like the first revision's.
+    routes_known: AtomicBool,
     /// Shutdown has begun: readiness fails while requests are still served.
     closing: AtomicBool,
     /// Has peers listed: a change of its own counts wakes the exchange.
@@ -96,6 +99,7 @@ impl RouterState {
             metrics,
             breaker,
             synced: AtomicBool::new(true),
+            routes_known: AtomicBool::new(true),
             closing: AtomicBool::new(false),
             peered: AtomicBool::new(false),
             report_due: Notify::new(),
@@ -182,20 +186,20 @@ impl RouterState {
 
     /// Replaces the set of ready local engines (`host:port`), keeping counts of those that stay.
     pub fn set_backends(self: &Arc<Self>, addrs: Vec<String>) {
-        self.set_engine_addrs(String::new(), BTreeMap::from([(String::new(), addrs)]));
+        let listed = Listed {
+            by_service: BTreeMap::from([(String::new(), addrs)]),
+            pods: BTreeMap::new(),
+        };
+        self.set_engine_addrs(String::new(), listed);
     }
 
-    /// Replaces the ready engine addresses by Service (`broad`: the Service that selects
-    /// every engine pod), keeping counts of those that stay.
-    pub fn set_engine_addrs(
-        self: &Arc<Self>,
-        broad: String,
-        by_service: BTreeMap<String, Vec<String>>,
-    ) {
+    /// Replaces the ready engine addresses (`broad`: the Service that selects every engine
+    /// pod), keeping counts of those that stay.
+    pub fn set_engine_addrs(self: &Arc<Self>, broad: String, listed: Listed) {
         {
             let mut routing = self.lock();
             routing.broad = broad;
-            routing.engine_addrs = by_service;
+            routing.engine_addrs = listed;
             self.engines_changed(&mut routing);
         }
         self.pump();
@@ -231,22 +235,28 @@ impl RouterState {
                 (addr, m)
             })
             .collect();
+        // One pool for every list: an engine that moves between them (a shadowed candidate
+        // that starts taking requests) keeps its count, so its cap holds.
         let mut old = std::mem::take(&mut r.backends);
         old.append(&mut r.draining);
-        // Mirror targets: known ones keep their count (mirrored requests on them).
+        old.append(&mut r.mirrors);
         let (mirrors, percent) = match revisions::mirrors(&r.engine_addrs, &r.broad, &r.routes) {
             Some((name, percent, addrs)) => {
                 let m = r
                     .revision_metrics
                     .entry(name.clone())
-                    .or_insert_with(|| Arc::new(self.metrics.for_revision(name)))
+                    .or_insert_with(|| Arc::new(self.metrics.for_revision(name.clone())))
                     .clone();
-                let kept = std::mem::take(&mut r.mirrors);
                 let list = addrs
                     .into_iter()
-                    .map(|a| match kept.iter().find(|b| b.addr == a) {
-                        Some(b) => b.clone(),
-                        None => Arc::new(Backend::of_revision(a, Some(m.clone()))),
+                    .map(|a| {
+                        let same = |b: &Arc<Backend>| {
+                            b.addr == a && b.revision.as_ref().is_some_and(|x| x.name == name)
+                        };
+                        match old.iter().position(same) {
+                            Some(i) => old.swap_remove(i),
+                            None => Arc::new(Backend::of_revision(a, Some(m.clone()))),
+                        }
                     })
                     .collect();
                 (list, percent)
@@ -265,7 +275,17 @@ impl RouterState {
 
     /// Whether the backend list is known (always, standalone; after the first list, in a cluster).
     pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.routes_known.load(Ordering::Relaxed)
+    }
+
+    /// Whether the engine endpoints have been listed (see [`Self::synced`]).
+    pub fn endpoints_listed(&self) -> bool {
         self.synced.load(Ordering::Relaxed)
+    }
+
+    /// Whether the service's revisions have been read (see [`Self::synced`]).
+    pub fn set_routes_known(&self, known: bool) {
+        self.routes_known.store(known, Ordering::Relaxed);
     }
 
     /// Whether shutdown has begun (see [`Self::set_closing`]).

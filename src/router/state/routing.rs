@@ -25,7 +25,7 @@ use crate::router::metrics::{ClassLabel, RevisionMetrics};
 use crate::router::peers::wire::{RPM, engine_key, provider_key};
 use crate::router::peers::{Counts, Ledger, Room};
 use crate::router::queue::{Fifo, Waiter};
-use crate::router::revisions::Route;
+use crate::router::revisions::{Listed, Route};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -65,7 +65,7 @@ pub(super) struct Routing {
     pub backends: Vec<Arc<Backend>>,
     /// Ready engine addresses by Service (in a cluster: every revision's Service), and the
     /// Service that selects them all (see `router::revisions`).
-    pub engine_addrs: BTreeMap<String, Vec<String>>,
+    pub engine_addrs: Listed,
     pub broad: String,
     /// The revisions taking requests, as the controller last published them.
     pub routes: Vec<Route>,
@@ -122,7 +122,7 @@ impl Routing {
             classes,
             config: Arc::new(config),
             backends: Vec::new(),
-            engine_addrs: BTreeMap::new(),
+            engine_addrs: Listed::default(),
             broad: String::new(),
             routes: Vec::new(),
             revision_metrics: BTreeMap::new(),

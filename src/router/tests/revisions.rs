@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::router::revisions::Route;
+use crate::router::revisions::{Listed, Route};
 
 fn route(name: &str, weight: u32, shadow: u32) -> Route {
     Route {
@@ -24,13 +24,14 @@ async fn setup(
     let candidate = engine(4, candidate_tokens_per_second).await;
     let r = router("maxConcurrencyPerBackend: 4\n", vec![]).await;
     let (s, c) = (stable.addr().to_string(), candidate.addr().to_string());
-    r.state().set_engine_addrs(
-        "svc-engine".into(),
-        BTreeMap::from([
+    let listed = Listed {
+        by_service: BTreeMap::from([
             ("svc-engine".to_string(), vec![s.clone(), c.clone()]),
             ("svc-c".to_string(), vec![c]),
         ]),
-    );
+        pods: BTreeMap::new(),
+    };
+    r.state().set_engine_addrs("svc-engine".into(), listed);
     r.state().set_routes(routes);
     (r, stable, candidate)
 }
