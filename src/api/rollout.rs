@@ -124,7 +124,8 @@ pub struct RolloutGate {
     #[serde(default = "default_min_requests")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_requests: i64,
-    /// The candidate's share of 5xx and cut-off answers.
+    /// The candidate's share of 5xx, 429 and cut-off answers, plus its 4xx answers beyond the
+    /// stable's rate of them.
     #[serde(default = "default_max_error_rate")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_error_rate: f64,

@@ -323,6 +323,7 @@ pub struct RouterSample {
 pub struct RevisionTotals {
     pub requests: f64,
     pub errors: f64,
+    pub client_errors: f64,
     /// Time to first token of streamed answers; `None` when unusable or absent.
     pub ttft: Option<Buckets>,
 }
@@ -363,6 +364,11 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
                 t.requests += v;
                 if s.label("outcome").is_some_and(|o| o.matches("error")) {
                     t.errors += v;
+                }
+                if s.label("outcome")
+                    .is_some_and(|o| o.matches("client_error"))
+                {
+                    t.client_errors += v;
                 }
             } else {
                 let le = s.label("le").and_then(|l| parse_le(&l.unescaped()));

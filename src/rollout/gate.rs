@@ -18,6 +18,9 @@ pub struct Window {
     pub requests: f64,
     /// Of them, 5xx answers and answers cut off mid-way.
     pub errors: f64,
+    /// Of them, 4xx answers: an error of the candidate's only beyond the stable's rate (a bad
+    /// request fails on both; a model name the candidate no longer serves, on it alone).
+    pub client_errors: f64,
     /// Time to first token of its streamed answers.
     pub ttft: Buckets,
 }
@@ -28,6 +31,7 @@ impl Default for Window {
         Self {
             requests: 0.0,
             errors: 0.0,
+            client_errors: 0.0,
             ttft: buckets(),
         }
     }
@@ -39,6 +43,7 @@ impl Window {
         Self {
             requests: 0.0,
             errors: 0.0,
+            client_errors: 0.0,
             ttft: Buckets::default(),
         }
     }
@@ -48,7 +53,8 @@ impl Window {
     pub fn since(cur: &RevisionTotals, prev: Option<&RevisionTotals>) -> Option<Self> {
         let zero = RevisionTotals::default();
         let p = prev.unwrap_or(&zero);
-        if cur.requests < p.requests || cur.errors < p.errors {
+        if cur.requests < p.requests || cur.errors < p.errors || cur.client_errors < p.client_errors
+        {
             return None;
         }
         let ttft = match (&cur.ttft, &p.ttft) {
@@ -59,6 +65,7 @@ impl Window {
         Some(Self {
             requests: cur.requests - p.requests,
             errors: cur.errors - p.errors,
+            client_errors: cur.client_errors - p.client_errors,
             ttft,
         })
     }
@@ -66,6 +73,7 @@ impl Window {
     pub fn add(&mut self, other: &Window) {
         self.requests += other.requests;
         self.errors += other.errors;
+        self.client_errors += other.client_errors;
         if !other.ttft.bounds().is_empty() {
             self.ttft.add(&other.ttft);
         }
@@ -106,15 +114,16 @@ pub enum Verdict {
 }
 
 /// Judges the candidate's window against the stable's. Time to first token is compared only
-/// when both had enough streamed answers to read a p95 (40); errors always are.
+/// when both had enough streamed answers to read a p95 (40); errors always are: 5xx and
+/// cut-off answers, and 4xx answers beyond the stable's rate of them.
 pub fn judge(gate: &RolloutGate, candidate: &Window, stable: &Window) -> Verdict {
+    let rate = |n: f64, of: f64| if of > 0.0 { n / of } else { 0.0 };
+    let excess_4xx = (rate(candidate.client_errors, candidate.requests)
+        - rate(stable.client_errors, stable.requests))
+    .max(0.0);
     let f = Figures {
         requests: candidate.requests,
-        error_rate: if candidate.requests > 0.0 {
-            candidate.errors / candidate.requests
-        } else {
-            0.0
-        },
+        error_rate: rate(candidate.errors, candidate.requests) + excess_4xx,
         candidate_ttft_p95_ms: candidate.p95_ms(),
         stable_ttft_p95_ms: stable.p95_ms(),
     };
@@ -161,8 +170,32 @@ mod tests {
         Window {
             requests,
             errors,
+            client_errors: 0.0,
             ttft,
         }
+    }
+
+    /// 4xx answers count against the candidate only beyond the stable's rate of them: a model
+    /// name it no longer serves fails it; clients' bad requests, failing on both, do not.
+    #[test]
+    fn client_errors_count_beyond_the_stables_rate() {
+        let gate = RolloutGate::default();
+        let with_4xx = |requests: f64, client_errors: f64| Window {
+            client_errors,
+            ..window(requests, 0.0, 0.2)
+        };
+        let Verdict::Fail(f, why) = judge(&gate, &with_4xx(200.0, 200.0), &with_4xx(1000.0, 0.0))
+        else {
+            panic!("a candidate answering 404 to all must fail");
+        };
+        assert!(
+            (f.error_rate - 1.0).abs() < 1e-9 && why.contains("error rate"),
+            "{why}"
+        );
+        assert!(matches!(
+            judge(&gate, &with_4xx(200.0, 20.0), &with_4xx(1000.0, 100.0)),
+            Verdict::Pass(_)
+        ));
     }
 
     #[test]

@@ -30,6 +30,7 @@ fn window(requests: usize, errors: f64, ttft_s: f64) -> Window {
     Window {
         requests: requests as f64,
         errors,
+        client_errors: 0.0,
         ttft,
     }
 }

@@ -90,7 +90,8 @@ pub struct RouterMetrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RevisionOutcome {
     pub revision: String,
-    /// `ok` or `error` (a 5xx or 429 answer, or one cut off mid-way).
+    /// `ok`, `client_error` (4xx but 429) or `error` (a 5xx or 429 answer, or one cut off
+    /// mid-way).
     pub outcome: &'static str,
 }
 
@@ -111,6 +112,7 @@ fn gate_histogram() -> Histogram {
 pub struct RevisionMetrics {
     pub name: std::sync::Arc<str>,
     ok: sharded::Counter,
+    client_errors: sharded::Counter,
     errors: sharded::Counter,
     /// Locked (it has 120 buckets, too many to shard), but observed once per streamed answer
     /// only: a stream costs far more than the lock.
@@ -142,7 +144,8 @@ impl RevisionMetrics {
     /// Counts an answer from one of its engines; a client that went away says nothing of it.
     pub fn answered(&self, outcome: Outcome) {
         match outcome {
-            Outcome::Success | Outcome::ClientError => self.ok.inc(),
+            Outcome::Success => self.ok.inc(),
+            Outcome::ClientError => self.client_errors.inc(),
             Outcome::UpstreamError | Outcome::Aborted => self.errors.inc(),
             _ => {}
         }
@@ -222,7 +225,7 @@ impl Default for RouterMetrics {
         );
         registry.register(
             "revision_requests",
-            "Answers from each revision's engines, by outcome (ok, error): the rollout gate's input",
+            "Answers from each revision's engines, by outcome (ok, client_error, error): the rollout gate's input",
             revision_requests.clone(),
         );
         registry.register_with_unit(
@@ -383,6 +386,7 @@ impl RouterMetrics {
         };
         RevisionMetrics {
             ok: counter("ok"),
+            client_errors: counter("client_error"),
             errors: counter("error"),
             ttft: self
                 .revision_ttft

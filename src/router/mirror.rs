@@ -46,11 +46,12 @@ impl Drop for Slot {
 }
 
 /// Sends the request `req` makes (given the engine's `Host`) to `backend`, a slot already
-/// taken on it, in a task of its own; the returned pair takes the client's answer for the
-/// comparison.
+/// taken on it, in a task of its own, timed from the client's `arrived`; the returned pair
+/// takes the client's answer for the comparison.
 pub(super) fn start(
     app: &Arc<App>,
     backend: Arc<Backend>,
+    arrived: Instant,
     req: impl FnOnce(&http::HeaderValue) -> Outgoing,
 ) -> Option<Arc<MirrorPair>> {
     let slot = Slot(backend);
@@ -62,7 +63,7 @@ pub(super) fn start(
     });
     let (app, p) = (app.clone(), pair.clone());
     tokio::spawn(async move {
-        let d = tokio::time::timeout(MIRROR_LIMIT, send(&app, &slot.0, &metrics, &req))
+        let d = tokio::time::timeout(MIRROR_LIMIT, send(&app, &slot.0, &metrics, &req, arrived))
             .await
             .ok()
             .flatten();
@@ -74,9 +75,17 @@ pub(super) fn start(
 
 /// The mirrored answer's digest (`None`: no answer to compare), counted for the gate as the
 /// client's answers are.
-async fn send(app: &App, backend: &Backend, m: &RevisionMetrics, req: &Outgoing) -> Option<Digest> {
+async fn send(
+    app: &App,
+    backend: &Backend,
+    m: &RevisionMetrics,
+    req: &Outgoing,
+    arrived: Instant,
+) -> Option<Digest> {
     let (authority, _) = backend.authority.as_ref()?;
-    let started = Instant::now();
+    // Timed from the client's arrival, as the client's own answer is: its wait for a slot
+    // counts on both sides.
+    let started = arrived;
     let resp =
         match tokio::time::timeout(app.engine_timeout, app.engines.send(authority, req)).await {
             Ok(Ok(r)) => r,

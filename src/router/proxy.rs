@@ -85,7 +85,7 @@ pub(super) async fn proxy(
         Ticket::Go(l) => l,
         Ticket::Reject(r) => return rejected(app, r, &class),
     };
-    let mut shadow = mirror_of(app, &lease, &parts, &body, burst);
+    let mut shadow = mirror_of(app, &lease, &parts, &body, burst, arrived);
     let mut tries = Tries::new(arrived, class, kept_from);
     loop {
         let failure = match send(app, &lease, &parts, &body, burst).await {
@@ -114,6 +114,7 @@ fn mirror_of(
     parts: &http::request::Parts,
     body: &Bytes,
     burst: Option<ProviderEndpoint>,
+    arrived: Instant,
 ) -> Option<Arc<MirrorPair>> {
     if burst.is_none() || !matches!(lease.dest, Dest::Local(_)) {
         return None;
@@ -126,7 +127,7 @@ fn mirror_of(
             }
             None
         }
-        Mirror::Take(b) => mirror::start(app, b, |host| {
+        Mirror::Take(b) => mirror::start(app, b, arrived, |host| {
             let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
             let headers = parts.headers.iter().filter(|(k, _)| forwarded(k, false));
             Outgoing::new(&parts.method, pq, host, headers, body)

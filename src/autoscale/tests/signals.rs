@@ -461,3 +461,25 @@ fn router_sample_reads_the_local_time_to_first_token_histogram() {
     let nan = "spillway_router_queue_length 3\nspillway_router_time_to_first_token_seconds_bucket{destination=\"local\",le=\"+Inf\"} NaN\n";
     assert_eq!(router_sample(nan).unwrap().unwrap().local_ttft, None);
 }
+
+/// A router's per-revision answers, as the rollout gate reads them: requests of every outcome,
+/// errors and 4xx apart, and the time to first token histogram; a malformed one is no reading.
+#[test]
+fn revision_totals_from_a_router_page() {
+    let page = "spillway_router_queue_length{class=\"default\"} 0\n\
+        spillway_router_revision_requests_total{revision=\"svc-1a2b3c\",outcome=\"ok\"} 90\n\
+        spillway_router_revision_requests_total{revision=\"svc-1a2b3c\",outcome=\"client_error\"} 4\n\
+        spillway_router_revision_requests_total{revision=\"svc-1a2b3c\",outcome=\"error\"} 6\n\
+        spillway_router_revision_time_to_first_token_seconds_bucket{revision=\"svc-1a2b3c\",le=\"0.1\"} 30\n\
+        spillway_router_revision_time_to_first_token_seconds_bucket{revision=\"svc-1a2b3c\",le=\"+Inf\"} 50\n\
+        spillway_router_revision_time_to_first_token_seconds_bucket{revision=\"svc-engine\",le=\"0.1\"} 9\n\
+        spillway_router_revision_time_to_first_token_seconds_bucket{revision=\"svc-engine\",le=\"+Inf\"} 5\n";
+    let s = router_sample(page).unwrap().unwrap();
+    let c = &s.revisions["svc-1a2b3c"];
+    assert_eq!((c.requests, c.errors, c.client_errors), (100.0, 6.0, 4.0));
+    assert_eq!(c.ttft.as_ref().map(|b| b.count()), Some(50.0));
+    assert_eq!(
+        s.revisions["svc-engine"].ttft, None,
+        "counts that go down are no histogram"
+    );
+}
