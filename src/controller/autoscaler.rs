@@ -55,6 +55,8 @@ pub struct ServiceState {
     rollout_read: bool,
     /// The gate's windows: the candidate's and the stable's answers in the current stage.
     gate: Option<GateWindows>,
+    /// The revision this loop scales (its Deployment's name).
+    stable: String,
     /// The candidate's own loop state while traffic moves to it (by its name).
     candidate: Option<(String, Box<ServiceState>)>,
 }
@@ -346,6 +348,15 @@ impl Autoscaler {
         else {
             return interval; // not created yet: reconcile's job
         };
+        // A promotion hands scaling to another Deployment: the last patch and the history
+        // were the old one's.
+        if state.stable != plan.stable.name {
+            if !state.stable.is_empty() {
+                state.last_patch = None;
+                state.started = false;
+            }
+            state.stable = plan.stable.name.clone();
+        }
         let cached = deployment
             .spec
             .as_ref()

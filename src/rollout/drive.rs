@@ -24,6 +24,9 @@ pub struct Plan {
     pub stable: Revision,
     pub candidate: Option<Revision>,
     pub previous: Option<Revision>,
+    /// Status lists the candidate as such already (it is not one the spec has just asked
+    /// for again after it went).
+    pub candidate_listed: bool,
 }
 
 /// A revision's Deployment and Service name: the service's name and 6 hex digits of its
@@ -66,10 +69,14 @@ pub fn plan(
                 hash: hash.to_string(),
             }),
     });
+    let candidate_listed = candidate
+        .as_ref()
+        .is_some_and(|c| listed(RevisionRole::Candidate).is_some_and(|l| l == *c));
     Plan {
         stable,
         candidate,
         previous,
+        candidate_listed,
     }
 }
 
@@ -145,8 +152,13 @@ pub fn pass(s: &Seen<'_>) -> Pass {
     );
     let (mut stable_n, mut candidate_n, mut previous_n) = (s.stable, s.candidate, s.previous);
     let mut command_used = false;
+    // A rollout that ended for a candidate that then went (the spec moved on) is over: the
+    // spec asking for that revision again starts a new one.
+    let over = |r: &Rollout| {
+        matches!(r.phase, RolloutPhase::RolledBack | RolloutPhase::Failed) && !plan.candidate_listed
+    };
     let rollout = match (&candidate, s.rollout) {
-        (Some(c), Some(r)) if r.candidate == c.name => {
+        (Some(c), Some(r)) if r.candidate == c.name && !over(r) => {
             let next = advance(s.spec, r, &observed);
             command_used = s.command.is_some();
             // Promoted (now, or before a status write that did not land: status still lists

@@ -240,6 +240,36 @@ fn a_spec_back_at_the_stable_revision_ends_the_rollout() {
     assert_eq!(weights(&p), [("svc-engine", Stable, 100)]);
 }
 
+/// A candidate rolled back, then the spec set back to the stable (the candidate goes), then
+/// asked for again: a new rollout, not the old verdict.
+#[test]
+fn a_revision_asked_for_again_after_it_went_gets_a_new_rollout() {
+    let mut w = upgrading();
+    w.pass(0, (2, 0, 0), None);
+    let p = w.pass(1, (2, 0, 0), Some(RolloutCommand::Abort));
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
+    // Idle while the spec still asks for it.
+    let p = w.pass(2, (2, 0, 0), None);
+    assert_eq!(p.rollout.as_ref().unwrap().phase, RolloutPhase::RolledBack);
+    // The spec back at the stable's: the candidate goes.
+    let st = InferenceServiceStatus {
+        revisions: p.revisions.clone(),
+        ..Default::default()
+    };
+    w.plan = plan("svc", "svc-engine", "aaaaaaaaaa", Some(&st));
+    let p = w.pass(3, (2, 0, 0), None);
+    assert_eq!(weights(&p), [("svc-engine", Stable, 100)]);
+    // And asked for again.
+    let st = InferenceServiceStatus {
+        revisions: p.revisions.clone(),
+        ..Default::default()
+    };
+    w.plan = plan("svc", "svc-engine", "bbbbbbbbbb", Some(&st));
+    let p = w.pass(4, (2, 0, 0), None);
+    let r = p.rollout.as_ref().unwrap();
+    assert_eq!((r.phase, r.started), (RolloutPhase::Progressing, 4));
+}
+
 /// A command that finds no rollout to act on is not used (the controller says so and removes
 /// it).
 #[test]
