@@ -628,7 +628,9 @@ impl Autoscaler {
                         "unknown {ROLLOUT_ANNOTATION} command {a:?}: use pause, resume, promote or abort"
                     )
                 } else {
-                    format!("{ROLLOUT_ANNOTATION}={a} ignored: no rollout it applies to")
+                    format!(
+                        "{ROLLOUT_ANNOTATION}={a} ignored: it changes nothing in the rollout as it stands (or there is none)"
+                    )
                 };
                 self.event(isvc, EventType::Warning, "RolloutCommandIgnored", why)
                     .await;

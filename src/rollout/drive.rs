@@ -130,6 +130,22 @@ pub struct Pass {
     pub command_used: bool,
 }
 
+/// Whether the pass's command made a difference: the rollout's phase after it is not what the
+/// same pass without it gives (a `resume` while not paused, an `abort` too late, any command
+/// on a rollout that is over, change nothing).
+fn changed_by_command(s: &Seen<'_>, r: &Rollout) -> bool {
+    let Some(_) = s.command else { return false };
+    let o = |command| Observed {
+        now: s.now,
+        stable_ready: s.stable.ready,
+        candidate_ready: s.candidate.ready,
+        windows: s.windows,
+        command,
+        ready_deadline_ms: s.ready_deadline_ms,
+    };
+    advance(s.spec, r, &o(s.command)).phase != advance(s.spec, r, &o(None)).phase
+}
+
 fn active(r: &Rollout) -> bool {
     matches!(r.phase, RolloutPhase::Progressing | RolloutPhase::Paused)
 }
@@ -160,7 +176,7 @@ pub fn pass(s: &Seen<'_>) -> Pass {
     let rollout = match (&candidate, s.rollout) {
         (Some(c), Some(r)) if r.candidate == c.name && !over(r) => {
             let next = advance(s.spec, r, &observed);
-            command_used = s.command.is_some();
+            command_used = changed_by_command(s, r);
             // Promoted (now, or before a status write that did not land: status still lists
             // the candidate as such): the candidate serves; the stable stays warm as the
             // previous revision.
@@ -179,7 +195,7 @@ pub fn pass(s: &Seen<'_>) -> Pass {
                 && matches!(r.phase, RolloutPhase::Promoted | RolloutPhase::RolledBack) =>
         {
             let next = advance(s.spec, r, &observed);
-            command_used = s.command.is_some();
+            command_used = changed_by_command(s, r);
             if next.phase == RolloutPhase::RolledBack
                 && let Some(p) = previous.take_if(|p| p.name == r.stable)
             {

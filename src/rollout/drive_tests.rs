@@ -270,6 +270,37 @@ fn a_revision_asked_for_again_after_it_went_gets_a_new_rollout() {
     assert_eq!((r.phase, r.started), (RolloutPhase::Progressing, 4));
 }
 
+/// A command that changes nothing is not used (the controller says so): `resume` while not
+/// paused, `abort` once keepPreviousSeconds are over.
+#[test]
+fn a_command_that_changes_nothing_is_not_used() {
+    let mut w = upgrading();
+    w.pass(0, (2, 0, 0), None);
+    assert!(
+        !w.pass(1, (2, 0, 0), Some(RolloutCommand::Resume))
+            .command_used
+    );
+    assert!(
+        w.pass(2, (2, 0, 0), Some(RolloutCommand::Pause))
+            .command_used
+    );
+    assert!(
+        !w.pass(3, (2, 0, 0), Some(RolloutCommand::Pause))
+            .command_used
+    );
+    assert!(
+        w.pass(4, (2, 0, 0), Some(RolloutCommand::Resume))
+            .command_used
+    );
+    assert!(
+        w.pass(5, (2, 2, 0), Some(RolloutCommand::Promote))
+            .command_used
+    );
+    let late = w.pass(400 * S, (2, 0, 2), Some(RolloutCommand::Abort));
+    assert!(!late.command_used, "keepPreviousSeconds (300) are over");
+    assert_eq!(late.rollout.unwrap().phase, RolloutPhase::Promoted);
+}
+
 /// A command that finds no rollout to act on is not used (the controller says so and removes
 /// it).
 #[test]
