@@ -405,6 +405,27 @@ impl RouterMetrics {
         }
     }
 
+    /// Stops exporting a revision that no longer exists (a long-lived router would otherwise
+    /// keep every past rollout's series, 120 buckets each).
+    pub fn forget_revision(&self, name: &str) {
+        let revision = name.to_string();
+        for outcome in ["ok", "client_error", "error"] {
+            self.revision_requests.remove(&RevisionOutcome {
+                revision: revision.clone(),
+                outcome,
+            });
+        }
+        for result in ["same", "different", "unanswered", "skipped"] {
+            self.shadow.remove(&ShadowLabels {
+                revision: revision.clone(),
+                result,
+            });
+        }
+        let label = RevisionLabel { revision };
+        self.revision_ttft.remove(&label);
+        self.revision_duration.remove(&label);
+    }
+
     /// Counts a request of `class` that ended with `outcome`.
     pub fn request(&self, destination: &str, class: &str, outcome: Outcome) {
         self.requests

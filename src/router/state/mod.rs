@@ -213,6 +213,13 @@ impl RouterState {
                 return;
             }
             tracing::info!(?routes, "revision weights changed");
+            routing.revision_metrics.retain(|name, _| {
+                let listed = routes.iter().any(|r| r.name == *name);
+                if !listed {
+                    self.metrics.forget_revision(name);
+                }
+                listed
+            });
             routing.routes = routes;
             self.engines_changed(&mut routing);
         }

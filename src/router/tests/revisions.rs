@@ -75,6 +75,11 @@ async fn requests_split_by_weight_and_are_counted_per_revision() {
         let durations =
             "spillway_router_revision_request_duration_seconds_count{revision=\"svc-c\"}";
         assert_eq!(sample(&t, durations), Some(30.0));
+        // Once status no longer lists it, its series go.
+        r.state().set_routes(vec![route("svc-engine", 100, 0)]);
+        let t = get(r.addr(), "/metrics").await.text();
+        assert!(!t.contains("revision=\"svc-c\""), "{t}");
+        assert!(t.contains("revision=\"svc-engine\""));
         r.stop().await;
         stable.stop().await.unwrap();
         candidate.stop().await.unwrap();
