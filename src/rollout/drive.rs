@@ -134,16 +134,21 @@ pub struct Pass {
 /// same pass without it gives (a `resume` while not paused, an `abort` too late, any command
 /// on a rollout that is over, change nothing).
 fn changed_by_command(s: &Seen<'_>, r: &Rollout) -> bool {
-    let Some(_) = s.command else { return false };
-    let o = |command| Observed {
+    s.command.is_some()
+        && advance(s.spec, r, &observed(s, s.command)).phase
+            != advance(s.spec, r, &observed(s, None)).phase
+}
+
+/// What the machine sees of this pass, with `command`.
+fn observed<'a>(s: &Seen<'a>, command: Option<RolloutCommand>) -> Observed<'a> {
+    Observed {
         now: s.now,
         stable_ready: s.stable.ready,
         candidate_ready: s.candidate.ready,
         windows: s.windows,
         command,
         ready_deadline_ms: s.ready_deadline_ms,
-    };
-    advance(s.spec, r, &o(s.command)).phase != advance(s.spec, r, &o(None)).phase
+    }
 }
 
 fn active(r: &Rollout) -> bool {
@@ -153,14 +158,7 @@ fn active(r: &Rollout) -> bool {
 /// One pass of the rollout over the planned revisions.
 pub fn pass(s: &Seen<'_>) -> Pass {
     let plan = s.plan;
-    let observed = Observed {
-        now: s.now,
-        stable_ready: s.stable.ready,
-        candidate_ready: s.candidate.ready,
-        windows: s.windows,
-        command: s.command,
-        ready_deadline_ms: s.ready_deadline_ms,
-    };
+    let observed = observed(s, s.command);
     let (mut stable, mut candidate, mut previous) = (
         plan.stable.clone(),
         plan.candidate.clone(),

@@ -30,7 +30,9 @@ use super::classes::{Class, Classes};
 use super::config::RouterConfig;
 use super::fast::{Backend, LocalPath, Mirror, View};
 use super::keys::{KeyState, read_key};
-use super::metrics::{self, DestMetrics, ProviderLabel, RouterMetrics, TokenLabels};
+use super::metrics::{
+    self, DestMetrics, ProviderLabel, RevisionMetrics, RouterMetrics, TokenLabels,
+};
 use super::peers::{Ledger, Report};
 use super::revisions::{self, Listed, Route};
 use super::usage::Usage;
@@ -226,21 +228,21 @@ impl RouterState {
         self.pump();
     }
 
+    /// A revision's metric handles, made once.
+    fn revision_metrics(&self, r: &mut Routing, name: Arc<str>) -> Arc<RevisionMetrics> {
+        r.revision_metrics
+            .entry(name.clone())
+            .or_insert_with(|| Arc::new(self.metrics.for_revision(name)))
+            .clone()
+    }
+
     /// Under the lock: the engine list again from the addresses and the revisions.
     fn engines_changed(&self, routing: &mut Routing) {
         let r = routing;
         let listed = revisions::engines(&r.engine_addrs, &r.broad, &r.routes);
         let tagged = listed
             .into_iter()
-            .map(|(addr, rev)| {
-                let m = rev.map(|name| {
-                    r.revision_metrics
-                        .entry(name.clone())
-                        .or_insert_with(|| Arc::new(self.metrics.for_revision(name)))
-                        .clone()
-                });
-                (addr, m)
-            })
+            .map(|(addr, rev)| (addr, rev.map(|name| self.revision_metrics(r, name))))
             .collect();
         // One pool for every list: an engine that moves between them (a shadowed candidate
         // that starts taking requests) keeps its count, so its cap holds.
@@ -249,11 +251,7 @@ impl RouterState {
         old.append(&mut r.mirrors);
         let (mirrors, percent) = match revisions::mirrors(&r.engine_addrs, &r.broad, &r.routes) {
             Some((name, percent, addrs)) => {
-                let m = r
-                    .revision_metrics
-                    .entry(name.clone())
-                    .or_insert_with(|| Arc::new(self.metrics.for_revision(name.clone())))
-                    .clone();
+                let m = self.revision_metrics(r, name.clone());
                 let list = addrs
                     .into_iter()
                     .map(|a| {
