@@ -480,6 +480,18 @@ mod tests {
                 ),
                 Some("p95 must be <= p99"),
             ),
+            (
+                "cost mode with a GPU price",
+                "ScalingPolicy",
+                policy(json!({"cost": {"mode": "Active", "gpuHourPrice": "2.50"}})),
+                None,
+            ),
+            (
+                "cost with a GPU price of nothing",
+                "ScalingPolicy",
+                policy(json!({"cost": {"mode": "Active", "gpuHourPrice": "0.00"}})),
+                Some("cost.gpuHourPrice must be above 0"),
+            ),
         ];
         for (what, kind, obj, want) in cases {
             // The controller's own check agrees, for objects that bypassed the API server's.

@@ -67,6 +67,15 @@ pub enum ClassBurst {
 }
 
 impl RequestClasses {
+    /// The classes whose requests never leave the cluster (`burst: Never`).
+    pub fn local_only(&self) -> Vec<&str> {
+        self.classes
+            .iter()
+            .filter(|c| c.burst == ClassBurst::Never)
+            .map(|c| c.name.as_str())
+            .collect()
+    }
+
     /// The names, as an error lists them.
     pub fn names(&self) -> Vec<&str> {
         self.classes.iter().map(|c| c.name.as_str()).collect()

@@ -81,6 +81,40 @@ pub struct ScalingPolicySpec {
     /// day of history is kept), so replicas load before the demand arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictive: Option<Predictive>,
+    /// Buy GPUs for spilled demand only where they cost less than the providers charge for
+    /// it: a replica above `minReplicas` is added (and kept) for demand the providers serve
+    /// only while it would be busy enough to cost less per request than they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Cost>,
+}
+
+/// Cost-aware scaling: GPUs against the providers' prices.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.gpuHourPrice.matches('[1-9]')").message("cost.gpuHourPrice must be above 0"))]
+pub struct Cost {
+    /// `Active` caps the occupancy signals and the forecast at the replicas that cost less
+    /// than the providers would for the same demand; `Advisory` reports that count without
+    /// acting; `Disabled` (default) scales GPUs for all demand. Requests waiting for a local
+    /// slot, the demand of request classes that may not burst (`burst: Never`) and the latency
+    /// objective are never capped, nor is anything before a provider has charged for an answer.
+    #[serde(default)]
+    pub mode: SignalMode,
+    /// What one GPU costs an hour, in the currency of the providers' `pricing`, as a decimal
+    /// string ("2.50").
+    #[schemars(regex(pattern = "^[0-9]{1,9}(\\.[0-9]{1,6})?$"))]
+    pub gpu_hour_price: String,
+}
+
+impl Cost {
+    /// `gpuHourPrice` as a number; `None` when it is not a positive decimal.
+    pub fn gpu_hour_price(&self) -> Option<f64> {
+        self.gpu_hour_price
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|v| v.is_finite() && *v > 0.0)
+    }
 }
 
 /// Forecast scaling.
@@ -92,7 +126,7 @@ pub struct Predictive {
     /// acting; `Disabled` (default) does neither. (Not `On`/`Off`: YAML 1.1 reads those
     /// unquoted as booleans.)
     #[serde(default)]
-    pub mode: PredictiveMode,
+    pub mode: SignalMode,
     /// How far ahead to forecast, in seconds (default: the cold start observed, else 240).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 7200))]
@@ -100,13 +134,13 @@ pub struct Predictive {
 }
 
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PredictiveMode {
-    /// No forecast.
+pub enum SignalMode {
+    /// Off.
     #[default]
     Disabled,
-    /// Forecast and report in decisions; never act on it.
+    /// Computed and reported with each decision; never acted on.
     Advisory,
-    /// Scale for the forecast too.
+    /// Acted on.
     Active,
 }
 
@@ -443,6 +477,7 @@ impl Default for ScalingPolicySpec {
             metrics_unavailable: MetricsUnavailable::Hold,
             mode: PolicyMode::Active,
             predictive: None,
+            cost: None,
         }
     }
 }
@@ -497,6 +532,14 @@ impl ScalingPolicySpec {
         }
         if self.interval_seconds < 1 {
             errs.push("intervalSeconds must be >= 1".into());
+        }
+        if let Some(c) = &self.cost
+            && c.gpu_hour_price().is_none()
+        {
+            errs.push(format!(
+                "cost.gpuHourPrice {:?} must be a positive decimal such as \"2.50\"",
+                c.gpu_hour_price
+            ));
         }
         if let Some(l) = &self.launch
             && l.replicas > self.max_replicas

@@ -6,9 +6,10 @@ use std::fmt;
 
 use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
 
+use super::cost::{Prices, Worth, worth};
 use super::forecast::{KEEP_MS, Samples, forecast};
 use super::latency::{Buckets, min_samples};
-use crate::api::PredictiveMode;
+use crate::api::SignalMode;
 use crate::clock::Millis;
 
 /// One ready engine pod's latest numbers; `None` = no fresh value (scrape failed or metric absent).
@@ -28,6 +29,8 @@ pub struct SignalsConfigured {
     /// Requests one replica serves at once (`engine.maxConcurrency`): the concurrency signal's
     /// target. 0 leaves that signal out.
     pub max_concurrency: u32,
+    /// GPUs per replica: what a replica costs (`cost`).
+    pub gpus: u32,
 }
 
 impl Default for SignalsConfigured {
@@ -36,6 +39,7 @@ impl Default for SignalsConfigured {
             queue_depth: true,
             gpu_memory: true,
             max_concurrency: 0,
+            gpus: 1,
         }
     }
 }
@@ -67,6 +71,13 @@ pub struct Observed {
     /// Time to first token of the streamed answers local engines gave since the last tick,
     /// over all routers that could be measured; `None` when none could.
     pub ttft: Option<Buckets>,
+    /// What the providers charged for the requests that would hold one local engine slot for
+    /// a second (their spend per request over a request's local hold time), lately; `None`
+    /// until measured.
+    pub provider_per_slot: Option<f64>,
+    /// The demand, in engine slots, that may not go to providers (request classes with
+    /// `burst: Never`): running locally and waiting.
+    pub local_only: Option<f64>,
 }
 
 /// Recent recommendations and scale events (the state `decide()` needs between ticks).
@@ -167,6 +178,8 @@ pub enum Driver {
     Forecast,
     /// Time to first token above `targets.timeToFirstTokenMilliseconds`.
     TimeToFirstToken,
+    /// Held at the replicas worth their GPUs against the providers' prices (`cost`).
+    Cost,
 }
 
 impl Driver {
@@ -185,6 +198,7 @@ impl Driver {
             Driver::ColdStart => "ColdStart",
             Driver::Forecast => "Forecast",
             Driver::TimeToFirstToken => "TimeToFirstToken",
+            Driver::Cost => "Cost",
         }
     }
 }
@@ -249,6 +263,9 @@ pub struct Decision {
     /// Time to first token over the objective's window, in milliseconds, for each quantile it
     /// names that had enough answers: `("p95", 812.0)`.
     pub ttft_ms: Vec<(&'static str, f64)>,
+    /// The replicas worth their GPUs against the providers' prices (`cost` not `Disabled`,
+    /// with both prices known), `minReplicas` at least.
+    pub cost: Option<Worth>,
     /// The history to keep for the next tick (this tick's recommendation added).
     pub history: History,
 }
@@ -409,6 +426,34 @@ pub fn decide(
     let concurrency_over_now = over(&concurrency);
     let concurrency = average(concurrency, &mut occupancy.concurrency, slots);
 
+    // `cost`: the replicas worth their GPUs for a demand in slots; `capped` when it acts.
+    let cost_mode = policy
+        .cost
+        .as_ref()
+        .map_or(SignalMode::Disabled, |c| c.mode);
+    let capped = cost_mode == SignalMode::Active;
+    let gpu_per_second = policy
+        .cost
+        .as_ref()
+        .and_then(|c| c.gpu_hour_price())
+        .map(|p| p * f64::from(configured.gpus.max(1)) / 3600.0);
+    let worth_for = |demand: f64| {
+        let prices = Prices {
+            gpu: gpu_per_second?,
+            provider_per_slot: observed.provider_per_slot?,
+        };
+        (cost_mode != SignalMode::Disabled)
+            .then(|| worth(demand, observed.local_only.unwrap_or(0.0), slots, prices))
+            .flatten()
+            .map(|w| Worth {
+                replicas: w.replicas.max(min),
+                ..w
+            })
+    };
+    let cost = concurrency
+        .as_ref()
+        .and_then(|c| worth_for(c.per_replica * ready as f64));
+
     // Which data is missing: a configured signal without any value, or a ready pod without one.
     let pod_complete = |p: &PodSample| {
         (!configured.queue_depth || p.queue_depth.is_some())
@@ -444,6 +489,15 @@ pub fn decide(
         (s.desired, named, why)
     };
     let mut candidates: Vec<(i32, Driver, String)> = Vec::new();
+    // Occupancy asks for no more replicas than are worth their GPUs (`cost: Active`).
+    let cost_caps = |(d, named, why): (i32, Driver, String)| match cost {
+        Some(w) if capped && d > w.replicas => (
+            w.replicas,
+            Driver::Cost,
+            format!("{why}, held at {} by cost", w.replicas),
+        ),
+        _ => (d, named, why),
+    };
     candidates.extend(queue.as_ref().map(|q| {
         let why = format!(
             "queue depth {}/{} per replica",
@@ -458,7 +512,7 @@ pub fn decide(
             g.per_replica * 100.0,
             g.target * 100.0
         );
-        candidate(g, Driver::GpuMemory, why)
+        cost_caps(candidate(g, Driver::GpuMemory, why))
     }));
     candidates.extend(concurrency.as_ref().map(|c| {
         let of_it = if spilled > 0.0 {
@@ -471,8 +525,9 @@ pub fn decide(
             fmt_num(c.per_replica),
             fmt_num(c.target)
         );
-        candidate(c, Driver::Concurrency, why)
+        cost_caps(candidate(c, Driver::Concurrency, why))
     }));
+
     // The latency objective: more replicas in proportion above a target, none fewer while
     // above it at all; below it, no opinion (demand decides scale-down).
     let (latency_series, ttft_ms) = latency_window(policy, observed, history, now);
@@ -524,13 +579,28 @@ pub fn decide(
         }
     }
 
+    if let Some(w) = cost {
+        let acts = if capped { "" } else { " (advisory)" };
+        reason = format!(
+            "{reason}; cost: replicas worth their GPUs {} (one pays at {:.0}% busy){acts}",
+            w.replicas,
+            w.break_even * 100.0
+        );
+    } else if cost_mode != SignalMode::Disabled && spilled > 0.0 {
+        reason.push_str("; cost: no provider price measured (is their pricing set?)");
+    }
+
     match metrics {
         MetricsState::NoReadyPods => {
             // Nothing to measure; only the routers' queue and spill can ask for more. Never
             // scale down.
             let from_queue = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
             let from_spill = if slots > 0.0 {
-                (spilled / slots).ceil() as i32
+                let all = (spilled / slots).ceil() as i32;
+                match worth_for(spilled) {
+                    Some(w) if capped => all.min(w.replicas),
+                    _ => all,
+                }
             } else {
                 0
             };
@@ -597,7 +667,7 @@ pub fn decide(
     let predictive = policy
         .predictive
         .as_ref()
-        .filter(|p| p.mode != PredictiveMode::Disabled && slots > 0.0);
+        .filter(|p| p.mode != SignalMode::Disabled && slots > 0.0);
     // Demand in engine slots: what runs, what spilled, what waits.
     let demand = (!in_flight.is_empty() && ready == in_flight.len())
         .then(|| in_flight.iter().sum::<f64>() + spilled + router_queue);
@@ -621,6 +691,10 @@ pub fn decide(
             .unwrap_or(DEFAULT_HORIZON_MS);
         if let Some(f) = forecast(&demand_series, now, horizon) {
             let n = (f / slots).ceil() as i32;
+            let n = match worth_for(f) {
+                Some(w) if capped => n.min(w.replicas),
+                _ => n,
+            };
             forecast_replicas = Some((n, horizon / 1000));
             let said = format!(
                 "forecast {} slots in {}s: {n} replicas",
@@ -628,15 +702,13 @@ pub fn decide(
                 horizon / 1000
             );
             match p.mode {
-                PredictiveMode::Active
-                    if n > raw && !matches!(metrics, MetricsState::Unavailable) =>
-                {
+                SignalMode::Active if n > raw && !matches!(metrics, MetricsState::Unavailable) => {
                     raw = n;
                     driver = Driver::Forecast;
                     signal = (n != current).then_some(Driver::Forecast);
                     reason = format!("{said} ({reason})");
                 }
-                PredictiveMode::Advisory => {
+                SignalMode::Advisory => {
                     reason = format!("{reason}; {said} (advisory: would ask for {})", raw.max(n));
                 }
                 _ => {}
@@ -765,6 +837,7 @@ pub fn decide(
         gpu_memory: (!gpus.is_empty()).then(|| gpus.iter().sum::<f64>() / gpus.len() as f64),
         spilled: observed.spilled,
         forecast: forecast_replicas,
+        cost,
         ttft_ms: ttft_ms.iter().map(|&(n, ms, _)| (n, ms)).collect(),
         history: hist,
     }

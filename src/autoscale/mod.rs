@@ -3,6 +3,7 @@
 //! writes ([`status`]). No I/O: the controller's autoscaler loop (`controller::autoscaler`)
 //! scrapes, calls these, and writes; the simulator calls them too.
 
+pub mod cost;
 pub mod decide;
 /// Demand one horizon ahead: a trend and a daily season.
 pub mod forecast;

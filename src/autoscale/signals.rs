@@ -36,6 +36,11 @@ pub const ROUTER_QUEUE_METRIC: &str = "spillway_router_queue_length";
 /// provider name): its count and sum give the spilled demand ([`spilled_slots`]).
 pub const ROUTER_SLOT_METRIC: &str = "spillway_router_slot_duration_seconds";
 
+/// The router's answers by destination, request class and outcome.
+pub const ROUTER_REQUESTS_METRIC: &str = "spillway_router_requests_total";
+/// What the router's providers charged (usage times the configured pricing).
+pub const ROUTER_SPEND_METRIC: &str = "spillway_router_provider_spend_total";
+
 /// The DCGM exporter's framebuffer gauges (MiB).
 pub const DCGM_FB_USED: &str = "DCGM_FI_DEV_FB_USED";
 /// Free framebuffer; DCGM's default counters have no total, so total = used + free.
@@ -316,6 +321,12 @@ pub struct RouterSample {
     pub local_ttft: Option<Buckets>,
     /// What each revision's engines answered since the router started (during rollouts).
     pub revisions: BTreeMap<String, RevisionTotals>,
+    /// What providers charged since the router started.
+    pub spend: f64,
+    /// Requests answered by local engines since the router started, by request class.
+    pub local_by_class: BTreeMap<String, f64>,
+    /// Requests waiting for a local slot now, by request class.
+    pub queue_by_class: BTreeMap<String, f64>,
 }
 
 /// One revision's answers as a router counts them.
@@ -349,8 +360,25 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
     // By revision: its bucket pairs, or `None` once one was unusable.
     let mut rev_pairs: BTreeMap<String, Option<Vec<(f64, f64)>>> = BTreeMap::new();
     for_each_sample(text, |s| {
+        let class = || s.label("class").map(|c| c.unescaped().into_owned());
+        let usable = s.value.is_finite() && s.value >= 0.0;
         if s.name == ROUTER_QUEUE_METRIC {
             queue.add(s.value);
+            if let Some(c) = class().filter(|_| usable) {
+                *out.queue_by_class.entry(c).or_default() += s.value;
+            }
+            return;
+        }
+        if s.name == ROUTER_SPEND_METRIC {
+            out.spend += if usable { s.value } else { 0.0 };
+            return;
+        }
+        if s.name == ROUTER_REQUESTS_METRIC {
+            if s.label("destination").is_some_and(|d| d.matches("local"))
+                && let Some(c) = class().filter(|_| usable)
+            {
+                *out.local_by_class.entry(c).or_default() += s.value;
+            }
             return;
         }
         if s.name == REVISION_REQUESTS_METRIC || s.name == rev_ttft {
@@ -430,6 +458,54 @@ fn parse_le(s: &str) -> Option<f64> {
     }
 }
 
+/// A local request's mean time on a slot, in seconds, since the router started; `None` before
+/// one ended.
+fn local_hold(s: &RouterSample) -> Option<f64> {
+    (s.local.count > 0.0).then(|| s.local.seconds / s.local.count)
+}
+
+/// What providers charged for the requests that would hold one local engine slot for a
+/// second, over all the routers measured since they started: their spend per request sent
+/// over a local request's hold time. `None` before a provider and a local engine each answered,
+/// or while nothing was charged (no `pricing`).
+pub fn provider_per_slot<'a>(samples: impl IntoIterator<Item = &'a RouterSample>) -> Option<f64> {
+    let (mut spend, mut sent, mut local) = (0.0, 0.0, SlotTotals::default());
+    for s in samples {
+        spend += s.spend;
+        sent += s.spilled.count;
+        local.count += s.local.count;
+        local.seconds += s.local.seconds;
+    }
+    let hold = local_hold(&RouterSample {
+        local,
+        ..RouterSample::default()
+    })?;
+    (spend > 0.0 && sent > 0.0 && hold > 0.0).then(|| spend / sent / hold)
+}
+
+/// The demand of `classes` (those that may not burst) at one router, in local engine slots:
+/// what they had answered locally per second between two samples times a local request's hold
+/// time, plus what of theirs waits now. `None` when the samples cannot be compared.
+pub fn local_only_slots(
+    prev: &RouterSample,
+    prev_ms: i64,
+    cur: &RouterSample,
+    now_ms: i64,
+    classes: &[&str],
+) -> Option<f64> {
+    let seconds = (now_ms - prev_ms) as f64 / 1000.0;
+    if seconds <= 0.0 || cur.local.count < prev.local.count {
+        return None;
+    }
+    let of = |m: &BTreeMap<String, f64>| classes.iter().filter_map(|c| m.get(*c)).sum::<f64>();
+    let answered = of(&cur.local_by_class) - of(&prev.local_by_class);
+    if answered < 0.0 {
+        return None;
+    }
+    let running = local_hold(cur).map_or(0.0, |h| answered / seconds * h);
+    Some(running + of(&cur.queue_by_class))
+}
+
 /// The demand one router spilled between two of its samples, in local engine slots: requests
 /// sent to providers per second times the seconds a request holds a local engine slot (Little's
 /// law: the slots those requests would have kept busy here). The local hold time is the
@@ -449,10 +525,7 @@ pub fn spilled_slots(
     if sent == 0.0 {
         return Some(0.0);
     }
-    let hold = if cur.local.count > 0.0 {
-        cur.local.seconds / cur.local.count
-    } else {
-        (cur.spilled.seconds - prev.spilled.seconds).max(0.0) / sent
-    };
+    let hold =
+        local_hold(cur).unwrap_or((cur.spilled.seconds - prev.spilled.seconds).max(0.0) / sent);
     Some(sent / seconds * hold)
 }

@@ -85,18 +85,24 @@ fn conditions(d: &Decision, mode: PolicyMode) -> [DesiredCondition; 2] {
             "NoReadyReplicas",
             "no engine replica is ready yet",
         ),
-        (_, MetricsState::Complete) => DesiredCondition::new(
-            SCALING_ACTIVE,
-            true,
-            "MetricsAvailable",
-            match d.forecast {
-                // Shown every tick: what a `predictive` forecast asks for, acted on or not.
-                Some((n, secs)) => format!(
-                    "scaling on queue depth, GPU memory and concurrency; forecast: {n} replicas in {secs}s"
-                ),
-                None => "scaling on queue depth, GPU memory and concurrency".into(),
-            },
-        ),
+        (_, MetricsState::Complete) => {
+            DesiredCondition::new(SCALING_ACTIVE, true, "MetricsAvailable", {
+                // Shown every tick, acted on or not: what a `predictive` forecast asks for, and
+                // what `cost` finds worth its GPUs.
+                let mut m = String::from("scaling on queue depth, GPU memory and concurrency");
+                if let Some((n, secs)) = d.forecast {
+                    m.push_str(&format!("; forecast: {n} replicas in {secs}s"));
+                }
+                if let Some(w) = d.cost {
+                    m.push_str(&format!(
+                        "; cost: replicas worth their GPUs {} (one pays at {:.0}% busy)",
+                        w.replicas,
+                        w.break_even * 100.0
+                    ));
+                }
+                m
+            })
+        }
     };
     let exhausted = match d.exhausted {
         Some(r) => DesiredCondition::new(
@@ -317,10 +323,10 @@ mod tests {
         }
     }
 
-    /// A forecast (`predictive` Advisory or Active) shows in `ScalingActive` every tick, scaled
-    /// or not.
+    /// A forecast (`predictive` Advisory or Active) and what `cost` finds worth its GPUs show
+    /// in `ScalingActive` every tick, scaled or not.
     #[test]
-    fn the_forecast_shows_in_status_every_tick() {
+    fn the_forecast_and_cost_show_in_status_every_tick() {
         let isvc = isvc_from_yaml(&minimal_isvc_yaml("a"));
         let mut d = decision(&[Some(4.0), Some(4.0)], 2);
         let plain = autoscaler_status(&isvc, &facts(&d, 2, false, 100));
@@ -331,6 +337,19 @@ mod tests {
         let c = find_condition(&s.conditions, SCALING_ACTIVE).unwrap();
         assert!(
             c.message.ends_with("; forecast: 5 replicas in 240s"),
+            "{}",
+            c.message
+        );
+        d.cost = Some(crate::autoscale::cost::Worth {
+            break_even: 0.62,
+            replicas: 3,
+        });
+        let s = autoscaler_status(&isvc, &facts(&d, 2, false, 100));
+        let c = find_condition(&s.conditions, SCALING_ACTIVE).unwrap();
+        assert!(
+            c.message.ends_with(
+                "; forecast: 5 replicas in 240s; cost: replicas worth their GPUs 3 (one pays at 62% busy)"
+            ),
             "{}",
             c.message
         );

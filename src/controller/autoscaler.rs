@@ -167,13 +167,23 @@ pub async fn observe_and_decide(
     let router: Vec<(&String, RouterSample)> = router.into_iter().flatten().collect();
     // The spill since each router's last sample; a router seen for the first time (or restarted)
     // gives its rate from the next tick on.
-    let spills: Vec<f64> = router
+    let local_only_classes = isvc
+        .spec
+        .request_classes
+        .as_ref()
+        .map(|c| c.local_only())
+        .unwrap_or_default();
+    let (spills, local_only): (Vec<f64>, Vec<f64>) = router
         .iter()
         .filter_map(|(pod, cur)| {
             let (at, prev) = state.routers.get(*pod)?;
-            signals::spilled_slots(prev, *at, cur, now)
+            Some((
+                signals::spilled_slots(prev, *at, cur, now)?,
+                signals::local_only_slots(prev, *at, cur, now, &local_only_classes)?,
+            ))
         })
-        .collect();
+        .unzip();
+    let provider_per_slot = signals::provider_per_slot(router.iter().map(|(_, s)| s));
     let ttft = local_ttft_since(&router, &state.routers);
     state.revision_added = revisions_since(&router, &state.routers);
     // A router whose scrape failed keeps its last sample as the base for its next rate.
@@ -186,8 +196,10 @@ pub async fn observe_and_decide(
     // What the measured routers spilled stands for all of them; until every one is measured
     // nothing scales down (a router's missing rate is never read as "nothing spilled").
     let spill_incomplete = spills.len() < routers.len();
-    let spilled = (!spills.is_empty())
-        .then(|| spills.iter().sum::<f64>() * routers.len() as f64 / spills.len() as f64);
+    let for_all = |v: &[f64]| {
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() * routers.len() as f64 / v.len() as f64)
+    };
+    let (spilled, local_only) = (for_all(&spills), for_all(&local_only));
     state.cold_start.observe(pods);
     let observed = Observed {
         current_replicas,
@@ -205,6 +217,8 @@ pub async fn observe_and_decide(
         spill_incomplete,
         cold_start_ms: state.cold_start.seconds().map(|s| s * 1000),
         ttft,
+        provider_per_slot,
+        local_only,
         created_at: isvc
             .metadata
             .creation_timestamp
@@ -216,6 +230,7 @@ pub async fn observe_and_decide(
         queue_depth: selectors.has_queue_depth(),
         gpu_memory: selectors.has_gpu_memory(),
         max_concurrency: engine.max_concurrency.max(0) as u32,
+        gpus: engine.gpus.max(1) as u32,
     };
     let d = decide(policy, configured, &observed, &state.history, now);
     state.history = d.history.clone();

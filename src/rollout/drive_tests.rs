@@ -336,6 +336,7 @@ fn a_candidate_scales_on_its_own_queue_never_below_its_need() {
         queue_depth: true,
         gpu_memory: false,
         max_concurrency: 4,
+        gpus: 1,
     };
     let observed = |queue: f64| Observed {
         current_replicas: 2,
@@ -355,6 +356,8 @@ fn a_candidate_scales_on_its_own_queue_never_below_its_need() {
         created_at: 0,
         cold_start_ms: None,
         ttft: None,
+        provider_per_slot: None,
+        local_only: None,
     };
     let history = History::starting_at(0, 2);
     let busy = decide(&within, configured, &observed(20.0), &history, 60 * S);

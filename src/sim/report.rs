@@ -137,6 +137,12 @@ pub fn table(runs: &[Run], slo_ms: u64) -> String {
         format!("{} / {:.1}", r.peak_replicas, r.mean_replicas)
     });
     row("scale events", &|r| r.scale_events.to_string());
+    if runs.iter().any(|r| r.result.cost_break_even.is_some()) {
+        row("  a replica pays at (cost)", &|r| {
+            r.cost_break_even
+                .map_or("n/a".into(), |b| format!("{:.0}% busy", b * 100.0))
+        });
+    }
     row("capacity exhausted", &|r| {
         format!("{} ticks", r.exhausted_ticks)
     });

@@ -169,6 +169,9 @@ pub struct SimResult {
     pub total_cost_vs_oracle: f64,
     /// Ticks during which the decision said capacity was exhausted.
     pub exhausted_ticks: u32,
+    /// With `cost`: the busy fraction at which a replica costs what the providers charge for
+    /// its requests, as the last decision measured it.
+    pub cost_break_even: Option<f64>,
     pub max_requests_per_minute_to_providers: usize,
     pub max_spend_per_hour: f64,
     /// Routers modelled (see [`ModelParams::routers`]).
@@ -335,6 +338,8 @@ struct Sim<'a> {
     history: History,
     exhausted: bool,
     limit: u32,
+    /// GPUs per replica.
+    gpus: u32,
     queue_limit: u32,
     queue_timeout_ms: u64,
     max_queue_wait_ms: u64,
@@ -343,6 +348,12 @@ struct Sim<'a> {
     local_ttft: Buckets,
     outcomes: Outcomes,
     burst_since_tick: u64,
+    /// Requests of `burst: Never` classes started locally since the last tick.
+    local_only_since_tick: u64,
+    /// Requests sent to providers and what they will be charged (the price the autoscaler
+    /// reads arrives with the first spill it measures, as the routers' counters give both).
+    burst_sent: u64,
+    burst_charged: f64,
     /// Local service time handed out so far and to how many requests (the routers' slot
     /// histogram: the local hold time that turns spilled requests into engine slots).
     local_hold_ms: f64,
@@ -496,7 +507,12 @@ impl Sim<'_> {
         let waited = self.now - req.arrival;
         let class = &mut self.mix[req.class];
         match a {
-            Admission::Local(_) => class.outcome.local += 1,
+            Admission::Local(_) => {
+                class.outcome.local += 1;
+                if class.rule.never_burst {
+                    self.local_only_since_tick += 1;
+                }
+            }
             Admission::Provider(_) => {
                 class.outcome.burst += 1;
                 class
@@ -557,6 +573,8 @@ impl Sim<'_> {
                 p.in_flight += 1;
                 p.served += 1;
                 let c = cost(p.pricing.as_ref(), req.prompt as u64, req.output as u64);
+                self.burst_sent += 1;
+                self.burst_charged += c;
                 if let (Some(r), CANDIDATE) = (&mut self.rollout, req.rev) {
                     r.spilled(c);
                 }
@@ -858,6 +876,10 @@ impl Sim<'_> {
                 .filter(|p| p.rev == STABLE && f(&p.state))
                 .count() as i32
         };
+        // A local request's mean time on a slot, in seconds; requests a second this interval.
+        let hold_s = (self.local_started > 0)
+            .then(|| self.local_hold_ms / self.local_started as f64 / 1000.0);
+        let per_second = |n: u64| n as f64 * 1000.0 / self.interval_ms as f64;
         Observed {
             current_replicas: self.desired,
             ready,
@@ -865,9 +887,19 @@ impl Sim<'_> {
             unschedulable: count(|s| *s == PodState::Unschedulable),
             router_queue: Some(self.queued() as f64),
             // What went to providers this interval, in local slots (as the driver measures it).
-            spilled: (self.local_started > 0).then(|| {
-                let per_second = self.burst_since_tick as f64 * 1000.0 / self.interval_ms as f64;
-                per_second * self.local_hold_ms / self.local_started as f64 / 1000.0
+            spilled: hold_s.map(|h| per_second(self.burst_since_tick) * h),
+            provider_per_slot: hold_s
+                .filter(|_| self.burst_sent > 0 && self.burst_charged > 0.0)
+                .map(|h| self.burst_charged / self.burst_sent as f64 / h),
+            // Started locally this interval (as the driver reads the routers' counts), and waiting.
+            local_only: hold_s.map(|h| {
+                let waiting = self
+                    .routers
+                    .iter()
+                    .flat_map(|r| &r.queue)
+                    .filter(|w| self.mix[w.class].rule.never_burst)
+                    .count();
+                per_second(self.local_only_since_tick) * h + waiting as f64
             }),
             spill_incomplete: false,
             ttft: Some(self.local_ttft.clone()),
@@ -884,6 +916,7 @@ impl Sim<'_> {
             self.policy,
             SignalsConfigured {
                 max_concurrency: self.limit,
+                gpus: self.gpus,
                 ..SignalsConfigured::default()
             },
             &observed,
@@ -1106,6 +1139,7 @@ pub fn simulate(
             limit
         },
         spilled_with_local_free: 0,
+        gpus: spec.engine.gpus.max(1) as u32,
         engine_peak: 0,
         report_due: false,
         pods: Vec::new(),
@@ -1133,6 +1167,9 @@ pub fn simulate(
         local_ttft: empty_ttft(),
         outcomes: Outcomes::default(),
         burst_since_tick: 0,
+        local_only_since_tick: 0,
+        burst_sent: 0,
+        burst_charged: 0.0,
         local_hold_ms: 0.0,
         local_started: 0,
         interval_ms,
@@ -1174,6 +1211,7 @@ pub fn simulate(
     let mut next_arrival = next_arrival_after(&mut sim.rng, trace, &mut arrival_clock);
     let mut timeline = Vec::with_capacity((end_ms / interval_ms + 1) as usize);
     let (mut pod_ms, mut last_pod_sample) = (0f64, 0 as Millis);
+    let mut cost_break_even = None;
     let (mut replica_sum, mut ticks, mut peak, mut min_seen, mut scale_events, mut exhausted_ticks) =
         (0f64, 0u32, start_replicas, start_replicas, 0u32, 0u32);
 
@@ -1251,6 +1289,7 @@ pub fn simulate(
                 if d.exhausted.is_some() {
                     exhausted_ticks += 1;
                 }
+                cost_break_even = d.cost.map(|w| w.break_even).or(cost_break_even);
                 ticks += 1;
                 replica_sum += sim.desired as f64;
                 peak = peak.max(sim.desired);
@@ -1271,6 +1310,7 @@ pub fn simulate(
                     offered_rps: trace.rate_at((sim.now / 1000) as usize),
                 });
                 sim.burst_since_tick = 0;
+                sim.local_only_since_tick = 0;
                 sim.push(sim.now + interval_ms, Ev::Tick);
             }
         }
@@ -1357,6 +1397,7 @@ pub fn simulate(
         oracle_total_cost: best.total_cost,
         total_cost_vs_oracle: ratio(gpu_cost + sim.burst_spend, best.total_cost),
         exhausted_ticks,
+        cost_break_even,
         max_requests_per_minute_to_providers: sim.max_rpm_seen,
         max_spend_per_hour: sim.max_spend_hour_seen,
         routers: routers as u32,

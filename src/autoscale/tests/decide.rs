@@ -175,6 +175,7 @@ fn a_configured_signal_missing_everywhere_blocks_scale_down() {
         queue_depth: true,
         gpu_memory: false,
         max_concurrency: 0,
+        gpus: 1,
     };
     let d = decide(&policy(), tgi, &observed(3, ready), &History::default(), 0);
     assert_eq!((d.desired, d.metrics), (1, MetricsState::Complete));
@@ -474,7 +475,7 @@ prop_compose! {
                       starting in 0..4i32, unschedulable in 0..3i32,
                       router in prop::option::of(0.0..500.0f64),
                       spilled in prop::option::of(0.0..500.0f64)) -> Observed {
-        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, cold_start_ms: None, ttft: None, created_at: 0 }
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, cold_start_ms: None, ttft: None, created_at: 0, provider_per_slot: None, local_only: None }
     }
 }
 
@@ -658,7 +659,7 @@ fn a_restarted_loop_waits_a_full_window_before_scaling_down() {
 
 /// A ramp of demand on 4 replicas of 10 slots, 2 slots more every 15 s, run through `decide()`
 /// tick by tick under `predictive` in `mode`: the last decision.
-fn ramp_under(mode: Option<crate::api::PredictiveMode>) -> Decision {
+fn ramp_under(mode: Option<crate::api::SignalMode>) -> Decision {
     let mut p = policy();
     p.predictive = mode.map(|mode| crate::api::Predictive {
         mode,
@@ -692,7 +693,7 @@ fn ramp_under(mode: Option<crate::api::PredictiveMode>) -> Decision {
 /// so and changes nothing; `Disabled` is silent.
 #[test]
 fn the_forecast_scales_ahead_of_a_ramp_only_when_on() {
-    use crate::api::PredictiveMode::*;
+    use crate::api::SignalMode::*;
     let off = ramp_under(None);
     assert_eq!(off.desired, 6, "{}", off.reason);
     assert!(!off.reason.contains("forecast") && off.forecast.is_none());

@@ -408,8 +408,7 @@ fn spilled_demand_is_spill_rate_times_local_hold_time() {
             count: spilled.0,
             seconds: spilled.1,
         },
-        local_ttft: None,
-        revisions: Default::default(),
+        ..RouterSample::default()
     };
     // Local requests hold a slot 8 s; 18 requests went to a fast provider in 2 s: 9/s × 8 s
     // = 72 slots of demand, although each held the provider for only 0.1 s.
@@ -482,4 +481,55 @@ fn revision_totals_from_a_router_page() {
         s.revisions["svc-engine"].ttft, None,
         "counts that go down are no histogram"
     );
+}
+
+/// A router's page, rendered by the router's own registry: what providers charged, requests
+/// answered locally and waiting by class; from two samples, the price of a slot-second at the
+/// providers and the demand of the classes that may not burst.
+#[test]
+fn spend_and_local_only_demand_from_a_router_page() {
+    use crate::router::metrics::{DestinationLabel, ProviderLabel, RouterMetrics};
+    use crate::router::outcome::Outcome;
+    let m = RouterMetrics::default();
+    let slot = |d: &str, seconds: f64, n: usize| {
+        let h = m.slot.get_or_create(&DestinationLabel {
+            destination: d.into(),
+        });
+        (0..n).for_each(|_| h.observe(seconds));
+    };
+    // 10 local answers holding a slot 2 s each, 4 of them `restricted`; 5 sent to a provider
+    // that charged 0.01 in all.
+    slot("local", 2.0, 10);
+    slot("fast", 0.5, 5);
+    (0..4).for_each(|_| m.request("local", "restricted", Outcome::Success));
+    (0..6).for_each(|_| m.request("local", "standard", Outcome::Success));
+    (0..5).for_each(|_| m.request("fast", "standard", Outcome::Success));
+    m.spend
+        .get_or_create(&ProviderLabel {
+            provider: "fast".into(),
+        })
+        .inc_by(0.01);
+    m.queued("restricted").set(3);
+    let prev = router_sample(&m.render()).unwrap().unwrap();
+    assert!((prev.spend - 0.01).abs() < 1e-12, "{prev:?}");
+    assert_eq!(prev.local_by_class["restricted"], 4.0);
+    assert_eq!(prev.local_by_class.get("fast"), None);
+    assert_eq!(prev.queue_by_class["restricted"], 3.0);
+    // 0.002 a request over a 2 s hold: 0.001 a slot-second.
+    let price = provider_per_slot([&prev]).unwrap();
+    assert!((price - 0.001).abs() < 1e-12, "{price}");
+    // 8 more restricted answers in 4 s: 2 a second × 2 s = 4 slots, plus 3 waiting.
+    slot("local", 2.0, 8);
+    (0..8).for_each(|_| m.request("local", "restricted", Outcome::Success));
+    let cur = router_sample(&m.render()).unwrap().unwrap();
+    let demand = local_only_slots(&prev, 0, &cur, 4_000, &["restricted"]).unwrap();
+    assert!((demand - 7.0).abs() < 1e-9, "{demand}");
+    assert_eq!(local_only_slots(&prev, 0, &cur, 4_000, &[]), Some(0.0));
+    // No spend (no pricing configured), or nothing answered locally yet: no price.
+    let unpriced = RouterSample {
+        spend: 0.0,
+        ..cur.clone()
+    };
+    assert_eq!(provider_per_slot([&unpriced]), None);
+    assert_eq!(provider_per_slot([&RouterSample::default()]), None);
 }
