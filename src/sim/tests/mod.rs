@@ -1,6 +1,7 @@
 //! Scenario tests on fixed seeds: the simulator drives the real `decide()` and `admit()`.
 
 mod classes;
+mod cost;
 mod inputs;
 mod rollout;
 mod routers;
