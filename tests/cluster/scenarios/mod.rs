@@ -1,6 +1,7 @@
 //! The scenarios (issue 18 lists them as a to g) and what they share: the environment, the
 //! objects they apply, and the waits they repeat.
 
+mod cost;
 mod failover;
 mod forecast;
 mod gitops;
@@ -43,6 +44,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("i-forecast", |e| Box::pin(forecast::run(e))),
     Scenario("j-latency", |e| Box::pin(latency::run(e))),
     Scenario("k-rollout", |e| Box::pin(rollout::run(e))),
+    Scenario("l-cost", |e| Box::pin(cost::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];
