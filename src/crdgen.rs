@@ -492,6 +492,20 @@ mod tests {
                 policy(json!({"cost": {"mode": "Active", "gpuHourPrice": "0.00"}})),
                 Some("cost.gpuHourPrice must be above 0"),
             ),
+            (
+                "cost with a burst mode that does not spill when full",
+                "ScalingPolicy",
+                policy(json!({"burst": {"mode": "CapacityExhausted"},
+                    "cost": {"mode": "Active", "gpuHourPrice": "2.50"}})),
+                Some("cost needs burst.mode Saturated"),
+            ),
+            (
+                "cost disabled with any burst mode",
+                "ScalingPolicy",
+                policy(json!({"burst": {"mode": "Never"},
+                    "cost": {"mode": "Disabled", "gpuHourPrice": "2.50"}})),
+                None,
+            ),
         ];
         for (what, kind, obj, want) in cases {
             // The controller's own check agrees, for objects that bypassed the API server's.

@@ -543,7 +543,7 @@ pub struct ScaleDecisionRecord {
     /// Why, e.g. "queue depth 37/4 per replica; limited to +4 per 15s".
     pub reason: String,
     /// The signal that asked for the change: QueueDepth, GpuMemory, Concurrency,
-    /// TimeToFirstToken or Forecast (absent when
+    /// TimeToFirstToken, Forecast or Cost (absent when
     /// a rule alone moved it, e.g. minReplicas or the launch window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<String>,

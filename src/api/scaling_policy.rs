@@ -39,6 +39,7 @@ use super::conditions_schema;
 #[x_kube(validation = Rule::new("self.minReplicas >= 1").message("minReplicas must be at least 1: the warm replica is not optional"))]
 #[x_kube(validation = Rule::new("self.maxReplicas >= self.minReplicas").message("maxReplicas must be >= minReplicas"))]
 #[x_kube(validation = Rule::new("!has(self.launch) || self.launch.replicas <= self.maxReplicas").message("launch.replicas must be <= maxReplicas"))]
+#[x_kube(validation = Rule::new("!has(self.cost) || self.cost.mode == 'Disabled' || !has(self.burst) || !has(self.burst.mode) || self.burst.mode == 'Saturated'").message("cost needs burst.mode Saturated: only then do the routers send to providers what the replicas it declines would serve"))]
 pub struct ScalingPolicySpec {
     /// Fewest engine replicas, never below 1: one warm replica is always kept.
     #[serde(default = "one")]
@@ -81,9 +82,9 @@ pub struct ScalingPolicySpec {
     /// day of history is kept), so replicas load before the demand arrives.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub predictive: Option<Predictive>,
-    /// Buy GPUs for spilled demand only where they cost less than the providers charge for
-    /// it: a replica above `minReplicas` is added (and kept) for demand the providers serve
-    /// only while it would be busy enough to cost less per request than they do.
+    /// Run a replica above `minReplicas` only while it would be busy enough that its GPUs cost
+    /// less than the providers charge for the requests it would serve; the providers take the
+    /// rest. Needs `burst.mode: Saturated`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Cost>,
 }
@@ -95,14 +96,16 @@ pub struct ScalingPolicySpec {
 pub struct Cost {
     /// `Active` caps the occupancy signals and the forecast at the replicas that cost less
     /// than the providers would for the same demand; `Advisory` reports that count without
-    /// acting; `Disabled` (default) scales GPUs for all demand. Requests waiting for a local
-    /// slot, the demand of request classes that may not burst (`burst: Never`) and the latency
-    /// objective are never capped, nor is anything before a provider has charged for an answer.
+    /// acting; `Disabled` (default) scales GPUs for all demand. The queue-depth signal and the
+    /// latency objective are never capped, nothing is scaled down for cost while requests wait
+    /// for a local slot, and the demand of request classes that may not burst (`burst: Never`)
+    /// keeps its replicas. Until the providers' price is measured, spilled demand buys no GPU;
+    /// with no `pricing` on any provider, cost has no effect.
     #[serde(default)]
     pub mode: SignalMode,
     /// What one GPU costs an hour, in the currency of the providers' `pricing`, as a decimal
     /// string ("2.50").
-    #[schemars(regex(pattern = "^[0-9]{1,9}(\\.[0-9]{1,6})?$"))]
+    #[schemars(length(max = 16), regex(pattern = "^[0-9]{1,9}(\\.[0-9]{1,6})?$"))]
     pub gpu_hour_price: String,
 }
 
@@ -532,6 +535,14 @@ impl ScalingPolicySpec {
         }
         if self.interval_seconds < 1 {
             errs.push("intervalSeconds must be >= 1".into());
+        }
+        if self
+            .cost
+            .as_ref()
+            .is_some_and(|c| c.mode != SignalMode::Disabled)
+            && self.burst.mode != BurstMode::Saturated
+        {
+            errs.push("cost needs burst.mode Saturated".into());
         }
         if let Some(c) = &self.cost
             && c.gpu_hour_price().is_none()

@@ -4,9 +4,9 @@
 use std::collections::VecDeque;
 use std::fmt;
 
-use crate::api::{MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
+use crate::api::{BurstMode, MetricsUnavailable, ScalingPolicySpec, ScalingRules, SelectPolicy};
 
-use super::cost::{Prices, Worth, worth};
+use super::cost::{Prices, ProviderPrice, Worth, worth};
 use super::forecast::{KEEP_MS, Samples, forecast};
 use super::latency::{Buckets, min_samples};
 use crate::api::SignalMode;
@@ -71,10 +71,9 @@ pub struct Observed {
     /// Time to first token of the streamed answers local engines gave since the last tick,
     /// over all routers that could be measured; `None` when none could.
     pub ttft: Option<Buckets>,
-    /// What the providers charged for the requests that would hold one local engine slot for
-    /// a second (their spend per request over a request's local hold time), lately; `None`
-    /// until measured.
-    pub provider_per_slot: Option<f64>,
+    /// What the providers charge for the requests that would hold one local engine slot for
+    /// a second (`cost`).
+    pub provider_price: ProviderPrice,
     /// The demand, in engine slots, that may not go to providers (request classes with
     /// `burst: Never`): running locally and waiting.
     pub local_only: Option<f64>,
@@ -345,6 +344,16 @@ pub fn decide(
     let router_queue = observed.router_queue.unwrap_or(0.0).max(0.0);
     let spilled = observed.spilled.unwrap_or(0.0).max(0.0);
     let slots = configured.max_concurrency as f64;
+    // `cost`: `capped` when it acts. Until the providers' price is known, spilled demand buys
+    // no GPU under it.
+    let cost_mode = policy
+        .cost
+        .as_ref()
+        .filter(|_| policy.burst.mode == BurstMode::Saturated)
+        .map_or(SignalMode::Disabled, |c| c.mode);
+    let capped = cost_mode == SignalMode::Active;
+    let unmeasured = observed.provider_price == ProviderPrice::Unmeasured;
+    let spilled = if capped && unmeasured { 0.0 } else { spilled };
 
     let queues: Vec<f64> = observed
         .ready
@@ -426,33 +435,30 @@ pub fn decide(
     let concurrency_over_now = over(&concurrency);
     let concurrency = average(concurrency, &mut occupancy.concurrency, slots);
 
-    // `cost`: the replicas worth their GPUs for a demand in slots; `capped` when it acts.
-    let cost_mode = policy
-        .cost
-        .as_ref()
-        .map_or(SignalMode::Disabled, |c| c.mode);
-    let capped = cost_mode == SignalMode::Active;
-    let gpu_per_second = policy
-        .cost
-        .as_ref()
-        .and_then(|c| c.gpu_hour_price())
-        .map(|p| p * f64::from(configured.gpus.max(1)) / 3600.0);
+    // The replicas worth their GPUs for `demand` replicas' worth (`cost`), minReplicas at least.
     let worth_for = |demand: f64| {
-        let prices = Prices {
-            gpu: gpu_per_second?,
-            provider_per_slot: observed.provider_per_slot?,
+        let ProviderPrice::PerSlotSecond(per_slot) = observed.provider_price else {
+            return None;
         };
+        let prices = Prices {
+            replica: policy.cost.as_ref()?.gpu_hour_price()? * f64::from(configured.gpus) / 3600.0,
+            provider: per_slot * slots,
+        };
+        let local_only = observed.local_only.unwrap_or(0.0) / slots;
         (cost_mode != SignalMode::Disabled)
-            .then(|| worth(demand, observed.local_only.unwrap_or(0.0), slots, prices))
+            .then(|| worth(demand, local_only, prices, policy.tolerance))
             .flatten()
             .map(|w| Worth {
                 replicas: w.replicas.max(min),
+                keep: w.keep.max(min),
                 ..w
             })
     };
+    // A signal's reading in replicas' worth of demand.
+    let replicas_worth = |s: &SignalReading| s.per_replica * ready as f64 / s.target;
     let cost = concurrency
         .as_ref()
-        .and_then(|c| worth_for(c.per_replica * ready as f64));
+        .and_then(|c| worth_for(replicas_worth(c)));
 
     // Which data is missing: a configured signal without any value, or a ready pod without one.
     let pod_complete = |p: &PodSample| {
@@ -489,14 +495,24 @@ pub fn decide(
         (s.desired, named, why)
     };
     let mut candidates: Vec<(i32, Driver, String)> = Vec::new();
-    // Occupancy asks for no more replicas than are worth their GPUs (`cost: Active`).
-    let cost_caps = |(d, named, why): (i32, Driver, String)| match cost {
-        Some(w) if capped && d > w.replicas => (
-            w.replicas,
-            Driver::Cost,
-            format!("{why}, held at {} by cost", w.replicas),
-        ),
-        _ => (d, named, why),
+    // Occupancy asks for no more replicas than its demand makes worth their GPUs (`cost:
+    // Active`), keeps those running within tolerance of it, and, while more requests wait for
+    // a local slot than the queue target allows (they may be unable to leave), not fewer
+    // than now.
+    let queue_over = over(&queue);
+    let cost_caps = |s: &SignalReading, (d, named, why): (i32, Driver, String)| {
+        let floor = if queue_over { current } else { 0 };
+        match worth_for(replicas_worth(s)) {
+            Some(w) if capped => {
+                let cap = w.replicas.max(current.min(w.keep)).max(floor);
+                if d > cap {
+                    (cap, Driver::Cost, format!("{why}, held at {cap} by cost"))
+                } else {
+                    (d, named, why)
+                }
+            }
+            _ => (d, named, why),
+        }
     };
     candidates.extend(queue.as_ref().map(|q| {
         let why = format!(
@@ -512,7 +528,7 @@ pub fn decide(
             g.per_replica * 100.0,
             g.target * 100.0
         );
-        cost_caps(candidate(g, Driver::GpuMemory, why))
+        cost_caps(g, candidate(g, Driver::GpuMemory, why))
     }));
     candidates.extend(concurrency.as_ref().map(|c| {
         let of_it = if spilled > 0.0 {
@@ -525,7 +541,7 @@ pub fn decide(
             fmt_num(c.per_replica),
             fmt_num(c.target)
         );
-        cost_caps(candidate(c, Driver::Concurrency, why))
+        cost_caps(c, candidate(c, Driver::Concurrency, why))
     }));
 
     // The latency objective: more replicas in proportion above a target, none fewer while
@@ -586,8 +602,16 @@ pub fn decide(
             w.replicas,
             w.break_even * 100.0
         );
-    } else if cost_mode != SignalMode::Disabled && spilled > 0.0 {
-        reason.push_str("; cost: no provider price measured (is their pricing set?)");
+    } else if cost_mode != SignalMode::Disabled {
+        match observed.provider_price {
+            ProviderPrice::Unmeasured if capped => reason.push_str(
+                "; cost: no provider price measured yet, spilled demand buys no GPU until one is",
+            ),
+            ProviderPrice::Unpriced => {
+                reason.push_str("; cost: no provider has pricing, so all demand counts")
+            }
+            _ => {}
+        }
     }
 
     match metrics {
@@ -597,7 +621,7 @@ pub fn decide(
             let from_queue = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
             let from_spill = if slots > 0.0 {
                 let all = (spilled / slots).ceil() as i32;
-                match worth_for(spilled) {
+                match worth_for(spilled / slots) {
                     Some(w) if capped => all.min(w.replicas),
                     _ => all,
                 }
@@ -691,7 +715,7 @@ pub fn decide(
             .unwrap_or(DEFAULT_HORIZON_MS);
         if let Some(f) = forecast(&demand_series, now, horizon) {
             let n = (f / slots).ceil() as i32;
-            let n = match worth_for(f) {
+            let n = match worth_for(f / slots) {
                 Some(w) if capped => n.min(w.replicas),
                 _ => n,
             };

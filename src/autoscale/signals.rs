@@ -321,8 +321,10 @@ pub struct RouterSample {
     pub local_ttft: Option<Buckets>,
     /// What each revision's engines answered since the router started (during rollouts).
     pub revisions: BTreeMap<String, RevisionTotals>,
-    /// What providers charged since the router started.
+    /// What providers charged since the router started, and for how many answers (their
+    /// successful ones: errors are not charged).
     pub spend: f64,
+    pub provider_answered: f64,
     /// Requests answered by local engines since the router started, by request class.
     pub local_by_class: BTreeMap<String, f64>,
     /// Requests waiting for a local slot now, by request class.
@@ -373,11 +375,16 @@ pub fn router_sample(text: &str) -> Result<Option<RouterSample>, ParseError> {
             out.spend += if usable { s.value } else { 0.0 };
             return;
         }
-        if s.name == ROUTER_REQUESTS_METRIC {
-            if s.label("destination").is_some_and(|d| d.matches("local"))
-                && let Some(c) = class().filter(|_| usable)
-            {
-                *out.local_by_class.entry(c).or_default() += s.value;
+        if s.name == ROUTER_REQUESTS_METRIC && usable {
+            let Some(destination) = s.label("destination") else {
+                return;
+            };
+            if destination.matches("local") {
+                if let Some(c) = class() {
+                    *out.local_by_class.entry(c).or_default() += s.value;
+                }
+            } else if s.label("outcome").is_some_and(|o| o.matches("success")) {
+                out.provider_answered += s.value;
             }
             return;
         }
@@ -465,14 +472,14 @@ fn local_hold(s: &RouterSample) -> Option<f64> {
 }
 
 /// What providers charged for the requests that would hold one local engine slot for a
-/// second, over all the routers measured since they started: their spend per request sent
-/// over a local request's hold time. `None` before a provider and a local engine each answered,
-/// or while nothing was charged (no `pricing`).
+/// second, over all the routers measured since they started: their spend per answer over a
+/// local request's hold time. `None` before a provider and a local engine each answered, or
+/// while nothing was charged.
 pub fn provider_per_slot<'a>(samples: impl IntoIterator<Item = &'a RouterSample>) -> Option<f64> {
     let (mut spend, mut sent, mut local) = (0.0, 0.0, SlotTotals::default());
     for s in samples {
         spend += s.spend;
-        sent += s.spilled.count;
+        sent += s.provider_answered;
         local.count += s.local.count;
         local.seconds += s.local.seconds;
     }

@@ -163,6 +163,12 @@ fn bursting(isvc: &InferenceService, d: &Decision, mode: BurstMode) -> DesiredCo
             r.as_str(),
             "in-cluster capacity is exhausted: overflow goes to the burst providers",
         ),
+        None if d.driver == super::decide::Driver::Cost => DesiredCondition::new(
+            BURSTING,
+            true,
+            "CheaperThanGpus",
+            "the providers serve the demand above these replicas for less than GPUs would (cost)",
+        ),
         None => DesiredCondition::new(
             BURSTING,
             false,
@@ -343,6 +349,7 @@ mod tests {
         d.cost = Some(crate::autoscale::cost::Worth {
             break_even: 0.62,
             replicas: 3,
+            keep: 3,
         });
         let s = autoscaler_status(&isvc, &facts(&d, 2, false, 100));
         let c = find_condition(&s.conditions, SCALING_ACTIVE).unwrap();
@@ -480,6 +487,13 @@ mod tests {
         assert_eq!(
             (s.burst.active, s.burst.reason.as_deref()),
             (false, Some("CapacityAvailable"))
+        );
+        // Held back by cost: the providers take the rest on purpose.
+        d.driver = crate::autoscale::decide::Driver::Cost;
+        let s = autoscaler_status(&isvc, &facts(&d, 1, false, 8));
+        assert_eq!(
+            (s.burst.active, s.burst.reason.as_deref()),
+            (true, Some("CheaperThanGpus"))
         );
     }
 

@@ -25,6 +25,7 @@ use crate::api::{
     InferenceService, PolicyMode, ROLLOUT_ANNOTATION, RevisionRole, RolloutCommand, RolloutPhase,
     ScalingPolicy, ScalingPolicySpec,
 };
+use crate::autoscale::cost::ProviderPrice;
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use crate::autoscale::latency::Buckets;
 use crate::autoscale::observe::{ColdStart, EnginePod, PodState, classify_one};
@@ -183,7 +184,16 @@ pub async fn observe_and_decide(
             ))
         })
         .unzip();
-    let provider_per_slot = signals::provider_per_slot(router.iter().map(|(_, s)| s));
+    let priced = isvc
+        .spec
+        .burst
+        .as_ref()
+        .is_some_and(|b| b.providers.iter().any(|p| p.pricing.is_some()));
+    let provider_price = match signals::provider_per_slot(router.iter().map(|(_, s)| s)) {
+        _ if !priced => ProviderPrice::Unpriced,
+        Some(p) => ProviderPrice::PerSlotSecond(p),
+        None => ProviderPrice::Unmeasured,
+    };
     let ttft = local_ttft_since(&router, &state.routers);
     state.revision_added = revisions_since(&router, &state.routers);
     // A router whose scrape failed keeps its last sample as the base for its next rate.
@@ -217,7 +227,7 @@ pub async fn observe_and_decide(
         spill_incomplete,
         cold_start_ms: state.cold_start.seconds().map(|s| s * 1000),
         ttft,
-        provider_per_slot,
+        provider_price,
         local_only,
         created_at: isvc
             .metadata
@@ -230,7 +240,7 @@ pub async fn observe_and_decide(
         queue_depth: selectors.has_queue_depth(),
         gpu_memory: selectors.has_gpu_memory(),
         max_concurrency: engine.max_concurrency.max(0) as u32,
-        gpus: engine.gpus.max(1) as u32,
+        gpus: engine.gpus.max(0) as u32,
     };
     let d = decide(policy, configured, &observed, &state.history, now);
     state.history = d.history.clone();

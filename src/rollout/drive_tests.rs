@@ -356,7 +356,7 @@ fn a_candidate_scales_on_its_own_queue_never_below_its_need() {
         created_at: 0,
         cold_start_ms: None,
         ttft: None,
-        provider_per_slot: None,
+        provider_price: Default::default(),
         local_only: None,
     };
     let history = History::starting_at(0, 2);

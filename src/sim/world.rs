@@ -14,6 +14,7 @@ use super::rollout::{
 use super::trace::Trace;
 use crate::api::BurstMode;
 use crate::api::{InferenceService, PolicyMode, ScalingPolicySpec};
+use crate::autoscale::cost::ProviderPrice;
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use crate::autoscale::latency::Buckets;
 use crate::clock::Millis;
@@ -888,9 +889,13 @@ impl Sim<'_> {
             router_queue: Some(self.queued() as f64),
             // What went to providers this interval, in local slots (as the driver measures it).
             spilled: hold_s.map(|h| per_second(self.burst_since_tick) * h),
-            provider_per_slot: hold_s
-                .filter(|_| self.burst_sent > 0 && self.burst_charged > 0.0)
-                .map(|h| self.burst_charged / self.burst_sent as f64 / h),
+            provider_price: match hold_s {
+                _ if self.providers.iter().all(|p| p.pricing.is_none()) => ProviderPrice::Unpriced,
+                Some(h) if self.burst_sent > 0 && self.burst_charged > 0.0 => {
+                    ProviderPrice::PerSlotSecond(self.burst_charged / self.burst_sent as f64 / h)
+                }
+                _ => ProviderPrice::Unmeasured,
+            },
             // Started locally this interval (as the driver reads the routers' counts), and waiting.
             local_only: hold_s.map(|h| {
                 let waiting = self
@@ -1139,7 +1144,7 @@ pub fn simulate(
             limit
         },
         spilled_with_local_free: 0,
-        gpus: spec.engine.gpus.max(1) as u32,
+        gpus: spec.engine.gpus.max(0) as u32,
         engine_peak: 0,
         report_due: false,
         pods: Vec::new(),

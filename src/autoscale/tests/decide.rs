@@ -475,7 +475,7 @@ prop_compose! {
                       starting in 0..4i32, unschedulable in 0..3i32,
                       router in prop::option::of(0.0..500.0f64),
                       spilled in prop::option::of(0.0..500.0f64)) -> Observed {
-        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, cold_start_ms: None, ttft: None, created_at: 0, provider_per_slot: None, local_only: None }
+        Observed { current_replicas: current, ready, starting, unschedulable, router_queue: router, spilled, spill_incomplete: false, cold_start_ms: None, ttft: None, created_at: 0, provider_price: Default::default(), local_only: None }
     }
 }
 

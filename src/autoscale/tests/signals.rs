@@ -483,8 +483,8 @@ fn revision_totals_from_a_router_page() {
     );
 }
 
-/// A router's page, rendered by the router's own registry: what providers charged, requests
-/// answered locally and waiting by class; from two samples, the price of a slot-second at the
+/// A router's page, rendered by the router's own registry: what providers charged and for how
+/// many answers, requests answered locally and waiting by class; from two samples, the price of a slot-second at the
 /// providers and the demand of the classes that may not burst.
 #[test]
 fn spend_and_local_only_demand_from_a_router_page() {
@@ -504,6 +504,8 @@ fn spend_and_local_only_demand_from_a_router_page() {
     (0..4).for_each(|_| m.request("local", "restricted", Outcome::Success));
     (0..6).for_each(|_| m.request("local", "standard", Outcome::Success));
     (0..5).for_each(|_| m.request("fast", "standard", Outcome::Success));
+    // An error is not charged, so it is no answer to spread the spend over.
+    m.request("fast", "standard", Outcome::UpstreamError);
     m.spend
         .get_or_create(&ProviderLabel {
             provider: "fast".into(),
@@ -513,7 +515,11 @@ fn spend_and_local_only_demand_from_a_router_page() {
     let prev = router_sample(&m.render()).unwrap().unwrap();
     assert!((prev.spend - 0.01).abs() < 1e-12, "{prev:?}");
     assert_eq!(prev.local_by_class["restricted"], 4.0);
-    assert_eq!(prev.local_by_class.get("fast"), None);
+    assert_eq!(
+        prev.local_by_class["standard"], 6.0,
+        "provider answers are not local"
+    );
+    assert_eq!(prev.provider_answered, 5.0);
     assert_eq!(prev.queue_by_class["restricted"], 3.0);
     // 0.002 a request over a 2 s hold: 0.001 a slot-second.
     let price = provider_per_slot([&prev]).unwrap();

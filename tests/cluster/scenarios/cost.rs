@@ -1,7 +1,7 @@
 //! l. Cost-aware scaling (`cost: {mode: Active}`) on real routers' spend: an overload the
 //! router spills to a priced provider. While a GPU costs far more an hour than the provider
-//! charges for its share, the spilled demand buys no replica and `ScalingActive` says what a
-//! replica would need to be worth it; once the policy's GPU price drops, the same spill scales
+//! charges for its share, the spilled demand buys no replica, `ScalingActive` says what a
+//! replica would need to be worth it and `Bursting` says why the providers serve; once the policy's GPU price drops, the same spill scales
 //! up within a few intervals.
 
 use std::time::{Duration, Instant};
@@ -10,7 +10,7 @@ use anyhow::ensure;
 
 use super::{Env, MODEL, policy, service, start_provider};
 use crate::support::eventually;
-use crate::support::operator::{engine_replicas, isvc};
+use crate::support::operator::{condition, engine_replicas, isvc};
 use crate::support::traffic::{Load, metric};
 
 const NS: &str = "l-cost";
@@ -86,6 +86,14 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         ensure!(
             replicas == 1,
             "scaled to {replicas} although the GPU costs more"
+        );
+        let held = isvc(&env.client, NS, "svc")
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let bursting = condition(&held, "Bursting").unwrap_or_default();
+        ensure!(
+            bursting == ("True".into(), "CheaperThanGpus".into()),
+            "Bursting is {bursting:?}"
         );
         // GPUs get cheap: the same spill is worth a replica.
         env.apply(NS, &cost_policy("0.0001")).await?;
