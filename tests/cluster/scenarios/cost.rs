@@ -28,14 +28,7 @@ fn cost_policy(gpu_hour_price: &str) -> String {
 
 pub async fn run(env: &Env) -> anyhow::Result<String> {
     env.prepare(NS, 2).await?;
-    let (mut provider, port) = start_provider(env, KEY).await?;
-    env.apply(
-        NS,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: provider-key}}\nstringData: {{api-key: {KEY}}}\n"
-        ),
-    )
-    .await?;
+    let (mut provider, port) = start_provider(env, NS, KEY).await?;
     env.apply(NS, &cost_policy("1000.00")).await?;
     env.apply(
         NS,

@@ -276,8 +276,15 @@ spec:
 }
 
 /// A fake burst provider: engine-sim on 127.0.0.1 checking the bearer `key` and serving
-/// `provider-model`; with its port.
-pub async fn start_provider(env: &Env, key: &str) -> anyhow::Result<(Proc, u16)> {
+/// `provider-model`, with `key` in the Secret `provider-key` of `ns`; with its port.
+pub async fn start_provider(env: &Env, ns: &str, key: &str) -> anyhow::Result<(Proc, u16)> {
+    env.apply(
+        ns,
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: provider-key}}\nstringData: {{api-key: {key}}}\n"
+        ),
+    )
+    .await?;
     let port = free_port();
     let mut cmd = tokio::process::Command::new(spillway_bin());
     cmd.args([

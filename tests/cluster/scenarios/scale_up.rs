@@ -24,14 +24,7 @@ const REQUESTS: &str = "spillway_router_requests_total";
 pub async fn run(env: &Env) -> anyhow::Result<String> {
     env.prepare(NS, 1).await?;
     env.plane.node(OVERLOAD_NODE, 4).await?;
-    let provider = start_provider(env, KEY).await?;
-    env.apply(
-        NS,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: provider-key}}\nstringData: {{api-key: {KEY}}}\n"
-        ),
-    )
-    .await?;
+    let provider = start_provider(env, NS, KEY).await?;
     let burst = |port: u16| {
         format!(
             "  router: {{enabled: true, replicas: 1, queueLimit: 100, queueTimeoutSeconds: 30}}\n  burst:\n    providers:\n    - {{name: fake, url: \"http://127.0.0.1:{port}/v1\", model: provider-model, apiKeySecretRef: {{name: provider-key, key: api-key}}, maxConcurrency: 32, timeoutSeconds: 30}}\n"

@@ -24,14 +24,7 @@ const IN_FLIGHT: &str = "spillway_router_in_flight";
 
 pub async fn run(env: &Env) -> anyhow::Result<String> {
     env.prepare(NS, 1).await?;
-    let (mut provider, port) = start_provider(env, KEY).await?;
-    env.apply(
-        NS,
-        &format!(
-            "apiVersion: v1\nkind: Secret\nmetadata: {{name: provider-key}}\nstringData: {{api-key: {KEY}}}\n"
-        ),
-    )
-    .await?;
+    let (mut provider, port) = start_provider(env, NS, KEY).await?;
     env.apply(
         NS,
         &policy(
