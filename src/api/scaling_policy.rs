@@ -110,12 +110,18 @@ pub struct Cost {
 }
 
 impl Cost {
-    /// `gpuHourPrice` as a number; `None` when it is not a positive decimal.
+    /// `gpuHourPrice` as a number; `None` when it is not a positive decimal as the schema
+    /// has it (digits, at most one point).
     pub fn gpu_hour_price(&self) -> Option<f64> {
-        self.gpu_hour_price
-            .trim()
-            .parse::<f64>()
-            .ok()
+        let s = &self.gpu_hour_price;
+        let decimal = !s.is_empty()
+            && s.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && s.matches('.').count() <= 1
+            && !s.starts_with('.')
+            && !s.ends_with('.');
+        decimal
+            .then(|| s.parse::<f64>().ok())
+            .flatten()
             .filter(|v| v.is_finite() && *v > 0.0)
     }
 }

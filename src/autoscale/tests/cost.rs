@@ -324,3 +324,22 @@ fn no_scale_down_for_cost_while_requests_wait_or_within_tolerance() {
     let d = once(&exact, &base(28.8, 0.0, 0.95));
     assert_eq!(d.desired, 2, "{}", d.reason);
 }
+
+/// `gpuHourPrice` is read as the schema writes it, for objects that bypassed it too.
+#[test]
+fn the_gpu_price_is_a_plain_positive_decimal() {
+    let price = |p: &str| {
+        Cost {
+            mode: SignalMode::Active,
+            gpu_hour_price: p.into(),
+        }
+        .gpu_hour_price()
+    };
+    assert_eq!(price("2.50"), Some(2.5));
+    assert_eq!(price("1000"), Some(1000.0));
+    for bad in [
+        "0", "0.00", "1e3", "+2", " 2.5", "2.", ".5", "-1", "", "NaN", "inf",
+    ] {
+        assert_eq!(price(bad), None, "{bad:?}");
+    }
+}
