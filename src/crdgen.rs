@@ -405,6 +405,20 @@ mod tests {
                 Some("a request class may only name burst providers of this service"),
             ),
             (
+                "blue-green rollout without steps",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
+                    "rollout": {"strategy": "BlueGreen", "progressDeadlineSeconds": 60}})),
+                None,
+            ),
+            (
+                "blue-green rollout with steps",
+                "InferenceService",
+                isvc(json!({"model": {"name": "m"}, "engine": engine,
+                    "rollout": {"strategy": "BlueGreen", "steps": [{"weight": 10}]}})),
+                Some("rollout.steps are for strategy Canary"),
+            ),
+            (
                 "defaults are a valid policy",
                 "ScalingPolicy",
                 policy(json!({})),

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 /// has as many ready replicas as the stable one, and the old one goes.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.strategy != 'BlueGreen' || size(self.steps) == 0").message("rollout.steps are for strategy Canary; BlueGreen switches all traffic at once"))]
-#[x_kube(validation = Rule::new("self.steps.all(i, s, i == 0 || self.steps[i - 1].weight < s.weight)").message("rollout.steps weights must increase"))]
+#[x_kube(validation = Rule::new("!has(self.steps) || self.strategy != 'BlueGreen' || size(self.steps) == 0").message("rollout.steps are for strategy Canary; BlueGreen switches all traffic at once"))]
+#[x_kube(validation = Rule::new("!has(self.steps) || self.steps.all(i, s, i == 0 || self.steps[i - 1].weight < s.weight)").message("rollout.steps weights must increase"))]
 pub struct RolloutSpec {
     /// `Canary` moves traffic in `steps`; `BlueGreen` brings the candidate up to the stable's
     /// ready replicas and switches all traffic at once.
@@ -35,6 +35,13 @@ pub struct RolloutSpec {
     #[serde(default = "default_keep_previous")]
     #[schemars(range(min = 0, max = 86400))]
     pub keep_previous_seconds: i32,
+    /// The longest a stage waits for the candidate replicas it needs (to take its share, or
+    /// the stable's count before the switch), pauses not counted; then the rollout fails and
+    /// the candidate's GPUs are given back. It catches a cluster without GPUs for both
+    /// revisions; a gate waiting for `minRequests` is not held to it.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub progress_deadline_seconds: i32,
 }
 
 impl Default for RolloutSpec {
@@ -45,12 +52,17 @@ impl Default for RolloutSpec {
             steps: Vec::new(),
             gate: None,
             keep_previous_seconds: default_keep_previous(),
+            progress_deadline_seconds: default_progress_deadline(),
         }
     }
 }
 
 fn default_keep_previous() -> i32 {
     900
+}
+
+fn default_progress_deadline() -> i32 {
+    1800
 }
 
 impl RolloutSpec {
@@ -77,6 +89,9 @@ impl RolloutSpec {
         }
         if self.keep_previous_seconds < 0 {
             errs.push("rollout.keepPreviousSeconds must be >= 0");
+        }
+        if self.progress_deadline_seconds < 10 {
+            errs.push("rollout.progressDeadlineSeconds must be >= 10");
         }
         if let Some(g) = &self.gate
             && (g.min_requests < 1
@@ -240,6 +255,10 @@ pub struct RolloutStatus {
     pub paused_at: Option<Time>,
     #[serde(default)]
     pub paused_seconds: i64,
+    /// When the current stage began waiting for candidate replicas (`progressDeadlineSeconds`
+    /// runs from then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_since: Option<Time>,
     /// When the candidate first had a ready replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_at: Option<Time>,

@@ -30,6 +30,9 @@ pub struct Rollout {
     pub paused_at: Option<Millis>,
     /// Time spent paused so far (the ready deadline does not run while paused).
     pub paused_ms: Millis,
+    /// When the current stage began waiting for candidate replicas (moved on by pauses):
+    /// `progressDeadlineSeconds` runs from then.
+    pub waiting_since: Option<Millis>,
     /// When the candidate first had a ready replica: the ready deadline is over from then.
     pub ready_since: Option<Millis>,
     /// When it was promoted, rolled back or failed.
@@ -102,6 +105,7 @@ pub fn start(spec: Option<&RolloutSpec>, stable: &str, candidate: &str, now: Mil
         since: now,
         paused_at: None,
         paused_ms: 0,
+        waiting_since: None,
         ready_since: None,
         ended: None,
         message: format!("rolling out {candidate} (stable {stable})"),
@@ -213,6 +217,7 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
             let paused = now - r.paused_at.unwrap_or(now);
             next.phase = RolloutPhase::Progressing;
             next.since += paused;
+            next.waiting_since = next.waiting_since.map(|t| t + paused);
             next.paused_ms += paused;
             next.paused_at = None;
         }
@@ -287,9 +292,25 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
             Verdict::Pass(f) => next.figures = Some(f),
         }
     }
-    // Traffic moves on only to replicas that are ready for it: never a drop in capacity.
+    // Traffic moves on only to replicas that are ready for it: never a drop in capacity. A
+    // stage that waits for them longer than the deadline gives their GPUs back.
     let want = wanted(&spec, next.stage, o.stable_ready);
     if o.candidate_ready < want {
+        let waiting_since = *next.waiting_since.get_or_insert(now);
+        let deadline = Millis::from(spec.progress_deadline_seconds.max(10)) * 1000;
+        if now - waiting_since > deadline {
+            let why = format!(
+                "{} had {} of {} replicas ready {}s into {}; {} keeps serving",
+                r.candidate,
+                o.candidate_ready,
+                want,
+                (now - waiting_since) / 1000,
+                stage_name(next.stage, &spec),
+                r.stable
+            );
+            end(&mut next, RolloutPhase::Failed, why);
+            return next;
+        }
         next.message = format!(
             "{}: candidate {} of {} replicas ready for what comes next",
             stage_name(next.stage, &spec),
@@ -298,6 +319,7 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         );
         return next;
     }
+    next.waiting_since = None;
     match following(&spec, next.stage) {
         Some(s) => {
             next.stage = s;

@@ -33,6 +33,7 @@ pub fn to_status(r: &Rollout) -> RolloutStatus {
         stage_started_at: time(r.since),
         paused_at: r.paused_at.map(time),
         paused_seconds: r.paused_ms / 1000,
+        waiting_since: r.waiting_since.map(time),
         ready_at: r.ready_since.map(time),
         ended_at: r.ended.map(time),
         gate: r.figures.as_ref().map(|f| GateFigures {
@@ -61,6 +62,7 @@ pub fn from_status(s: &RolloutStatus) -> Option<Rollout> {
         since: millis(&s.stage_started_at),
         paused_at: s.paused_at.as_ref().map(millis),
         paused_ms: s.paused_seconds.saturating_mul(1000),
+        waiting_since: s.waiting_since.as_ref().map(millis),
         ready_since: s.ready_at.as_ref().map(millis),
         ended: s.ended_at.as_ref().map(millis),
         message: s.message.clone(),

@@ -306,3 +306,44 @@ fn the_ready_deadline_counts_until_first_ready_and_not_while_paused() {
         RolloutPhase::Failed
     );
 }
+
+/// A stage that waits for candidate replicas longer than `progressDeadlineSeconds` (pauses
+/// not counted) fails and gives their GPUs back; one that gets them in time moves on, and the
+/// clock starts again at the next wait.
+#[test]
+fn a_stage_waiting_past_the_progress_deadline_fails() {
+    let spec = RolloutSpec {
+        progress_deadline_seconds: 300,
+        ..RolloutSpec::default()
+    };
+    // Blue-green: the stable has 2 ready, only 1 candidate replica finds a GPU.
+    let r = start(Some(&spec), "old", "new", 0);
+    let r = advance(Some(&spec), &r, &at(60 * S, 2, 1));
+    assert_eq!(r.waiting_since, Some(60 * S));
+    let r = advance(Some(&spec), &r, &at(360 * S, 2, 1));
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    let failed = advance(Some(&spec), &r, &at(361 * S, 2, 1));
+    assert_eq!(failed.phase, RolloutPhase::Failed);
+    assert_eq!(
+        failed.message,
+        "new had 1 of 2 replicas ready 301s into switch; old keeps serving"
+    );
+    let t = traffic(Some(&spec), &failed, 2);
+    assert_eq!((t.candidate_weight, t.candidate_replicas), (0, 0));
+    // It survives status, as a restarted controller reads it.
+    let back = super::record::from_status(&super::record::to_status(&r)).unwrap();
+    assert_eq!(back.waiting_since, r.waiting_since);
+    // Paused for 10 minutes of the wait: the deadline moves on by as much.
+    let cmd = |now, c| Observed {
+        command: Some(c),
+        ..at(now, 2, 1)
+    };
+    let p = advance(Some(&spec), &r, &cmd(100 * S, RolloutCommand::Pause));
+    let p = advance(Some(&spec), &p, &cmd(700 * S, RolloutCommand::Resume));
+    let p = advance(Some(&spec), &p, &at(900 * S, 2, 1));
+    assert_eq!(p.phase, RolloutPhase::Progressing, "{}", p.message);
+    // Ready in time: promoted.
+    let done = advance(Some(&spec), &r, &at(300 * S, 2, 2));
+    assert_eq!(done.phase, RolloutPhase::Promoted);
+    assert_eq!(done.waiting_since, None);
+}
