@@ -2,6 +2,7 @@
 //! objects they apply, and the waits they repeat.
 
 mod cost;
+mod deadline;
 mod failover;
 mod forecast;
 mod gitops;
@@ -45,6 +46,7 @@ pub static ALL: &[Scenario] = &[
     Scenario("j-latency", |e| Box::pin(latency::run(e))),
     Scenario("k-rollout", |e| Box::pin(rollout::run(e))),
     Scenario("l-cost", |e| Box::pin(cost::run(e))),
+    Scenario("m-deadline", |e| Box::pin(deadline::run(e))),
     // Last: it reads the logs of everything the others started.
     Scenario("e-rbac", |e| Box::pin(rbac::run(e))),
 ];
