@@ -346,10 +346,18 @@ pub fn decide(
     let slots = configured.max_concurrency as f64;
     // `cost`: `capped` when it acts. Until the providers' price is known, spilled demand buys
     // no GPU under it.
+    // A replica's GPUs a second; cost does nothing without a price for them (`gpus: 0`, a
+    // price that does not parse) or a slot count to weigh demand in.
+    let replica_price = policy
+        .cost
+        .as_ref()
+        .and_then(|c| c.gpu_hour_price())
+        .map(|p| p * f64::from(configured.gpus) / 3600.0)
+        .filter(|p| *p > 0.0 && slots > 0.0);
     let cost_mode = policy
         .cost
         .as_ref()
-        .filter(|_| policy.burst.mode == BurstMode::Saturated)
+        .filter(|_| policy.burst.mode == BurstMode::Saturated && replica_price.is_some())
         .map_or(SignalMode::Disabled, |c| c.mode);
     let capped = cost_mode == SignalMode::Active;
     let unmeasured = observed.provider_price == ProviderPrice::Unmeasured;
@@ -441,7 +449,7 @@ pub fn decide(
             return None;
         };
         let prices = Prices {
-            replica: policy.cost.as_ref()?.gpu_hour_price()? * f64::from(configured.gpus) / 3600.0,
+            replica: replica_price?,
             provider: per_slot * slots,
         };
         let local_only = observed.local_only.unwrap_or(0.0) / slots;

@@ -22,6 +22,7 @@
 
 use std::collections::BTreeMap;
 
+use super::cost::ProviderPrice;
 use super::latency::{Buckets, ROUTER_TTFT_METRIC};
 use super::promtext::{ParseError, Sample, for_each_sample};
 use crate::api::{EngineMetrics, GpuMemoryMetric, MetricSelector, MetricsPreset};
@@ -488,6 +489,19 @@ pub fn provider_per_slot<'a>(samples: impl IntoIterator<Item = &'a RouterSample>
         ..RouterSample::default()
     })?;
     (spend > 0.0 && sent > 0.0 && hold > 0.0).then(|| spend / sent / hold)
+}
+
+/// What the providers charge, as the routers' pages tell (`priced`: some provider of the
+/// service has `pricing`). Providers that answered without anything charged are unpriced,
+/// whatever the configuration says: their spill would otherwise wait for a price forever.
+pub fn provider_price(samples: &[&RouterSample], priced: bool) -> ProviderPrice {
+    let charged_nothing =
+        samples.iter().all(|s| s.spend == 0.0) && samples.iter().any(|s| s.provider_answered > 0.0);
+    match provider_per_slot(samples.iter().copied()) {
+        _ if !priced || charged_nothing => ProviderPrice::Unpriced,
+        Some(p) => ProviderPrice::PerSlotSecond(p),
+        None => ProviderPrice::Unmeasured,
+    }
 }
 
 /// The demand of `classes` (those that may not burst) at one router, in local engine slots:

@@ -25,7 +25,6 @@ use crate::api::{
     InferenceService, PolicyMode, ROLLOUT_ANNOTATION, RevisionRole, RolloutCommand, RolloutPhase,
     ScalingPolicy, ScalingPolicySpec,
 };
-use crate::autoscale::cost::ProviderPrice;
 use crate::autoscale::decide::{Decision, History, Observed, PodSample, SignalsConfigured, decide};
 use crate::autoscale::latency::Buckets;
 use crate::autoscale::observe::{ColdStart, EnginePod, PodState, classify_one};
@@ -189,11 +188,8 @@ pub async fn observe_and_decide(
         .burst
         .as_ref()
         .is_some_and(|b| b.providers.iter().any(|p| p.pricing.is_some()));
-    let provider_price = match signals::provider_per_slot(router.iter().map(|(_, s)| s)) {
-        _ if !priced => ProviderPrice::Unpriced,
-        Some(p) => ProviderPrice::PerSlotSecond(p),
-        None => ProviderPrice::Unmeasured,
-    };
+    let provider_price =
+        signals::provider_price(&router.iter().map(|(_, s)| s).collect::<Vec<_>>(), priced);
     let ttft = local_ttft_since(&router, &state.routers);
     state.revision_added = revisions_since(&router, &state.routers);
     // A router whose scrape failed keeps its last sample as the base for its next rate.

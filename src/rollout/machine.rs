@@ -173,6 +173,7 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         n.phase = phase;
         n.ended = Some(now);
         n.paused_at = None;
+        n.waiting_since = None;
         n.message = message;
     };
     let keep_ms = Millis::from(spec.keep_previous_seconds.max(0)) * 1000;
@@ -257,6 +258,12 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         Stage::Switch => (true, None),
     };
     if !due {
+        if next.stage == Stage::Shadow
+            && let Some(why) = waited_too_long(&mut next, &spec, o, 1)
+        {
+            end(&mut next, RolloutPhase::Failed, why);
+            return next;
+        }
         next.message = format!(
             "{}: candidate {} of {} replicas ready",
             stage_name(next.stage, &spec),
@@ -272,6 +279,8 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         };
         match verdict {
             Verdict::Wait(f, why) => {
+                // A gate waiting for answers is not held to the progress deadline.
+                next.waiting_since = None;
                 next.figures = Some(f);
                 next.message = format!("{}: gate waits, {why}", stage_name(next.stage, &spec));
                 return next;
@@ -296,18 +305,7 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
     // stage that waits for them longer than the deadline gives their GPUs back.
     let want = wanted(&spec, next.stage, o.stable_ready);
     if o.candidate_ready < want {
-        let waiting_since = *next.waiting_since.get_or_insert(now);
-        let deadline = Millis::from(spec.progress_deadline_seconds.max(10)) * 1000;
-        if now - waiting_since > deadline {
-            let why = format!(
-                "{} had {} of {} replicas ready {}s into {}; {} keeps serving",
-                r.candidate,
-                o.candidate_ready,
-                want,
-                (now - waiting_since) / 1000,
-                stage_name(next.stage, &spec),
-                r.stable
-            );
+        if let Some(why) = waited_too_long(&mut next, &spec, o, want) {
             end(&mut next, RolloutPhase::Failed, why);
             return next;
         }
@@ -333,6 +331,32 @@ pub fn advance(spec: Option<&RolloutSpec>, r: &Rollout, o: &Observed<'_>) -> Rol
         ),
     }
     next
+}
+
+/// Starts or reads the clock of a stage waiting for `want` candidate replicas, and says why
+/// the rollout fails once it ran past `progressDeadlineSeconds`. It starts only after the
+/// candidate's first ready replica: before that the ready deadline (which allows for the
+/// engine's startup timeout) applies.
+fn waited_too_long(
+    next: &mut Rollout,
+    spec: &RolloutSpec,
+    o: &Observed<'_>,
+    want: i32,
+) -> Option<String> {
+    next.ready_since?;
+    let since = *next.waiting_since.get_or_insert(o.now);
+    let deadline = Millis::from(spec.progress_deadline_seconds.max(10)) * 1000;
+    (o.now - since > deadline).then(|| {
+        format!(
+            "{} had {} of {} replicas ready {}s into {}; {} keeps serving",
+            next.candidate,
+            o.candidate_ready,
+            want,
+            (o.now - since) / 1000,
+            stage_name(next.stage, spec),
+            next.stable
+        )
+    })
 }
 
 /// The stage after `stage`; `None`: promotion.

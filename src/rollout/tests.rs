@@ -347,3 +347,54 @@ fn a_stage_waiting_past_the_progress_deadline_fails() {
     assert_eq!(done.phase, RolloutPhase::Promoted);
     assert_eq!(done.waiting_since, None);
 }
+
+/// The progress clock starts only after the candidate's first ready replica (before it, the
+/// ready deadline, which allows for the engine's startup, rules), stops while a gate waits for
+/// answers, and also holds a shadow whose one replica went away.
+#[test]
+fn the_progress_deadline_leaves_loading_and_gate_waits_alone() {
+    let spec = RolloutSpec {
+        progress_deadline_seconds: 300,
+        ..RolloutSpec::default()
+    };
+    // Nothing ready yet, 500 s in: the ready deadline (600 s here) still runs.
+    let r = start(Some(&spec), "old", "new", 0);
+    let r = advance(Some(&spec), &r, &at(500 * S, 2, 0));
+    assert_eq!(
+        (r.phase, r.waiting_since),
+        (RolloutPhase::Progressing, None)
+    );
+    // A gate waiting for answers stops the clock.
+    let canary = RolloutSpec {
+        progress_deadline_seconds: 300,
+        ..canary()
+    };
+    let r = start(Some(&canary), "old", "new", 0);
+    let mut r = advance(Some(&canary), &r, &at(10 * S, 2, 1));
+    // (As after a pass that waited for replicas, before a resume emptied the gate's window.)
+    r.waiting_since = Some(20 * S);
+    let r = advance(Some(&canary), &r, &at(400 * S, 2, 1));
+    assert_eq!(r.waiting_since, None, "{}", r.message);
+    assert!(r.message.contains("gate waits"), "{}", r.message);
+    // A shadow whose only replica went away waits for it at most the deadline.
+    let shadow = RolloutSpec {
+        shadow_percent: 50,
+        progress_deadline_seconds: 300,
+        ..RolloutSpec::default()
+    };
+    let r = start(Some(&shadow), "old", "new", 0);
+    let r = advance(Some(&shadow), &r, &at(60 * S, 2, 1));
+    let r = advance(Some(&shadow), &r, &at(70 * S, 2, 0));
+    let r = advance(Some(&shadow), &r, &at(370 * S, 2, 0));
+    assert_eq!(r.phase, RolloutPhase::Progressing, "{}", r.message);
+    let failed = advance(Some(&shadow), &r, &at(371 * S, 2, 0));
+    assert_eq!(failed.phase, RolloutPhase::Failed);
+    assert!(
+        failed
+            .message
+            .contains("had 0 of 1 replicas ready 301s into shadow"),
+        "{}",
+        failed.message
+    );
+    assert_eq!(failed.waiting_since, None);
+}

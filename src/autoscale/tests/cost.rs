@@ -343,3 +343,20 @@ fn the_gpu_price_is_a_plain_positive_decimal() {
         assert_eq!(price(bad), None, "{bad:?}");
     }
 }
+
+/// An engine without GPUs costs nothing to weigh: cost leaves it alone, and its spill counts
+/// even before a price is measured.
+#[test]
+fn an_engine_without_gpus_is_left_alone() {
+    let p = policy(Some(SignalMode::Active));
+    for price in [ProviderPrice::Unmeasured, provider_at(1.5)] {
+        let d = decide(
+            &p,
+            configured(0),
+            &full_and_spilling(price),
+            &History::default(),
+            0,
+        );
+        assert_eq!((d.desired, d.cost), (4, None), "{price:?}: {}", d.reason);
+    }
+}

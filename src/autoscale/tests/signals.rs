@@ -538,4 +538,16 @@ fn spend_and_local_only_demand_from_a_router_page() {
     };
     assert_eq!(provider_per_slot([&unpriced]), None);
     assert_eq!(provider_per_slot([&RouterSample::default()]), None);
+    // As the autoscaler reads it: a price; answers that cost nothing (those providers have
+    // no pricing) or no pricing at all: unpriced; nothing answered yet: unmeasured.
+    use crate::autoscale::cost::ProviderPrice;
+    assert!(
+        matches!(provider_price(&[&cur], true), ProviderPrice::PerSlotSecond(p) if (p - 0.001).abs() < 1e-12)
+    );
+    assert_eq!(provider_price(&[&unpriced], true), ProviderPrice::Unpriced);
+    assert_eq!(provider_price(&[&cur], false), ProviderPrice::Unpriced);
+    assert_eq!(
+        provider_price(&[&RouterSample::default()], true),
+        ProviderPrice::Unmeasured
+    );
 }

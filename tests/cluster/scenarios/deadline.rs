@@ -70,6 +70,10 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         .await?;
         let failed_after = changed.elapsed();
         ensure!(
+            failed_after >= Duration::from_secs(10),
+            "failed {failed_after:?} after the change, before its deadline"
+        );
+        ensure!(
             message.contains("had 1 of 2 replicas ready") && message.contains("into switch"),
             "{message}"
         );
