@@ -570,6 +570,18 @@ impl ScalingPolicySpec {
         }
     }
 
+    /// What a service runs under while the policy it names is missing or invalid: the
+    /// defaults, but no bursting, since that policy may have forbidden it (fail closed).
+    pub fn unknown() -> Self {
+        Self {
+            burst: BurstPolicy {
+                mode: BurstMode::Never,
+                ..BurstPolicy::default()
+            },
+            ..Self::default()
+        }
+    }
+
     /// Replicas a new engine Deployment starts with: the launch over-provisioning if any, else min.
     pub fn initial_replicas(&self) -> i32 {
         let launch = self.launch.as_ref().map_or(0, |l| l.replicas);

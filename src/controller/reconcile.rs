@@ -269,7 +269,8 @@ pub async fn reconcile(isvc: Arc<InferenceService>, ctx: Arc<Context>) -> Result
 
 /// The referenced policy, or the built-in defaults with a problem noted. A policy missing from
 /// the cache is looked up in the API server before it is called missing (it may have been
-/// created a moment ago, together with the service).
+/// created a moment ago, together with the service). A policy that is named but missing or
+/// invalid never lets requests burst: it may have said `Never`.
 async fn resolve_policy(
     ctx: &Context,
     ns: &str,
@@ -294,13 +295,13 @@ async fn resolve_policy(
     match found {
         None => {
             problems.push(Problem::PolicyNotFound(r.name.clone()));
-            Ok(ScalingPolicySpec::default())
+            Ok(ScalingPolicySpec::unknown())
         }
         Some(p) => match p.spec.validate() {
             Ok(()) => Ok(p.spec),
             Err(m) => {
                 problems.push(Problem::InvalidPolicy(r.name.clone(), m));
-                Ok(ScalingPolicySpec::default())
+                Ok(ScalingPolicySpec::unknown())
             }
         },
     }

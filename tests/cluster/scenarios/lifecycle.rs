@@ -16,10 +16,23 @@ use serde::de::DeserializeOwned;
 use super::{Env, policy, service};
 use crate::support::eventually;
 use crate::support::operator::{InferenceService, condition, engine_replicas, isvc};
-use spillway::api::ScalingPolicy;
+use spillway::api::{BurstMode, ScalingPolicy};
+use spillway::router::config::{CONFIG_KEY, RouterConfig};
 
 const NS: &str = "f-lifecycle";
 const INTERVAL: u64 = 2;
+
+/// The burst mode in the router ConfigMap of service `kept`.
+async fn router_burst_mode(client: &Client) -> anyhow::Result<BurstMode> {
+    let cm = Api::<ConfigMap>::namespaced(client.clone(), NS)
+        .get("kept-router")
+        .await?;
+    let text = cm
+        .data
+        .and_then(|d| d.get(CONFIG_KEY).cloned())
+        .unwrap_or_default();
+    Ok(RouterConfig::from_yaml(&text)?.burst.mode)
+}
 
 /// Names of the objects of kind `K` in the namespace that belong to service `name`.
 async fn owned<K>(client: &Client, name: &str) -> Result<Vec<String>, String>
@@ -122,6 +135,12 @@ pub async fn run(env: &Env) -> anyhow::Result<String> {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    // Nor does anything burst meanwhile: the missing policy may have said Never.
+    let mode = router_burst_mode(&env.client).await?;
+    ensure!(
+        mode == BurstMode::Never,
+        "the router bursts ({mode:?}) while its policy is missing"
+    );
     // It comes back: the service recovers by itself.
     env.apply(
         NS,
