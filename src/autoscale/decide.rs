@@ -344,10 +344,9 @@ pub fn decide(
     let router_queue = observed.router_queue.unwrap_or(0.0).max(0.0);
     let spilled = observed.spilled.unwrap_or(0.0).max(0.0);
     let slots = configured.max_concurrency as f64;
-    // `cost`: `capped` when it acts. Until the providers' price is known, spilled demand buys
-    // no GPU under it.
-    // A replica's GPUs a second; cost does nothing without a price for them (`gpus: 0`, a
-    // price that does not parse) or a slot count to weigh demand in.
+    // `cost` (`capped` when it acts). A replica's GPUs a second: cost does nothing without a
+    // price for them (`gpus: 0`, a price that does not parse) or a slot count to weigh demand
+    // in.
     let replica_price = policy
         .cost
         .as_ref()
@@ -360,6 +359,7 @@ pub fn decide(
         .filter(|_| policy.burst.mode == BurstMode::Saturated && replica_price.is_some())
         .map_or(SignalMode::Disabled, |c| c.mode);
     let capped = cost_mode == SignalMode::Active;
+    // Until the providers' price is known, spilled demand buys no GPU under it.
     let unmeasured = observed.provider_price == ProviderPrice::Unmeasured;
     let spilled = if capped && unmeasured { 0.0 } else { spilled };
 
@@ -467,6 +467,11 @@ pub fn decide(
     let cost = concurrency
         .as_ref()
         .and_then(|c| worth_for(replicas_worth(c)));
+    // `n` replicas asked for `demand` replicas' worth, no more than are worth their GPUs.
+    let within_cost = |n: i32, demand: f64| match worth_for(demand) {
+        Some(w) if capped => n.min(w.replicas),
+        _ => n,
+    };
 
     // Which data is missing: a configured signal without any value, or a ready pod without one.
     let pod_complete = |p: &PodSample| {
@@ -551,7 +556,6 @@ pub fn decide(
         );
         cost_caps(c, candidate(c, Driver::Concurrency, why))
     }));
-
     // The latency objective: more replicas in proportion above a target, none fewer while
     // above it at all; below it, no opinion (demand decides scale-down).
     let (latency_series, ttft_ms) = latency_window(policy, observed, history, now);
@@ -628,11 +632,7 @@ pub fn decide(
             // scale down.
             let from_queue = (router_queue / policy.targets.queue_depth_per_replica).ceil() as i32;
             let from_spill = if slots > 0.0 {
-                let all = (spilled / slots).ceil() as i32;
-                match worth_for(spilled / slots) {
-                    Some(w) if capped => all.min(w.replicas),
-                    _ => all,
-                }
+                within_cost((spilled / slots).ceil() as i32, spilled / slots)
             } else {
                 0
             };
@@ -722,11 +722,7 @@ pub fn decide(
             .or(observed.cold_start_ms)
             .unwrap_or(DEFAULT_HORIZON_MS);
         if let Some(f) = forecast(&demand_series, now, horizon) {
-            let n = (f / slots).ceil() as i32;
-            let n = match worth_for(f / slots) {
-                Some(w) if capped => n.min(w.replicas),
-                _ => n,
-            };
+            let n = within_cost((f / slots).ceil() as i32, f / slots);
             forecast_replicas = Some((n, horizon / 1000));
             let said = format!(
                 "forecast {} slots in {}s: {n} replicas",
