@@ -466,10 +466,11 @@ fn parse_le(s: &str) -> Option<f64> {
     }
 }
 
-/// A local request's mean time on a slot, in seconds, since the router started; `None` before
-/// one ended.
-fn local_hold(s: &RouterSample) -> Option<f64> {
-    (s.local.count > 0.0).then(|| s.local.seconds / s.local.count)
+impl SlotTotals {
+    /// The mean time a slot was held, in seconds; `None` before one was released.
+    fn mean(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.seconds / self.count)
+    }
 }
 
 /// What providers charged for the requests that would hold one local engine slot for a
@@ -484,10 +485,7 @@ pub fn provider_per_slot<'a>(samples: impl IntoIterator<Item = &'a RouterSample>
         local.count += s.local.count;
         local.seconds += s.local.seconds;
     }
-    let hold = local_hold(&RouterSample {
-        local,
-        ..RouterSample::default()
-    })?;
+    let hold = local.mean()?;
     (spend > 0.0 && sent > 0.0 && hold > 0.0).then(|| spend / sent / hold)
 }
 
@@ -523,7 +521,7 @@ pub fn local_only_slots(
     if answered < 0.0 {
         return None;
     }
-    let running = local_hold(cur).map_or(0.0, |h| answered / seconds * h);
+    let running = cur.local.mean().map_or(0.0, |h| answered / seconds * h);
     Some(running + of(&cur.queue_by_class))
 }
 
@@ -546,7 +544,9 @@ pub fn spilled_slots(
     if sent == 0.0 {
         return Some(0.0);
     }
-    let hold =
-        local_hold(cur).unwrap_or((cur.spilled.seconds - prev.spilled.seconds).max(0.0) / sent);
+    let hold = cur
+        .local
+        .mean()
+        .unwrap_or((cur.spilled.seconds - prev.spilled.seconds).max(0.0) / sent);
     Some(sent / seconds * hold)
 }
